@@ -1,0 +1,1 @@
+"""Offline training of the allocation policy (installed as decolla.policy)."""
