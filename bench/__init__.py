@@ -1,0 +1,1 @@
+"""Benchmarks and the emulated-device testbed (not part of the installed package)."""
