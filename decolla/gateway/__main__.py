@@ -1,0 +1,3 @@
+from decolla.gateway.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""HTTP layer (Starlette): the requester page, the live cluster view, the JSON API and SSE.
+
+GET  /                          requester page (camera / file upload -> labels, latency, timeline)
+GET  /cluster                   live cluster view
+GET  /api/models                models and backend
+POST /api/infer?model=KEY&k=5   image as multipart field 'image' or as the raw body (image/*)
+GET  /api/status                backends' status
+GET  /api/requests              last requests (results with traces)
+GET  /api/requests/{id}/trace.json   Chrome trace JSON of one recent request
+GET  /api/events                server-sent events (snapshot, status, chunk, request_* ...)
+GET  /healthz
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from decolla.gateway.service import Gateway, GatewayError
+
+STATIC = resources.files("decolla.gateway").joinpath("static")
+RAW_TYPES = ("image/", "application/octet-stream")
+SSE_HEARTBEAT_S = 15.0
+
+
+def _error(exc: GatewayError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise GatewayError(413, "too_large", f"request is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit + 64 * 1024:  # multipart framing is allowed a little room
+            raise GatewayError(413, "too_large", f"request exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def _image_bytes(request: Request, limit: int) -> bytes:
+    """Image bytes from a multipart form (field 'image', or the only file) or a raw image body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        body = await _read_limited(request, limit)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+        try:
+            form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        except HTTPException as exc:
+            raise GatewayError(400, "bad_form", f"cannot parse the form: {exc.detail}") from exc
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            files = [v for _, v in form.multi_items() if not isinstance(v, str)]
+            if not files:
+                raise GatewayError(400, "no_image", "the form has no file; send it as field 'image'")
+            upload = files[0]
+        ptype = (upload.content_type or "").lower()
+        if ptype and not ptype.startswith(RAW_TYPES):
+            raise GatewayError(415, "wrong_type", f"the uploaded file is {ptype!r}, not an image")
+        return await upload.read()
+    if ctype.startswith(RAW_TYPES):
+        return await _read_limited(request, limit)
+    raise GatewayError(415, "wrong_type", f"content type {ctype or 'missing'!r}: send "
+                                          "multipart/form-data with an 'image' file, or image/* bytes")
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    """The Starlette application serving `gateway`."""
+
+    async def index(_):
+        return FileResponse(str(STATIC.joinpath("index.html")))
+
+    async def cluster(_):
+        return FileResponse(str(STATIC.joinpath("cluster.html")))
+
+    async def models(_):
+        return JSONResponse(gateway.describe())
+
+    async def infer(request: Request):
+        try:
+            k = request.query_params.get("k", "5")
+            if not k.isdigit():
+                raise GatewayError(400, "bad_parameter", f"k must be a positive integer, got {k!r}")
+            data = await _image_bytes(request, gateway.max_bytes)
+            return JSONResponse(await gateway.infer(data, request.query_params.get("model"), int(k)))
+        except GatewayError as exc:
+            return _error(exc)
+
+    async def status(_):
+        return JSONResponse(await gateway.status())
+
+    async def requests_(_):
+        return JSONResponse({"requests": [{k: v for k, v in ev.items() if k != "chrome_trace"}
+                                          for ev in gateway.hub.requests]})
+
+    async def trace_json(request: Request):
+        ev = gateway.hub.find_request(request.path_params["rid"])
+        if ev is None or not ev.get("chrome_trace"):
+            return _error(GatewayError(404, "unknown_request", "no such recent request"))
+        return JSONResponse(ev["chrome_trace"], headers={
+            "Content-Disposition": f'attachment; filename="{ev["id"]}.trace.json"'})
+
+    async def events(request: Request):
+        handle = gateway.hub.subscribe()
+
+        async def stream():
+            try:
+                yield "retry: 2000\n\n"
+                yield _sse(gateway.hub.snapshot())
+                while True:
+                    try:
+                        ev = await asyncio.wait_for(handle[1].get(), SSE_HEARTBEAT_S)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    if ev.get("type") == "close":
+                        return
+                    yield _sse({k: v for k, v in ev.items() if k != "chrome_trace"})
+            finally:
+                gateway.hub.unsubscribe(handle)
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def healthz(_):
+        return JSONResponse({"ok": True})
+
+    async def not_found(request: Request, exc: HTTPException):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": "http_error", "message": str(exc.detail),
+                                 "status": exc.status_code}, status_code=exc.status_code)
+        return Response(str(exc.detail), status_code=exc.status_code, media_type="text/plain")
+
+    async def server_error(request: Request, exc: Exception):
+        return JSONResponse({"error": "internal_error", "message": repr(exc), "status": 500},
+                            status_code=500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    routes = [
+        Route("/", index), Route("/cluster", cluster), Route("/healthz", healthz),
+        Route("/api/models", models), Route("/api/infer", infer, methods=["POST"]),
+        Route("/api/status", status), Route("/api/requests", requests_),
+        Route("/api/requests/{rid}/trace.json", trace_json), Route("/api/events", events),
+        Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: not_found, 500: server_error})
+    app.state.gateway = gateway
+    return app
+
+
+def _sse(event: dict) -> str:
+    return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, default=str)}\n\n"

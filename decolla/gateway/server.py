@@ -1,0 +1,110 @@
+"""Command line of the gateway: `python -m decolla.gateway` and `decolla serve`."""
+from __future__ import annotations
+
+import argparse
+
+from decolla.gateway.catalog import SEEDED_SPEC, default_catalog
+from decolla.gateway.service import DEFAULT_MAX_BYTES, Gateway
+from decolla.log import configure, get_logger
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the gateway's options to a parser (used by `decolla serve` too)."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (0.0.0.0 to let a phone on the LAN connect)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["reference", "local-cluster", "cluster"], default=None,
+                   help="where inferences run: 'reference' (in this process, no cluster), "
+                        "'local-cluster' (start device processes here), 'cluster' (--leader); "
+                        "default: cluster if --leader is given, else reference")
+    p.add_argument("--leader", default=None, help="host:port of a running cluster's leader")
+    p.add_argument("--devices", type=int, default=3, help="device processes for local-cluster")
+    p.add_argument("--request-timeout", type=float, default=20.0,
+                   help="seconds the cluster gets for one inference before the answer is 503")
+    p.add_argument("--connect-timeout", type=float, default=15.0,
+                   help="seconds to reach a cluster's leader")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                   help="extra model: a DeColla .npz or a torchvision .pt/.pth checkpoint "
+                        "(repeatable)")
+    p.add_argument("--seeded-spec", default=SEEDED_SPEC,
+                   help="spec of the ImageNet-shaped seeded model ('' to leave it out)")
+    p.add_argument("--no-digits", action="store_true", help="do not offer the digits model")
+    p.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+                   help="largest accepted upload in MiB")
+    p.add_argument("--log-json", action="store_true", help="JSON log lines")
+    return p
+
+
+def build_gateway(args: argparse.Namespace) -> Gateway:
+    """A Gateway from parsed options."""
+    extra = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model expects NAME=PATH, got {item!r}")
+        extra[name] = path
+    catalog = default_catalog(extra, seeded_spec=args.seeded_spec,
+                              include_digits=not args.no_digits)
+    backend = args.backend or ("cluster" if args.leader else "reference")
+    return Gateway(catalog, backend=backend, leader=args.leader, devices=args.devices,
+                   max_bytes=int(args.max_mb * 2**20), request_timeout=args.request_timeout,
+                   connect_timeout=args.connect_timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    import uvicorn
+
+    from decolla.gateway.app import create_app
+    configure(json=args.log_json, component="gateway")
+    gateway = build_gateway(args)
+    get_logger("gateway").info("serving", url=f"http://{args.host}:{args.port}/",
+                               backend=gateway.backend_kind, models=list(gateway.catalog))
+    uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m decolla.gateway`."""
+    p = argparse.ArgumentParser(prog="python -m decolla.gateway",
+                                description="DeColla requester gateway: web page, JSON API, "
+                                            "live cluster view")
+    return run(add_arguments(p).parse_args(argv))
+
+
+class ServerThread:
+    """The gateway served by uvicorn in a background thread (tests, embedding); port 0 = any free."""
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0):
+        import threading
+
+        import uvicorn
+
+        from decolla.gateway.app import create_app
+        config = uvicorn.Config(create_app(gateway), host=host, port=port, log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.gateway = gateway
+        self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
+        self.host = host
+
+    def __enter__(self) -> "ServerThread":
+        import time
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway server did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://{self.host}:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.gateway.hub.close()  # ends open event streams so the server can stop at once
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,155 @@
+"""The gateway's work, independent of HTTP: image bytes -> preprocessed tensor -> backend ->
+top-k labels + trace, with errors that carry an HTTP status."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import numpy as np
+
+from decolla.gateway.backends import Backend, BackendUnavailable, make_backend
+from decolla.gateway.catalog import ModelEntry
+from decolla.gateway.events import EventHub
+from decolla.gateway.preprocess import BadImage, ImageTooLarge, decode, preprocess
+from decolla.log import get_logger
+
+log = get_logger("gateway")
+
+DEFAULT_MAX_BYTES = 15 * 1024 * 1024  # a phone photo is 2-8 MB
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses or cannot serve; `status` is the HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    def body(self) -> dict:
+        return {"error": self.code, "message": self.message, "status": self.status}
+
+
+def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict]:
+    """The k most probable classes with softmax probabilities."""
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:k]
+    return [{"index": int(i), "label": labels[i], "prob": round(float(p[i]), 6)} for i in order]
+
+
+class Gateway:
+    """Models, one backend per model (created on first use), the event hub, admission control."""
+
+    def __init__(self, catalog: dict[str, ModelEntry], backend: str = "reference",
+                 leader: str | None = None, devices: int = 3, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_waiting: int = 4, keep_requests: int = 10, status_interval: float = 1.0,
+                 **cluster_options):
+        make_backend(backend, next(iter(catalog.values())), EventHub(), leader, devices,
+                     **cluster_options)  # fail now on a bad backend kind or option
+        self.catalog, self.backend_kind, self.leader, self.devices = catalog, backend, leader, devices
+        self.cluster_options = cluster_options
+        self.max_bytes, self.max_waiting, self.status_interval = max_bytes, max_waiting, status_interval
+        self.hub = EventHub(keep_requests)
+        self.backends: dict[str, Backend] = {}
+        self._ids = itertools.count(1)
+        self._waiting = 0
+        self._poller: asyncio.Task | None = None
+
+    def backend_for(self, key: str) -> Backend:
+        if key not in self.backends:
+            self.backends[key] = make_backend(self.backend_kind, self.catalog[key], self.hub,
+                                              self.leader, self.devices, **self.cluster_options)
+        return self.backends[key]
+
+    def describe(self) -> dict:
+        """Models and the backend kind, for the page and /api/models."""
+        probe = self.backend_for(next(iter(self.catalog)))
+        return {"backend": {"kind": probe.kind, "label": probe.label},
+                "models": [e.describe() for e in self.catalog.values()],
+                "default": next(iter(self.catalog)), "max_bytes": self.max_bytes}
+
+    async def infer(self, data: bytes, model_key: str | None = None, k: int = 5) -> dict:
+        """Full request: decode, preprocess, run, rank; raises GatewayError on refusal."""
+        key = model_key or next(iter(self.catalog))
+        if key not in self.catalog:
+            raise GatewayError(404, "unknown_model",
+                               f"no model {key!r}; choose one of {', '.join(self.catalog)}")
+        if len(data) > self.max_bytes:
+            raise GatewayError(413, "too_large", f"image is {len(data)} bytes; the limit is "
+                                                 f"{self.max_bytes}")
+        entry = self.catalog[key]
+        k = max(1, min(int(k), entry.model.num_classes))
+        t0 = time.perf_counter()
+        try:
+            img = await asyncio.to_thread(decode, data)
+        except ImageTooLarge as exc:
+            raise GatewayError(413, "too_large", str(exc)) from exc
+        except BadImage as exc:
+            raise GatewayError(400, "not_an_image", str(exc)) from exc
+        t1 = time.perf_counter()
+        x = await asyncio.to_thread(preprocess, img, entry.preprocess, entry.input_size)
+        t2 = time.perf_counter()
+        if self._waiting >= self.max_waiting:
+            raise GatewayError(503, "busy", f"{self._waiting} requests are already waiting; "
+                                            "try again shortly", retry_after=2)
+        rid = f"r{next(self._ids):06d}"
+        backend = self.backend_for(key)
+        self.hub.publish({"type": "request_start", "id": rid, "model": key, "backend": backend.kind})
+        self._waiting += 1
+        try:
+            res = await asyncio.to_thread(backend.infer, x, rid)
+        except BackendUnavailable as exc:
+            self.hub.publish({"type": "request_failed", "id": rid, "model": key,
+                              "error": "cluster_unavailable", "message": str(exc)})
+            raise GatewayError(503, "cluster_unavailable", str(exc), retry_after=5) from exc
+        except Exception as exc:
+            log.exception("inference failed", request=rid)
+            self.hub.publish({"type": "request_failed", "id": rid, "model": key,
+                              "error": "inference_failed", "message": repr(exc)})
+            raise GatewayError(500, "inference_failed", f"inference failed: {exc!r}") from exc
+        finally:
+            self._waiting -= 1
+        t3 = time.perf_counter()
+        out = {"id": rid, "model": entry.describe(),
+               "backend": {"kind": backend.kind, "label": backend.label},
+               "top": top_k(res.logits, entry.labels, k),
+               "latency_ms": round(res.latency_ms, 3),
+               "timings_ms": {"decode": round((t1 - t0) * 1e3, 3),
+                              "preprocess": round((t2 - t1) * 1e3, 3),
+                              "inference": round((t3 - t2) * 1e3, 3),
+                              "total": round((t3 - t0) * 1e3, 3)},
+               "image": {"width": img.width, "height": img.height},
+               "trace": {"devices": res.devices, "chunks": [c.as_dict() for c in res.chunks]},
+               "trace_url": f"/api/requests/{rid}/trace.json"}
+        if not entry.trained:
+            out["warning"] = entry.note
+        self.hub.publish({"type": "request_done", **out, "chrome_trace": res.chrome_trace})
+        log.info("request served", request=rid, model=key, backend=backend.kind,
+                 top=out["top"][0]["label"], latency_ms=out["latency_ms"])
+        return out
+
+    async def status(self) -> dict:
+        """Status of every backend created so far."""
+        sts = []
+        for b in list(self.backends.values()):
+            sts.append(await asyncio.to_thread(b.status))
+        return {"type": "status", "backend": self.backend_kind, "backends": sts}
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                self.hub.publish(await self.status())
+            except Exception:  # the live view must survive a bad status call
+                log.exception("status poll failed")
+            await asyncio.sleep(self.status_interval)
+
+    async def start(self) -> None:
+        self._poller = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+        for b in self.backends.values():
+            await asyncio.to_thread(b.close)
