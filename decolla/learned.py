@@ -123,11 +123,31 @@ class LearnedAllocator:
             raise ValueError(f"{path}: policy features v{version}, runtime has v{FEATURE_VERSION}")
         if self.params["w0"].shape[0] != N_FEATURES:
             raise ValueError(f"{path}: policy expects {self.params['w0'].shape[0]} features")
-        w = self.params
-        self._t = {"w0s": np.ascontiguousarray(w["w0"][list(_STATIC)].T),
-                   "w0d": np.ascontiguousarray(w["w0"][list(_DYNAMIC)].T),
-                   "b0": w["b0"][:, None], "w1": np.ascontiguousarray(w["w1"].T),
-                   "b1": w["b1"][:, None], "w2": w["w2"][:, 0]}
+        w0, hidden = self.params["w0"], self.params["w0"].shape[1]
+        # The first layer regrouped over the fast path's input columns (_COLS), plus one
+        # output column driven to tanh() == 1.0 exactly, which carries the second layer's bias.
+        w = np.zeros((_N_COLS, hidden + 1))
+        h = slice(0, hidden)
+        w[_C_LOGDONE, h] = w0[0] + w0[1]        # log done feeds "done / t_ref" and "done / best"
+        w[_C_LOGWAIT, h] = w0[4]
+        w[_C_BEST, h] = -w0[1]
+        w[_C_XFER, h] = w0[2]
+        w[_C_COMP, h] = w0[3]
+        w[_C_POS, h] = w0[9]
+        w[_C_LOGTREF, h] = -(w0[0] + w0[2] + w0[3] + w0[4])
+        w[_C_COUNT, h] = w0[7]
+        w[_C_AVAIL, h] = w0[5]
+        w[_C_SPEED, h] = w0[6]
+        w[_C_LOCAL, h] = w0[8]
+        w[_C_STAGE:_C_STAGE + N_STAGE, h] = w0[11:]
+        w[_C_NLIVE, h] = w0[10]
+        w[_C_ONE, h] = self.params["b0"]
+        w[_C_ONE, hidden] = 1e3
+        self._w_first = w
+        self._w1 = np.concatenate([self.params["w1"], self.params["b1"][None]], 0)   # [H + 1, H]
+        self._w2 = np.ascontiguousarray(self.params["w2"][:, 0])
+        self._log_mc = math.log(max(self.m_c, 2))
+        self._onehot = {kd: tuple(float(i == j) for j in range(len(KINDS))) for i, kd in enumerate(KINDS)}
 
     def slots(self, devices: Sequence[DeviceState]) -> list[DeviceState]:
         """The live devices the policy sees: the M_c with the most available compute."""
@@ -136,58 +156,90 @@ class LearnedAllocator:
 
     def assign(self, stage: StageInfo, chunks: Sequence[ChunkCost],
                devices: Sequence[DeviceState]) -> list[str]:
-        # Same features and MLP as Planner.features + mlp_scores, rearranged for one small
-        # device set (numpy call overhead dominates): slot-constant features go through the
-        # first layer once per stage; log1p(x/t) = log(x+t) - log(t); slots are columns.
+        # Same decisions as assign_reference with few numpy calls, whose overhead (not the
+        # arithmetic) dominates for a handful of devices. Everything that does not depend
+        # on earlier placements is computed once per stage for all chunks (per-device and
+        # per-chunk scalars in plain Python); the first layer's input for chunk k is one
+        # [n, C] matrix, so a chunk costs ~11 numpy calls: a timing update, one log, three
+        # small matmuls and two tanh.
         devs = self.slots(devices)
+        if not chunks:
+            return []
         n, n_k = len(devs), len(chunks)
-        p = self._t
-        speed = np.array([d.speed for d in devs], dtype=float)
-        avail = np.clip(np.array([d.available for d in devs], dtype=float), 0.0, 1.0)
-        rate = np.maximum(speed * np.maximum(avail, MIN_AVAILABLE), 1e-30)
-        bw = np.array([d.bandwidth for d in devs], dtype=float)
-        lat = np.array([d.latency for d in devs], dtype=float)
-        comp_free = np.array([max(d.busy_s, 0.0) for d in devs], dtype=float)
-        link_free = np.zeros(n)
-        local = np.isinf(bw)
-        eff = np.where(local, np.inf, np.minimum(bw, stage.uplink))
-        up_mask = (~local).astype(float) if math.isfinite(stage.uplink) else np.zeros(n)
-        ref = max(float(speed.max()), 1e-30)
-        sv = stage_vector(stage.kind, stage.index, stage.num_stages,
-                          float(sum(c.macs for c in chunks)), float(sum(c.bytes_in for c in chunks)))
-        static = np.empty((N_FEATURES - len(_DYNAMIC), n))
-        static[0] = avail
-        static[1] = speed / ref
-        static[2] = local
-        static[3] = math.log(max(n, 1)) / math.log(max(self.m_c, 2))
-        static[4:] = sv[:, None]
-        h0 = p["w0s"] @ static + p["b0"]
-        dyn = np.zeros((len(_DYNAMIC), n))
-        req_free, out = 0.0, []
+        uplink = stage.uplink
+        finite_up = math.isfinite(uplink)
+        ref = max(max(d.speed for d in devs), 1e-30)
+        tot_macs = sum(c.macs for c in chunks)
+        tot_in = sum(c.bytes_in for c in chunks)
+        stage_cols = (*self._onehot.get(stage.kind, self._onehot[KINDS[-1]]),
+                      stage.index / max(stage.num_stages - 1, 1),
+                      math.log10(max(float(tot_in), 1.0) / max(float(tot_macs), 1.0)) / 3.0,
+                      math.log(n) / self._log_mc, 1.0)
+        dev_rows = []
+        for d in devs:
+            a = min(max(d.available, 0.0), 1.0)
+            bw = d.bandwidth
+            local = math.isinf(bw)
+            dev_rows.append((max(d.speed * max(a, MIN_AVAILABLE), 1e-30),
+                             math.inf if local else (min(bw, uplink) if finite_up else bw),
+                             bw, d.latency, float(finite_up and not local), max(d.busy_s, 0.0),
+                             0.0, a, d.speed / ref, float(local), *stage_cols))
+        dv = np.array(dev_rows)
+        rate_eff = dv[:, 1::-1]                                 # [n, 2]: eff, rate
+        bw, lat, shared = dv[:, 2], dv[:, 3], dv[:, 4]
+        chunk_rows = []
         for k, c in enumerate(chunks):
-            t_ref = max(c.macs / ref, 1e-9)
-            xfer = c.bytes_in / eff
-            send_end = np.maximum(link_free, req_free * up_mask) + xfer
-            comp = c.macs / rate
-            comp_end = np.maximum(send_end + lat, comp_free) + comp
-            done = comp_end + (lat + c.bytes_out / bw)
-            acc = dyn[:4]
-            acc[0] = done
-            np.add(xfer, t_ref, out=acc[1])
-            np.add(comp, t_ref, out=acc[2])
-            np.subtract(done, xfer, out=acc[3])
-            acc[3] -= comp
-            acc[3] += t_ref
-            np.log(acc, out=acc)
-            acc -= math.log(t_ref)
-            np.subtract(acc[0], acc[0].min(), out=dyn[4])
-            dyn[6] = k / n_k
-            h = np.tanh(h0 + p["w0d"] @ dyn)
-            i = int((p["w2"] @ np.tanh(p["w1"] @ h + p["b1"])).argmax())
-            link_free[i] = send_end[i]
-            comp_free[i] = comp_end[i]
-            req_free = max(req_free, float(send_end[i]))
-            dyn[5, i] += 1.0 / n_k
+            t = max(c.macs / ref, 1e-9)
+            chunk_rows.append((c.bytes_in, c.macs, c.bytes_out, t, k / n_k, math.log(t)))
+        cc = np.array(chunk_rows)
+        t_ref = cc[:, 3:4]                                      # [K, 1]
+        cols = np.empty((n_k, n, _N_COLS))
+        cols[:, :, _C_COUNT:] = dv[:, 6:]
+        cols[:, :, _C_POS:_C_LOGTREF + 1] = cc[:, None, 4:6]
+        xc = cc[:, None, 0:2] / rate_eff                        # [K, n, 2]: transfer, compute seconds
+        xfer, comp = xc[:, :, 0], xc[:, :, 1]                   # transfer is 0 on the requester itself
+        feats = cols[:, :, _C_XFER:_C_COMP + 1]
+        np.add(xc, t_ref[:, :, None], out=feats)
+        np.log(feats, out=feats)
+        back = cc[:, 2:3] / bw
+        back += lat
+        # done = m + offsets[..., 0]; wait + t_ref = done - transfer - compute + t_ref = m + offsets[..., 1]
+        offsets = np.empty((n_k, n, 2))
+        np.add(comp, back, out=offsets[:, :, 0])
+        back += t_ref
+        np.subtract(back, xfer, out=offsets[:, :, 1])
+        xfer_lat = xfer + lat
+        w_first, w1, w2 = self._w_first, self._w1, self._w2
+        h1 = np.empty((n, w1.shape[0]))
+        h2 = np.empty((n, w1.shape[1]))
+        link_free = np.zeros(n)
+        comp_free = dv[:, 5].copy()
+        count = [0] * n
+        req_free, out = 0.0, []
+        for k in range(n_k):
+            r = cols[k]
+            m = (np.maximum(link_free, req_free * shared) if finite_up else link_free) + xfer_lat[k]
+            np.maximum(m, comp_free, out=m)
+            dw = r[:, :_C_LOGWAIT + 1]
+            np.add(m[:, None], offsets[k], out=dw)
+            np.log(dw, out=dw)
+            r[:, _C_BEST] = min(r[:, _C_LOGDONE].tolist())
+            np.dot(r, w_first, out=h1)
+            np.tanh(h1, out=h1)
+            np.dot(h1, w1, out=h2)
+            np.tanh(h2, out=h2)
+            i = int(np.dot(h2, w2).argmax())
+            # Commit with place_chunk's arithmetic, so the queue estimates evolve identically.
+            row = dev_rows[i]
+            send_end = (max(float(link_free[i]), req_free) if row[4] else float(link_free[i])) \
+                + float(xfer[k, i])
+            link_free[i] = send_end
+            comp_free[i] = max(send_end + row[3], float(comp_free[i])) + float(comp[k, i])
+            if send_end > req_free:
+                req_free = send_end
+            count[i] += 1
+            if k + 1 < n_k:
+                cols[k + 1:, i, _C_COUNT] = count[i] / n_k
             out.append(devs[i].name)
         return out
 
@@ -212,8 +264,12 @@ class LearnedAllocator:
         return out
 
 
-# Feature columns that change from chunk to chunk, in the row order assign() builds them
-# (log done, log1p xfer, log1p comp, log1p wait, log done/best, count, chunk position);
-# the others are constant over a stage.
-_DYNAMIC = (0, 2, 3, 4, 1, 7, 9)
-_STATIC = tuple(i for i in range(N_FEATURES) if i not in _DYNAMIC)
+# Input columns of the fast path's per-chunk matrix [n, C] (one row per slot): first the
+# ones set per chunk, then per-slot constants (from count on, in dev_rows order).
+_COLS = ("logdone", "logwait", "best", "xfer", "comp", "pos", "logtref", "count", "avail",
+         "speed", "local", *(f"stage{i}" for i in range(N_STAGE)), "nlive", "one")
+_N_COLS = len(_COLS)
+(_C_LOGDONE, _C_LOGWAIT, _C_BEST, _C_XFER, _C_COMP, _C_POS, _C_LOGTREF, _C_COUNT, _C_AVAIL,
+ _C_SPEED, _C_LOCAL) = range(11)
+_C_STAGE = 11
+_C_NLIVE, _C_ONE = _N_COLS - 2, _N_COLS - 1

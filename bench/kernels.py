@@ -1,0 +1,318 @@
+"""Kernel benchmark: DeColla's Cython kernels against torch on one thread.
+
+    python -m bench.kernels [--repeats N] [--arch mobilenet_v2] [--width 1.0] [--size 224]
+
+Per layer type (sum over the network's layers of that type) and for the whole
+network; torch runs the same folded weights (no BN), channels-last, traced and
+`torch.jit.freeze`d, with torch.set_num_threads(1). torch is also timed after
+`torch.jit.optimize_for_inference` (oneDNN). Per layer the baseline is the faster of
+the frozen layer and the optimized layer minus its layout conversions (estimated as
+to_mkldnn of the input + half a round trip of the output), i.e. an estimate of the
+layer's time inside torch's optimized network; for the network both torch variants
+are reported and the faster one gives the ratio. Times are medians over
+interleaved repeats. Writes bench/results/kernels.json and bench/results/kernels.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from decolla import forward as fwd
+from decolla import model as M
+from decolla import ops, reference
+from decolla.kernels import ISA
+
+NOMINAL_PEAK = 93e9  # FLOP/s per core, DESIGN.md §5 (AVX2: 2 FMA x 8 lanes x 2 x ~2.9 GHz)
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def _median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+def _interleaved(fa, fb, repeats: int) -> tuple[float, float]:
+    """Medians (ms) of two functions timed alternately, so load drifts hit both."""
+    for _ in range(3):
+        fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fa()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fb()
+        tb.append(time.perf_counter() - t)
+    return float(np.median(ta) * 1e3), float(np.median(tb) * 1e3)
+
+
+# --------------------------------------------------------------------------- torch side
+
+def torch_layer(layer):
+    """A torch module computing one folded decolla layer (NCHW semantics)."""
+    import torch
+    from torch import nn
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    k = layer.kind
+    if k == "conv3x3":
+        m = nn.Conv2d(layer.in_shape[2], layer.out_shape[2], 3, layer.stride, 1)
+        m.weight.data = t(layer.weight.transpose(3, 2, 0, 1))
+    elif k == "dwconv3x3":
+        c = layer.in_shape[2]
+        m = nn.Conv2d(c, c, 3, layer.stride, 1, groups=c)
+        m.weight.data = t(layer.weight.transpose(2, 0, 1)[:, None])
+    elif k == "pwconv":
+        m = nn.Conv2d(layer.in_shape[2], layer.out_shape[2], 1)
+        m.weight.data = t(layer.weight.T[:, :, None, None])
+    elif k == "linear":
+        m = nn.Linear(layer.in_shape[0], layer.out_shape[0])
+        m.weight.data = t(layer.weight.T)
+    else:
+        return _GAP()
+    m.bias.data = t(layer.bias)
+    return nn.Sequential(m, nn.ReLU6()) if layer.relu6 else m
+
+
+def _GAP():
+    from torch import nn
+
+    class GAP(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+    return GAP()
+
+
+def torch_model(model: M.Model):
+    """The whole decolla model as a torch module (residual adds included)."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mods = nn.ModuleList(torch_layer(l) for l in model.layers)
+            self.names = [l.name for l in model.layers]
+            self.res = [l.residual for l in model.layers]
+
+        def forward(self, x):
+            saved = {"input": x}
+            for mod, name, res in zip(self.mods, self.names, self.res):
+                y = mod(x)
+                if res is not None:
+                    y = y + saved[res]
+                saved[name] = x = y
+            return x
+    return Net().eval()
+
+
+def _freeze(module, example):
+    import torch
+    with torch.no_grad():
+        traced = torch.jit.trace(module.eval(), example)
+        return torch.jit.freeze(traced)
+
+
+def _optimized(module, example):
+    import torch
+    with torch.no_grad():
+        return torch.jit.optimize_for_inference(_freeze(module, example))
+
+
+def _nchw(x: np.ndarray):
+    import torch
+    t = torch.from_numpy(x)
+    if x.ndim == 3:
+        return t.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    return t[None]
+
+
+# --------------------------------------------------------------------------- measurements
+
+def _layer_group(layer) -> str:
+    if layer.kind == "dwconv3x3":
+        return f"dwconv3x3 s{layer.stride}"
+    if layer.kind == "pwconv":
+        return "pwconv (residual)" if layer.residual else "pwconv"
+    return layer.kind
+
+
+def measure_peak_sgemm() -> float:
+    """FLOP/s of a large single-thread sgemm through the BLAS the kernels use."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 64, 1024)).astype(np.float32)
+    w = rng.standard_normal((1024, 1024)).astype(np.float32)
+    b = np.zeros(1024, np.float32)
+    out = np.empty((16, 64, 1024), np.float32)
+    ms = _median_ms(lambda: ops._gemm.pwconv(a, w, b, out, 0, 0, False, None, 0, 0, 1), 7)
+    return 2 * 16 * 64 * 1024 * 1024 / (ms * 1e-3)
+
+
+def run(arch: str, width: float, size: int, repeats: int) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    ops.set_threads(1)
+    model = M.build(arch, width, size)
+    image = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
+    _, tensors = reference.forward(model, image, keep=True)
+    per_type: dict[str, dict] = defaultdict(lambda: {"ours_ms": 0.0, "torch_ms": 0.0,
+                                                     "macs": 0, "layers": 0})
+    rows = []
+    prev = "input"
+    try:
+        from tqdm import tqdm
+        it = tqdm(model.layers, desc="layers", leave=False, mininterval=2)
+    except ImportError:  # pragma: no cover
+        it = model.layers
+    for layer in it:
+        x = tensors[prev]
+        res = tensors[layer.residual] if layer.residual else None
+        out = np.empty(layer.out_shape, np.float32)
+        ours = lambda: fwd._run(layer, layer.weight, layer.bias, x, res, out, 1)  # noqa: E731
+        tx = _nchw(x)
+        tres = _nchw(res) if res is not None else None
+        with torch.no_grad():
+            frozen = _freeze(torch_layer(layer), tx)
+            opt = _optimized(torch_layer(layer), tx)
+            if tres is None:
+                runs = {"frozen": lambda: frozen(tx), "mkldnn": lambda: opt(tx)}
+            else:
+                runs = {"frozen": lambda: frozen(tx) + tres, "mkldnn": lambda: opt(tx) + tres}
+            t_ours = float("inf")
+            t_var = {}
+            for name, theirs in runs.items():
+                t_o, t_var[name] = _interleaved(ours, theirs, repeats)
+                t_ours = min(t_ours, t_o)
+            # A one-layer optimized module converts its input to oneDNN's layout and its
+            # output back; inside a whole optimized network it would not: subtract that.
+            y = opt(tx)
+            if y.dim() == 4:
+                t_in, t_out = _interleaved(lambda: tx.to_mkldnn(),
+                                           lambda: y.to_mkldnn().to_dense(), repeats)
+                t_var["mkldnn_minus_layout"] = max(1e-6, t_var["mkldnn"] - t_in - t_out / 2)
+            else:  # gap / linear: torch runs them on dense tensors anyway
+                t_var["mkldnn_minus_layout"] = t_var["mkldnn"]
+        t_torch = min(t_var["frozen"], t_var["mkldnn_minus_layout"])
+        g = per_type[_layer_group(layer)]
+        g["ours_ms"] += t_ours
+        g["torch_ms"] += t_torch
+        g["macs"] += layer.macs
+        g["layers"] += 1
+        rows.append({"layer": layer.name, "kind": layer.kind, "stride": layer.stride,
+                     "in_shape": list(layer.in_shape), "out_shape": list(layer.out_shape),
+                     "macs": layer.macs, "ours_ms": t_ours, "torch_ms": t_torch,
+                     "torch_variants_ms": t_var})
+        prev = layer.name
+    # whole network
+    f = fwd.Forward(model)
+    net = torch_model(model)
+    tx = _nchw(image)
+    frozen = _freeze(net, tx)
+    with torch.no_grad():
+        opt = _optimized(net, tx)
+        t_ours, t_frozen = _interleaved(lambda: f(image), lambda: frozen(tx), repeats)
+        _, t_opt = _interleaved(lambda: f(image), lambda: opt(tx), max(5, repeats // 3))
+        err = float(np.abs(f(image) - frozen(tx).numpy()[0]).max())
+    peak_measured = measure_peak_sgemm()
+    for g in per_type.values():
+        g["ratio"] = g["ours_ms"] / g["torch_ms"]
+        g["ours_gflops"] = 2 * g["macs"] / (g["ours_ms"] * 1e-3) / 1e9
+        g["torch_gflops"] = 2 * g["macs"] / (g["torch_ms"] * 1e-3) / 1e9
+    flops = 2 * model.macs
+    return {
+        "model": {"arch": arch, "width": width, "input_size": size, "macs": model.macs},
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                    "kernel_isa": ISA, "threads": 1, "torch": torch.__version__,
+                    "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+                    "blas": _blas_info()},
+        "repeats": repeats,
+        "network": {"ours_ms": t_ours, "torch_frozen_ms": t_frozen,
+                    "torch_optimize_for_inference_ms": t_opt,
+                    "ratio_vs_frozen": t_ours / t_frozen,
+                    "ratio_vs_best_torch": t_ours / min(t_frozen, t_opt),
+                    "max_abs_diff_logits": err,
+                    "ours_gflops": flops / (t_ours * 1e-3) / 1e9,
+                    "torch_gflops": flops / (min(t_frozen, t_opt) * 1e-3) / 1e9},
+        "peak": {"nominal_gflops": NOMINAL_PEAK / 1e9,
+                 "measured_sgemm_gflops": peak_measured / 1e9,
+                 "ours_fraction_of_nominal": flops / (t_ours * 1e-3) / NOMINAL_PEAK},
+        "per_type": dict(per_type),
+        "layers": rows,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _blas_info() -> list:
+    from threadpoolctl import threadpool_info
+    return [{k: d.get(k) for k in ("filepath", "version", "architecture", "num_threads")}
+            for d in threadpool_info() if d.get("user_api") == "blas"]
+
+
+def markdown(r: dict) -> str:
+    n = r["network"]
+    lines = [f"# Kernel benchmark: {r['model']['arch']} width {r['model']['width']} "
+             f"{r['model']['input_size']}² ({r['model']['macs'] / 1e6:.1f} M MACs)", "",
+             f"1 thread, kernel ISA `{r['machine']['kernel_isa']}`, torch {r['machine']['torch']}"
+             f" (BN folded, channels-last, traced + frozen), medians of {r['repeats']} "
+             f"interleaved repeats. CPU: {r['machine']['processor']}. "
+             f"OPENBLAS_CORETYPE={r['machine']['OPENBLAS_CORETYPE']}.", "",
+             "| layer type | layers | MMACs | ours ms | torch ms | ratio | ours GFLOP/s | torch GFLOP/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, g in sorted(r["per_type"].items()):
+        lines.append(f"| {name} | {g['layers']} | {g['macs'] / 1e6:.1f} | {g['ours_ms']:.3f} | "
+                     f"{g['torch_ms']:.3f} | {g['ratio']:.2f} | {g['ours_gflops']:.1f} | "
+                     f"{g['torch_gflops']:.1f} |")
+    lines += ["", "| whole network | ms | GFLOP/s |", "| --- | ---: | ---: |",
+              f"| DeColla Forward | {n['ours_ms']:.2f} | {n['ours_gflops']:.1f} |",
+              f"| torch jit.freeze | {n['torch_frozen_ms']:.2f} | |",
+              f"| torch optimize_for_inference | {n['torch_optimize_for_inference_ms']:.2f} | |",
+              "", f"Ratio ours / torch frozen: **{n['ratio_vs_frozen']:.2f}**; "
+              f"ours / best torch: **{n['ratio_vs_best_torch']:.2f}**. "
+              f"Max |logit difference|: {n['max_abs_diff_logits']:.2e}.", "",
+              f"Peak: nominal {r['peak']['nominal_gflops']:.0f} GFLOP/s/core (DESIGN.md §5, not "
+              f"measured); large single-thread sgemm reaches "
+              f"{r['peak']['measured_sgemm_gflops']:.1f} GFLOP/s; the whole network runs at "
+              f"{100 * r['peak']['ours_fraction_of_nominal']:.0f} % of nominal peak.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="mobilenet_v2", choices=sorted(M.ARCHS))
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args(argv)
+    r = run(a.arch, a.width, a.size, a.repeats)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "kernels.json"), "w") as fh:
+        json.dump(r, fh, indent=1)
+    md = markdown(r)
+    with open(os.path.join(a.out, "kernels.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""Requester: runs inferences for its callers across the devices of the cluster.
+
+For each request it walks the plan stage by stage. A stage's chunks are allocated
+to usable devices, sent (chunks for the same device share one message and one
+copy of their common input), and collected in the stage's queue; when the queue
+holds all K results they are merged in order and the next stage starts. The
+embedded `Supervisor` predicts every chunk's return time; a chunk not back by its
+deadline (t2), or whose device leaves, is sent to another device. Results are
+keyed by (request, stage, chunk): the first one wins, later duplicates are
+dropped, so a reassignment can never corrupt an output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+from thespian.actors import (ActorExitRequest, ActorTypeDispatcher, PoisonMessage,
+                             WakeupMessage)
+
+from decolla import plan as planmod
+from decolla import wire
+from decolla.actors import system
+from decolla.allocators import NoLiveDevice, StageInfo, make_allocator
+from decolla.log import get_logger
+from decolla.messages import (Cancel, ChunkFailed, ChunkJob, ChunkResult, ChunkResults,
+                              ConfigureRequester, InferError, InferReply, InferRequest,
+                              Membership, Ready, StageWork, Subscribe, Unsubscribe)
+from decolla.supervisor import Supervisor
+from decolla.trace import ChunkRecord
+
+log = get_logger("requester")
+TICK_S = 0.05
+MAX_ATTEMPTS = 6
+
+
+def check_image(image, shape) -> np.ndarray:
+    """The image as float32 after checking shape, dtype and finiteness (raises TypeError/ValueError)."""
+    from decolla.forward import check_image as _check
+    return _check(image, tuple(shape))
+
+
+class _Attempt:
+    __slots__ = ("record", "deadline", "expired")
+
+    def __init__(self, record: ChunkRecord, deadline: float):
+        self.record, self.deadline, self.expired = record, deadline, False
+
+    @property
+    def pending(self) -> bool:
+        return self.record.status == "pending"
+
+    @property
+    def active(self) -> bool:
+        return self.pending and not self.expired
+
+
+class _Request:
+    def __init__(self, rid, reply_to, plan, image, top_k, timeout_s):
+        self.id, self.reply_to, self.plan, self.top_k = rid, reply_to, plan, top_k
+        self.tensors = {"input": image}
+        self.stage = 0
+        self.slots: list = []
+        self.attempts: dict[int, list[_Attempt]] = {}     # current stage: chunk -> attempts
+        self.index: dict[tuple, _Attempt] = {}             # (stage, chunk, attempt) -> attempt
+        self.blobs: dict = {}
+        self.records: list[ChunkRecord] = []
+        self.started = time.time()
+        self.timeout_at = time.monotonic() + timeout_s
+        self.waiting = False
+
+
+class Requester(ActorTypeDispatcher):
+    """Per-client coordinator of inferences (lives in the client's actor system)."""
+
+    @staticmethod
+    def actorSystemCapabilityCheck(capabilities, requirements):
+        want = requirements.get(system.CAP_NODE)
+        return want is None or capabilities.get(system.CAP_NODE) == want
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.cfg: ConfigureRequester | None = None
+        self.membership: Membership | None = None
+        self.requests: dict[str, _Request] = {}
+        self.workers: dict = {}
+        self.plans: dict[int, planmod.Plan] = {}
+        self.ticking = False
+        self.waiting_ready: list = []
+        self.backlog: list = []
+
+    # ------------------------------------------------------------ set-up
+    def receiveMsg_ConfigureRequester(self, msg: ConfigureRequester, sender):
+        self.cfg = msg
+        try:
+            self.allocator = make_allocator(msg.allocator)
+        except Exception as exc:
+            self.send(sender, Ready(False, f"allocator {msg.allocator!r}: {exc}"))
+            return
+        self.sup = Supervisor(slack=msg.deadline_slack, floor=msg.deadline_floor)
+        self.waiting_ready.append(sender)
+        self.send(msg.registrar, Subscribe(msg.node))
+
+    def receiveMsg_Membership(self, msg: Membership, sender):
+        first = self.membership is None
+        if not first and msg.digest != self.membership.digest:
+            log.warning("leader model changed; dropping plans", digest=msg.digest[:12])
+            self.plans.clear()
+        self.membership = msg
+        self.workers = {d.name: d.worker for d in msg.devices}
+        lost = self.sup.update_membership(msg.devices)
+        for name in lost:
+            log.warning("device lost; moving its chunks", device=name)
+            self._move_from(name, "device-lost")
+        for addr in self.waiting_ready:
+            self.send(addr, Ready(True))
+        self.waiting_ready.clear()
+        for req_msg, reply_to in self.backlog:
+            self._start_request(req_msg, reply_to)
+        self.backlog.clear()
+        for req in list(self.requests.values()):
+            if req.waiting:
+                self._start_stage(req)
+            else:
+                self._retry_orphans(req)
+
+    # ------------------------------------------------------------ requests
+    def receiveMsg_InferRequest(self, msg: InferRequest, sender):
+        if self.cfg is None:
+            self.send(sender, InferError(msg.request, "requester is not configured"))
+        elif self.membership is None:
+            self.backlog.append((msg, sender))
+        else:
+            self._start_request(msg, sender)
+
+    def _start_request(self, msg: InferRequest, sender) -> None:
+        if msg.request in self.requests:
+            self.send(sender, InferError(msg.request, "duplicate request id", "input"))
+            return
+        try:
+            image = check_image(msg.image, self.membership.input_shape)
+        except (TypeError, ValueError) as exc:
+            log.info("request rejected", request=msg.request, error=str(exc))
+            self.send(sender, InferError(msg.request, f"bad image: {exc}", "input"))
+            return
+        n = len(self.sup.usable()) or len(self.sup.members()) or 1
+        k = self.cfg.k or 2 * n
+        plan = self.plans.get(k)
+        if plan is None:
+            plan = self.plans[k] = planmod.build_plan(
+                self.membership.specs, k, self.cfg.plan, self.membership.input_shape,
+                self.cfg.min_chunk_macs)
+        req = _Request(msg.request, sender, plan, image, msg.top_k, self.cfg.request_timeout)
+        self.requests[req.id] = req
+        self._start_stage(req)
+        self._ensure_tick()
+
+    def _start_stage(self, req: _Request) -> None:
+        stage = req.plan.stages[req.stage]
+        req.waiting = False
+        req.slots = [None] * len(stage.chunks)
+        req.attempts = {c.index: [] for c in stage.chunks}
+        req.blobs = {}
+        names = self.sup.usable() or self.sup.members()
+        names = [n for n in names if self.workers.get(n) is not None]
+        if not names:
+            req.waiting = True
+            return
+        info = StageInfo(stage.index, len(req.plan.stages), stage.kind)
+        costs = [c.cost for c in stage.chunks]
+        try:
+            assignment = self.allocator.assign(info, costs, self.sup.device_states(names))
+            if len(assignment) != len(costs) or any(a not in names for a in assignment):
+                raise ValueError(f"allocator returned {assignment!r} for devices {names}")
+        except NoLiveDevice:
+            req.waiting = True
+            return
+        except Exception as exc:  # a broken policy must not stop inference
+            log.warning("allocator failed; using round-robin", error=repr(exc))
+            assignment = [names[i % len(names)] for i in range(len(costs))]
+        groups: dict[str, list] = {}
+        for chunk, dev in zip(stage.chunks, assignment):
+            groups.setdefault(dev, []).append(chunk)
+        for dev, chunks in groups.items():
+            self._send(req, stage, chunks, dev, "first")
+
+    def _send(self, req: _Request, stage, chunks, dev: str, reason: str) -> None:
+        cfg = self.cfg
+        blobs, jobs, counted = {}, [], set()
+        now = time.time()
+        for c in chunks:
+            keys, nbytes = [], 0
+            for need in c.needs:
+                key = (need.tensor, need.channels)
+                if key not in req.blobs:
+                    req.blobs[key] = wire.encode(need.select(req.tensors[need.tensor]),
+                                                 cfg.wire_dtype, cfg.compress)
+                blobs[key] = req.blobs[key]
+                keys.append(key)
+                if key not in counted:
+                    counted.add(key)
+                    nbytes += len(req.blobs[key])
+            attempt = len(req.attempts[c.index])
+            jobs.append(ChunkJob(c, tuple(keys), attempt))
+            rec = ChunkRecord(req.id, stage.index, c.index, attempt, dev, ",".join(stage.layers),
+                              c.cost.macs, now, nbytes, reason=reason)
+            deadline = self.sup.dispatched(dev, (req.id, stage.index, c.index, attempt),
+                                           c.cost.macs, nbytes + c.cost.bytes_out)
+            rec.deadline = now + (deadline - time.monotonic())
+            att = _Attempt(rec, deadline)
+            req.attempts[c.index].append(att)
+            req.index[(stage.index, c.index, attempt)] = att
+            req.records.append(rec)
+        stub = dataclasses.replace(stage, chunks=())
+        self.send(self.workers[dev], StageWork(req.id, stub, jobs, blobs, cfg.wire_dtype))
+
+    # ------------------------------------------------------------ results
+    def _find(self, msg):
+        req = self.requests.get(msg.request)
+        if req is None:
+            return None, None
+        return req, req.index.get((msg.stage, msg.chunk, msg.attempt))
+
+    def receiveMsg_ChunkResult(self, msg: ChunkResult, sender):
+        now = time.time()
+        req, att = self._find(msg)
+        self.sup.heard_from(msg.device)
+        if att is None or att.record.device != msg.device:
+            return      # a request or stage already finished: late duplicate
+        rec = att.record
+        rec.returned, rec.received, rec.start, rec.end = now, msg.received, msg.start, msg.end
+        rec.bytes_out = len(msg.payload)
+        key = (req.id, msg.stage, msg.chunk, msg.attempt)
+        stage = req.plan.stages[msg.stage]
+        chunk = stage.chunks[msg.chunk]
+        compute = msg.end - msg.start
+        comm = (now - rec.sent) - (msg.end - msg.received - compute)   # minus queueing on the worker
+        if msg.stage != req.stage or req.slots[msg.chunk] is not None:
+            rec.status = "late"    # first result already won; drop this duplicate
+            self.sup.completed(msg.device, key, chunk.cost.macs, rec.bytes_in + rec.bytes_out,
+                               compute, comm)
+            return
+        try:
+            out = wire.decode(msg.payload)
+            want = planmod.chunk_output_shape(stage, chunk)
+            if tuple(out.shape) != want:
+                raise wire.WireError(f"result shape {out.shape}, expected {want}")
+        except wire.WireError as exc:
+            log.warning("corrupt result; recomputing", request=req.id, stage=msg.stage,
+                        chunk=msg.chunk, device=msg.device, error=str(exc))
+            rec.status, rec.reason = "failed", rec.reason + f"; corrupt result: {exc}"
+            self.sup.released(msg.device, key)
+            self._reassign(req, msg.chunk, "corrupt")
+            return
+        rec.status = "won"
+        self.sup.completed(msg.device, key, chunk.cost.macs, rec.bytes_in + rec.bytes_out,
+                           compute, comm)
+        req.slots[msg.chunk] = out
+        self._cancel_others(req, msg.chunk)
+        if all(s is not None for s in req.slots):
+            self._stage_done(req, stage)
+
+    def receiveMsg_ChunkResults(self, msg: ChunkResults, sender):
+        for result in msg.results:
+            self.receiveMsg_ChunkResult(result, sender)
+
+    def receiveMsg_ChunkFailed(self, msg: ChunkFailed, sender):
+        req, att = self._find(msg)
+        self.sup.heard_from(msg.device)
+        if att is None or not att.pending or msg.stage != req.stage:
+            return
+        att.record.status = "failed"
+        att.record.reason += f"; {msg.error}"
+        self.sup.released(msg.device, (req.id, msg.stage, msg.chunk, msg.attempt))
+        log.warning("chunk failed on device", request=req.id, stage=msg.stage, chunk=msg.chunk,
+                    device=msg.device, error=msg.error)
+        if req.slots[msg.chunk] is None:
+            self._reassign(req, msg.chunk, "failed")
+
+    def _cancel_others(self, req: _Request, chunk: int) -> None:
+        for a in req.attempts[chunk]:
+            if a.pending:
+                # an attempt past its deadline never came back in time: it was lost
+                a.record.status = "lost" if a.expired else "cancelled"
+                self.sup.released(a.record.device, (req.id, a.record.stage, chunk,
+                                                    a.record.attempt))
+                addr = self.workers.get(a.record.device)
+                if addr is not None:
+                    self.send(addr, Cancel(req.id, ((a.record.stage, chunk),)))
+
+    def _stage_done(self, req: _Request, stage) -> None:
+        try:
+            req.tensors[stage.output] = planmod.merge(stage, req.slots)
+        except planmod.PlanError as exc:
+            self._fail(req, f"merge failed: {exc}")
+            return
+        for name in [t for t in req.tensors if req.plan.last_use.get(t, -1) <= stage.index
+                     and t != stage.output]:
+            del req.tensors[name]
+        req.stage += 1
+        if req.stage == len(req.plan.stages):
+            self._finish(req, req.tensors[stage.output])
+        else:
+            self._start_stage(req)
+
+    def _finish(self, req: _Request, logits) -> None:
+        for rec in req.records:
+            if rec.status == "pending":
+                rec.status = "lost"
+        del self.requests[req.id]
+        stats = {"plan": req.plan.name, "k": max(len(s.chunks) for s in req.plan.stages),
+                 "stages": len(req.plan.stages), "allocator": self.cfg.allocator,
+                 "wire_dtype": self.cfg.wire_dtype,
+                 "retries": sum(1 for r in req.records if r.attempt > 0)}
+        self.send(req.reply_to, InferReply(req.id, np.asarray(logits), req.records,
+                                           req.started, time.time(), stats))
+
+    def _fail(self, req: _Request, error: str) -> None:
+        log.warning("request failed", request=req.id, error=error)
+        devices = {r.device for r in req.records if r.status == "pending"}
+        for rec in req.records:
+            if rec.status == "pending":
+                rec.status = "lost"
+                self.sup.released(rec.device, (req.id, rec.stage, rec.chunk, rec.attempt))
+        for dev in devices:
+            if self.workers.get(dev) is not None:
+                self.send(self.workers[dev], Cancel(req.id))
+        self.requests.pop(req.id, None)
+        self.send(req.reply_to, InferError(req.id, error))
+
+    # ------------------------------------------------------------ supervision
+    def _reassign(self, req: _Request, chunk_index: int, reason: str) -> None:
+        """Send a chunk that has no active attempt to the best device not already holding it."""
+        attempts = req.attempts[chunk_index]
+        if any(a.active for a in attempts):
+            return
+        if len(attempts) >= MAX_ATTEMPTS:
+            last = attempts[-1].record.reason if attempts else ""
+            self._fail(req, f"chunk {req.stage}/{chunk_index} failed {len(attempts)} times "
+                            f"({last.strip('; ')})")
+            return
+        holding = {a.record.device for a in attempts if a.pending}
+        pool = [n for n in self.sup.usable() if n not in holding]
+        if not pool:
+            pool = [n for n in self.sup.members() if n not in holding]
+        pool = [n for n in pool if self.workers.get(n) is not None]
+        if not pool:
+            return      # nobody to ask now; the tick retries once membership changes
+        stage = req.plan.stages[req.stage]
+        chunk = stage.chunks[chunk_index]
+        dev = self.sup.best(pool, chunk.cost.macs, chunk.cost.bytes_in + chunk.cost.bytes_out)
+        log.info("chunk reassigned", request=req.id, stage=req.stage, chunk=chunk_index,
+                 to=dev, reason=reason,
+                 previous=[a.record.device for a in attempts])
+        self._send(req, stage, [chunk], dev, reason)
+
+    def _retry_orphans(self, req: _Request) -> None:
+        for i, slot in enumerate(req.slots):
+            if slot is None and not any(a.active for a in req.attempts.get(i, [])):
+                self._reassign(req, i, "retry")
+                if req.id not in self.requests:
+                    return
+
+    def _move_from(self, device: str, reason: str) -> None:
+        for req in list(self.requests.values()):
+            for i, attempts in req.attempts.items():
+                if req.slots[i] is not None:
+                    continue
+                moved = False
+                for a in attempts:
+                    if a.active and a.record.device == device:
+                        a.expired = True
+                        self.sup.released(device, (req.id, req.stage, i, a.record.attempt))
+                        moved = True
+                if moved:
+                    self._reassign(req, i, reason)
+                    if req.id not in self.requests:
+                        break
+
+    def _ensure_tick(self) -> None:
+        if not self.ticking and self.requests:
+            self.ticking = True
+            self.wakeupAfter(TICK_S, payload="tick")
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender):
+        if msg.payload != "tick":
+            return
+        self.ticking = False
+        now = time.monotonic()
+        for req in list(self.requests.values()):
+            if now > req.timeout_at:
+                self._fail(req, f"timed out after {self.cfg.request_timeout:.0f} s at stage "
+                                f"{req.stage}/{len(req.plan.stages)}")
+                continue
+            if req.waiting:
+                self._start_stage(req)
+                continue
+            for i, attempts in list(req.attempts.items()):
+                if req.slots[i] is not None:
+                    continue
+                expired = False
+                for a in attempts:
+                    if a.active and now >= a.deadline:
+                        a.expired = expired = True
+                        state = self.sup.missed(a.record.device,
+                                                (req.id, req.stage, i, a.record.attempt))
+                        log.info("chunk deadline missed", request=req.id, stage=req.stage,
+                                 chunk=i, device=a.record.device, device_state=state)
+                if expired:
+                    self._reassign(req, i, "deadline")
+                    if req.id not in self.requests:
+                        break
+            else:
+                self._retry_orphans(req)
+        self._ensure_tick()
+
+    # ------------------------------------------------------------ misc
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender):
+        for req in list(self.requests.values()):
+            self._fail(req, "requester shutting down")
+        if self.cfg is not None:
+            self.send(self.cfg.registrar, Unsubscribe())
+
+    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
+        log.warning("undeliverable or failing message", message=str(msg.poisonMessage)[:200])
+
+    def receiveUnrecognizedMessage(self, msg, sender):
+        log.debug("ignored message", type=type(msg).__name__)

@@ -1,0 +1,98 @@
+"""Starting and joining a DeColla actor system (Thespian multiprocTCPBase).
+
+Convention timing is shortened on every node so that a vanished member is
+dropped within seconds (Thespian's default is ~22 minutes); both the
+re-registration and restart periods must be short, or healthy members get
+dropped. These are module-level settings read by the admin process, which is
+forked from the process that starts the system.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+SYSTEM_BASE = "multiprocTCPBase"
+REGISTRAR_NAME = "decolla-registrar"
+CONVENTION_PERIOD_S = 1          # re-registration period; a member is dropped after ~3 periods
+
+# capability keys
+CAP_NODE = "decolla.node"
+CAP_ROLE = "decolla.role"
+CAP_DIGEST = "decolla.digest"
+CAP_MODEL = "decolla.model"
+CAP_THREADS = "decolla.threads"
+CAP_COMPUTE = "decolla.compute"
+
+
+def tune_convention(period_s: int = CONVENTION_PERIOD_S) -> None:
+    """Shorten Thespian's convention timers in this process (and the admins it forks)."""
+    value = f"0:{int(period_s)}"
+    os.environ["CONVENTION_REREGISTRATION_PERIOD"] = value
+    os.environ["CONVENTION_RESTART_PERIOD"] = value
+    from thespian.system.admin import convention
+    convention.CONVENTION_REREGISTRATION_PERIOD = timedelta(seconds=period_s)
+    convention.CONVENTION_RESTART_PERIOD = timedelta(seconds=period_s)
+
+
+def thespian_log_defs(level: int = logging.WARNING) -> dict:
+    """logging dictConfig for Thespian's own logger actor (never pass False: breaks 4.0.1)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s thespian %(levelname)s %(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain",
+                                "level": level}},
+        "root": {"handlers": ["stderr"], "level": level},
+    }
+
+
+def capabilities(role: str, name: str, port: int, leader: str | None = None,
+                 digest: str = "", model: str = "", threads: int = 1,
+                 compute: bool = False) -> dict:
+    """Capabilities a node announces to the convention."""
+    caps = {"Admin Port": int(port), CAP_ROLE: role, CAP_NODE: name, CAP_DIGEST: digest,
+            CAP_MODEL: model, CAP_THREADS: int(threads), CAP_COMPUTE: bool(compute)}
+    if leader:
+        caps["Convention Address.IPv4"] = leader
+    return caps
+
+
+def start_system(caps: dict, bind: str | None = None):
+    """Start this node's actor system with `caps` (a new, unique admin on its port)."""
+    if bind:
+        os.environ["THESPIAN_BASE_IPADDR"] = bind
+    tune_convention()
+    from thespian.actors import ActorSystem
+    return ActorSystem(SYSTEM_BASE, caps, logDefs=thespian_log_defs(), transientUnique=True)
+
+
+def find_registrar(asys):
+    """Address of the leader's registrar (created on the leader under a global name)."""
+    from decolla.actors.registrar import Registrar
+    return asys.createActor(Registrar, targetActorRequirements={CAP_ROLE: "leader"},
+                            globalName=REGISTRAR_NAME)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """'host:port' -> (host, port) with a clear error."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def proc_info() -> dict:
+    """pid and process group of this actor process (the group holds the node's whole actor system)."""
+    return {"pid": os.getpid(), "pgid": os.getpgid(0), "ppid": os.getppid()}
+
+
+from thespian.actors import Actor  # noqa: E402  (after the helpers: importing is cheap)
+
+
+class Probe(Actor):
+    """Answers with its pid/pgid: lets a node report the process group of its admin."""
+
+    def receiveMessage(self, msg, sender):
+        if msg == "who":
+            self.send(sender, proc_info())

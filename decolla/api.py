@@ -1,0 +1,392 @@
+"""Embedding API: run collaborative inference from an application.
+
+    with LocalCluster(devices=3) as cluster:          # N device processes on this machine
+        result = cluster.infer(image)
+    with Client(leader="10.0.0.1:1900") as client:    # a real cluster
+        result = client.infer(image)
+        result.trace.save_chrome("trace.json")
+
+`infer` is thread-safe and several requests may be in flight at once.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from decolla.actors import system
+from decolla.actors.requester import check_image
+from decolla.messages import (ConfigureRequester, InferError, InferReply, InferRequest,
+                              Membership, StatusRequest)
+from decolla.trace import Trace
+
+
+class InferenceError(RuntimeError):
+    """An inference the cluster could not complete (timeout, no device, repeated failures)."""
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be reached or started."""
+
+
+@dataclass
+class Result:
+    """Outcome of one inference."""
+    request: str
+    logits: np.ndarray
+    top_k: list[tuple[int, float]]          # (class, probability) best first
+    latency: float                          # seconds, measured by the caller
+    trace: Trace
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def devices_used(self) -> list[str]:
+        return sorted(self.trace.devices())
+
+    @property
+    def retries(self) -> int:
+        return len(self.trace.reassigned())
+
+    def save_trace(self, path: str) -> None:
+        """Chrome trace JSON (open in https://ui.perfetto.dev or chrome://tracing)."""
+        self.trace.save_chrome(path)
+
+
+def top_k(logits: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
+    """Best k classes with softmax probabilities."""
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    idx = np.argsort(-p, kind="stable")[:k]
+    return [(int(i), float(p[i])) for i in idx]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on `host`."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """Connection to a running cluster: joins its convention as a requester node."""
+
+    def __init__(self, leader: str, name: str | None = None, port: int | None = None,
+                 bind: str | None = None, plan: str = "layer", k: int | None = None,
+                 allocator: str = "average", wire_dtype: str = "float32", compress: bool = True,
+                 deadline_slack: float = 4.0, deadline_floor: float = 0.5,
+                 request_timeout: float = 120.0, connect_timeout: float = 30.0,
+                 min_devices: int = 1, min_chunk_macs: int = 0):
+        system.parse_hostport(leader)
+        self.leader = leader
+        self.name = name or f"requester-{uuid.uuid4().hex[:8]}"
+        self.request_timeout = request_timeout
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._asys = None
+        port = port or free_port(bind or "127.0.0.1")
+        caps = system.capabilities("requester", self.name, port, leader)
+        self._asys = system.start_system(caps, bind)
+        try:
+            self._registrar = self._find_registrar(connect_timeout)
+            from decolla.actors.requester import Requester
+            self._requester = self._asys.createActor(
+                Requester, targetActorRequirements={system.CAP_NODE: self.name})
+            cfg = ConfigureRequester(self._registrar, self.name, k, plan, allocator, wire_dtype,
+                                     compress, deadline_slack, deadline_floor, request_timeout,
+                                     min_chunk_macs)
+            ready = self._asys.ask(self._requester, cfg, connect_timeout)
+            if ready is None or not getattr(ready, "ok", False):
+                raise ClusterError(f"requester did not start: {getattr(ready, 'detail', 'timeout')}")
+            st = self.status()
+            self.input_shape = tuple(st["input_shape"])
+            self.digest = st["digest"]
+            if min_devices:
+                self.wait_for_devices(min_devices, connect_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _find_registrar(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                addr = system.find_registrar(self._asys)
+                with self._asys.private() as ctx:
+                    if isinstance(ctx.ask(addr, StatusRequest(), 5), Membership):
+                        return addr
+            except Exception as exc:  # not yet in the convention, or leader not up yet
+                last = exc
+            time.sleep(0.2)
+        raise ClusterError(f"no DeColla leader answered at {self.leader} within {timeout:.0f} s"
+                           + (f" ({last})" if last else ""))
+
+    # ------------------------------------------------------------ inference
+    def infer(self, image, top: int = 5, timeout: float | None = None) -> Result:
+        """Logits, top-k, latency and per-chunk trace for one image (H, W, 3).
+
+        Raises TypeError/ValueError for a bad image, InferenceError if the cluster fails.
+        """
+        image = check_image(image, self.input_shape)
+        with self._lock:
+            rid = f"{self.name}/{next(self._ids)}"
+        wait = timeout if timeout is not None else self.request_timeout + 15
+        t0 = time.perf_counter()
+        with self._asys.private() as ctx:
+            reply = ctx.ask(self._requester, InferRequest(rid, image, top), wait)
+        latency = time.perf_counter() - t0
+        if reply is None:
+            raise InferenceError(f"request {rid}: no answer within {wait:.0f} s")
+        if isinstance(reply, InferError):
+            if reply.kind == "input":
+                raise ValueError(reply.error)
+            raise InferenceError(f"request {rid}: {reply.error}")
+        if not isinstance(reply, InferReply):
+            raise InferenceError(f"request {rid}: unexpected reply {reply!r}")
+        trace = Trace(rid, reply.started, reply.finished, list(reply.records))
+        return Result(rid, reply.logits, top_k(reply.logits, top), latency, trace, reply.stats)
+
+    # ------------------------------------------------------------ status
+    def status(self, timeout: float = 10.0) -> dict:
+        """Devices (status, speed, load), refused nodes and the model digest."""
+        with self._asys.private() as ctx:
+            m = ctx.ask(self._registrar, StatusRequest(), timeout)
+        if not isinstance(m, Membership):
+            raise ClusterError(f"leader {self.leader} did not answer a status request")
+        devices = [{"name": d.name, "status": d.status, "speed_gmacs": round(d.speed / 1e9, 3),
+                    "available": round(d.available, 3), "queue": d.queue, "beats": d.beats,
+                    "host": d.host, "pid": d.pid, "pgid": d.pgid, "threads": d.threads}
+                   for d in m.devices]
+        return {"leader": self.leader, "model": m.model, "digest": m.digest,
+                "input_shape": list(m.input_shape), "devices": devices, "refused": m.refused}
+
+    def wait_for_devices(self, n: int, timeout: float = 30.0) -> list[str]:
+        """Block until at least `n` devices are ready; returns their names."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = [d["name"] for d in self.status()["devices"] if d["status"] == "ready"]
+            if len(ready) >= n:
+                return ready
+            if time.monotonic() > deadline:
+                raise ClusterError(f"only {len(ready)} of {n} devices ready after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Leave the cluster and stop this client's actor system."""
+        asys, self._asys = self._asys, None
+        if asys is None:
+            return
+        try:
+            from thespian.actors import ActorExitRequest
+            if getattr(self, "_requester", None) is not None:
+                asys.tell(self._requester, ActorExitRequest())
+        finally:
+            asys.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class NodeProcess:
+    """A node process started by LocalCluster."""
+    name: str
+    role: str
+    port: int
+    proc: subprocess.Popen
+    log_path: str
+    admin_pgid: int | None = None
+    started: dict = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+
+def _pythonpath() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old = os.environ.get("PYTHONPATH")
+    return root + (os.pathsep + old if old else "")
+
+
+class LocalCluster:
+    """A leader and N device processes on this machine, plus a Client to them.
+
+    Each device is a real `python -m decolla.node` process with its own actor
+    system; `kill(name, sig)` signals a device's whole actor system (fault tests).
+    """
+
+    def __init__(self, devices: int = 3, model: str = "mobilenet_v2:seed=0", threads: int = 1,
+                 host: str = "127.0.0.1", log_dir: str | None = None,
+                 start_timeout: float = 60.0, heartbeat: float = 0.5, **client_kw):
+        self.model, self.threads, self.host = model, threads, host
+        self.start_timeout = start_timeout
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="decolla-cluster-")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.nodes: dict[str, NodeProcess] = {}
+        self.client: Client | None = None
+        try:
+            leader = self._spawn("leader", "leader", extra=["--heartbeat", str(heartbeat)])
+            self.leader = f"{host}:{leader.port}"
+            for i in range(devices):
+                self._spawn(f"dev{i + 1}", "device")
+            for node in list(self.nodes.values()):
+                self._wait_started(node)
+            self.client = Client(self.leader, min_devices=devices, connect_timeout=start_timeout,
+                                 bind=None, **client_kw)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ processes
+    def _spawn(self, name: str, role: str, model: str | None = None,
+               extra: list[str] | None = None) -> NodeProcess:
+        if name in self.nodes:
+            raise ValueError(f"node {name!r} exists")
+        port = free_port(self.host)
+        cmd = [sys.executable, "-m", "decolla.node", "--role", role, "--name", name,
+               "--port", str(port), "--model", model or self.model,
+               "--threads", str(self.threads), "--log-json"]
+        if role != "leader":
+            cmd += ["--leader", self.leader]
+        cmd += extra or []
+        log_path = os.path.join(self.log_dir, f"{name}.log")
+        env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
+        with open(log_path, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+        node = NodeProcess(name, role, port, proc, log_path)
+        self.nodes[name] = node
+        return node
+
+    def _wait_started(self, node: NodeProcess) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            for line in node.log_text().splitlines():
+                if '"node started"' in line:
+                    try:
+                        node.started = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    node.admin_pgid = node.started.get("admin_pgid")
+                    return
+            if not node.alive():
+                raise ClusterError(f"node {node.name} exited with {node.proc.returncode}:\n"
+                                   + node.log_text()[-2000:])
+            time.sleep(0.1)
+        raise ClusterError(f"node {node.name} did not start in {self.start_timeout:.0f} s:\n"
+                           + node.log_text()[-2000:])
+
+    def add_device(self, name: str, model: str | None = None, wait: bool = True) -> NodeProcess:
+        """Start one more device process (e.g. with another model, to see it refused)."""
+        node = self._spawn(name, "device", model=model)
+        self._wait_started(node)
+        if wait:
+            deadline = time.monotonic() + self.start_timeout
+            while name not in self.ready_devices():
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"device {name} did not become ready")
+                time.sleep(0.2)
+        return node
+
+    def ready_devices(self) -> list[str]:
+        return [d["name"] for d in self.status()["devices"] if d["status"] == "ready"]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to a node's whole actor system (admin + actors) and its node process."""
+        node = self.nodes[name]
+        if node.admin_pgid:
+            try:
+                os.killpg(node.admin_pgid, sig)
+            except ProcessLookupError:
+                pass
+        if node.alive():
+            try:
+                os.kill(node.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop_node(self, name: str, timeout: float = 15.0) -> None:
+        """Stop one node cleanly (SIGTERM), forcing it after `timeout`."""
+        node = self.nodes.get(name)
+        if node is None:
+            return
+        self._terminate([node], timeout)
+
+    def _terminate(self, nodes: list[NodeProcess], timeout: float) -> None:
+        for n in nodes:
+            if n.alive():
+                if n.admin_pgid:       # a stopped actor system could not shut down
+                    try:
+                        os.killpg(n.admin_pgid, signal.SIGCONT)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                try:
+                    n.proc.send_signal(signal.SIGCONT)
+                    n.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for n in nodes:
+            try:
+                n.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+                n.proc.wait(5)
+        for n in nodes:   # anything of its actor system still running is killed
+            if n.admin_pgid:
+                try:
+                    os.killpg(n.admin_pgid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    # ------------------------------------------------------------ client side
+    def infer(self, image, **kw) -> Result:
+        return self.client.infer(image, **kw)
+
+    def status(self) -> dict:
+        return self.client.status()
+
+    @property
+    def input_shape(self) -> tuple:
+        return self.client.input_shape
+
+    def close(self) -> None:
+        """Stop the client, then the devices, then the leader (members before leader)."""
+        client, self.client = self.client, None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            members = [n for n in self.nodes.values() if n.role != "leader"]
+            leaders = [n for n in self.nodes.values() if n.role == "leader"]
+            self._terminate(members, 15.0)
+            self._terminate(leaders, 15.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,390 @@
+"""Actor flow of the baselines: segment workers on hosts, a pipeline requester in the client.
+
+A `SegmentWorker` (one per host, placed by the node-name capability, so it also runs on an
+edge server that computes no DeColla chunks) computes a contiguous run of layers with the
+same kernels as the runtime, then sends its output straight to the next host of the route
+(the "routing table" travels with the work) and a small progress note to the requester.
+It keeps its last output per request so a re-plan can resume from it.
+
+The `PipelineRequester` starts a route and watches it: every hop has a response time t1
+(from the profiled segment time and the link); when the hop in progress misses it, the
+device is declared lost and the remaining layers are re-planned over the survivors,
+resuming from the last hop that finished (or from the image).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from thespian.actors import ActorExitRequest, ActorTypeDispatcher, PoisonMessage, WakeupMessage
+
+from decolla import wire
+from decolla.actors import system
+from decolla.actors.preload import get_model
+from decolla.baselines import partition as part
+from decolla.baselines.messages import (ConfigurePipeline, Forget, InitSegmentWorker,
+                                        PipelineError, PipelineReply, Prepare, Profiles,
+                                        Reprofile, Resend, RunPipeline, RunSegment,
+                                        SegmentDone, SegmentWorkerReady)
+from decolla.log import get_logger
+from decolla.messages import Membership, Ready, Subscribe, Unsubscribe
+from decolla.trace import ChunkRecord
+
+log = get_logger("baselines")
+TICK_S = 0.05
+CACHE_REQUESTS = 16
+
+
+def encode_tensors(tensors: dict, dtype: str = "float32") -> dict:
+    return {k: wire.encode(v, dtype) for k, v in tensors.items()}
+
+
+def decode_tensors(blobs: dict) -> dict:
+    return {k: wire.decode(v) for k, v in blobs.items()}
+
+
+def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
+                   max_passes: int = 20) -> list[float]:
+    """Seconds per layer on this host, as the host experiences them on average.
+
+    The shares come from the best of `repeats` runs of each layer alone; they are scaled to
+    the mean wall time of whole passes (at least `min_total_s` of them). A CPU quota lets a
+    short burst run at full speed, so timing tiny layers alone would miss the throttling.
+    """
+    from decolla.ops import run_layer
+    rng = np.random.default_rng(0)
+    best = []
+    for layer in layers:
+        x = rng.random(layer.in_shape, dtype=np.float32)
+        res = np.zeros(layer.out_shape, np.float32) if layer.residual else None
+        t = float("inf")
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            run_layer(layer, x, res)
+            t = min(t, time.perf_counter() - t0)
+        best.append(t)
+    image = rng.random(layers[0].in_shape, dtype=np.float32)
+    passes, t0 = 0, time.perf_counter()
+    while passes < max_passes and (passes == 0 or time.perf_counter() - t0 < min_total_s):
+        part.run_segment(layers, {"input": image}, 0, len(layers), run_layer)
+        passes += 1
+    scale = (time.perf_counter() - t0) / passes / max(sum(best), 1e-9)
+    return [b * scale for b in best]
+
+
+class SegmentWorker(ActorTypeDispatcher):
+    """Computes route segments on one host and forwards their output."""
+
+    @staticmethod
+    def actorSystemCapabilityCheck(capabilities, requirements):
+        return capabilities.get(system.CAP_NODE) == requirements.get(system.CAP_NODE)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.name = None
+        self.cache: dict = {}          # (request, epoch, hop) -> output blobs
+
+    def receiveMsg_InitSegmentWorker(self, msg: InitSegmentWorker, sender):
+        self.name = msg.name
+        self.model = get_model(msg.model_spec)
+        self.layers = list(self.model.layers)
+        self.send(sender, SegmentWorkerReady(msg.name, profile_layers(self.layers,
+                                                                      msg.profile_repeats)))
+
+    def receiveMsg_Reprofile(self, msg: Reprofile, sender):
+        self.send(sender, SegmentWorkerReady(self.name, profile_layers(self.layers, msg.repeats)))
+
+    def receiveMsg_RunSegment(self, msg: RunSegment, sender):
+        received = time.time()
+        seg = msg.route[msg.hop]
+        last = msg.hop == len(msg.route) - 1
+        try:
+            tensors = decode_tensors(msg.blobs)
+            start = time.time()
+            out = part.run_segment(self.layers, tensors, seg.start, seg.end)
+            end = time.time()
+            blobs = encode_tensors(out, msg.wire_dtype)
+        except Exception as exc:   # report, do not crash the actor
+            log.warning("segment failed", request=msg.request, hop=msg.hop, error=repr(exc))
+            self.send(msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
+                                                 received, received, time.time(), 0, 0,
+                                                 error=repr(exc)))
+            return
+        size_in = sum(len(b) for b in msg.blobs.values())
+        size_out = sum(len(b) for b in blobs.values())
+        if last:
+            logits = blobs[self.layers[seg.end - 1].name]
+            self.send(msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
+                                                 received, start, end, size_in, size_out, logits))
+            return
+        self._keep((msg.request, msg.epoch, msg.hop), blobs)
+        self.send(msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
+                                             received, start, end, size_in, size_out))
+        self.send(msg.addresses[msg.hop + 1],
+                  RunSegment(msg.request, msg.epoch, msg.hop + 1, msg.route, msg.addresses,
+                             msg.requester, blobs, msg.wire_dtype))
+
+    def _keep(self, key, blobs) -> None:
+        self.cache[key] = blobs
+        while len(self.cache) > CACHE_REQUESTS:
+            self.cache.pop(next(iter(self.cache)))
+
+    def receiveMsg_Resend(self, msg: Resend, sender):
+        blobs = self.cache.get((msg.request, msg.epoch, msg.hop))
+        if blobs is None:
+            self.send(msg.requester, SegmentDone(msg.request, msg.new_epoch, -1, self.name, 0, 0,
+                                                 0, 0, 0, error="nothing cached to resend"))
+            return
+        self.send(msg.addresses[0], RunSegment(msg.request, msg.new_epoch, 0, msg.route,
+                                               msg.addresses, msg.requester, blobs))
+
+    def receiveMsg_Forget(self, msg: Forget, sender):
+        for key in [k for k in self.cache if k[0] == msg.request]:
+            del self.cache[key]
+
+    def receiveUnrecognizedMessage(self, msg, sender):
+        pass
+
+
+class _Pipe:
+    """State of one pipelined inference at the requester."""
+
+    def __init__(self, msg: RunPipeline, reply_to):
+        self.msg, self.reply_to = msg, reply_to
+        self.epoch, self.hop = 0, 0
+        self.route: list[part.Segment] = list(msg.route)
+        self.addresses: list = []
+        self.source = None             # (epoch, hop, address, device) holding the current hop's input
+        self.failed: set[str] = set()
+        self.records: list[ChunkRecord] = []
+        self.current: ChunkRecord | None = None
+        self.deadline = 0.0
+        self.used: list = []
+        self.replans = 0
+        self.started = time.time()
+        self.timeout_at = time.monotonic() + msg.timeout_s
+
+
+def segment_t1(seg: part.Segment, weights, cut_bytes, bandwidth_bps: float, slack: float,
+               floor: float) -> float:
+    """Response time t1 of a hop: slack × (profiled compute + input transfer), at least `floor`."""
+    predicted = float(sum(weights[seg.start:seg.end])) + 8.0 * cut_bytes[seg.start] / bandwidth_bps
+    return max(floor, slack * predicted)
+
+
+class PipelineRequester(ActorTypeDispatcher):
+    """Runs baseline inferences along routes of segment workers (lives in the client)."""
+
+    @staticmethod
+    def actorSystemCapabilityCheck(capabilities, requirements):
+        want = requirements.get(system.CAP_NODE)
+        return want is None or capabilities.get(system.CAP_NODE) == want
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.cfg = None
+        self.membership: Membership | None = None
+        self.workers: dict = {}          # host -> SegmentWorker address
+        self.profiles: dict = {}
+        self.prepare = None              # (reply_to, waiting set, deadline)
+        self.pipes: dict[str, _Pipe] = {}
+        self.ticking = False
+        self.waiting_ready: list = []
+
+    def receiveMsg_ConfigurePipeline(self, msg: ConfigurePipeline, sender):
+        self.cfg = msg
+        self.waiting_ready.append(sender)
+        self.send(msg.registrar, Subscribe(msg.node))
+
+    def receiveMsg_Membership(self, msg: Membership, sender):
+        self.membership = msg
+        for addr in self.waiting_ready:
+            self.send(addr, Ready(True))
+        self.waiting_ready.clear()
+
+    # ------------------------------------------------------------ workers
+    def receiveMsg_Prepare(self, msg: Prepare, sender):
+        waiting = set()
+        for host in msg.hosts:
+            if host not in self.workers:
+                self.workers[host] = self.createActor(
+                    SegmentWorker, targetActorRequirements={system.CAP_NODE: host})
+                self.send(self.workers[host], InitSegmentWorker(host, msg.model_spec))
+                waiting.add(host)
+            elif msg.reprofile or host not in self.profiles:
+                self.send(self.workers[host], Reprofile())
+                waiting.add(host)
+        self.prepare = (sender, waiting, time.monotonic() + msg.timeout_s, list(msg.hosts))
+        self._prepared()
+        self._ensure_tick()
+
+    def receiveMsg_SegmentWorkerReady(self, msg: SegmentWorkerReady, sender):
+        self.profiles[msg.name] = msg.profile
+        if self.prepare is not None:
+            self.prepare[1].discard(msg.name)
+            self._prepared()
+
+    def _prepared(self, force: bool = False) -> None:
+        reply_to, waiting, _, hosts = self.prepare
+        if waiting and not force:
+            return
+        self.prepare = None
+        self.send(reply_to, Profiles({h: self.profiles[h] for h in hosts if h in self.profiles},
+                                     sorted(waiting)))
+
+    # ------------------------------------------------------------ inference
+    def receiveMsg_RunPipeline(self, msg: RunPipeline, sender):
+        missing = [s.device for s in msg.route if s.device not in self.workers]
+        if missing or not msg.route:
+            self.send(sender, PipelineError(msg.request, f"no segment worker on {missing} "
+                                                         "(call prepare first)"))
+            return
+        pipe = _Pipe(msg, sender)
+        self.pipes[msg.request] = pipe
+        self._dispatch(pipe, pipe.route, None)
+        self._ensure_tick()
+
+    def _dispatch(self, pipe: _Pipe, route, source) -> None:
+        """Start `route` (a new epoch unless it is the first) from `source` or the image."""
+        if pipe.addresses:
+            pipe.epoch += 1
+        pipe.route, pipe.hop = list(route), 0
+        pipe.addresses = [self.workers[s.device] for s in route]
+        pipe.used.extend(pipe.addresses)
+        if source is None:
+            blobs = {"input": wire.encode(np.asarray(pipe.msg.image, np.float32))}
+            self.send(pipe.addresses[0], RunSegment(pipe.msg.request, pipe.epoch, 0, pipe.route,
+                                                    pipe.addresses, self.myAddress, blobs))
+        else:
+            epoch, hop, addr, _ = source
+            self.send(addr, Resend(pipe.msg.request, epoch, hop, pipe.epoch, pipe.route,
+                                   pipe.addresses, self.myAddress))
+        self._begin_hop(pipe)
+
+    def _begin_hop(self, pipe: _Pipe) -> None:
+        m, seg = pipe.msg, pipe.route[pipe.hop]
+        now = time.time()
+        t1 = segment_t1(seg, m.weights, m.cut_bytes, m.bandwidth_bps, m.t1_slack, m.t1_floor)
+        pipe.deadline = time.monotonic() + t1
+        # stage = first layer of the segment, chunk = hop, attempt = route epoch
+        rec = ChunkRecord(m.request, seg.start, pipe.hop, pipe.epoch, seg.device,
+                          f"{seg.start}:{seg.end}", 0, now, 0, deadline=now + t1,
+                          reason="first" if pipe.epoch == 0 else "replan")
+        pipe.current = rec
+        pipe.records.append(rec)
+
+    def receiveMsg_SegmentDone(self, msg: SegmentDone, sender):
+        pipe = self.pipes.get(msg.request)
+        if pipe is None:
+            return
+        now = time.time()
+        rec = pipe.current
+        if msg.epoch == pipe.epoch and msg.hop == pipe.hop and rec is not None:
+            rec.returned, rec.received, rec.start, rec.end = now, msg.received, msg.start, msg.end
+            rec.bytes_in, rec.bytes_out = msg.bytes_in, msg.bytes_out
+            rec.status = "failed" if msg.error else "won"
+        if msg.error:
+            if msg.epoch == pipe.epoch:
+                self._fail(pipe, f"{msg.device}: {msg.error}")
+            return
+        if msg.logits is not None:
+            if rec is not None and rec.status == "pending":
+                rec.status = "late-won"
+            self._finish(pipe, wire.decode(msg.logits))
+            return
+        if msg.epoch != pipe.epoch or msg.hop != pipe.hop:
+            return     # a hop of an abandoned route came back late
+        pipe.source = (msg.epoch, msg.hop, pipe.addresses[msg.hop], msg.device)
+        pipe.hop += 1
+        if pipe.hop < len(pipe.route):
+            self._begin_hop(pipe)
+
+    def _replan(self, pipe: _Pipe) -> None:
+        m, seg = pipe.msg, pipe.route[pipe.hop]
+        pipe.failed.add(seg.device)
+        pipe.current.status = "lost"
+        if not m.replan:
+            self._fail(pipe, f"{seg.device} missed its response time (no re-plan for this method)")
+            return
+        live = self._ready_devices()
+        survivors = [d for d in m.candidates if d not in pipe.failed and d in self.workers
+                     and (live is None or d in live)]
+        if not survivors:
+            self._fail(pipe, f"no surviving device after losing {sorted(pipe.failed)}")
+            return
+        source = pipe.source
+        if source is None or source[3] in pipe.failed:
+            source, start = None, 0           # nobody alive holds the input: from the image
+        else:
+            start = seg.start
+        route = part.hierarchical_route(survivors, m.weights, start)
+        pipe.replans += 1
+        pipe.source = source
+        log.info("hierarchical re-plan", request=m.request, lost=seg.device,
+                 from_layer=start, route=[(s.device, s.start, s.end) for s in route])
+        self._dispatch(pipe, route, source)
+
+    def _ready_devices(self):
+        if self.membership is None:
+            return None
+        return {d.name for d in self.membership.devices if d.status == "ready"}
+
+    def _finish(self, pipe: _Pipe, logits) -> None:
+        self.pipes.pop(pipe.msg.request, None)
+        for rec in pipe.records:
+            if rec.status == "pending":
+                rec.status = "lost"
+        stats = {"route": [(s.device, s.start, s.end) for s in pipe.route],
+                 "replans": pipe.replans, "failed": sorted(pipe.failed)}
+        self.send(pipe.reply_to, PipelineReply(pipe.msg.request, np.asarray(logits),
+                                               pipe.records, pipe.started, time.time(), stats))
+        self._forget(pipe)
+
+    def _fail(self, pipe: _Pipe, error: str) -> None:
+        self.pipes.pop(pipe.msg.request, None)
+        log.warning("pipeline failed", request=pipe.msg.request, error=error)
+        self.send(pipe.reply_to, PipelineError(pipe.msg.request, error, pipe.records))
+        self._forget(pipe)
+
+    def _forget(self, pipe: _Pipe) -> None:
+        seen = []
+        for addr in pipe.used:
+            if addr not in seen:
+                seen.append(addr)
+                self.send(addr, Forget(pipe.msg.request))
+
+    # ------------------------------------------------------------ timer
+    def _ensure_tick(self) -> None:
+        if not self.ticking and (self.pipes or self.prepare is not None):
+            self.ticking = True
+            self.wakeupAfter(TICK_S, payload="tick")
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender):
+        if msg.payload != "tick":
+            return
+        self.ticking = False
+        now = time.monotonic()
+        if self.prepare is not None and now > self.prepare[2]:
+            self._prepared(force=True)
+        for pipe in list(self.pipes.values()):
+            if now > pipe.timeout_at:
+                self._fail(pipe, f"timed out after {pipe.msg.timeout_s:.0f} s")
+            elif now > pipe.deadline:
+                log.info("hop missed t1", request=pipe.msg.request, hop=pipe.hop,
+                         device=pipe.route[pipe.hop].device)
+                self._replan(pipe)
+        self._ensure_tick()
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender):
+        for pipe in list(self.pipes.values()):
+            self._fail(pipe, "requester shutting down")
+        for addr in self.workers.values():
+            self.send(addr, ActorExitRequest())
+        if self.cfg is not None:
+            self.send(self.cfg.registrar, Unsubscribe())
+
+    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
+        log.warning("undeliverable message", message=str(msg.poisonMessage)[:200])
+
+    def receiveUnrecognizedMessage(self, msg, sender):
+        pass

@@ -1,0 +1,142 @@
+"""Messages of the baseline flow (segment workers and the pipeline requester).
+
+Same rule as decolla.messages: short `__repr__`, never the payload (Thespian formats
+`str(message)` even with logging off).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from decolla.messages import Message
+
+
+@dataclass(repr=False)
+class InitSegmentWorker(Message):
+    name: str
+    model_spec: str
+    profile_repeats: int = 2
+    _show = ("name", "model_spec")
+
+
+@dataclass(repr=False)
+class Reprofile(Message):
+    repeats: int = 2
+    _show = ("repeats",)
+
+
+@dataclass(repr=False)
+class SegmentWorkerReady(Message):
+    name: str
+    profile: list            # seconds per layer on this host, as measured now
+    _show = ("name",)
+
+
+@dataclass(repr=False)
+class RunSegment(Message):
+    """Compute route[hop] from `blobs` (tensor name -> wire bytes), then pass on."""
+    request: str
+    epoch: int               # route version: bumps at every re-plan
+    hop: int
+    route: list              # [Segment, ...]
+    addresses: list          # SegmentWorker address per route entry
+    requester: Any
+    blobs: dict
+    wire_dtype: str = "float32"
+    _show = ("request", "epoch", "hop")
+
+
+@dataclass(repr=False)
+class SegmentDone(Message):
+    """A hop finished (sent by its worker to the requester); the last hop carries the logits."""
+    request: str
+    epoch: int
+    hop: int
+    device: str
+    received: float
+    start: float
+    end: float
+    bytes_in: int
+    bytes_out: int
+    logits: bytes | None = None
+    error: str = ""
+    _show = ("request", "epoch", "hop", "device", "error")
+
+
+@dataclass(repr=False)
+class Resend(Message):
+    """Pass the cached output of (request, epoch, hop) on to a new route."""
+    request: str
+    epoch: int
+    hop: int
+    new_epoch: int
+    route: list
+    addresses: list
+    requester: Any
+    _show = ("request", "epoch", "hop", "new_epoch")
+
+
+@dataclass(repr=False)
+class Forget(Message):
+    request: str
+    _show = ("request",)
+
+
+@dataclass(repr=False)
+class ConfigurePipeline(Message):
+    registrar: Any
+    node: str
+    _show = ("node",)
+
+
+@dataclass(repr=False)
+class Prepare(Message):
+    """Create (or re-profile) segment workers on `hosts`; answer Profiles."""
+    hosts: list
+    model_spec: str
+    reprofile: bool = False
+    timeout_s: float = 120.0
+    _show = ("hosts",)
+
+
+@dataclass(repr=False)
+class Profiles(Message):
+    profiles: dict           # host -> seconds per layer
+    missing: list = field(default_factory=list)
+    _show = ("missing",)
+
+
+@dataclass(repr=False)
+class RunPipeline(Message):
+    """One inference along `route`; re-plan over `survivors` when a hop misses its t1."""
+    request: str
+    image: Any
+    route: list
+    weights: list            # per-layer seconds used to re-plan (hierarchical cut)
+    cut_bytes: list          # bytes crossing each cut 0..n
+    bandwidth_bps: float
+    t1_slack: float = 4.0
+    t1_floor: float = 1.0
+    replan: bool = True
+    candidates: list = field(default_factory=list)   # devices a re-plan may use (ordered)
+    timeout_s: float = 600.0
+    _show = ("request",)
+
+
+@dataclass(repr=False)
+class PipelineReply(Message):
+    request: str
+    logits: Any
+    records: list
+    started: float
+    finished: float
+    stats: dict
+    _show = ("request",)
+
+
+@dataclass(repr=False)
+class PipelineError(Message):
+    request: str
+    error: str
+    records: list = field(default_factory=list)
+    _show = ("request", "error")

@@ -1,0 +1,148 @@
+"""`decolla` command line: infer, status, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--leader", required=True, help="HOST:PORT of the cluster's leader")
+    p.add_argument("--bind", default=None, help="local interface address to bind")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allocator", default="average",
+                   help="random | average | least | proportional | eft | learned")
+    p.add_argument("--plan", default="layer", choices=("layer", "fused"))
+    p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--trace", default=None, help="write a Chrome trace JSON (open in Perfetto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decolla", description="Collaborative inference on small devices")
+    p.add_argument("--log-json", action="store_true")
+    p.add_argument("--log-level", default="warning")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("infer", help="classify an image on a running cluster")
+    _client_args(pi)
+    _run_args(pi)
+    pi.add_argument("--image", default=None, help=".npy image (H, W, 3) float32; default: seeded noise")
+    pi.add_argument("--seed", type=int, default=0)
+    pi.add_argument("--top", type=int, default=5)
+    pi.add_argument("--json", action="store_true", help="print the result as JSON")
+    ps = sub.add_parser("status", help="devices, load and model digest of a cluster")
+    _client_args(ps)
+    ps.add_argument("--json", action="store_true")
+    pd = sub.add_parser("demo", help="start a local cluster and check it against the reference")
+    _run_args(pd)
+    pd.add_argument("--devices", type=int, default=3)
+    pd.add_argument("--model", default="mobilenet_v2:seed=0")
+    pd.add_argument("--runs", type=int, default=3)
+    pd.add_argument("--seed", type=int, default=0)
+    pd.set_defaults(trace="decolla-demo-trace.json")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from decolla import log
+    log.configure(json=args.log_json, level=args.log_level, node="cli")
+    try:
+        return {"infer": _infer, "status": _status, "demo": _demo}[args.cmd](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        print(f"decolla {args.cmd}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _image(path, seed, shape):
+    import numpy as np
+    if path:
+        return np.load(path)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _infer(args) -> int:
+    from decolla.api import Client
+    with Client(args.leader, bind=args.bind, allocator=args.allocator, plan=args.plan, k=args.k,
+                wire_dtype=args.wire_dtype) as client:
+        r = client.infer(_image(args.image, args.seed, client.input_shape), top=args.top)
+    if args.trace:
+        r.save_trace(args.trace)
+    out = {"request": r.request, "latency_ms": round(r.latency * 1e3, 2), "top": r.top_k,
+           "devices": r.trace.devices(), "retries": r.retries, "bytes": r.trace.bytes_moved()}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"latency {out['latency_ms']} ms, chunks per device {out['devices']}, "
+              f"retries {r.retries}, bytes moved {out['bytes']}")
+        for cls, prob in r.top_k:
+            print(f"  class {cls:5d}  p={prob:.4f}")
+    return 0
+
+
+def _status(args) -> int:
+    from decolla.api import Client
+    with Client(args.leader, bind=args.bind, min_devices=0) as client:
+        st = client.status()
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    print(f"leader {st['leader']}  model {st['model']}  digest {st['digest'][:16]}")
+    print(f"{'device':16} {'status':13} {'GMAC/s':>7} {'free CPU':>8} {'queue':>5} {'host':12}")
+    for d in st["devices"]:
+        print(f"{d['name']:16} {d['status']:13} {d['speed_gmacs']:7.2f} {d['available']:8.2f} "
+              f"{d['queue']:5d} {d['host']:12}")
+    for name, reason in st["refused"].items():
+        print(f"refused {name}: {reason}")
+    return 0
+
+
+def _demo(args) -> int:
+    import numpy as np
+    from decolla import reference
+    from decolla.api import LocalCluster
+    from decolla.model import load_model
+    from decolla.trace import merge_chrome
+    model = load_model(args.model)
+    image = _image(None, args.seed, model.input_shape)
+    t0 = time.perf_counter()
+    ref = reference.forward(model, image)
+    print(f"single-process reference forward: {(time.perf_counter() - t0) * 1e3:.0f} ms "
+          f"(numpy float64 oracle)")
+    from decolla.forward import forward
+    forward(model, image)
+    t0 = time.perf_counter()
+    forward(model, image, threads=1)
+    print(f"single-process kernel forward:    {(time.perf_counter() - t0) * 1e3:.0f} ms (1 thread)")
+    t0 = time.perf_counter()
+    print(f"starting {args.devices} local devices with {args.model} ...", flush=True)
+    with LocalCluster(devices=args.devices, model=args.model, allocator=args.allocator,
+                      plan=args.plan, k=args.k, wire_dtype=args.wire_dtype) as cluster:
+        print(f"cluster ready in {time.perf_counter() - t0:.1f} s; leader {cluster.leader}")
+        results, ok = [], True
+        for i in range(args.runs):
+            r = cluster.infer(image)
+            results.append(r)
+            err = float(np.abs(r.logits - ref).max() / max(1e-12, np.abs(ref).max()))
+            tol = 1e-5 if args.wire_dtype == "float32" else 5e-2
+            good = err <= tol and r.top_k[0][0] == int(np.argmax(ref))
+            ok &= good
+            print(f"run {i + 1}: {r.latency * 1e3:7.1f} ms  rel.err {err:.1e} "
+                  f"{'OK' if good else 'MISMATCH'}  devices {r.trace.devices()}  "
+                  f"retries {r.retries}  {r.trace.bytes_moved() / 1e6:.1f} MB moved")
+        print("top-5:", ", ".join(f"{c} ({p:.3f})" for c, p in results[-1].top_k))
+    if args.trace:
+        with open(args.trace, "w") as fh:
+            json.dump(merge_chrome([r.trace for r in results]), fh)
+        print(f"Chrome trace written to {args.trace} (open it in https://ui.perfetto.dev)")
+    print("demo", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Fast single-device forward pass of a whole model on the Cython kernels."""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from decolla import ops
+from decolla.model import Model, ModelError, validate
+
+
+def check_image(image, shape: tuple[int, int, int]) -> np.ndarray:
+    """The image as float32 (H, W, 3) after checking shape, type and finiteness."""
+    if not isinstance(image, np.ndarray):
+        try:
+            image = np.asarray(image)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"image must be an array of numbers ({exc})") from exc
+    if image.dtype.kind not in "fiu":
+        raise TypeError(f"image must hold real numbers, got dtype {image.dtype}")
+    if tuple(image.shape) != tuple(shape):
+        raise ValueError(f"image has shape {image.shape}, the model expects {tuple(shape)} (H, W, C)")
+    img = image.astype(np.float32, copy=False)
+    if not np.isfinite(img).all():
+        raise ValueError("image has non-finite values (NaN or inf)")
+    return img
+
+
+class Forward:
+    """Reusable forward pass of one model: buffers are allocated once and reused.
+
+    Not safe to call from several Python threads at once (the buffers are shared).
+    """
+
+    def __init__(self, model: Model):
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a decolla.model.Model, got {type(model).__name__}")
+        validate(model)
+        self.model = model
+        self._lock = threading.Lock()
+        self._input = np.empty(model.input_shape, dtype=np.float32)
+        self._plan = self._make_plan(model)
+
+    def _make_plan(self, model: Model):
+        """Assign every layer output to a reusable buffer (freed after its last reader)."""
+        last_use = {"input": 0}
+        for i, layer in enumerate(model.layers):
+            last_use[model.layers[i - 1].name if i else "input"] = i
+            if layer.residual:
+                last_use[layer.residual] = max(last_use.get(layer.residual, 0), i)
+        size = max(int(np.prod(layer.out_shape)) for layer in model.layers)
+        pool: list[np.ndarray] = []
+        free: list[np.ndarray] = []
+        owner: dict[str, np.ndarray] = {}
+        tensors = {"input": self._input}
+        plan = []
+        for i, layer in enumerate(model.layers):
+            buf = free.pop() if free else None
+            if buf is None:
+                buf = np.empty(size, dtype=np.float32)
+                pool.append(buf)
+            out = buf[:int(np.prod(layer.out_shape))].reshape(layer.out_shape)
+            src = tensors[model.layers[i - 1].name if i else "input"]
+            res = tensors[layer.residual] if layer.residual else None
+            w = None if layer.weight is None else np.ascontiguousarray(layer.weight)
+            b = None if layer.bias is None else np.ascontiguousarray(layer.bias)
+            plan.append((layer, w, b, src, res, out))
+            tensors[layer.name] = out
+            owner[layer.name] = buf
+            for name in [n for n, last in last_use.items() if last == i and n in owner]:
+                free.append(owner.pop(name))
+        self._buffers = pool
+        return plan
+
+    def __call__(self, image, threads: int | None = None) -> np.ndarray:
+        """Logits (num_classes,) float32 for one image (H, W, 3)."""
+        img = check_image(image, self.model.input_shape)
+        nt = ops._nthreads(threads)
+        with self._lock:
+            np.copyto(self._input, img)
+            for layer, w, b, src, res, out in self._plan:
+                _run(layer, w, b, src, res, out, nt)
+            return self._plan[-1][-1].copy()
+
+
+def _run(layer, w, b, x, res, out, nt):
+    """One whole layer straight on the kernels (shapes were validated at planning time)."""
+    k = layer.kind
+    if k == "pwconv":
+        ops._gemm.pwconv(x, w, b, out, 0, 0, layer.relu6, res, 0, 0, nt)
+    elif k == "dwconv3x3":
+        ops._dw.dwconv3x3(x, w, b, out, layer.stride, 0, 0, 0, 0, x.shape[0], layer.relu6, nt)
+        if res is not None:
+            ops._gemm.add_residual(out, res, 0, 0)
+    elif k == "conv3x3":
+        ops._conv.conv3x3(x, w, b, out, layer.stride, 0, 0, 0, x.shape[0], layer.relu6, res,
+                          0, 0, nt)
+    elif k == "gap":
+        ops._gemm.gap(x, out, 0)
+    elif k == "linear":
+        ops._gemm.linear(x, w, b, out, 0, layer.relu6)
+        if res is not None:
+            out += res
+    else:
+        raise ModelError(f"layer {layer.name}: unknown kind {k!r}")
+
+
+_cache: dict[int, tuple[weakref.ref, tuple, Forward]] = {}
+
+
+def _signature(model: Model) -> tuple:
+    return tuple((l.name, l.kind, tuple(l.in_shape), tuple(l.out_shape), l.stride, l.residual,
+                  id(l.weight), id(l.bias)) for l in model.layers)
+
+
+def forward(model: Model, image, threads: int | None = None) -> np.ndarray:
+    """Logits for one image (H, W, 3) on this device (Forward cached per model)."""
+    sig = _signature(model)
+    entry = _cache.get(id(model))
+    if entry is None or entry[0]() is not model or entry[1] != sig:
+        fwd = Forward(model)
+        key = id(model)
+        ref = weakref.ref(model, lambda _r, key=key, c=_cache: c.pop(key, None))
+        _cache[key] = (ref, sig, fwd)
+    else:
+        fwd = entry[2]
+    return fwd(image, threads=threads)

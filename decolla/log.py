@@ -1,0 +1,41 @@
+"""structlog set-up shared by every DeColla process: key-value lines, or JSON lines."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_configured = False
+
+
+def configure(json: bool = False, level: str = "info", **context) -> None:
+    """Configure structlog for this process (and the actor processes it forks).
+
+    `context` is bound to every line (e.g. node='dev1', role='device').
+    """
+    global _configured
+    renderer = (structlog.processors.JSONRenderer() if json
+                else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=False),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+    if context:
+        structlog.contextvars.bind_contextvars(**context)
+    _configured = True
+
+
+def get_logger(name: str):
+    """A structlog logger tagged with the component name."""
+    return structlog.get_logger().bind(component=name)

@@ -1,0 +1,167 @@
+"""`python -m decolla.node`: run one DeColla node (leader, device or requester).
+
+  leader     hosts the registrar (membership); add --compute to also be a device
+  device     joins the leader's convention; the leader places a Worker on it
+  requester  joins, runs inferences on --image files (or seeded images) and exits
+
+Shuts down cleanly on SIGINT/SIGTERM (stop members before the leader).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m decolla.node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", choices=("leader", "device", "requester"), default="device")
+    p.add_argument("--leader", help="HOST:PORT of the leader (required unless --role leader)")
+    p.add_argument("--port", type=int, default=None,
+                   help="this node's admin port (default: leader 1900, others a free port)")
+    p.add_argument("--host", default=None,
+                   help="interface address to bind (sets THESPIAN_BASE_IPADDR)")
+    p.add_argument("--name", default=None, help="node name (default: hostname:port)")
+    p.add_argument("--model", default="mobilenet_v2:seed=0",
+                   help="model spec ('mobilenet_v2:seed=0,width=0.5') or a model file")
+    p.add_argument("--threads", type=int, default=1, help="compute threads on this node")
+    p.add_argument("--compute", action="store_true", help="leader only: also compute chunks")
+    p.add_argument("--log-json", action="store_true", help="JSON log lines")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--heartbeat", type=float, default=0.5, help="leader: heartbeat period (s)")
+    # requester role
+    p.add_argument("--image", action="append", default=[], help="requester: .npy image (repeat)")
+    p.add_argument("--count", type=int, default=1, help="requester: seeded images when no --image")
+    p.add_argument("--allocator", default="average")
+    p.add_argument("--plan", default="layer", choices=("layer", "fused"))
+    p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
+    p.add_argument("--trace", default=None, help="requester: write a Chrome trace JSON here")
+    args = p.parse_args(argv)
+    if args.role != "leader" and not args.leader:
+        p.error("--leader HOST:PORT is required for devices and requesters")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def _free_port(host: str = "") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the main loop polls."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    from decolla import log as dlog
+    port = args.port or (1900 if args.role == "leader" else _free_port(args.host or ""))
+    name = args.name or f"{socket.gethostname()}:{port}"
+    dlog.configure(json=args.log_json, level=args.log_level, node=name, role=args.role)
+    logger = dlog.get_logger("node")
+    if args.role == "requester":
+        return _run_requester(args, name, port, logger)
+    return _run_member(args, name, port, logger)
+
+
+def _run_member(args, name, port, logger) -> int:
+    from decolla.actors import system
+    from decolla.actors.preload import preload
+    from decolla.model import ModelError
+    try:
+        model = preload(args.model)
+    except (ModelError, OSError) as exc:
+        logger.error("cannot load model", model=args.model, error=str(exc))
+        return 2
+    digest = model.digest()
+    leader = None
+    if args.role == "device":
+        system.parse_hostport(args.leader)
+        leader = args.leader
+    caps = system.capabilities(args.role, name, port, leader, digest=digest, model=args.model,
+                               threads=args.threads,
+                               compute=args.role == "device" or args.compute)
+    stop = _Stop()
+    try:
+        asys = system.start_system(caps, args.host)
+    except Exception as exc:
+        logger.error("cannot start actor system", port=port, error=str(exc))
+        return 3
+    try:
+        probe = asys.createActor(system.Probe)
+        info = asys.ask(probe, "who", 10) or {}
+        asys.tell(probe, _exit_request())
+        if args.role == "leader":
+            from decolla.actors.registrar import Registrar
+            from decolla.messages import ConfigureRegistrar
+            reg = asys.createActor(Registrar, globalName=system.REGISTRAR_NAME)
+            reply = asys.ask(reg, ConfigureRegistrar(args.model, name, args.heartbeat,
+                                                     max(2.5, 5 * args.heartbeat),
+                                                     caps if args.compute else None), 60)
+            if reply is None:
+                logger.error("registrar did not start")
+                return 4
+        logger.info("node started", name=name, role=args.role, port=port, leader=leader,
+                    model=args.model, digest=digest[:12], threads=args.threads,
+                    pid=os.getpid(), admin_pgid=info.get("pgid"), admin_pid=info.get("ppid"))
+        while stop.signum is None:
+            time.sleep(0.2)
+        logger.info("shutting down", signal=signal.Signals(stop.signum).name)
+    finally:
+        asys.shutdown()
+    logger.info("node stopped")
+    return 0
+
+
+def _exit_request():
+    from thespian.actors import ActorExitRequest
+    return ActorExitRequest()
+
+
+def _run_requester(args, name, port, logger) -> int:
+    import numpy as np
+    from decolla.api import Client
+    stop = _Stop()
+    with Client(args.leader, name=name, port=port, bind=args.host, allocator=args.allocator,
+                plan=args.plan, k=args.k) as client:
+        st = client.status()
+        logger.info("node started", name=name, role="requester", port=port, leader=args.leader,
+                    digest=st["digest"][:12], devices=[d["name"] for d in st["devices"]])
+        images = [np.load(p) for p in args.image] or [
+            np.random.default_rng(i).standard_normal(client.input_shape).astype(np.float32)
+            for i in range(args.count)]
+        results = []
+        for img in images:
+            if stop.signum is not None:
+                break
+            r = client.infer(img)
+            results.append(r)
+            print(json.dumps({"request": r.request, "latency_ms": round(r.latency * 1e3, 2),
+                              "top": r.top_k, "devices": r.devices_used,
+                              "retries": r.retries}), flush=True)
+        if args.trace and results:
+            from decolla.trace import merge_chrome
+            with open(args.trace, "w") as fh:
+                json.dump(merge_chrome([r.trace for r in results]), fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+# cython: language_level=3
+"""Pointwise 1x1 convolution and linear layer through BLAS, plus fused epilogues.
+
+Low-level kernels: no validation here (decolla.ops validates). NHWC fp32.
+"""
+from cython.parallel cimport prange
+from scipy.linalg.cython_blas cimport sgemm, sgemv
+
+include "_common.pxi"
+
+cdef void gemm_rowmajor(const float* a, Py_ssize_t lda, const float* bm, Py_ssize_t ldb,
+                        float* c, Py_ssize_t ldc, Py_ssize_t m, Py_ssize_t n,
+                        Py_ssize_t k) noexcept nogil:
+    """c (m x n) = a (m x k) @ bm (k x n), all row-major with leading dimensions."""
+    # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
+    cdef int im = <int>n, in_ = <int>m, ik = <int>k
+    cdef int ila = <int>ldb, ilb = <int>lda, ilc = <int>ldc
+    cdef float one = 1.0, zero = 0.0
+    sgemm("N", "N", &im, &in_, &ik, &one, <float*>bm, &ila, <float*>a, &ilb, &zero,
+          c, &ilc)
+
+
+cdef Py_ssize_t auto_block(Py_ssize_t M, Py_ssize_t n) noexcept nogil:
+    """Pixels per GEMM tile: the tile's output (~256 KiB) stays in L2 for the
+    epilogue; at least 256 rows so each sgemm call still amortises packing."""
+    cdef Py_ssize_t mb = BLOCK_FLOATS // n if n > 0 else M
+    if mb < 256:
+        mb = 256
+    return M if M < 2 * mb else mb
+
+
+# Floats of GEMM output per tile (see auto_block).
+cdef Py_ssize_t BLOCK_FLOATS = 65536
+
+
+cdef void _tile(const float* a, Py_ssize_t K, const float* wm, Py_ssize_t ldw,
+                const float* bias, float* out, Py_ssize_t ldo, const float* res,
+                Py_ssize_t rs, Py_ssize_t m, Py_ssize_t nt, bint relu6) noexcept nogil:
+    """One tile of m pixels x nt channels: GEMM, then the epilogue while it is cached."""
+    cdef Py_ssize_t p, c
+    if K > 0:
+        gemm_rowmajor(a, K, wm, ldw, out, ldo, m, nt, K)
+    else:
+        for p in range(m):
+            for c in range(nt):
+                out[p * ldo + c] = 0
+    bias_act_rows(out, res, rs, bias, m, nt, ldo, relu6)
+
+
+def pwconv(const float[:, :, ::1] x, const float[:, ::1] w, const float[::1] b,
+           float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, bint relu6,
+           const float[:, :, ::1] res=None, Py_ssize_t rr0=0, Py_ssize_t rc0=0,
+           int threads=1, Py_ssize_t block=0):
+    """out = act(x[xr0:xr0+rows] @ w[:, c0:c0+n] + b[c0:c0+n]) (+ res[rr0:, :, rc0:]).
+
+    Work is cut into tiles of `block` pixels (0: automatic) and, when there are
+    fewer pixel tiles than threads, into channel slices too; OpenMP threads share
+    the tiles and each tile calls single-threaded BLAS (one thread pool only).
+    """
+    cdef Py_ssize_t rows = out.shape[0], W = out.shape[1], n = out.shape[2]
+    cdef Py_ssize_t K = x.shape[2], cout = w.shape[1]
+    if rows == 0 or W == 0 or n == 0:
+        return
+    cdef Py_ssize_t M = rows * W
+    cdef const float* ap = &x[0, 0, 0] + xr0 * W * K
+    cdef const float* wp = &w[0, 0] + c0 if K > 0 else NULL
+    cdef const float* bp = &b[0] + c0
+    cdef float* op = &out[0, 0, 0]
+    cdef const float* rp = NULL
+    cdef Py_ssize_t rs = 0
+    if res is not None:
+        rs = res.shape[2]
+        rp = &res[0, 0, 0] + rr0 * W * rs + rc0
+    cdef Py_ssize_t mb = auto_block(M, n) if block <= 0 else block
+    cdef Py_ssize_t tm = (M + mb - 1) // mb
+    cdef Py_ssize_t tn = 1, nb = n, t
+    if threads > 1 and tm < threads and n >= 16 * threads:
+        nb = ((n + threads - 1) // threads + 7) // 8 * 8  # channel slices of whole vectors
+        tn = (n + nb - 1) // nb
+    if threads <= 1 or tm * tn == 1:
+        with nogil:
+            for t in range(tm * tn):
+                _pw_task(t, tn, mb, nb, M, n, K, cout, ap, wp, bp, op, rp, rs, relu6)
+        return
+    for t in prange(tm * tn, nogil=True, num_threads=threads, schedule="static"):
+        _pw_task(t, tn, mb, nb, M, n, K, cout, ap, wp, bp, op, rp, rs, relu6)
+
+
+cdef void _pw_task(Py_ssize_t t, Py_ssize_t tn, Py_ssize_t mb, Py_ssize_t nb, Py_ssize_t M,
+                   Py_ssize_t n, Py_ssize_t K, Py_ssize_t cout, const float* ap,
+                   const float* wp, const float* bp, float* op, const float* rp,
+                   Py_ssize_t rs, bint relu6) noexcept nogil:
+    cdef Py_ssize_t p0 = (t // tn) * mb, q0 = (t % tn) * nb
+    cdef Py_ssize_t m = M - p0 if M - p0 < mb else mb
+    cdef Py_ssize_t nt = n - q0 if n - q0 < nb else nb
+    _tile(ap + p0 * K, K, NULL if wp == NULL else wp + q0, cout, bp + q0, op + p0 * n + q0, n,
+          NULL if rp == NULL else rp + p0 * rs + q0, rs, m, nt, relu6)
+
+
+def linear(const float[::1] x, const float[:, ::1] w, const float[::1] b, float[::1] out,
+           Py_ssize_t c0, bint relu6):
+    """out = act(x @ w[:, c0:c0+n] + b[c0:c0+n])."""
+    cdef Py_ssize_t n = out.shape[0], K = x.shape[0], cout = w.shape[1], i
+    if n == 0:
+        return
+    cdef int im = <int>n, ik = <int>K, ilda = <int>cout, inc = 1
+    cdef float one = 1.0, zero = 0.0
+    if K == 0:
+        for i in range(n):
+            out[i] = 0
+    else:
+        with nogil:
+            # Row-major (K x cout) slice = column-major (n x K) with lda = cout.
+            sgemv("N", &im, &ik, &one, <float*>&w[0, 0] + c0, &ilda, <float*>&x[0], &inc,
+                  &zero, &out[0], &inc)
+    with nogil:
+        bias_act_rows(&out[0], NULL, 0, &b[0] + c0, 1, n, n, relu6)
+
+
+def gap(const float[:, :, ::1] x, float[::1] out, Py_ssize_t c0):
+    """out[c] = mean over pixels of x[..., c0 + c]."""
+    cdef Py_ssize_t npix = x.shape[0] * x.shape[1], C = x.shape[2], n = out.shape[0]
+    cdef Py_ssize_t p
+    if n == 0:
+        return
+    cdef float* op = &out[0]
+    cdef const float* xp = &x[0, 0, 0] + c0 if npix > 0 else NULL
+    cdef float scale = 1.0 / npix if npix > 0 else 0.0
+    with nogil:
+        _fill(op, 0.0, n)
+        for p in range(npix):
+            _accumulate(op, xp + p * C, n)
+        _scale(op, scale, n)
+
+
+cdef inline void _fill(float_rp o, float v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(n):
+        o[c] = v
+
+
+cdef inline void _accumulate(float_rp o, cfloat_rp x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(n):
+        o[c] += x[c]
+
+
+cdef inline void _scale(float_rp o, float s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(n):
+        o[c] *= s
+
+
+def add_residual(float[:, :, ::1] out, const float[:, :, ::1] res, Py_ssize_t rr0,
+                 Py_ssize_t rc0):
+    """out += res[rr0:rr0+rows, :, rc0:rc0+n] (for kernels that do not fuse the residual)."""
+    cdef Py_ssize_t rows = out.shape[0], W = out.shape[1], n = out.shape[2]
+    cdef Py_ssize_t rs = res.shape[2], p
+    if rows == 0 or W == 0 or n == 0:
+        return
+    cdef float* op = &out[0, 0, 0]
+    cdef const float* rp = &res[0, 0, 0] + rr0 * W * rs + rc0
+    with nogil:
+        for p in range(rows * W):
+            _accumulate(op + p * n, rp + p * rs, n)

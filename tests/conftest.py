@@ -1,0 +1,34 @@
+"""Shared pytest fixtures (generic: ports, local clusters that always get cleaned up)."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a currently free TCP port on loopback."""
+    def _get() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return _get
+
+
+@pytest.fixture
+def make_cluster(request):
+    """Factory for decolla.api.LocalCluster; every cluster is closed even if the test fails."""
+    from decolla.api import LocalCluster
+    clusters = []
+
+    def _make(**kw):
+        cluster = LocalCluster(**kw)
+        clusters.append(cluster)
+        return cluster
+
+    def _cleanup():
+        for c in reversed(clusters):
+            c.close()
+    request.addfinalizer(_cleanup)
+    return _make

@@ -1,0 +1,194 @@
+"""Baselines: pure route/split logic, metrics from traces, and real runs on a loopback cluster."""
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decolla.baselines import metrics
+from decolla.baselines import partition as part
+from decolla.model import load_model
+from decolla.reference import forward as reference
+from decolla.trace import ChunkRecord, Trace
+
+SPEC = "mobilenet_v2:seed=0,width=0.35,input_size=96"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(SPEC)
+
+
+@pytest.fixture(scope="module")
+def image(model):
+    return np.random.default_rng(7).standard_normal(model.input_shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- pure logic
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=60), st.integers(1, 8))
+def test_split_balanced_covers_contiguously(weights, n):
+    n = min(n, len(weights))
+    groups = part.split_balanced(weights, n)
+    assert len(groups) == n
+    assert groups[0][0] == 0 and groups[-1][1] == len(weights)
+    assert all(a < b for a, b in groups)
+    assert all(groups[i][1] == groups[i + 1][0] for i in range(n - 1))
+
+
+def test_split_balanced_balances_equal_costs():
+    assert part.split_balanced([1.0] * 12, 3) == [(0, 4), (4, 8), (8, 12)]
+    # one heavy layer gets a group of its own
+    assert part.split_balanced([1, 1, 10, 1, 1], 3)[1] == (2, 3)
+
+
+def test_split_balanced_rejects_impossible():
+    with pytest.raises(part.RouteError):
+        part.split_balanced([1.0, 2.0], 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0, 1), min_size=n, max_size=n),
+    st.lists(st.floats(0, 1), min_size=n, max_size=n),
+    st.lists(st.integers(0, 10**6), min_size=n + 1, max_size=n + 1),
+    st.floats(1e5, 1e9))))
+def test_neurosurgeon_matches_brute_force(args):
+    dev, edge, cuts, bw = args
+    choice = part.neurosurgeon_split(dev, edge, cuts, bw)
+    cost = [sum(dev[:p]) + 8 * cuts[p] / bw + sum(edge[p:]) for p in range(len(dev) + 1)]
+    assert choice.predicted_s == pytest.approx(min(cost), rel=1e-9, abs=1e-12)
+    assert cost[choice.p] == pytest.approx(min(cost), rel=1e-9, abs=1e-12)
+
+
+def test_neurosurgeon_follows_bandwidth(model):
+    specs = model.layer_specs()
+    n = len(specs)
+    cuts = [part.cut_bytes(specs, c) for c in range(n + 1)]
+    device = [l.macs / 2e8 for l in model.layers]      # a slow device
+    edge = [l.macs / 2e9 for l in model.layers]        # a 10x faster edge
+    slow = part.neurosurgeon_split(device, edge, cuts, 1e5)     # 0.1 Mb/s: stay on the device
+    fast = part.neurosurgeon_split(device, edge, cuts, 1e10)    # 10 Gb/s: offload everything
+    # at 0.1 Mb/s transfer dominates: the cut goes where the fewest bytes cross (a narrow
+    # projection, fewer bytes than the logits the device would otherwise send back)
+    assert cuts[slow.p] == min(cuts) and slow.p > 0
+    assert fast.p == 0
+    mid = [part.neurosurgeon_split(device, edge, cuts, bw).p for bw in (1e6, 1e7, 1e8, 1e9)]
+    assert mid == sorted(mid, reverse=True)               # more bandwidth, earlier split
+
+
+def test_crossing_carries_residual_sources(model):
+    specs = model.layer_specs()
+    names = [s["name"] for s in specs]
+    for cut in range(len(specs)):
+        cross = part.crossing(specs, cut)
+        assert cross[-1] == ("input" if cut == 0 else names[cut - 1])
+        for s in specs[cut:]:
+            r = s.get("residual")
+            if r and (r == "input" or names.index(r) < cut):
+                assert r in cross
+
+
+def test_partition_route_drops_empty_parts():
+    assert part.partition_route("d", "e", 0, 5) == [part.Segment("e", 0, 5)]
+    assert part.partition_route("d", "e", 5, 5) == [part.Segment("d", 0, 5)]
+    assert part.partition_route("d", "e", 2, 5) == [part.Segment("d", 0, 2), part.Segment("e", 2, 5)]
+
+
+def test_hierarchical_route_from_a_layer():
+    route = part.hierarchical_route(["a", "b"], [1.0] * 10, start=4)
+    assert route == [part.Segment("a", 4, 7), part.Segment("b", 7, 10)]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(1, 53), min_size=0, max_size=4, unique=True))
+def test_run_segment_chain_equals_reference(model, image, cuts):
+    want = reference(model, image)
+    bounds = [0, *sorted(cuts), len(model.layers)]
+    tensors = {"input": image}
+    for a, b in zip(bounds, bounds[1:]):
+        tensors = part.run_segment(model.layers, tensors, a, b)
+    np.testing.assert_allclose(tensors[model.layers[-1].name], want, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_route_methods(model):
+    from decolla.baselines.client import plan_route
+    specs = model.layer_specs()
+    prof = {d: [l.macs / 1e8 for l in model.layers] for d in ("d1", "d2", "d3")}
+    prof["edge"] = [l.macs / 1e10 for l in model.layers]
+    r, _ = plan_route("mobile", specs, prof, ["d1", "d2", "d3"], "edge", 20, device="d2")
+    assert r == [part.Segment("d2", 0, len(specs))]
+    r, info = plan_route("partition", specs, prof, ["d1"], "edge", 1e4)
+    assert r[0].device == "edge" and info["split"] == 0
+    r, _ = plan_route("hierarchical", specs, prof, ["d1", "d2", "d3"], "edge", 20)
+    assert [s.device for s in r] == ["d1", "d2", "d3"]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _rec(dev, start, end):
+    return ChunkRecord("r", 0, 0, 0, dev, "", 0, start, 0, start=start, end=end, status="won")
+
+
+def test_busy_and_waiting_from_trace():
+    t = Trace("r", 0.0, 10.0, [_rec("a", 0, 2), _rec("a", 1, 3), _rec("b", 5, 6)])
+    assert metrics.busy_seconds([t], ["a", "b", "c"]) == {"a": 3.0, "b": 1.0, "c": 0.0}
+    assert metrics.waiting(t, ["a", "b", "c"]) == {"a": 7.0, "b": 9.0}
+
+
+def test_normalized_variance_bounds():
+    assert metrics.normalized_variance([0.5, 0.5, 0.5]) == 0.0
+    assert metrics.normalized_variance([0.9, 0.0, 0.0]) == pytest.approx(1.0)
+    assert 0 < metrics.normalized_variance([0.6, 0.3, 0.2]) < 1
+
+
+# ----------------------------------------------------------------------------- loopback runs
+
+@pytest.fixture(scope="module")
+def cluster():
+    from decolla.api import LocalCluster
+    from decolla.baselines.client import BaselineClient
+    with LocalCluster(devices=3, model=SPEC) as c:
+        with BaselineClient(c.leader, edge="leader") as bc:
+            bc.prepare()
+            yield c, bc
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["mobile", "partition", "hierarchical"])
+def test_every_baseline_returns_the_reference(cluster, model, image, method):
+    _, bc = cluster
+    want = reference(model, image)
+    for bw in (1, 1000):
+        r = bc.infer(image, method, bandwidth_mbit=bw)
+        np.testing.assert_allclose(r.logits, want, rtol=1e-4, atol=1e-4)
+        route = r.stats["route"]
+        assert route[0][1] == 0 and route[-1][2] == len(model.layers)
+        used = {rec.device for rec in r.trace.records if rec.status == "won"}
+        assert used == {seg[0] for seg in route}
+        assert all(rec.start <= rec.end for rec in r.trace.records if rec.status == "won")
+    if method == "hierarchical":
+        assert len(route) == 3
+    if method == "partition":   # Neurosurgeon moves the split with bandwidth
+        slow = bc.infer(image, method, bandwidth_mbit=0.001).stats["split"]
+        assert slow > len(model.layers) // 2
+
+
+@pytest.mark.integration
+def test_hierarchical_replans_around_a_stopped_device(cluster, model, image):
+    c, bc = cluster
+    want = reference(model, image)
+    c.kill("dev2", signal.SIGSTOP)
+    try:
+        r = bc.infer(image, "hierarchical", bandwidth_mbit=1000, t1_floor=0.5, timeout=60)
+    finally:
+        c.kill("dev2", signal.SIGCONT)
+    np.testing.assert_allclose(r.logits, want, rtol=1e-4, atol=1e-4)
+    assert r.stats["replans"] >= 1 and "dev2" in r.stats["failed"]
+    assert all(seg[0] != "dev2" for seg in r.stats["route"])
+    assert any(rec.status == "lost" and rec.device == "dev2" for rec in r.trace.records)
+    assert r.latency >= 0.5                      # it waited t1 before re-planning

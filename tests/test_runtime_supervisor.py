@@ -1,0 +1,118 @@
+"""Supervisor: deadlines from moving estimates, slack and floor; suspect -> dead -> back."""
+from dataclasses import dataclass
+
+import pytest
+
+from decolla.supervisor import Supervisor
+
+
+@dataclass
+class Info:
+    name: str
+    status: str = "ready"
+    speed: float = 1e9
+    beats: int = 0
+    available: float = 1.0
+    queue: int = 0
+
+    @property
+    def alive(self):
+        return self.status == "ready"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(**kw):
+    clock = Clock()
+    sup = Supervisor(clock=clock, **kw)
+    sup.update_membership([Info("a"), Info("b", speed=2e9)])
+    return sup, clock
+
+
+def test_deadline_is_slack_times_prediction_with_floor():
+    sup, clock = make(slack=3.0, floor=0.2, prior_overhead=0.01, prior_bandwidth=1e8)
+    # 1e9 MACs at 1e9 MAC/s + 1e7 bytes at 1e8 B/s + 10 ms
+    assert sup.predict("a", 1e9, 1e7) == pytest.approx(1.0 + 0.1 + 0.01)
+    assert sup.dispatched("a", "k1", 1e9, 1e7) == pytest.approx(clock.t + 3 * 1.11)
+    # a tiny chunk gets the floor
+    assert sup.timeout("b", 10, 10) == 0.2
+
+
+def test_queued_work_pushes_later_deadlines_back():
+    sup, clock = make(slack=2.0, floor=0.01, prior_overhead=0.0)
+    d1 = sup.dispatched("a", "k1", 1e9, 0)
+    d2 = sup.dispatched("a", "k2", 1e9, 0)
+    assert d2 - clock.t == pytest.approx(2 * (d1 - clock.t))
+    sup.released("a", "k1")
+    sup.released("a", "k2")
+    assert sup.devices["a"].queued_macs == 0
+
+
+def test_estimates_follow_measurements():
+    sup, _ = make(alpha=0.5)
+    before = sup.predict("a", 1e8, 1e6)
+    for i in range(20):   # the device turns out 10x slower than reported
+        sup.dispatched("a", i, 1e8, 1e6)
+        sup.completed("a", i, 1e8, 1e6, compute_s=1.0, rtt_s=1.05)
+    assert sup.devices["a"].rate == pytest.approx(1e8, rel=1e-3)
+    assert sup.predict("a", 1e8, 1e6) > 5 * before
+
+
+def test_misses_make_a_device_suspect_then_dead_and_beats_revive_it():
+    sup, _ = make(dead_after=3, revive_beats=2)
+    assert sup.missed("a", 1) == "suspect"
+    assert "a" in sup.usable()
+    assert sup.missed("a", 2) == "suspect"
+    assert sup.missed("a", 3) == "dead"
+    assert sup.usable() == ["b"]
+    assert "a" in sup.members()           # registrar still lists it
+    sup.update_membership([Info("a", beats=1), Info("b")])
+    assert sup.usable() == ["b"]          # one beat is not enough
+    sup.update_membership([Info("a", beats=2), Info("b")])
+    assert sup.usable() == ["a", "b"]
+
+
+def test_any_result_clears_suspicion():
+    sup, _ = make(dead_after=2)
+    sup.missed("a", 1)
+    sup.missed("a", 2)
+    assert sup.devices["a"].state == "dead"
+    sup.completed("a", 3, 1e6, 100, 0.01, 0.02)   # a late result proves it runs
+    assert sup.devices["a"].state == "alive" and "a" in sup.usable()
+
+
+def test_membership_changes_report_lost_devices():
+    sup, _ = make()
+    assert sup.update_membership([Info("a", status="unresponsive"), Info("b")]) == ["a"]
+    assert sup.usable() == ["b"]
+    assert sup.update_membership([Info("a")]) == ["b"]      # b vanished from the snapshot
+    assert sup.usable() == ["a"]
+
+
+def test_best_prefers_alive_then_earliest_finish():
+    sup, _ = make()
+    assert sup.best(["a", "b"], 1e9, 0) == "b"      # b is twice as fast
+    sup.missed("b", 1)
+    assert sup.best(["a", "b"], 1e9, 0) == "a"      # suspects only when nothing else
+    assert sup.best([], 1, 1) is None
+
+
+def test_device_states_feed_the_allocator():
+    sup, _ = make()
+    sup.dispatched("a", 1, 5e8, 0)
+    states = {d.name: d for d in sup.device_states()}
+    assert states["a"].queue == 1 and states["a"].busy_s == pytest.approx(0.5)
+    assert states["b"].speed == 2e9 and states["b"].alive
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(ValueError):
+        Supervisor(slack=0.5)
+    with pytest.raises(ValueError):
+        Supervisor(floor=0)

@@ -1,0 +1,78 @@
+"""Wire codec: round trips over shapes and dtypes; every corruption is detected."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from decolla import wire
+
+shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9)
+floats32 = st.floats(-1e4, 1e4, width=32, allow_nan=False)
+
+
+@given(hnp.arrays(np.float32, shapes, elements=floats32), st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_fp32_roundtrip_is_exact(arr, compress):
+    out = wire.decode(wire.encode(arr, "float32", compress=compress))
+    assert out.dtype == np.float32 and out.shape == arr.shape
+    np.testing.assert_array_equal(out, arr)
+
+
+@given(hnp.arrays(st.sampled_from([np.float64, np.float16, np.int32]), shapes,
+                  elements=st.integers(-500, 500)))
+@settings(max_examples=40, deadline=None)
+def test_other_input_dtypes_decode_as_float32(arr):
+    out = wire.decode(wire.encode(arr))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, arr.astype(np.float32))
+
+
+@given(hnp.arrays(np.float32, shapes, elements=st.floats(-6, 6, width=32)))
+@settings(max_examples=40, deadline=None)
+def test_fp16_roundtrip_within_half_precision(arr):
+    out = wire.decode(wire.encode(arr, "float16"))
+    assert out.dtype == np.float32 and out.shape == arr.shape
+    np.testing.assert_allclose(out, arr, rtol=1e-3, atol=1e-3)
+
+
+def test_fp16_is_smaller_than_fp32():
+    x = np.random.default_rng(0).standard_normal((32, 32, 16)).astype(np.float32)
+    assert len(wire.encode(x, "float16")) < 0.6 * len(wire.encode(x, "float32"))
+
+
+def test_zeros_compress():
+    x = np.zeros((56, 56, 24), np.float32)
+    assert len(wire.encode(x)) < x.nbytes / 50
+
+
+@given(st.data())
+@settings(max_examples=150, deadline=None)
+def test_any_single_byte_corruption_is_detected(data):
+    sparse = data.draw(st.booleans())
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    x = rng.standard_normal((7, 5, 6)).astype(np.float32)
+    if sparse:
+        x[x < 0.5] = 0      # compressible: exercises the lz4 path
+    blob = bytearray(wire.encode(x))
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    blob[pos] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(wire.WireError):
+        wire.decode(bytes(blob))
+
+
+@pytest.mark.parametrize("blob", [b"", b"DCW1", b"x" * 40, None, "text"])
+def test_garbage_is_rejected(blob):
+    with pytest.raises(wire.WireError):
+        wire.decode(blob)
+
+
+def test_truncation_is_detected():
+    blob = wire.encode(np.ones((10, 10), np.float32))
+    for cut in (1, 5, len(blob) // 2):
+        with pytest.raises(wire.WireError):
+            wire.decode(blob[:-cut])
+
+
+def test_unknown_wire_dtype_is_refused():
+    with pytest.raises(ValueError, match="wire dtype"):
+        wire.encode(np.ones(3, np.float32), "int8")
