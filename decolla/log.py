@@ -6,15 +6,12 @@ import sys
 
 import structlog
 
-_configured = False
-
 
 def configure(json: bool = False, level: str = "info", **context) -> None:
     """Configure structlog for this process (and the actor processes it forks).
 
     `context` is bound to every line (e.g. node='dev1', role='device').
     """
-    global _configured
     renderer = (structlog.processors.JSONRenderer() if json
                 else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
@@ -33,7 +30,6 @@ def configure(json: bool = False, level: str = "info", **context) -> None:
     structlog.contextvars.clear_contextvars()
     if context:
         structlog.contextvars.bind_contextvars(**context)
-    _configured = True
 
 
 def get_logger(name: str):

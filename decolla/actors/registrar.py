@@ -17,8 +17,7 @@ from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.log import get_logger
 from decolla.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InitWorker,
-                              Membership, StatusRequest, Subscribe, Unsubscribe,
-                              WorkerReady, WorkerRefused)
+                              Membership, Subscribe, WorkerReady, WorkerRefused)
 
 log = get_logger("registrar")
 RESTART_WORKER_S = 2.0

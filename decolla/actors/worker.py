@@ -13,7 +13,7 @@ import socket
 import time
 
 import numpy as np
-from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
+from thespian.actors import ActorTypeDispatcher, WakeupMessage
 
 from decolla import plan as planmod
 from decolla import wire
