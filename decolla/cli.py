@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--runs", type=int, default=3)
     pd.add_argument("--seed", type=int, default=0)
     pd.set_defaults(trace="decolla-demo-trace.json")
+    from decolla.gateway import server as gateway
+    pg = sub.add_parser("serve", help="requester web page, JSON API and live cluster view")
+    gateway.add_arguments(pg)
+    pg.set_defaults(func=gateway.run)
     return p
 
 
@@ -51,7 +55,8 @@ def main(argv=None) -> int:
     from decolla import log
     log.configure(json=args.log_json, level=args.log_level, node="cli")
     try:
-        return {"infer": _infer, "status": _status, "demo": _demo}[args.cmd](args)
+        handlers = {"infer": _infer, "status": _status, "demo": _demo}
+        return handlers[args.cmd](args) if args.cmd in handlers else args.func(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
