@@ -30,7 +30,8 @@ def check_image(image, shape: tuple[int, int, int]) -> np.ndarray:
 class Forward:
     """Reusable forward pass of one model: buffers are allocated once and reused.
 
-    Not safe to call from several Python threads at once (the buffers are shared).
+    Calls from several Python threads are serialised (the buffers are shared); use
+    one Forward per thread for parallel inference.
     """
 
     def __init__(self, model: Model):
