@@ -82,15 +82,39 @@ def _stage_cases(seeds, cfg, limit=200):
 
 def decision_latency(alloc, cases, repeats: int = 5) -> dict:
     """Median and p99 wall time of one assign() call (one stage)."""
-    ts = []
+    return decision_latencies({"a": alloc}, cases, repeats)["a"]
+
+
+def decision_latencies(allocs: dict, cases, repeats: int = 5) -> dict:
+    """decision_latency of several allocators, taking turns (one pass over the cases each,
+    `repeats` rounds) so that all of them see the same drifting load of a shared machine."""
+    ts = {name: [] for name in allocs}
+    n_live = [sum(d.alive for d in devs) for _ in range(repeats) for _, _, devs in cases]
     for _ in range(repeats):
-        for st, ch, devs in cases:
-            t = time.perf_counter()
-            alloc.assign(st, ch, devs)
-            ts.append(time.perf_counter() - t)
-    a = np.array(ts) * 1e6
+        for name, alloc in allocs.items():
+            for st, ch, devs in cases:
+                t = time.perf_counter()
+                alloc.assign(st, ch, devs)
+                ts[name].append(time.perf_counter() - t)
+    return {name: _latency_stats(np.array(v) * 1e6, np.array(n_live)) for name, v in ts.items()}
+
+
+def _latency_stats(a: np.ndarray, n_live: np.ndarray) -> dict:
     return {"median_us": float(np.median(a)), "p99_us": float(np.quantile(a, 0.99)),
-            "mean_us": float(a.mean()), "n": len(a)}
+            "mean_us": float(a.mean()), "n": len(a),
+            "median_us_2plus_devices": float(np.median(a[n_live >= 2])) if (n_live >= 2).any() else None,
+            "median_us_by_devices": {int(k): float(np.median(a[n_live == k])) for k in np.unique(n_live)}}
+
+
+class _Reference:
+    """A learned allocator's straightforward implementation (`assign_reference`), as a timing baseline."""
+    name = "learned-reference"
+
+    def __init__(self, alloc):
+        self.alloc = alloc
+
+    def assign(self, stage, chunks, devices):
+        return self.alloc.assign_reference(stage, chunks, devices)
 
 
 def concurrent_tasks(alloc, cases, n_tasks, repeats: int = 20) -> dict:
@@ -257,18 +281,48 @@ def _markdown(res: dict) -> str:
     lines = [f"Held-out scenarios: {res['n_heldout']} seeds never used in training "
              f"(mode: {res['mode']}, training iterations: {res['iterations']}).", "",
              "| allocator | avg slowdown (mean) | avg slowdown (median) | total reward | request latency (s) "
-             "| decision median (µs) | decision p99 (µs) |", "|---|---|---|---|---|---|---|"]
+             "| decision median (µs) | median, ≥ 2 devices (µs) | decision p99 (µs) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, v in rows:
         lat = res["decision_latency"].get(name, {})
         lines.append(f"| {name} | {v['avg_slowdown']:.1f} | {v['avg_slowdown_median']:.1f} | "
                      f"{v['total_reward']:.0f} | {v['latency_s']:.2f} | {lat.get('median_us', float('nan')):.0f} "
+                     f"| {lat.get('median_us_2plus_devices') or float('nan'):.0f} "
                      f"| {lat.get('p99_us', float('nan')):.0f} |")
     verdict = (f"The best heuristic ({best_h[1]}, {best_h[0]:.1f}) beats the best learned policy "
                f"({best_l[1]}, {best_l[0]:.1f})." if best_h[0] < best_l[0] else
                f"The best learned policy ({best_l[1]}, {best_l[0]:.1f}) beats the best heuristic "
                f"({best_h[1]}, {best_h[0]:.1f}).")
     lines += ["", verdict]
+    ref, fast = res["decision_latency"].get("drl-es/reference"), res["decision_latency"].get("drl-es")
+    if ref and fast:
+        lines += ["", f"drl-es decision median {fast['median_us']:.0f} µs vs {ref['median_us']:.0f} µs for the "
+                  f"straightforward implementation of the same policy in the same run "
+                  f"({ref['median_us'] / fast['median_us']:.1f}× faster; same decisions)."]
+    if "decision_latency_load_average" in res:
+        before, after = res["decision_latency_load_average"]
+        lines += ["", f"Decision latency: wall time of one assign() call (one stage, K chunks) over 200 "
+                  f"held-out stage states, measured {res.get('decision_latency_measured', '?')}; "
+                  f"load average {before[0]:.2f} before, {after[0]:.2f} after (2-core shared machine)."]
     return "\n".join(lines) + "\n"
+
+
+def scheduling_runtime(allocs: dict, drl_es_policy: str, heldout, cfg, quick: bool) -> dict:
+    """Decision latency per stage (median, p99), Fig. 5c (concurrent tasks), Fig. 5d (CPU quota)."""
+    cases = _stage_cases(heldout[:32], cfg, limit=200)
+    load = os.getloadavg()
+    for alloc in allocs.values():   # warm-up: first calls import and allocate
+        decision_latency(alloc, cases[:20], repeats=1)
+    # Baseline in the same run: the straightforward (Planner-based) implementation of the same policy.
+    lat = decision_latencies({**allocs, "drl-es/reference": _Reference(allocs["drl-es"])}, cases, repeats=5)
+    tasks = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64, 128)
+    conc = {name: concurrent_tasks(allocs[name], cases, tasks, repeats=10 if quick else 30)
+            for name in ("drl-es", "eft", "least", "random")}
+    quotas = (1.0, 0.5, 0.25, 0.1) if quick else (1.0, 0.75, 0.5, 0.3, 0.2, 0.1, 0.05)
+    cpu = cpu_quota_sweep(drl_es_policy, heldout[:16], quotas)
+    return {"decision_latency": lat, "concurrent_tasks": conc, "cpu_quota": cpu,
+            "decision_latency_load_average": [load, os.getloadavg()],
+            "decision_latency_measured": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def main(argv=None) -> None:
@@ -279,11 +333,17 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", type=int, help="number of held-out scenarios")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--only", choices=("latency",),
+                    help="latency: re-measure only the scheduling runtime (decision latency, Fig. 5c, 5d) "
+                         "of the policies in OUT/policies and update OUT/policy.json and policy.md")
     ap.add_argument("--child-latency", help=argparse.SUPPRESS)
     ap.add_argument("--child-seeds", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child_latency:
         _child_latency(a.child_latency, [int(s) for s in a.child_seeds.split(",")])
+        return
+    if a.only == "latency":
+        _only_latency(a)
         return
     import torch
     torch.set_num_threads(1)
@@ -310,27 +370,41 @@ def main(argv=None) -> None:
         table[name] = evaluate_allocator(alloc if name != "random" else make_allocator("random", seed=a.seed),
                                          heldout, cfg)
         log.info("held-out", allocator=name, avg_slowdown=round(table[name]["avg_slowdown"], 1))
-    cases = _stage_cases(heldout[:32], cfg, limit=200)
-    lat = {name: decision_latency(alloc, cases, repeats=2 if a.quick else 5) for name, alloc in allocs.items()}
-    tasks = (1, 2, 4, 8, 16, 32) if a.quick else (1, 2, 4, 8, 16, 32, 64, 128)
-    conc = {name: concurrent_tasks(allocs[name], cases, tasks, repeats=10 if a.quick else 30)
-            for name in ("drl-es", "eft", "least", "random")}
-    quotas = (1.0, 0.5, 0.25, 0.1) if a.quick else (1.0, 0.75, 0.5, 0.3, 0.2, 0.1, 0.05)
-    cpu = cpu_quota_sweep(policies["drl-es"], heldout[:16], quotas)
+    sched = scheduling_runtime(allocs, policies["drl-es"], heldout, cfg, a.quick)
 
+    iterations = curves["drl-es"].get("config", {}).get("iterations", iterations)   # reused policies: theirs
     res = {"mode": "quick" if a.quick else "full", "iterations": iterations, "n_heldout": n_heldout,
            "curves": {k: {kk: v[kk] for kk in ("iteration", "avg_slowdown", "total_reward", "latency_s", "wall_s")}
                       | {"train_seconds": v.get("train_seconds")} for k, v in curves.items()},
            "curve_levels": {k: {kk: v[kk] for kk in ("avg_slowdown", "total_reward")} for k, v in levels.items()},
            "heldout": {k: {kk: vv for kk, vv in v.items() if kk != "per_episode_slowdown"} for k, v in table.items()},
-           "decision_latency": lat, "concurrent_tasks": conc, "cpu_quota": cpu,
+           **sched,
            "cpu_quota_note": "child process in a cgroup v1/v2 CPU quota (period 10 ms); quota in cores",
            "scenario_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}}
-    res["plots"] = _plots(res, a.out)
-    with open(os.path.join(a.out, "policy.json"), "w") as fh:
+    _write(res, a.out)
+
+
+def _only_latency(a) -> None:
+    path = os.path.join(a.out, "policy.json")
+    with open(path) as fh:
+        res = json.load(fh)
+    scenarios, _, _ = _policy_modules()
+    pdir = a.policies or os.path.join(a.out, "policies")
+    policies = {algo: os.path.join(pdir, algo, "policy.npz") for algo in ALGOS}
+    allocs = {name: make_allocator(name) for name in HEURISTICS}
+    allocs.update({algo: make_allocator("learned", path=p) for algo, p in policies.items()})
+    quick = res.get("mode") == "quick" if not a.quick else True
+    res.update(scheduling_runtime(allocs, policies["drl-es"], scenarios.heldout_seeds(res["n_heldout"]),
+                                  scenarios.ScenarioConfig(), quick))
+    _write(res, a.out)
+
+
+def _write(res: dict, out: str) -> None:
+    res["plots"] = _plots(res, out)
+    with open(os.path.join(out, "policy.json"), "w") as fh:
         json.dump(res, fh, indent=1, default=str)
     md = _markdown(res)
-    with open(os.path.join(a.out, "policy.md"), "w") as fh:
+    with open(os.path.join(out, "policy.md"), "w") as fh:
         fh.write(md)
     print(md)
 

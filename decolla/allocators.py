@@ -30,6 +30,7 @@ class DeviceState:
     alive: bool = True
     latency: float = 0.0  # one-way message latency in seconds
     busy_s: float = 0.0   # seconds of work already queued on it (estimate; 0 when unknown)
+    overhead_s: float = 0.0  # fixed seconds each chunk costs on it besides its MACs (codec, messaging)
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,16 @@ def resource(d: DeviceState) -> float:
 
 
 def place_chunk(macs, bytes_in, bytes_out, rate, bandwidth, latency, uplink,
-                link_free, comp_free, req_free):
+                link_free, comp_free, req_free, overhead=0.0):
     """Timing of one chunk if placed on each device (numpy arrays, broadcasting).
 
     Times are relative to the stage start. The chunk's input is sent over the
     device's link (serialised with earlier sends to that device and, when the
     requester uplink is finite, with every earlier send of the stage; a device with
     infinite bandwidth is the requester itself and needs no transfer); the device
-    computes its chunks FIFO at `rate` MAC/s; the result returns after `latency`
-    plus `bytes_out / bandwidth`. Returns (send_end, compute_end, result_time).
+    computes its chunks FIFO at `rate` MAC/s plus a fixed `overhead` seconds per chunk;
+    the result returns after `latency` plus `bytes_out / bandwidth`. Returns
+    (send_end, compute_end, result_time).
     """
     local = np.isinf(bandwidth)  # the requester itself: no transfer, no uplink use
     eff = np.where(local, np.inf, np.minimum(bandwidth, uplink))
@@ -95,27 +97,28 @@ def place_chunk(macs, bytes_in, bytes_out, rate, bandwidth, latency, uplink,
     start = np.maximum(link_free, np.where(local | np.isinf(uplink), 0.0, req_free))
     send_end = start + xfer
     arrive = send_end + latency
-    comp_end = np.maximum(arrive, comp_free) + macs / np.maximum(rate, 1e-30)
+    comp_end = np.maximum(arrive, comp_free) + (macs / np.maximum(rate, 1e-30) + overhead)
     back = np.where(np.isinf(bandwidth), 0.0, bytes_out / bandwidth)
     return send_end, comp_end, comp_end + latency + back
 
 
 class _Plan:
-    """Mutable per-stage bookkeeping of the timing model for a set of devices."""
+    """Mutable per-stage bookkeeping of the timing model for a set of devices (numpy)."""
 
     def __init__(self, devs: Sequence[DeviceState], uplink: float):
-        self.rate = np.array([max(d.speed, 0.0) * max(d.available, MIN_AVAILABLE) for d in devs])
+        self.rate = np.array([_rate(d) for d in devs])
         self.bw = np.array([d.bandwidth for d in devs], dtype=float)
         self.lat = np.array([d.latency for d in devs], dtype=float)
         self.link_free = np.zeros(len(devs))
         self.comp_free = np.array([_busy(d) for d in devs], dtype=float)
+        self.overhead = np.array([d.overhead_s for d in devs], dtype=float)
         self.req_free = 0.0
         self.uplink = float(uplink)
         self.count = np.zeros(len(devs))
 
     def times(self, c: ChunkCost):
         return place_chunk(c.macs, c.bytes_in, c.bytes_out, self.rate, self.bw, self.lat,
-                           self.uplink, self.link_free, self.comp_free, self.req_free)
+                           self.uplink, self.link_free, self.comp_free, self.req_free, self.overhead)
 
     def commit(self, i: int, send_end, comp_end) -> None:
         self.link_free[i] = send_end[i]
@@ -123,6 +126,86 @@ class _Plan:
         # A local placement leaves send_end at 0, so max() keeps the uplink's busy time.
         self.req_free = max(self.req_free, float(send_end[i]))
         self.count[i] += 1
+
+
+class ScalarPlan:
+    """`place_chunk` for one stage in plain Python floats, with the same arithmetic.
+
+    For a handful of devices this is several times faster than numpy, whose per-call
+    overhead dominates on tiny arrays. `times` scores every device for a chunk and
+    `commit` places it on one of them; `place` does both for one device.
+    """
+    __slots__ = ("rate", "eff", "bw", "lat", "ovh", "local", "shared", "link_free", "comp_free",
+                 "req_free", "count", "_send", "_comp")
+
+    def __init__(self, devs: Sequence[DeviceState], uplink: float, rates=None, overhead: bool = True):
+        """Timing of `devs` (rates: MAC/s per device, default speed x availability;
+        overhead: use each device's `overhead_s`)."""
+        finite = math.isfinite(uplink)
+        self.rate, self.eff, self.bw, self.lat, self.ovh = r, e, b, lt, o = [], [], [], [], []
+        self.local, self.shared, self.comp_free = lo, sh, cf = [], [], []
+        for i, d in enumerate(devs):
+            rate = _rate(d) if rates is None else rates[i]
+            bw = float(d.bandwidth)
+            loc = math.isinf(bw)
+            r.append(max(rate, 1e-30))
+            b.append(bw)
+            lt.append(float(d.latency))
+            o.append(float(d.overhead_s) if overhead else 0.0)
+            lo.append(loc)
+            e.append(math.inf if loc else min(bw, uplink))
+            sh.append(finite and not loc)
+            cf.append(max(float(d.busy_s), 0.0))
+        self.link_free = [0.0] * len(b)
+        self.req_free = 0.0
+        self.count = [0.0] * len(b)   # chunks placed per device
+        self._send = self._comp = None
+
+    def copy(self) -> "ScalarPlan":
+        new = object.__new__(ScalarPlan)
+        new.rate, new.eff, new.bw, new.lat, new.ovh = self.rate, self.eff, self.bw, self.lat, self.ovh
+        new.local, new.shared, new.req_free = self.local, self.shared, self.req_free
+        new.link_free, new.comp_free, new.count = self.link_free[:], self.comp_free[:], self.count[:]
+        new._send = new._comp = None
+        return new
+
+    def times(self, macs, bytes_in, bytes_out) -> list[float]:
+        """Result time of the chunk on every device (remembered for `commit`)."""
+        req = self.req_free
+        send, comp, done = [], [], []
+        for lf, cf, sh, eff, rate, ov, lat, bw, loc in zip(
+                self.link_free, self.comp_free, self.shared, self.eff, self.rate, self.ovh, self.lat,
+                self.bw, self.local):
+            s = (req if sh and req > lf else lf) + bytes_in / eff
+            a = s + lat
+            e = (a if a > cf else cf) + (macs / rate + ov)
+            send.append(s)
+            comp.append(e)
+            done.append(e + lat + (0.0 if loc else bytes_out / bw))
+        self._send, self._comp = send, comp
+        return done
+
+    def commit(self, i: int) -> None:
+        """Place the chunk last given to `times` on device i."""
+        self._set(i, self._send[i], self._comp[i])
+
+    def place(self, i: int, macs, bytes_in, bytes_out) -> None:
+        """Place a chunk on device i (same arithmetic as `times` + `commit`)."""
+        lf, cf = self.link_free[i], self.comp_free[i]
+        s = (self.req_free if self.shared[i] and self.req_free > lf else lf) + bytes_in / self.eff[i]
+        a = s + self.lat[i]
+        self._set(i, s, (a if a > cf else cf) + (macs / self.rate[i] + self.ovh[i]))
+
+    def _set(self, i: int, send_end: float, comp_end: float) -> None:
+        self.link_free[i] = send_end
+        self.comp_free[i] = comp_end
+        if send_end > self.req_free:
+            self.req_free = send_end
+        self.count[i] += 1
+
+
+def _rate(d: DeviceState) -> float:
+    return max(d.speed, 0.0) * max(d.available, MIN_AVAILABLE)
 
 
 def _busy(d: DeviceState) -> float:
@@ -184,6 +267,21 @@ class EarliestFinishAllocator:
 
     def assign(self, stage, chunks, devices):
         live = live_devices(devices)
+        if len(live) == 1:
+            return [live[0].name] * len(chunks)
+        if len(live) > _SCALAR_MAX_DEVICES:
+            return self._assign_numpy(stage, chunks, live)
+        plan = ScalarPlan(live, stage.uplink)
+        out = []
+        for c in chunks:
+            done = plan.times(c.macs, c.bytes_in, c.bytes_out)
+            i = done.index(min(done))   # the first minimum, like np.argmin
+            plan.commit(i)
+            out.append(live[i].name)
+        return out
+
+    @staticmethod
+    def _assign_numpy(stage, chunks, live):
         plan = _Plan(live, stage.uplink)
         out = []
         for c in chunks:
@@ -192,6 +290,10 @@ class EarliestFinishAllocator:
             plan.commit(i, send_end, comp_end)
             out.append(live[i].name)
         return out
+
+
+# Above this many devices numpy's vector arithmetic beats the per-device Python loop.
+_SCALAR_MAX_DEVICES = 16
 
 
 _REGISTRY = {

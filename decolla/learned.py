@@ -5,6 +5,8 @@ shared by all slots (so it works for any number of devices up to M_c); the chunk
 goes to the best live slot, the slot's queue estimates are updated, and the next
 chunk is scored. `Planner` holds that per-stage bookkeeping and builds the slot
 features; training (decolla.policy) uses the very same code on batches.
+`LearnedAllocator.assign` is a rearranged fast path that takes the same decisions
+(checked against `assign_reference`, the Planner-based version, in the tests).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from decolla.allocators import (KINDS, MIN_AVAILABLE, ChunkCost, DeviceState, StageInfo,
+from decolla.allocators import (KINDS, MIN_AVAILABLE, ChunkCost, DeviceState, ScalarPlan, StageInfo,
                                 live_devices, place_chunk, resource)
 
 FEATURE_VERSION = 1
@@ -157,91 +159,87 @@ class LearnedAllocator:
     def assign(self, stage: StageInfo, chunks: Sequence[ChunkCost],
                devices: Sequence[DeviceState]) -> list[str]:
         # Same decisions as assign_reference with few numpy calls, whose overhead (not the
-        # arithmetic) dominates for a handful of devices. Everything that does not depend
-        # on earlier placements is computed once per stage for all chunks (per-device and
-        # per-chunk scalars in plain Python); the first layer's input for chunk k is one
-        # [n, C] matrix, so a chunk costs ~11 numpy calls: a timing update, one log, three
-        # small matmuls and two tanh.
+        # arithmetic) dominates for a handful of devices. Placement is sequential (each
+        # chunk's features depend on where the earlier ones went), so the policy is scored
+        # for all remaining chunks at once under a guessed placement (earliest finish
+        # time, which the policy usually agrees with), in plain-Python timing + one batch
+        # of matmuls; guesses are accepted up to the first chunk where the policy chose
+        # differently (that choice is right too), and the rest is guessed again from there.
         devs = self.slots(devices)
+        if len(devs) == 1:          # no choice to make
+            return [devs[0].name] * len(chunks)
         if not chunks:
             return []
         n, n_k = len(devs), len(chunks)
-        uplink = stage.uplink
-        finite_up = math.isfinite(uplink)
         ref = max(max(d.speed for d in devs), 1e-30)
+        avail = [min(max(d.available, 0.0), 1.0) for d in devs]
+        plan = ScalarPlan(devs, stage.uplink, [d.speed * max(a, MIN_AVAILABLE) for d, a in zip(devs, avail)],
+                          overhead=False)
+        # Input columns fixed for the stage: per-slot ones + per-chunk ones, and the
+        # transfer and compute seconds of every chunk on every slot.
         tot_macs = sum(c.macs for c in chunks)
         tot_in = sum(c.bytes_in for c in chunks)
         stage_cols = (*self._onehot.get(stage.kind, self._onehot[KINDS[-1]]),
                       stage.index / max(stage.num_stages - 1, 1),
                       math.log10(max(float(tot_in), 1.0) / max(float(tot_macs), 1.0)) / 3.0,
                       math.log(n) / self._log_mc, 1.0)
-        dev_rows = []
-        for d in devs:
-            a = min(max(d.available, 0.0), 1.0)
-            bw = d.bandwidth
-            local = math.isinf(bw)
-            dev_rows.append((max(d.speed * max(a, MIN_AVAILABLE), 1e-30),
-                             math.inf if local else (min(bw, uplink) if finite_up else bw),
-                             bw, d.latency, float(finite_up and not local), max(d.busy_s, 0.0),
-                             0.0, a, d.speed / ref, float(local), *stage_cols))
-        dv = np.array(dev_rows)
-        rate_eff = dv[:, 1::-1]                                 # [n, 2]: eff, rate
-        bw, lat, shared = dv[:, 2], dv[:, 3], dv[:, 4]
-        chunk_rows = []
+        dv = np.array([(a, d.speed / ref, float(math.isinf(d.bandwidth)), *stage_cols, eff, rate)
+                       for d, a, eff, rate in zip(devs, avail, plan.eff, plan.rate)], dtype=float)
+        c_rows = []
         for k, c in enumerate(chunks):
             t = max(c.macs / ref, 1e-9)
-            chunk_rows.append((c.bytes_in, c.macs, c.bytes_out, t, k / n_k, math.log(t)))
-        cc = np.array(chunk_rows)
-        t_ref = cc[:, 3:4]                                      # [K, 1]
-        cols = np.empty((n_k, n, _N_COLS))
-        cols[:, :, _C_COUNT:] = dv[:, 6:]
-        cols[:, :, _C_POS:_C_LOGTREF + 1] = cc[:, None, 4:6]
-        xc = cc[:, None, 0:2] / rate_eff                        # [K, n, 2]: transfer, compute seconds
-        xfer, comp = xc[:, :, 0], xc[:, :, 1]                   # transfer is 0 on the requester itself
+            c_rows.append((k / n_k, math.log(t), c.bytes_in, c.macs, t))
+        cc = np.array(c_rows, dtype=float)
+        cols = np.empty((n_k, n, _N_COLS))                      # [K, n, C]
+        cols[:, :, _C_AVAIL:] = dv[:, :-2]
+        cols[:, :, _C_POS:_C_LOGTREF + 1] = cc[:, None, :2]
+        xc = cc[:, None, 2:4] / dv[:, -2:]                      # [K, n, 2] transfer, compute seconds
+        t_ref = cc[:, 4:]                                       # [K, 1]
         feats = cols[:, :, _C_XFER:_C_COMP + 1]
         np.add(xc, t_ref[:, :, None], out=feats)
         np.log(feats, out=feats)
-        back = cc[:, 2:3] / bw
-        back += lat
-        # done = m + offsets[..., 0]; wait + t_ref = done - transfer - compute + t_ref = m + offsets[..., 1]
-        offsets = np.empty((n_k, n, 2))
-        np.add(comp, back, out=offsets[:, :, 0])
-        back += t_ref
-        np.subtract(back, xfer, out=offsets[:, :, 1])
-        xfer_lat = xfer + lat
-        w_first, w1, w2 = self._w_first, self._w1, self._w2
-        h1 = np.empty((n, w1.shape[0]))
-        h2 = np.empty((n, w1.shape[1]))
-        link_free = np.zeros(n)
-        comp_free = dv[:, 5].copy()
-        count = [0] * n
-        req_free, out = 0.0, []
-        for k in range(n_k):
-            r = cols[k]
-            m = (np.maximum(link_free, req_free * shared) if finite_up else link_free) + xfer_lat[k]
-            np.maximum(m, comp_free, out=m)
-            dw = r[:, :_C_LOGWAIT + 1]
-            np.add(m[:, None], offsets[k], out=dw)
-            np.log(dw, out=dw)
-            r[:, _C_BEST] = min(r[:, _C_LOGDONE].tolist())
-            np.dot(r, w_first, out=h1)
-            np.tanh(h1, out=h1)
-            np.dot(h1, w1, out=h2)
-            np.tanh(h2, out=h2)
-            i = int(np.dot(h2, w2).argmax())
-            # Commit with place_chunk's arithmetic, so the queue estimates evolve identically.
-            row = dev_rows[i]
-            send_end = (max(float(link_free[i]), req_free) if row[4] else float(link_free[i])) \
-                + float(xfer[k, i])
-            link_free[i] = send_end
-            comp_free[i] = max(send_end + row[3], float(comp_free[i])) + float(comp[k, i])
-            if send_end > req_free:
-                req_free = send_end
-            count[i] += 1
-            if k + 1 < n_k:
-                cols[k + 1:, i, _C_COUNT] = count[i] / n_k
-            out.append(devs[i].name)
+        wait_off = xc[:, :, 0] + xc[:, :, 1]                     # done - wait_off = wait + t_ref
+        wait_off -= t_ref
+        out, f, hint = [], 0, []
+        while f < n_k:
+            trial = plan.copy()
+            rows, guess = [], []
+            for j, c in enumerate(chunks[f:]):
+                done = trial.times(c.macs, c.bytes_in, c.bytes_out)
+                first = min(done)
+                i = hint[j] if j < len(hint) else done.index(first)
+                rows.append(done + trial.count + [first])
+                guess.append(i)
+                trial.commit(i)
+            picks = self._best_slots(cols[f:], rows, wait_off[f:], t_ref[f:], n_k)
+            j = next((j for j, (p, g) in enumerate(zip(picks, guess)) if p != g), len(picks) - 1)
+            out += [devs[p].name for p in picks[:j + 1]]
+            if f + j + 1 == n_k:
+                break
+            for c, p in zip(chunks[f:f + j + 1], picks):
+                plan.place(p, c.macs, c.bytes_in, c.bytes_out)
+            f += j + 1
+            hint = picks[j + 1:]
         return out
+
+    def _best_slots(self, cols, rows, wait_off, t_ref, n_k) -> list[int]:
+        """Policy's choice for each chunk of `cols`; rows[j] = result time on each slot,
+        chunks already on each slot, the earliest result time."""
+        m, n = cols.shape[:2]
+        r = np.array(rows, dtype=float)
+        done = r[:, :n]
+        cols[:, :, _C_LOGDONE] = done
+        wait = np.subtract(done, wait_off, out=cols[:, :, _C_LOGWAIT])   # wait + t_ref
+        np.maximum(wait, t_ref, out=wait)
+        cols[:, :, _C_BEST] = r[:, -1:]
+        dw = cols[:, :, :_C_BEST + 1]
+        np.log(dw, out=dw)                     # log is monotonic: log(min done) = min log done
+        np.divide(r[:, n:-1], n_k, out=cols[:, :, _C_COUNT])
+        h1 = np.dot(cols.reshape(m * n, _N_COLS), self._w_first)
+        np.tanh(h1, out=h1)
+        h2 = np.dot(h1, self._w1)
+        np.tanh(h2, out=h2)
+        return np.dot(h2, self._w2).reshape(m, n).argmax(axis=1).tolist()
 
     def assign_reference(self, stage: StageInfo, chunks: Sequence[ChunkCost],
                          devices: Sequence[DeviceState]) -> list[str]:
@@ -264,8 +262,9 @@ class LearnedAllocator:
         return out
 
 
-# Input columns of the fast path's per-chunk matrix [n, C] (one row per slot): first the
-# ones set per chunk, then per-slot constants (from count on, in dev_rows order).
+# Input columns of the fast path's matrix [K, n, C] (chunk, slot, column): result time,
+# wait, best slot (set per pass), transfer and compute terms, chunk position and log t_ref
+# (per chunk), chunks already on the slot (per pass), then per-slot and per-stage constants.
 _COLS = ("logdone", "logwait", "best", "xfer", "comp", "pos", "logtref", "count", "avail",
          "speed", "local", *(f"stage{i}" for i in range(N_STAGE)), "nlive", "one")
 _N_COLS = len(_COLS)

@@ -98,6 +98,7 @@ class Scenario:
     fail_prob: float = 0.0
     foreign_size: float = 0.02
     names: list = field(default_factory=list)
+    overhead: np.ndarray | None = None   # [M] fixed s per chunk on the device (measured runtimes); None = 0
 
 
 def sample_scenario(seed: int, cfg: ScenarioConfig = ScenarioConfig()) -> Scenario:

@@ -65,6 +65,7 @@ class Simulator:
         self.lat = _pad([s.latency for s in sc], M, 0.0)
         self.busy = _pad([s.busy0 for s in sc], M, 0.0)
         self.frate = _pad([s.foreign_rate for s in sc], M, 0.0)
+        self.ovh = _pad([np.zeros(len(s.alive)) if s.overhead is None else s.overhead for s in sc], M, 0.0)
         self.alive = _pad([s.alive for s in sc], M, False)
         self.uplink = np.array([s.uplink for s in sc])
         self.kinds = np.stack([s.kinds for s in sc])                       # [B, S]
@@ -122,7 +123,7 @@ class Simulator:
                             available=float(self.obs_avail[b, i]), bandwidth=float(self.bw[b, i]),
                             queue=int(round(self.obs_busy[b, i] / max(self.fsize[b], 1e-9))),
                             alive=bool(self.alive[b, i]), latency=float(self.lat[b, i]),
-                            busy_s=float(self.obs_busy[b, i]))
+                            busy_s=float(self.obs_busy[b, i]), overhead_s=float(self.ovh[b, i]))
                 for i in range(n)]
 
     def stage_info(self, b: int) -> StageInfo:
@@ -158,7 +159,8 @@ class Simulator:
             sel = a[:, None]
             pick = lambda x: np.take_along_axis(x, sel, axis=1)
             send_end, comp_end, back = place_chunk(m, bi, bo, pick(rate), pick(self.bw), pick(self.lat),
-                                                   up, pick(link_free), pick(comp_free), req_free)
+                                                   up, pick(link_free), pick(comp_free), req_free,
+                                                   pick(self.ovh))
             link_free[rows, a] = send_end[:, 0]
             comp_free[rows, a] = comp_end[:, 0]
             req_free = np.maximum(req_free, send_end)
@@ -229,7 +231,8 @@ class Simulator:
                                               else len(KINDS) - 1 for sp in specs]),
             macs=np.stack([c[0] for c in chunks]), bytes_in=np.stack([c[1] for c in chunks]),
             bytes_out=np.stack([c[2] for c in chunks]), seed=int(rng.integers(1 << 31)),
-            fail_prob=0.0, names=list(prof["devices"]))
+            fail_prob=0.0, names=list(prof["devices"]),
+            overhead=np.array([d.get("chunk_overhead_s", 0.0) for d in prof["devices"].values()]))
         return cls([sc])
 
 
@@ -259,7 +262,7 @@ def load_profile(profile) -> dict:
     Format (JSON): {"format": "decolla-profile/1", "uplink": bytes/s or null,
     "devices": {name: {"sec_per_mac": {kind: s, ..., "default": s},
     "bandwidth": bytes/s or null for the requester itself, "latency_s": s,
-    "available": 0..1}}}
+    "available": 0..1, optional "chunk_overhead_s": fixed s per chunk}}}
     """
     if isinstance(profile, (str, os.PathLike)) and os.path.exists(profile):
         with open(profile) as fh:
@@ -283,7 +286,8 @@ def profile_devices(profile, kind: str) -> list[DeviceState]:
     for name, d in prof["devices"].items():
         spm = d["sec_per_mac"].get(kind, d["sec_per_mac"].get("default"))
         out.append(DeviceState(name=name, speed=1.0 / spm, available=float(d.get("available", 1.0)),
-                               bandwidth=_bw(d), latency=float(d.get("latency_s", 0.0))))
+                               bandwidth=_bw(d), latency=float(d.get("latency_s", 0.0)),
+                               overhead_s=float(d.get("chunk_overhead_s", 0.0))))
     return out
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from decolla.allocators import (ALLOCATOR_NAMES, ChunkCost, DeviceState, NoLiveDevice, StageInfo,
-                                make_allocator, place_chunk)
+from decolla.allocators import (ALLOCATOR_NAMES, ChunkCost, DeviceState, EarliestFinishAllocator,
+                                NoLiveDevice, ScalarPlan, StageInfo, make_allocator, place_chunk)
 from decolla.learned import N_FEATURES, FEATURE_VERSION, LearnedAllocator
 
 HEURISTICS = ("random", "average", "least", "proportional", "eft")
@@ -35,10 +35,21 @@ stage = st.builds(StageInfo, index=st.integers(0, 60), num_stages=st.just(61),
                   uplink=st.one_of(st.just(math.inf), st.floats(1e5, 1e9)))
 
 
+def latest_finish_policy(path):
+    """A policy that scores a slot by its result time: the opposite of EFT (worst case for the
+    fast path, whose guesses come from EFT)."""
+    z = np.zeros((N_FEATURES, 1))
+    z[0, 0] = 0.1                                   # log(done / t_ref)
+    np.savez(path, m_c=np.int64(100), feature_version=np.int64(FEATURE_VERSION), hidden=np.int64(1),
+             w0=z, b0=np.zeros(1), w1=np.ones((1, 1)), b1=np.zeros(1), w2=np.ones((1, 1)), b2=np.zeros(1))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def policy_paths(tmp_path_factory):
     d = tmp_path_factory.mktemp("pol")
-    return random_policy(d / "big.npz"), random_policy(d / "small.npz", m_c=2, seed=1)
+    return (random_policy(d / "big.npz"), random_policy(d / "small.npz", m_c=2, seed=1),
+            random_policy(d / "wide.npz", hidden=32, seed=2), latest_finish_policy(d / "anti.npz"))
 
 
 @settings(max_examples=150, deadline=None)
@@ -68,6 +79,46 @@ def test_learned_fast_path_matches_reference(policy_paths, devs, chunks, stage):
     for p in policy_paths:
         alloc = LearnedAllocator(p)
         assert alloc.assign(stage, chunks, devs) == alloc.assign_reference(stage, chunks, devs)
+
+
+def test_anti_eft_policy_takes_the_latest_slot(policy_paths):
+    devs = [DeviceState(f"d{i}", speed=1e9 * (i + 1), available=1.0, bandwidth=1e7) for i in range(3)]
+    chunks = [ChunkCost(10 ** 8, 10 ** 5, 10 ** 4)] * 6
+    alloc = LearnedAllocator(policy_paths[3])
+    names = alloc.assign(StageInfo(0, 1, "pwconv"), chunks, devs)
+    assert names == alloc.assign_reference(StageInfo(0, 1, "pwconv"), chunks, devs)
+    assert names != make_allocator("eft").assign(StageInfo(0, 1, "pwconv"), chunks, devs)
+    assert names[0] == "d0"                          # the slowest device finishes last
+
+
+@settings(max_examples=100, deadline=None)
+@given(devs=device_sets, chunks=st.lists(chunk, min_size=1, max_size=8), stage=stage,
+       picks=st.lists(st.integers(0, 11), min_size=8, max_size=8), ovh=st.floats(0.0, 0.01))
+def test_scalar_plan_equals_place_chunk(devs, chunks, stage, picks, ovh):
+    # Same arithmetic in plain Python floats: results must be bit-identical.
+    devs = [DeviceState(**{**d.__dict__, "overhead_s": ovh * (i % 2)}) for i, d in enumerate(devs)]
+    rate = np.array([max(d.speed, 0.0) * max(d.available, 1e-3) for d in devs])
+    bw, lat = np.array([d.bandwidth for d in devs]), np.array([d.latency for d in devs])
+    ov = np.array([d.overhead_s for d in devs])
+    link, comp, req = np.zeros(len(devs)), np.array([d.busy_s for d in devs]), 0.0
+    plan = ScalarPlan(devs, stage.uplink)
+    for c, i in zip(chunks, picks):
+        i %= len(devs)
+        send_end, comp_end, done = place_chunk(c.macs, c.bytes_in, c.bytes_out, rate, bw, lat, stage.uplink,
+                                               link, comp, req, ov)
+        assert plan.times(c.macs, c.bytes_in, c.bytes_out) == done.tolist()
+        plan.commit(i)
+        link[i], comp[i], req = send_end[i], comp_end[i], max(req, float(send_end[i]))
+        assert (plan.link_free, plan.comp_free, plan.req_free) == (link.tolist(), comp.tolist(), req)
+
+
+@settings(max_examples=100, deadline=None)
+@given(devs=device_sets, chunks=st.lists(chunk, min_size=1, max_size=8), stage=stage)
+def test_eft_fast_path_matches_numpy_path(devs, chunks, stage):
+    live = [d for d in devs if d.alive]
+    assume(live)
+    assert (make_allocator("eft").assign(stage, chunks, devs)
+            == EarliestFinishAllocator._assign_numpy(stage, chunks, live))
 
 
 def test_learned_keeps_the_mc_devices_with_most_resource(policy_paths):
@@ -125,6 +176,12 @@ def test_place_chunk_arithmetic():
     assert send_end[0] == pytest.approx(1.0)
     assert comp_end[0] == pytest.approx(3.0)
     assert done[0] == pytest.approx(3.6)
+    # a fixed per-chunk overhead lengthens the compute; zero overhead changes nothing
+    _, comp2, done2 = place_chunk(1e9, 1e6, 5e5, np.array([1e9]), np.array([1e6]), np.array([0.1]), math.inf,
+                                  np.zeros(1), np.array([2.0]), 0.0, np.array([0.25]))
+    assert comp2[0] == pytest.approx(3.25) and done2[0] == pytest.approx(3.85)
+    assert place_chunk(1e9, 1e6, 5e5, np.array([1e9]), np.array([1e6]), np.array([0.1]), math.inf,
+                       np.zeros(1), np.array([2.0]), 0.0, 0.0)[2][0] == done[0]
 
 
 def test_registry():

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from decolla.allocators import ChunkCost, DeviceState, StageInfo, make_allocator
+from decolla.allocators import ChunkCost, StageInfo, make_allocator
 
 try:
     from decolla.policy import scenarios, simulator
@@ -57,7 +57,6 @@ def test_reward_and_slowdown_arithmetic():
 
 
 def test_shared_uplink_serialises_sends():
-    k = len(scenarios.KINDS)
     sc = _tiny_scenario(uplink=1e6)
     sc.bandwidth = np.array([1e6, 1e6])
     sc.latency = np.zeros(2)
@@ -207,3 +206,19 @@ def test_short_drl_es_training_beats_random(tmp_path):
     learned = simulator.run_allocator(Simulator.from_seeds(seeds), LearnedAllocator(tmp_path / "policy.npz"))
     rand = simulator.run_allocator(Simulator.from_seeds(seeds), make_allocator("random", seed=0))
     assert learned.average_slowdown().mean() < rand.average_slowdown().mean()
+
+
+def test_profile_chunk_overhead_enters_the_timing_model():
+    prof = {"format": simulator.PROFILE_FORMAT, "uplink": None, "devices": {
+        "a": {"sec_per_mac": {"default": 1e-9}, "bandwidth": None, "latency_s": 0.0, "chunk_overhead_s": 0.01}}}
+    devs = simulator.profile_devices(prof, "pwconv")
+    chunks = [ChunkCost(10 ** 7, 1000, 1000)] * 3
+    # one local device: three chunks back to back, 10 ms of compute + 10 ms overhead each
+    assert simulator.predict_stage_latency(devs, StageInfo(0, 1, "pwconv"), chunks, ["a"] * 3) == \
+        pytest.approx(0.06)
+    sim = Simulator.from_profile(prof, ("v1", 0.5, 128), k=3)
+    plain = Simulator.from_profile({**prof, "devices": {"a": {**prof["devices"]["a"], "chunk_overhead_s": 0.0}}},
+                                   ("v1", 0.5, 128), k=3)
+    a = simulator.run_allocator(sim, make_allocator("eft")).latency[0]
+    b = simulator.run_allocator(plain, make_allocator("eft")).latency[0]
+    assert a == pytest.approx(b + 0.01 * 3 * sim.S)
