@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def summarize(point: dict) -> dict:
     rows = point["inferences"]
     ok = [r for r in rows if r.get("ok")]
     lat = [r["latency_s"] for r in ok]
+    e2e = [r.get("latency_e2e_s", r["latency_s"]) for r in ok]
     waits = [float(np.mean(list(r["waiting_s"].values()))) for r in ok if r.get("waiting_s")]
     nv = [r["norm_variance"] for r in point["rounds"]]
     return {"n": len(rows), "ok": len(ok), "timeouts": sum(1 for r in rows if r.get("timeout")),
@@ -118,6 +120,7 @@ def summarize(point: dict) -> dict:
             "latency_median_s": statistics.median(lat) if lat else None,
             "latency_min_s": min(lat) if lat else None,
             "latency_max_s": max(lat) if lat else None,
+            "latency_e2e_median_s": statistics.median(e2e) if e2e else None,
             "waiting_median_s": statistics.median(waits) if waits else None,
             "norm_variance_median": statistics.median(nv) if nv else None,
             "bytes_median": statistics.median([r["bytes"] for r in ok]) if ok else None,
@@ -127,11 +130,16 @@ def summarize(point: dict) -> dict:
 class Fig6:
     """Brings the testbed up, runs the sweeps, writes results."""
 
-    def __init__(self, arch: str, quick: bool, k: float, out: Path, only: str):
+    def __init__(self, arch: str, quick: bool, k: float, out: Path, only: str,
+                 spec: str | None = None, cap_s: float | None = None):
         self.arch, self.quick, self.k, self.only = arch, quick, k, only
         self.cfg = dict(QUICK if quick else FULL)
-        self.spec = self.cfg["spec"].format(arch=arch)
+        if cap_s:
+            self.cfg["cap_s"] = cap_s
+        self.spec = spec or self.cfg["spec"].format(arch=arch)
         tag = f"fig6{'_quick' if quick else ''}_{arch}"
+        if spec:
+            tag = f"fig6{'_quick' if quick else ''}_" + re.sub(r"[^a-z0-9.]+", "_", spec).strip("_")
         self.json_path, self.md_path = out / f"{tag}.json", out / f"{tag}.md"
         self.png_prefix = out / tag
         self.doc: dict = {"figure": "paper Fig. 6", "mode": "quick" if quick else "full",
@@ -299,6 +307,9 @@ class Fig6:
                     rounds += p["rounds"]
                     events.append({"victims": [str(v) for v in victims], "at_s": at})
                     self.agent("wait", n=3, timeout=120, reply_timeout=200)
+                    # the hosts rejoined: fresh segment workers, as the registrar restarts
+                    # the runtime's Workers of a device that rejoins
+                    self.agent("prepare", reprofile=False, fresh=True, reply_timeout=200)
                 point = {"inferences": rows, "rounds": rounds, "faults": events,
                          "capped": any(r.get("timeout") for r in rows)}
                 point["summary"] = summarize(point)
@@ -322,6 +333,9 @@ def main(argv=None) -> int:
     p.add_argument("-k", type=float, default=8.0, help="device slowdown vs one host core")
     p.add_argument("--only", default="", help="subset of sweeps, e.g. 'af' ((c) comes with (a))")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--spec", default=None,
+                   help="explicit model spec (e.g. full-size 'mobilenet_v2:seed=0' with --quick points)")
+    p.add_argument("--cap", type=float, default=None, help="per-request time cap, s")
     args = p.parse_args(argv)
     reason = check_environment()
     if reason:
@@ -329,7 +343,7 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
-    fig = Fig6(args.model, args.quick, args.k, args.out, args.only)
+    fig = Fig6(args.model, args.quick, args.k, args.out, args.only, args.spec, args.cap)
     t0 = time.monotonic()
     with Testbed(prefix="dcf6") as tb:
         fig.up(tb)

@@ -1,4 +1,4 @@
-"""`decolla` command line: infer, status, demo."""
+"""`decolla` command line: infer, status, demo, plan, serve."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +15,10 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocator", default="average",
                    help="random | average | least | proportional | eft | learned")
-    p.add_argument("--plan", default="layer", choices=("layer", "fused"))
+    p.add_argument("--plan", default="layer",
+                   help="layer | fused | block | block-gather | spatial | auto[:OPT=V,...]")
     p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
-    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "int8"))
     p.add_argument("--trace", default=None, help="write a Chrome trace JSON (open in Perfetto)")
 
 
@@ -43,6 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--runs", type=int, default=3)
     pd.add_argument("--seed", type=int, default=0)
     pd.set_defaults(trace="decolla-demo-trace.json")
+    pp = sub.add_parser("plan", help="build a partition plan and show its stages, bytes and times")
+    pp.add_argument("--explain", action="store_true", help="print the stage table (default)")
+    pp.add_argument("--model", default="mobilenet_v2:seed=0", help="model spec or file")
+    pp.add_argument("--plan", default="auto", help="plan name (see decolla.plan), default auto")
+    pp.add_argument("--devices", type=int, default=3)
+    pp.add_argument("-k", type=int, default=None, help="chunks per stage (default: devices)")
+    pp.add_argument("--bandwidth-mbit", type=float, default=100.0)
+    pp.add_argument("--wire-dtype", default="float16", choices=("float32", "float16", "int8"))
+    pp.add_argument("--overhead-ms", type=float, default=2.0, help="cost per message")
+    pp.add_argument("--gmacs", type=float, default=None,
+                    help="device speed: pointwise GMAC/s (other kinds scaled alike)")
+    pp.add_argument("--local", action="store_true",
+                    help="one-chunk stages run on the requester's own device (no bytes)")
+    pp.add_argument("--per-device-links", action="store_true",
+                    help="each device has its own link of that bandwidth (default: one shared)")
+    pp.add_argument("--json", action="store_true", help="print the planner's notes as JSON")
     from decolla.gateway import server as gateway
     pg = sub.add_parser("serve", help="requester web page, JSON API and live cluster view")
     gateway.add_arguments(pg)
@@ -55,13 +72,34 @@ def main(argv=None) -> int:
     from decolla import log
     log.configure(json=args.log_json, level=args.log_level, node="cli")
     try:
-        handlers = {"infer": _infer, "status": _status, "demo": _demo}
+        handlers = {"infer": _infer, "status": _status, "demo": _demo, "plan": _plan}
         return handlers[args.cmd](args) if args.cmd in handlers else args.func(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         print(f"decolla {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _plan(args) -> int:
+    from decolla import plan as planmod
+    from decolla import planner
+    from decolla.model import load_model
+    specs = load_model(args.model).layer_specs()
+    opts = {"devices": args.devices, "bandwidth_mbit": args.bandwidth_mbit,
+            "wire_dtype": args.wire_dtype, "overhead_ms": args.overhead_ms,
+            "local": int(args.local), "shared_link": int(not args.per_device_links)}
+    if args.gmacs:
+        opts["gmacs"] = args.gmacs
+    prof = planner.Profile.from_options(opts)
+    name, _ = planmod.parse_plan_name(args.plan)
+    plan = planmod.build_plan(specs, args.k or args.devices, args.plan,
+                              **(opts if name == "auto" else {}))
+    if args.json:
+        print(json.dumps(plan.notes or {"stages": len(plan.stages)}, indent=1, default=str))
+    else:
+        print(planner.explain(plan, specs, prof))
+    return 0
 
 
 def _image(path, seed, shape):

@@ -4,18 +4,32 @@ A plan is pure data built from layer specs (``Model.layer_specs()``), so a reque
 can plan without holding the weights. Workers compute a chunk with `compute_chunk`,
 the requester merges a completed stage with `merge`.
 
-Plans implemented:
-  ``layer``  the paper's plan: one stage per layer, output channels split into K chunks.
-  ``fused``  channel-wise layers (depthwise, global pool) fuse into their producer's
-             stage: a chunk of output channels of the producer is exactly the input
-             a chunk of the channel-wise layer needs, so the intermediate tensor never
-             travels.
-Only ``split='channel'`` is implemented; a spatial (row-strip) split would add a
-`Need.rows` range with a halo and merge along axis 0.
+Plans (``PLANS``):
+  ``layer``         the paper's plan: one stage per layer, output channels split into K chunks.
+  ``fused``         channel-wise layers (depthwise, global pool) fuse into their producer's
+                    stage: the intermediate tensor never travels.
+  ``block-gather``  the same stages as ``fused`` (expand + depthwise per channel chunk, then
+                    the projection split by output channels over the gathered input).
+  ``block``         expand + depthwise + projection in one stage per block: a chunk of the
+                    expanded channels computes the projection's *partial sum* over its
+                    channels; the requester adds the K partial sums (split='channel',
+                    reduce='sum'). MobileNetV1's depthwise + pointwise likewise.
+  ``spatial``       the high-resolution prefix (outputs taller than `spatial_until` rows,
+                    default 28 rows at 224 px) as one stage of output-row strips with halos
+                    carried through all its layers (split='spatial', merged along axis 0),
+                    the rest as ``block`` stages.
+  ``auto``          chosen per segment by the cost model of `decolla.planner`.
+  ``single``        the whole network as one chunk on one device (mobile-only through
+                    the runtime: the image goes to one device, the logits come back).
+A plan name may carry options: ``"auto:bandwidth_mbit=100,devices=3"``,
+``"spatial:spatial_until=14"``. With ``auto:...,local=1`` the one-chunk stages the planner
+keeps on one device are marked `Stage.local`: the requester computes them itself when it
+can load the model (no bytes on the network), else sends them to a worker as usual.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -24,7 +38,8 @@ from decolla.allocators import ChunkCost
 from decolla.model import Layer
 
 CHANNELWISE = ("dwconv3x3", "gap")   # output channel c depends only on input channel c
-PLANS = ("layer", "fused")
+ROWWISE = ("conv3x3", "dwconv3x3", "pwconv")   # layers a row strip can compute
+PLANS = ("layer", "fused", "block", "block-gather", "spatial", "auto", "single")
 
 
 class PlanError(ValueError):
@@ -33,32 +48,47 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Need:
-    """A slice of a tensor a chunk needs: channels [c0, c1), or all when `channels` is None."""
+    """A slice of a tensor a chunk needs: rows [r0, r1) (None: all) x channels [c0, c1) (None: all)."""
     tensor: str
     channels: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None
 
     def select(self, x: np.ndarray) -> np.ndarray:
         """The slice of tensor `x` this need names."""
-        if self.channels is None:
-            return x
-        c0, c1 = self.channels
-        return x[..., c0:c1]
+        if self.rows is not None:
+            x = x[self.rows[0]:self.rows[1]]
+        if self.channels is not None:
+            x = x[..., self.channels[0]:self.channels[1]]
+        return x
 
     def shape(self, full_shape: Sequence[int]) -> tuple[int, ...]:
-        if self.channels is None:
-            return tuple(full_shape)
-        return tuple(full_shape[:-1]) + (self.channels[1] - self.channels[0],)
+        shape = list(full_shape)
+        if self.rows is not None:
+            shape[0] = self.rows[1] - self.rows[0]
+        if self.channels is not None:
+            shape[-1] = self.channels[1] - self.channels[0]
+        return tuple(shape)
+
+    @property
+    def key(self) -> tuple:
+        """Identity of the slice (blob key on the wire)."""
+        return (self.tensor, self.channels) if self.rows is None else \
+            (self.tensor, self.channels, self.rows)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One unit of work: output channels [c0, c1) of every layer of its stage."""
+    """One unit of work: channels [c0, c1) of its stage (all rows), or, for a spatial
+    stage, output rows `rows` (all channels) with `layer_rows` the rows each layer of
+    the stage computes (halos included)."""
     stage: int
     index: int
     c0: int
     c1: int
     needs: tuple[Need, ...]
     cost: ChunkCost
+    rows: tuple[int, int] | None = None
+    layer_rows: tuple[tuple[int, int], ...] = ()
 
     @property
     def key(self) -> tuple[int, int]:
@@ -67,14 +97,18 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Stage:
-    """A run of layers whose chunks are independent; results merge along `axis`."""
+    """A run of layers whose chunks are independent; results merge along `axis`
+    (``reduce='concat'``) or are summed (``reduce='sum'``, then ReLU6 when `relu6`)."""
     index: int
     layers: tuple[str, ...]
     kind: str                     # layer kind, or 'fused'
-    split: str                    # 'channel'
+    split: str                    # 'channel' | 'spatial'
     out_shape: tuple[int, ...]
     chunks: tuple[Chunk, ...]
     axis: int = -1
+    reduce: str = "concat"
+    relu6: bool = False
+    local: bool = False           # one chunk the requester may compute itself (no bytes moved)
 
     @property
     def output(self) -> str:
@@ -89,18 +123,21 @@ class Plan:
     input_shape: tuple[int, ...]
     stages: list[Stage]
     last_use: dict[str, int] = field(default_factory=dict)   # tensor -> last stage needing it
+    notes: dict = field(default_factory=dict)                 # planner's explanation, if any
 
     @property
     def num_chunks(self) -> int:
         return sum(len(s.chunks) for s in self.stages)
 
     def bytes_moved(self, itemsize: int = 4) -> int:
-        """Uncompressed bytes sent to and received from workers for one inference."""
-        total = 0
-        for s in self.stages:
-            for c in s.chunks:
-                total += c.cost.bytes_in + c.cost.bytes_out
-        return total * itemsize // 4
+        """Uncompressed bytes sent to and received from workers for one inference
+        (one copy of every input slice per chunk), at `itemsize` bytes per value."""
+        return sum(stage_bytes(s) for s in self.stages) * itemsize // 4
+
+
+def stage_bytes(stage: Stage) -> int:
+    """fp32 bytes in + out of all chunks of a stage."""
+    return sum(c.cost.bytes_in + c.cost.bytes_out for c in stage.chunks)
 
 
 def split_bounds(n: int, k: int) -> list[tuple[int, int]]:
@@ -114,14 +151,125 @@ def _spec(layer) -> dict:
     return layer.spec() if isinstance(layer, Layer) else dict(layer)
 
 
+def parse_plan_name(kind: str) -> tuple[str, dict]:
+    """'auto:bandwidth_mbit=100,devices=3' -> ('auto', {'bandwidth_mbit': 100.0, 'devices': 3})."""
+    name, _, rest = str(kind).partition(":")
+    opts: dict = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise PlanError(f"plan option {item!r} is not KEY=VALUE")
+        try:
+            num = float(val)
+            opts[key.strip()] = int(num) if num.is_integer() and "." not in val else num
+        except ValueError:
+            opts[key.strip()] = val.strip()
+    return name, opts
+
+
+# --------------------------------------------------------------------------- grouping
+
+@dataclass
+class Group:
+    """Layers of one future stage: how it is split and into how many chunks."""
+    layers: list[dict]
+    split: str = "channel"        # 'channel' | 'spatial'
+    k: int = 1
+    psum: bool = False            # channel split whose last (pointwise) layer is a partial sum
+    local: bool = False           # a one-chunk stage for the requester's own device
+
+
+def _residual_sources(specs: list[dict]) -> set[str]:
+    return {s["residual"] for s in specs if s.get("residual")}
+
+
+def channel_groups(specs: list[dict], kind: str, k: int) -> list[Group]:
+    """Stages of the channel plans ('layer', 'fused', 'block-gather', 'block')."""
+    groups: list[Group] = []
+    sources = _residual_sources(specs)
+    closed = True
+    for s in specs:
+        last = groups[-1].layers[-1] if groups else None
+        free = last is not None and not closed and last["name"] not in sources
+        if kind != "layer" and free and s["kind"] in CHANNELWISE:
+            groups[-1].layers.append(s)
+        elif (kind == "block" and free and last["kind"] == "dwconv3x3" and s["kind"] == "pwconv"
+              and not (s["relu6"] and s.get("residual"))):
+            groups[-1].layers.append(s)
+            groups[-1].psum = True
+            closed = True
+            continue
+        else:
+            groups.append(Group([s], "channel", k))
+        closed = False
+    return groups
+
+
+def clean_cuts(specs: list[dict]) -> list[int]:
+    """Layer counts n such that layers [n:] read nothing produced before layer n-1 except
+    its output (a stage boundary there hands over one tensor)."""
+    cuts = []
+    index = {s["name"]: i for i, s in enumerate(specs)}
+    for n in range(1, len(specs) + 1):
+        if all(index.get(s.get("residual"), n - 1) >= n - 1 for s in specs[n:]
+               if s.get("residual")):
+            cuts.append(n)
+    return cuts
+
+
+def spatial_prefix(specs: list[dict], until: int) -> int:
+    """Number of leading layers the `spatial` plan strips: through the first clean cut whose
+    output is at most `until` rows tall, choosing among the cuts at that height the one
+    handing over the smallest tensor (a block output, not an expanded one)."""
+    best, height = 0, None
+    for n in clean_cuts(specs):
+        if any(s["kind"] not in ROWWISE for s in specs[:n]):
+            break
+        shape = specs[n - 1]["out_shape"]
+        if height is not None and shape[0] != height:
+            break
+        if height is None and shape[0] > until:
+            best = n
+            continue
+        height = shape[0]
+        size = int(np.prod(shape))
+        if best == 0 or specs[best - 1]["out_shape"][0] != height or \
+                size < int(np.prod(specs[best - 1]["out_shape"])):
+            best = n
+    return best
+
+
+def build_groups(specs: list[dict], k: int, kind: str, opts: dict) -> tuple[list[Group], dict]:
+    if kind in ("layer", "fused", "block-gather", "block"):
+        base = "fused" if kind == "block-gather" else kind
+        return channel_groups(specs, base, k), {}
+    if kind == "spatial":
+        until = int(opts.get("spatial_until", max(1, round(specs[0]["in_shape"][0] / 8))))
+        n = spatial_prefix(specs, until)
+        head = [Group(specs[:n], "spatial", k)] if n else []
+        return head + channel_groups(specs[n:], "block", k), {}
+    if kind == "single":
+        return [Group(specs, "spatial", 1)], {}
+    if kind == "auto":
+        from decolla import planner
+        return planner.plan_groups(specs, k, opts)
+    raise PlanError(f"unknown plan {kind!r}; choose from {PLANS}")
+
+
+# --------------------------------------------------------------------------- building
+
 def build_plan(specs: Sequence, k: int, kind: str = "layer", input_shape=None,
-               min_chunk_macs: int = 0) -> Plan:
+               min_chunk_macs: int = 0, **options) -> Plan:
     """Plan for layer specs (dicts from `Model.layer_specs()` or Layer objects).
 
-    `k` chunks per stage (capped by the channel count, and by `min_chunk_macs`
-    when given, so tiny stages are not cut into pieces smaller than that).
+    `k` chunks per stage (capped by the channel/row count, and by `min_chunk_macs`
+    when given, so tiny stages are not cut into pieces smaller than that). `kind` is
+    a plan name from PLANS, optionally with options (see the module docstring);
+    keyword `options` are merged over those.
     """
-    if kind not in PLANS:
+    name, opts = parse_plan_name(kind)
+    opts.update(options)
+    if name not in PLANS:
         raise PlanError(f"unknown plan {kind!r}; choose from {PLANS}")
     if k < 1:
         raise PlanError(f"k must be >= 1, got {k}")
@@ -129,53 +277,162 @@ def build_plan(specs: Sequence, k: int, kind: str = "layer", input_shape=None,
     if not specs:
         raise PlanError("model has no layers")
     input_shape = tuple(input_shape or specs[0]["in_shape"])
-    groups: list[list[dict]] = []
-    residual_sources = {s["residual"] for s in specs if s.get("residual")}
-    for s in specs:
-        fusable = (kind == "fused" and groups and s["kind"] in CHANNELWISE
-                   and groups[-1][-1]["name"] not in residual_sources)
-        if fusable:
-            groups[-1].append(s)
-        else:
-            groups.append([s])
+    groups, notes = build_groups(specs, k, name, opts)
+    shapes = {"input": input_shape} | {s["name"]: tuple(s["out_shape"]) for s in specs}
     stages: list[Stage] = []
     last_use: dict[str, int] = {}
     prev = "input"
-    for si, group in enumerate(groups):
-        first = group[0]
-        cout = first["out_shape"][-1]
-        macs = sum(int(s["macs"]) for s in group)
-        k_eff = k if min_chunk_macs <= 0 else max(1, min(k, macs // max(1, min_chunk_macs)))
-        chunks = []
-        for ci, (c0, c1) in enumerate(split_bounds(cout, k_eff)):
-            frac = (c1 - c0) / cout
-            needs = [Need(prev, (c0, c1) if first["kind"] in CHANNELWISE else None)]
-            for s in group:
-                if s.get("residual"):
-                    needs.append(Need(s["residual"], (c0, c1)))
-            bytes_in = sum(4 * int(np.prod(n.shape(_shape_of(n.tensor, specs, input_shape))))
-                           for n in needs)
-            out_shape = group[-1]["out_shape"]
-            bytes_out = 4 * int(np.prod(out_shape[:-1], dtype=np.int64)) * (c1 - c0)
-            cost = ChunkCost(macs=int(round(macs * frac)), bytes_in=bytes_in, bytes_out=bytes_out)
-            chunks.append(Chunk(si, ci, c0, c1, tuple(needs), cost))
-            for n in needs:
+    for si, g in enumerate(groups):
+        k_eff = g.k
+        if min_chunk_macs > 0:
+            macs = sum(int(s["macs"]) for s in g.layers)
+            k_eff = max(1, min(k_eff, macs // max(1, min_chunk_macs)))
+        if g.split == "spatial":
+            stage = _spatial_stage(si, g.layers, k_eff, prev, shapes)
+        else:
+            stage = _channel_stage(si, g.layers, k_eff, prev, shapes, g.psum)
+        if g.local and len(stage.chunks) == 1:
+            stage = replace(stage, local=True)
+        for c in stage.chunks:
+            for n in c.needs:
                 last_use[n.tensor] = si
-        stage_kind = first["kind"] if len(group) == 1 else "fused"
-        stages.append(Stage(si, tuple(s["name"] for s in group), stage_kind, "channel",
-                            tuple(group[-1]["out_shape"]), tuple(chunks)))
-        prev = group[-1]["name"]
-    return Plan(kind, input_shape, stages, last_use)
+        stages.append(stage)
+        prev = stage.output
+    return Plan(kind, input_shape, stages, last_use, notes)
 
 
-def _shape_of(tensor: str, specs: list[dict], input_shape) -> tuple[int, ...]:
-    if tensor == "input":
-        return tuple(input_shape)
-    for s in specs:
-        if s["name"] == tensor:
-            return tuple(s["out_shape"])
-    raise PlanError(f"unknown tensor {tensor!r}")
+def _nbytes(shape) -> int:
+    return 4 * math.prod(int(v) for v in shape)
 
+
+def _channel_stage(si, group, k, prev, shapes, psum) -> Stage:
+    first = group[0]
+    cout = first["out_shape"][-1]
+    macs = sum(int(s["macs"]) for s in group)
+    out_shape = tuple(group[-1]["out_shape"])
+    chunks = []
+    for ci, (c0, c1) in enumerate(split_bounds(cout, k)):
+        frac = (c1 - c0) / cout
+        needs = [Need(prev, (c0, c1) if first["kind"] in CHANNELWISE else None)]
+        for j, s in enumerate(group):
+            if not s.get("residual"):
+                continue
+            if psum and j == len(group) - 1:
+                extra = Need(s["residual"], None) if ci == 0 else None   # chunk 0 adds it
+            else:
+                extra = Need(s["residual"], (c0, c1))
+            if extra is not None and extra not in needs:
+                needs.append(extra)
+        bytes_in = sum(_nbytes(n.shape(shapes[n.tensor])) for n in needs)
+        width = out_shape[-1] if psum else (c1 - c0)
+        bytes_out = _nbytes(out_shape[:-1]) * width
+        cost = ChunkCost(macs=int(round(macs * frac)), bytes_in=bytes_in, bytes_out=bytes_out)
+        chunks.append(Chunk(si, ci, c0, c1, tuple(needs), cost))
+    kind = first["kind"] if len(group) == 1 else "fused"
+    return Stage(si, tuple(s["name"] for s in group), kind, "channel", out_shape, tuple(chunks),
+                 reduce="sum" if psum else "concat",
+                 relu6=bool(psum and group[-1]["relu6"]))
+
+
+def split_tail(group: Sequence[dict]) -> tuple[list, list] | None:
+    """(row-wise body, reducible tail) of a group a row-strip split can compute: the tail is
+    empty, or a global pool followed by linear layers without ReLU6/residual (each strip's
+    share is a partial sum). None when strips cannot compute the group."""
+    n = len(group)
+    while n and group[n - 1]["kind"] not in ROWWISE:
+        n -= 1
+    body, tail = list(group[:n]), list(group[n:])
+    if any(s["kind"] not in ROWWISE for s in body):
+        return None
+    if tail and (tail[0]["kind"] != "gap" or any(
+            s["kind"] != "linear" or s["relu6"] or s.get("residual") for s in tail[1:])):
+        return None
+    return body, tail
+
+
+def _rows_needed(kind: str, stride: int, r0: int, r1: int, in_height: int) -> tuple[int, int]:
+    """Input rows [lo, hi) output rows [r0, r1) read: `decolla.ops.input_rows_needed`
+    without its argument checks (the planner calls it thousands of times)."""
+    if kind == "pwconv":
+        return r0, r1
+    return max(0, r0 * stride - 1), min(in_height, (r1 - 1) * stride + 2)
+
+
+def strip_rows(group: Sequence[dict], r0: int, r1: int, prev: str) -> tuple[list, dict]:
+    """Rows each row-wise layer of a spatial group computes for final output rows [r0, r1)
+    (rows of the pooled tensor when the group ends in a pool), and the rows it needs of
+    every tensor produced outside the group."""
+    body = [s for s in group if s["kind"] in ROWWISE]
+    top = body[-1]["name"] if body else prev
+    need: dict[str, tuple[int, int]] = {top: (r0, r1)}
+
+    def want(name, lo, hi):
+        if name in need:
+            a, b = need[name]
+            lo, hi = min(a, lo), max(b, hi)
+        need[name] = (lo, hi)
+
+    rows = []
+    for j in range(len(body) - 1, -1, -1):
+        s = body[j]
+        a, b = need[s["name"]]
+        rows.append((a, b))
+        src = body[j - 1]["name"] if j else prev
+        lo, hi = _rows_needed(s["kind"], s["stride"], a, b, s["in_shape"][0])
+        want(src, lo, hi)
+        if s.get("residual"):
+            want(s["residual"], a, b)
+    rows.reverse()
+    rows += [(r0, r1)] * (len(group) - len(body))
+    inside = {s["name"] for s in group}
+    external = {t: r for t, r in need.items() if t not in inside}
+    return rows, external
+
+
+def _spatial_stage(si, group, k, prev, shapes) -> Stage:
+    out_shape = tuple(group[-1]["out_shape"])
+    parts = split_tail(group)
+    if parts is None:                  # e.g. a classifier without its pool: one whole chunk
+        k, body, tail = 1, list(group), []
+    else:
+        body, tail = parts
+    in_rows = shapes[body[-1]["name"] if body else prev]
+    height = in_rows[0]
+    chunks = []
+    for ci, (r0, r1) in enumerate(split_bounds(height, k)):
+        whole = (r0, r1) == (0, height)
+        if parts is None:
+            rows = [(0, s["out_shape"][0] if s["kind"] in ROWWISE else 1) for s in group]
+            inside = {s["name"] for s in group}
+            external = {prev: None} | {s["residual"]: None for s in group
+                                       if s.get("residual") and s["residual"] not in inside}
+        else:
+            rows, external = strip_rows(group, r0, r1, prev)
+        needs = []
+        for t in [prev] + sorted(t for t in external if t != prev):
+            r = external[t]
+            full = r is None or len(shapes[t]) < 3 or (whole and tuple(r) == (0, shapes[t][0]))
+            needs.append(Need(t, None, None if full else tuple(r)))
+        macs = 0.0
+        for s, (a, b) in zip(group, rows):
+            h = s["out_shape"][0] if s["kind"] in ROWWISE else \
+                (height if s["kind"] == "gap" else 0)
+            macs += int(s["macs"]) * ((b - a) / h if h else 1.0)
+        bytes_in = sum(_nbytes(n.shape(shapes[n.tensor])) for n in needs)
+        if tail or len(out_shape) < 3:         # a partial sum, or a whole 1-D output
+            bytes_out = _nbytes(out_shape)
+        else:
+            bytes_out = _nbytes(out_shape) * (r1 - r0) // height
+        cost = ChunkCost(macs=int(round(macs)), bytes_in=bytes_in, bytes_out=bytes_out)
+        chunks.append(Chunk(si, ci, 0, out_shape[-1], tuple(needs), cost,
+                            rows=None if whole else (r0, r1), layer_rows=tuple(rows)))
+    kind = group[0]["kind"] if len(group) == 1 else "fused"
+    reduce = "sum" if tail and len(chunks) > 1 else "concat"
+    return Stage(si, tuple(s["name"] for s in group), kind, "spatial", out_shape, tuple(chunks),
+                 axis=0, reduce=reduce)
+
+
+# --------------------------------------------------------------------------- computing
 
 def slice_layer(layer: Layer, c0: int, c1: int) -> Layer:
     """A channel-wise layer restricted to channels [c0, c1) (weights sliced, contiguous)."""
@@ -191,6 +448,21 @@ def slice_layer(layer: Layer, c0: int, c1: int) -> Layer:
     return sub
 
 
+def partial_layer(layer: Layer, c0: int, c1: int, first: bool) -> Layer:
+    """A pointwise layer reading only input channels [c0, c1): its partial sum, with the
+    bias and the residual only in the `first` chunk's part, and no ReLU6 (applied after
+    the sum)."""
+    if layer.kind != "pwconv":
+        raise PlanError(f"layer {layer.name} ({layer.kind}) cannot be a partial sum")
+    n = c1 - c0
+    sub = Layer(f"{layer.name}<{c0}:{c1}>", "pwconv", tuple(layer.in_shape[:-1]) + (n,),
+                tuple(layer.out_shape), relu6=False,
+                residual=layer.residual if first and not layer.relu6 else None)
+    sub.weight = np.ascontiguousarray(layer.weight[c0:c1])
+    sub.bias = np.ascontiguousarray(layer.bias if first else np.zeros_like(layer.bias))
+    return sub
+
+
 def compute_chunk(layers: Mapping[str, Layer], stage: Stage, chunk: Chunk,
                   inputs: Mapping[Need, np.ndarray], run_layer=None,
                   cache: dict | None = None) -> np.ndarray:
@@ -201,37 +473,92 @@ def compute_chunk(layers: Mapping[str, Layer], stage: Stage, chunk: Chunk,
     """
     if run_layer is None:
         from decolla.ops import run_layer
-    if stage.split != "channel":
-        raise PlanError(f"split {stage.split!r} is not implemented")
     missing = [n for n in chunk.needs if n not in inputs]
     if missing:
         raise PlanError(f"chunk {chunk.key} is missing inputs {missing}")
+    if stage.split == "spatial":
+        return _compute_strip(layers, stage, chunk, inputs, run_layer)
+    if stage.split != "channel":
+        raise PlanError(f"split {stage.split!r} is not implemented")
     x = np.ascontiguousarray(inputs[chunk.needs[0]], dtype=np.float32)
     c0, c1 = chunk.c0, chunk.c1
+    by_tensor = {n.tensor: n for n in chunk.needs[1:]}
+    last = len(stage.layers) - 1
     for i, name in enumerate(stage.layers):
         layer = layers[name]
-        residual = None
-        if layer.residual:
-            residual = np.ascontiguousarray(inputs[Need(layer.residual, (c0, c1))],
-                                            dtype=np.float32)
-        if i == 0 and layer.kind not in CHANNELWISE:
-            x = run_layer(layer, x, residual, c0, c1)
-        else:
-            key = (name, c0, c1)
-            sub = cache.get(key) if cache is not None else None
-            if sub is None:
-                sub = slice_layer(layer, c0, c1)
-                if cache is not None:
-                    cache[key] = sub
-            x = run_layer(sub, x, residual, 0, c1 - c0)
+        psum = stage.reduce == "sum" and i == last
+        if i == 0 and layer.kind not in CHANNELWISE and not psum:
+            res = _residual(layer, inputs, chunk, by_tensor, (c0, c1))
+            x = run_layer(layer, x, res, c0, c1)
+            continue
+        first = chunk.index == 0
+        key = (name, c0, c1, "psum" if psum else "slice", first and psum)
+        sub = cache.get(key) if cache is not None else None
+        if sub is None:
+            sub = partial_layer(layer, c0, c1, first) if psum else slice_layer(layer, c0, c1)
+            if cache is not None:
+                cache[key] = sub
+        res = _residual(sub, inputs, chunk, by_tensor, None if psum else (c0, c1))
+        x = run_layer(sub, x, res, 0, None)
     return x
 
 
+def _residual(layer, inputs, chunk, by_tensor, channels):
+    if not layer.residual:
+        return None
+    need = Need(layer.residual, channels)
+    if need not in inputs:
+        need = by_tensor.get(layer.residual, chunk.needs[0])
+    return np.ascontiguousarray(inputs[need], dtype=np.float32)
+
+
+def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer) -> np.ndarray:
+    have = {}
+    for n in chunk.needs:
+        have[n.tensor] = (np.ascontiguousarray(inputs[n], dtype=np.float32),
+                          n.rows[0] if n.rows else 0)
+    src = chunk.needs[0].tensor
+    y = None
+    for name, (a, b) in zip(stage.layers, chunk.layer_rows):
+        layer = layers[name]
+        x, x0 = have[src]
+        res = None
+        if layer.residual:
+            r, rr0 = have[layer.residual]
+            res = r[a - rr0:b - rr0] if r.ndim == 3 else r
+        if layer.kind in ROWWISE:
+            y = run_layer(layer, x, res, 0, None, a, b, x0, layer.in_shape[0])
+        elif stage.reduce == "sum" and layer.kind == "gap":
+            # this strip's share of the mean over all rows
+            strip = np.ascontiguousarray(x[a - x0:b - x0])
+            y = strip.sum(axis=(0, 1), dtype=np.float64) / (layer.in_shape[0] * layer.in_shape[1])
+            y = y.astype(np.float32)
+        elif stage.reduce == "sum" and layer.kind == "linear":
+            y = x @ layer.weight
+            if chunk.index == 0:
+                y = y + layer.bias
+            y = np.ascontiguousarray(y, dtype=np.float32)
+        else:
+            y = run_layer(layer, x, res)
+        have[name] = (y, a)
+        src = name
+    return y
+
+
 def merge(stage: Stage, parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate the chunk results of a stage in chunk order."""
+    """Concatenate (or, for partial sums, add) the chunk results of a stage in chunk order."""
     if len(parts) != len(stage.chunks):
         raise PlanError(f"stage {stage.index}: {len(parts)} parts for {len(stage.chunks)} chunks")
-    out = np.concatenate(parts, axis=stage.axis)
+    if stage.reduce == "sum":
+        out = np.array(parts[0], dtype=np.float32, copy=True)
+        for p in parts[1:]:
+            if p.shape != out.shape:
+                raise PlanError(f"stage {stage.index}: partial sum shape {p.shape} != {out.shape}")
+            out += p
+        if stage.relu6:
+            np.clip(out, 0.0, 6.0, out=out)
+    else:
+        out = np.concatenate(parts, axis=stage.axis)
     if tuple(out.shape) != tuple(stage.out_shape):
         raise PlanError(f"stage {stage.index}: merged shape {out.shape} != {stage.out_shape}")
     return out
@@ -239,4 +566,10 @@ def merge(stage: Stage, parts: Sequence[np.ndarray]) -> np.ndarray:
 
 def chunk_output_shape(stage: Stage, chunk: Chunk) -> tuple[int, ...]:
     """Shape a chunk's result must have."""
+    if stage.reduce == "sum":
+        return tuple(stage.out_shape)
+    if stage.split == "spatial":
+        if chunk.rows is None:
+            return tuple(stage.out_shape)
+        return (chunk.rows[1] - chunk.rows[0],) + tuple(stage.out_shape[1:])
     return tuple(stage.out_shape[:-1]) + (chunk.c1 - chunk.c0,)

@@ -4,7 +4,10 @@ Layout (little endian):
   magic b'DCW1' | wire dtype u8 | ndim u8 | flags u8 | pad u8 | raw length u32 |
   shape ndim x u32 | payload | crc32 u32 over everything before it.
 The decoded array is always float32; fp16 on the wire halves the bytes at the
-cost of precision (about 3 significant digits).
+cost of precision (about 3 significant digits); int8 quarters them: the payload is
+the tensor's minimum and step (two float32) then one uint8 per value,
+x ~ min + step * q, so the error is at most step / 2 = (max - min) / 510 per value
+(one scale per encoded chunk).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import numpy as np
 MAGIC = b"DCW1"
 _HEAD = struct.Struct("<4sBBBxI")
 _CRC = struct.Struct("<I")
-WIRE_DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2"))}
+WIRE_DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2")),
+               "int8": (2, np.dtype("u1"))}
+_AFFINE = struct.Struct("<ff")      # int8: minimum, step
 _BY_CODE = {code: dt for code, dt in WIRE_DTYPES.values()}
 FLAG_LZ4 = 1
 
@@ -34,7 +39,10 @@ def encode(array: np.ndarray, dtype: str = "float32", compress: bool = True) -> 
     arr = np.asarray(array)
     if arr.ndim > 255:
         raise ValueError("too many dimensions")
-    raw = np.ascontiguousarray(arr, dtype=wire_dt).tobytes()
+    if code == 2:
+        raw = _quantize(arr)
+    else:
+        raw = np.ascontiguousarray(arr, dtype=wire_dt).tobytes()
     flags = 0
     payload = raw
     if compress and raw:
@@ -66,7 +74,8 @@ def decode(blob: bytes) -> np.ndarray:
         raise WireError("truncated header")
     shape = struct.unpack_from(f"<{ndim}I", body, _HEAD.size)
     wire_dt = _BY_CODE[code]
-    if int(np.prod(shape, dtype=np.int64)) * wire_dt.itemsize != raw_len:
+    extra = _AFFINE.size if code == 2 else 0
+    if int(np.prod(shape, dtype=np.int64)) * wire_dt.itemsize + extra != raw_len:
         raise WireError(f"shape {shape} does not match payload length {raw_len}")
     payload = body[shape_end:]
     if flags & FLAG_LZ4:
@@ -78,10 +87,35 @@ def decode(blob: bytes) -> np.ndarray:
         raw = payload
     if len(raw) != raw_len:
         raise WireError(f"payload length {len(raw)} != {raw_len}")
+    if code == 2:
+        lo, step = _AFFINE.unpack_from(raw)
+        q = np.frombuffer(raw, dtype=wire_dt, offset=_AFFINE.size).reshape(shape)
+        out = q.astype(np.float32)
+        out *= np.float32(step)
+        out += np.float32(lo)
+        return out
     arr = np.frombuffer(raw, dtype=wire_dt).reshape(shape)
     return arr.astype(np.float32) if wire_dt != np.float32 else arr.copy()
 
 
+def _quantize(arr: np.ndarray) -> bytes:
+    """min, step and uint8 codes of a float array (one affine scale for the whole chunk)."""
+    x = np.asarray(arr, dtype=np.float32)
+    if x.size == 0:
+        return _AFFINE.pack(0.0, 0.0)
+    if not np.isfinite(x).all():
+        raise ValueError("int8 wire encoding needs finite values")
+    lo, hi = float(x.min()), float(x.max())
+    step = (hi - lo) / 255.0
+    if step <= 0.0:
+        q = np.zeros(x.shape, np.uint8)
+    else:
+        q = np.rint((x.astype(np.float64) - lo) / step)   # float64: step may be tiny
+        q = np.clip(q, 0, 255, out=q).astype(np.uint8)
+    return _AFFINE.pack(lo, step) + q.tobytes()
+
+
 def nbytes(shape, dtype: str = "float32") -> int:
     """Uncompressed wire size of a tensor of `shape`."""
-    return int(np.prod(shape, dtype=np.int64)) * WIRE_DTYPES[dtype][1].itemsize
+    extra = _AFFINE.size if dtype == "int8" else 0
+    return int(np.prod(shape, dtype=np.int64)) * WIRE_DTYPES[dtype][1].itemsize + extra

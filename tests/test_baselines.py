@@ -104,6 +104,27 @@ def test_hierarchical_route_from_a_layer():
     assert route == [part.Segment("a", 4, 7), part.Segment("b", 7, 10)]
 
 
+def test_hierarchical_route_prefers_narrow_cuts_near_balance():
+    w = [1.0] * 12
+    sizes = [100] * 13
+    sizes[5] = 1                                     # a narrow cut one layer before balance
+    route = part.hierarchical_route(["a", "b", "c"], w, cut_sizes=sizes)
+    assert [s.end for s in route] == [5, 8, 12]
+    far = [100] * 13
+    far[1] = 1                                       # too far from balance: ignored
+    assert [s.end for s in part.hierarchical_route(["a", "b", "c"], w, cut_sizes=far)] == [4, 8, 12]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0.01, 5), min_size=3, max_size=40),
+       st.lists(st.integers(0, 1000), min_size=41, max_size=41), st.integers(1, 4))
+def test_hierarchical_route_with_cut_sizes_stays_contiguous(w, sizes, n):
+    n = min(n, len(w))
+    route = part.hierarchical_route([f"d{i}" for i in range(n)], w, cut_sizes=sizes[:len(w) + 1])
+    assert len(route) == n and route[0].start == 0 and route[-1].end == len(w)
+    assert all(a.end == b.start and a.start < a.end for a, b in zip(route, route[1:]))
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(1, 53), min_size=0, max_size=4, unique=True))
 def test_run_segment_chain_equals_reference(model, image, cuts):

@@ -75,4 +75,4 @@ def test_truncation_is_detected():
 
 def test_unknown_wire_dtype_is_refused():
     with pytest.raises(ValueError, match="wire dtype"):
-        wire.encode(np.ones(3, np.float32), "int8")
+        wire.encode(np.ones(3, np.float32), "int4")

@@ -106,6 +106,7 @@ class Requester(ActorTypeDispatcher):
         if not first and msg.digest != self.membership.digest:
             log.warning("leader model changed; dropping plans", digest=msg.digest[:12])
             self.plans.clear()
+            self.local_model = None
         self.membership = msg
         self.workers = {d.name: d.worker for d in msg.devices}
         lost = self.sup.update_membership(msg.devices)
@@ -145,11 +146,17 @@ class Requester(ActorTypeDispatcher):
             return
         n = len(self.sup.usable()) or len(self.sup.members()) or 1
         k = self.cfg.k or 2 * n
-        plan = self.plans.get(k)
+        extra = self._auto_options(n)
+        key = (k, n, tuple(sorted(extra.items())))
+        plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[k] = planmod.build_plan(
-                self.membership.specs, k, self.cfg.plan, self.membership.input_shape,
-                self.cfg.min_chunk_macs)
+            try:
+                plan = self.plans[key] = planmod.build_plan(
+                    self.membership.specs, k, self.cfg.plan, self.membership.input_shape,
+                    self.cfg.min_chunk_macs, **extra)
+            except planmod.PlanError as exc:
+                self.send(sender, InferError(msg.request, f"bad plan: {exc}", "input"))
+                return
         req = _Request(msg.request, sender, plan, image, msg.top_k, self.cfg.request_timeout)
         self.requests[req.id] = req
         self._start_stage(req)
@@ -161,6 +168,8 @@ class Requester(ActorTypeDispatcher):
         req.slots = [None] * len(stage.chunks)
         req.attempts = {c.index: [] for c in stage.chunks}
         req.blobs = {}
+        if stage.local and self._run_local(req, stage):
+            return
         names = self.sup.usable() or self.sup.members()
         names = [n for n in names if self.workers.get(n) is not None]
         if not names:
@@ -184,6 +193,56 @@ class Requester(ActorTypeDispatcher):
         for dev, chunks in groups.items():
             self._send(req, stage, chunks, dev, "first")
 
+    def _auto_options(self, n: int) -> dict:
+        """`auto` plans for the devices there are: their count and (unless the plan names
+        it) their measured speed, rounded so the plan cache stays small."""
+        if self.cfg.plan.partition(":")[0] != "auto":
+            return {}
+        extra = {} if "devices=" in self.cfg.plan else {"devices": n}
+        speeds = sorted(d.speed for d in self.membership.devices      # calibrated at start-up
+                        if getattr(d, "speed", 0) > 0)
+        if speeds and "gmacs=" not in self.cfg.plan:
+            extra["gmacs"] = float(f"{speeds[len(speeds) // 2] / 1e9:.1g}")
+        return extra
+
+    def _local_layers(self):
+        """This node's copy of the model's layers (None if it cannot load the leader's model)."""
+        if getattr(self, "local_model", None) is None:
+            try:
+                from decolla.actors.preload import get_model
+                model = get_model(self.membership.model)
+                if model.digest() != self.membership.digest:
+                    raise ValueError("model digest differs from the leader's")
+                self.local_model = {l.name: l for l in model.layers}
+                self.local_cache: dict = {}
+            except Exception as exc:
+                log.warning("cannot compute locally; sending local stages out", error=repr(exc))
+                self.local_model = False
+        return self.local_model or None
+
+    def _run_local(self, req: _Request, stage) -> bool:
+        """Compute a one-chunk `local` stage on this node; False to send it out instead."""
+        layers = self._local_layers()
+        if layers is None:
+            return False
+        c = stage.chunks[0]
+        now = time.time()
+        try:
+            out = planmod.compute_chunk(layers, stage, c,
+                                        {n: n.select(req.tensors[n.tensor]) for n in c.needs},
+                                        cache=self.local_cache)
+        except Exception as exc:
+            log.warning("local stage failed; sending it out", stage=stage.index, error=repr(exc))
+            return False
+        end = time.time()
+        rec = ChunkRecord(req.id, stage.index, c.index, 0, f"local:{self.cfg.node}",
+                          ",".join(stage.layers), c.cost.macs, now, 0, reason="local")
+        rec.returned, rec.received, rec.start, rec.end, rec.status = end, now, now, end, "won"
+        req.records.append(rec)
+        req.slots[c.index] = out
+        self._stage_done(req, stage)
+        return True
+
     def _send(self, req: _Request, stage, chunks, dev: str, reason: str) -> None:
         cfg = self.cfg
         blobs, jobs, counted = {}, [], set()
@@ -191,7 +250,7 @@ class Requester(ActorTypeDispatcher):
         for c in chunks:
             keys, nbytes = [], 0
             for need in c.needs:
-                key = (need.tensor, need.channels)
+                key = need.key
                 if key not in req.blobs:
                     req.blobs[key] = wire.encode(need.select(req.tensors[need.tensor]),
                                                  cfg.wire_dtype, cfg.compress)

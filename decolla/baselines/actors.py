@@ -33,6 +33,7 @@ from decolla.trace import ChunkRecord
 log = get_logger("baselines")
 TICK_S = 0.05
 CACHE_REQUESTS = 16
+MAX_REPLANS = 6
 
 
 def encode_tensors(tensors: dict, dtype: str = "float32") -> dict:
@@ -206,6 +207,9 @@ class PipelineRequester(ActorTypeDispatcher):
     def receiveMsg_Prepare(self, msg: Prepare, sender):
         waiting = set()
         for host in msg.hosts:
+            if msg.fresh and host in self.workers:
+                self.send(self.workers.pop(host), ActorExitRequest())
+                self.profiles.pop(host, None)
             if host not in self.workers:
                 self.workers[host] = self.createActor(
                     SegmentWorker, targetActorRequirements={system.CAP_NODE: host})
@@ -303,31 +307,33 @@ class PipelineRequester(ActorTypeDispatcher):
         m, seg = pipe.msg, pipe.route[pipe.hop]
         pipe.failed.add(seg.device)
         pipe.current.status = "lost"
-        if not m.replan:
-            self._fail(pipe, f"{seg.device} missed its response time (no re-plan for this method)")
-            return
-        live = self._ready_devices()
+        gone = self._gone_devices()
         survivors = [d for d in m.candidates if d not in pipe.failed and d in self.workers
-                     and (live is None or d in live)]
-        if not survivors:
-            self._fail(pipe, f"no surviving device after losing {sorted(pipe.failed)}")
+                     and d not in gone]
+        if not survivors:     # all missed a t1 once: retry members, except the one just lost
+            survivors = [d for d in m.candidates if d != seg.device and d in self.workers
+                         and d not in gone]
+        if not survivors or pipe.replans >= MAX_REPLANS:
+            self._fail(pipe, f"no surviving device after losing {sorted(pipe.failed)} "
+                             f"({pipe.replans} re-plans)")
             return
         source = pipe.source
         if source is None or source[3] in pipe.failed:
             source, start = None, 0           # nobody alive holds the input: from the image
         else:
             start = seg.start
-        route = part.hierarchical_route(survivors, m.weights, start)
+        route = part.hierarchical_route(survivors, m.weights, start, m.cut_bytes)
         pipe.replans += 1
         pipe.source = source
         log.info("hierarchical re-plan", request=m.request, lost=seg.device,
                  from_layer=start, route=[(s.device, s.start, s.end) for s in route])
         self._dispatch(pipe, route, source)
 
-    def _ready_devices(self):
+    def _gone_devices(self) -> set:
+        """Devices the registrar says left the cluster (a stale 'unresponsive' is not enough)."""
         if self.membership is None:
-            return None
-        return {d.name for d in self.membership.devices if d.status == "ready"}
+            return set()
+        return {d.name for d in self.membership.devices if d.status == "gone"}
 
     def _finish(self, pipe: _Pipe, logits) -> None:
         self.pipes.pop(pipe.msg.request, None)
@@ -369,7 +375,7 @@ class PipelineRequester(ActorTypeDispatcher):
         for pipe in list(self.pipes.values()):
             if now > pipe.timeout_at:
                 self._fail(pipe, f"timed out after {pipe.msg.timeout_s:.0f} s")
-            elif now > pipe.deadline:
+            elif pipe.msg.replan and now > pipe.deadline:   # only hierarchical watches t1
                 log.info("hop missed t1", request=pipe.msg.request, hop=pipe.hop,
                          device=pipe.route[pipe.hop].device)
                 self._replan(pipe)

@@ -56,7 +56,9 @@ def plan_route(method: str, specs, profiles: dict, devices: list[str], edge: str
             "device_s": choice.device_s, "transfer_s": choice.transfer_s,
             "edge_s": choice.edge_s, "cut_bytes": choice.bytes}
     weights = mean_profile(profiles, devices)
-    return part.hierarchical_route(devices, weights), {"weights_s": float(sum(weights))}
+    cuts = [part.cut_bytes(specs, c) for c in range(n + 1)]
+    return part.hierarchical_route(devices, weights, cut_sizes=cuts), {
+        "weights_s": float(sum(weights))}
 
 
 def mean_profile(profiles: dict, devices: list[str]) -> list[float]:
@@ -136,12 +138,16 @@ class BaselineClient:
             time.sleep(0.2)
 
     def prepare(self, hosts: list[str] | None = None, reprofile: bool = False,
-                timeout: float = 120.0) -> dict:
-        """Place a segment worker on every host (devices + edge) and profile it; host -> s/layer."""
+                timeout: float = 120.0, fresh: bool = False) -> dict:
+        """Place a segment worker on every host (devices + edge) and profile it; host -> s/layer.
+
+        fresh: replace existing workers (after a host was cut off and rejoined, its old
+        actors may be unreachable; the runtime's registrar likewise restarts its Worker).
+        """
         hosts = list(hosts or self.devices() + ([self.edge] if self.edge else []))
         with self._asys.private() as ctx:
-            reply = ctx.ask(self._requester, Prepare(hosts, self.model_spec, reprofile, timeout),
-                            timeout + 10)
+            reply = ctx.ask(self._requester, Prepare(hosts, self.model_spec, reprofile, timeout,
+                                                     fresh), timeout + 10)
         if not isinstance(reply, Profiles):
             raise ClusterError("no answer while preparing segment workers")
         if reply.missing:

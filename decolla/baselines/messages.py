@@ -96,6 +96,7 @@ class Prepare(Message):
     model_spec: str
     reprofile: bool = False
     timeout_s: float = 120.0
+    fresh: bool = False      # replace existing workers (e.g. after their host rejoined)
     _show = ("hosts",)
 
 

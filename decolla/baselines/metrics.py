@@ -35,12 +35,13 @@ def busy_seconds(traces: Iterable, devices: Sequence[str] | None = None) -> dict
     return {d: _union(iv) for d, iv in spans.items()}
 
 
-def waiting(trace, devices: Sequence[str]) -> dict[str, float]:
+def waiting(trace, devices: Sequence[str], exclude_s: float = 0.0) -> dict[str, float]:
     """Per device: seconds of the inference it was not computing (idle, waiting for input).
 
-    Devices that took part (computed something) only; the window is the whole inference.
+    Devices that took part (computed something) only; the window is the whole inference
+    minus `exclude_s` (e.g. the delivery of the image, which the paper's latency excludes).
     """
-    window = trace.finished - trace.started
+    window = trace.finished - trace.started - exclude_s
     busy = busy_seconds([trace], devices)
     return {d: max(0.0, window - b) for d, b in busy.items() if b > 0}
 

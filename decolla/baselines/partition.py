@@ -83,12 +83,16 @@ def split_balanced(weights: Sequence[float], n: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(n)]
 
 
-def hierarchical_route(devices: Sequence[str], weights: Sequence[float],
-                       start: int = 0) -> list[Segment]:
+def hierarchical_route(devices: Sequence[str], weights: Sequence[float], start: int = 0,
+                       cut_sizes: Sequence[int] | None = None,
+                       tolerance: float = 0.25) -> list[Segment]:
     """Layers [start, len(weights)) cut into contiguous groups, one per device, in device order.
 
     `weights` are per-layer costs of the whole model (e.g. profiled seconds); with fewer
-    remaining layers than devices only the first devices are used.
+    remaining layers than devices only the first devices are used. With `cut_sizes`
+    (bytes crossing each cut 0..n) every cut moves to the narrowest cut whose running cost
+    is within `tolerance` × (one group's share) of the balanced position, so a group
+    boundary does not land on a wide early activation when a narrow one is close by.
     """
     if not devices:
         raise RouteError("no device to route through")
@@ -96,8 +100,25 @@ def hierarchical_route(devices: Sequence[str], weights: Sequence[float],
     if not rest:
         raise RouteError(f"no layers left after {start}")
     n = min(len(devices), len(rest))
-    return [Segment(devices[i], start + a, start + b)
-            for i, (a, b) in enumerate(split_balanced(rest, n))]
+    groups = split_balanced(rest, n)
+    if cut_sizes is not None and n > 1:
+        groups = _narrow_cuts(rest, groups, list(cut_sizes)[start:], tolerance)
+    return [Segment(devices[i], start + a, start + b) for i, (a, b) in enumerate(groups)]
+
+
+def _narrow_cuts(w: list[float], groups: list[tuple[int, int]], sizes: list[int],
+                 tolerance: float) -> list[tuple[int, int]]:
+    cum = np.concatenate([[0.0], np.cumsum(w)])          # cum[c] = cost of layers [0, c)
+    share = cum[-1] / len(groups)
+    cuts = [0]
+    for i, (_, balanced) in enumerate(groups[:-1]):
+        lo, hi = cuts[-1] + 1, len(w) - (len(groups) - 1 - i)
+        window = [c for c in range(lo, hi + 1)
+                  if abs(cum[c] - cum[balanced]) <= tolerance * share]
+        best = min(window or [balanced], key=lambda c: (sizes[c], abs(c - balanced)))
+        cuts.append(best)
+    cuts.append(len(w))
+    return [(cuts[i], cuts[i + 1]) for i in range(len(groups))]
 
 
 @dataclass(frozen=True)

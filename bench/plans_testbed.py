@@ -1,0 +1,216 @@
+"""Plans on the testbed: latency of `auto` (and `spatial`) against one device, per bandwidth.
+
+    sudo .venv/bin/python -m bench.plans_testbed [--bandwidths 1,10,100,1000] [--repeats 5]
+
+3 emulated devices (network namespace, tc tbf on each device link, cgroup CPU quota
+calibrated so the whole MobileNetV2-224 forward runs k≈8x slower than on one host core:
+a Pi-class device), no background load, an edge host running the leader, and an
+unshaped, unthrottled requester host running this module with --agent. Mobile-only is
+the `single` plan through the same runtime: the whole network as one chunk on one
+device (image there, logits back). Per bandwidth and plan: median latency end to end
+and without the delivery of the first stage's input (the paper's convention), bytes,
+correctness against the single-device forward. Ratios are from the same run.
+Writes bench/results/plans_testbed.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def _delivery(trace) -> float:
+    """Seconds until the first stage's inputs had reached their devices."""
+    recs = [r for r in trace.records if r.attempt == 0 and r.received is not None]
+    if not recs:
+        return 0.0
+    first = min(r.stage for r in recs)
+    return max(0.0, max(r.received - r.sent for r in recs if r.stage == first))
+
+
+def agent(args) -> int:
+    """Runs inside the requester host: one JSON command per stdin line, one JSON reply."""
+    from decolla.api import Client
+    from decolla.forward import forward
+    from decolla.model import load_model
+    model = load_model(args.model)
+    images = [np.random.default_rng(s).standard_normal(model.input_shape).astype(np.float32)
+              for s in range(3)]
+    refs = [forward(model, x) for x in images]
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            break
+        try:
+            k = 1 if cmd["plan"] == "single" else 3
+            with Client(args.leader, bind=args.bind, plan=cmd["plan"], k=k, min_devices=3,
+                        wire_dtype=cmd.get("wire_dtype", "float16"),
+                        # no faults here: a generous deadline keeps slow links from
+                        # triggering duplicate chunks that would only add traffic
+                        deadline_floor=cmd["cap_s"] / 4, request_timeout=cmd["cap_s"]) as client:
+                client.infer(images[0], timeout=cmd["cap_s"])            # warm-up, plans
+                rows = []
+                for i in range(cmd["repeats"]):
+                    x, ref = images[i % 3], refs[i % 3]
+                    t0 = time.perf_counter()
+                    r = client.infer(x, timeout=cmd["cap_s"])
+                    lat = time.perf_counter() - t0
+                    rows.append({"latency_s": lat, "without_input_s": lat - _delivery(r.trace),
+                                 "bytes": int(r.trace.bytes_moved()),
+                                 "stages": int(r.stats.get("stages", 0)),
+                                 "top1_ok": int(np.argmax(r.logits)) == int(np.argmax(ref)),
+                                 "rel_err": float(np.abs(r.logits - ref).max() / np.abs(ref).max())})
+            print(json.dumps({"ok": True, "result": rows}), flush=True)
+        except Exception as exc:  # reported to the driver, which records the point as failed
+            print(json.dumps({"ok": False, "error": repr(exc)}), flush=True)
+    return 0
+
+
+PROBE_REPEATS = 4
+
+
+def _device_gmacs(model: str, forward_s: float) -> float:
+    """The planner's `gmacs` making its one-device prediction equal the calibrated device's
+    measured whole-model time (the workers' own start-up calibration is too short to be
+    throttled by a CFS quota)."""
+    from decolla import plan as planmod, planner
+    from decolla.model import load_model
+    specs = load_model(model).layer_specs()
+    one = planmod.build_plan(specs, 1, "single")
+    pred = planner.stage_seconds(one.stages[0], {s["name"]: s for s in specs},
+                                 planner.Profile(local=True))
+    return planner.PI_CORE["pwconv"] / 1e9 * pred / forward_s
+
+
+def _ask(proc, timeout, **cmd):
+    proc.stdin.write(json.dumps(cmd) + "\n")
+    proc.stdin.flush()
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"agent exited ({proc.poll()})")
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("agent timed out")
+
+
+def drive(args) -> int:
+    from bench.testbed import Testbed, check_environment
+    reason = check_environment()
+    if reason:
+        print(f"bench.plans_testbed needs the testbed: {reason}", file=sys.stderr)
+        return 2
+    bws = [float(b) for b in args.bandwidths.split(",")]
+    doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "points": [],
+           "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    logs = Path("/tmp") / f"plans-testbed-{os.getpid()}"
+    logs.mkdir(exist_ok=True)
+    with Testbed(prefix="dcpl") as tb:
+        probe = [sys.executable, "-m", "bench.fig6_probe", "--model", args.model, "--repeats",
+                 str(PROBE_REPEATS)]
+        cal = tb.calibrate(probe, k=args.k)
+        doc["calibration"] = cal.as_dict()
+        print(f"device quota {cal.quota:.3f} cores ({cal.achieved_slowdown:.1f}x slower)", flush=True)
+        gmacs = _device_gmacs(args.model, cal.device_seconds / PROBE_REPEATS)
+        doc["auto_gmacs"] = gmacs
+        for i in (1, 2, 3):
+            tb.add_host(f"dev{i}", bandwidth_mbit=bws[0], cpu_quota=cal.quota)
+        tb.add_host("edge", role="edge", cpu_quota=round(min(0.3, tb.cpu_budget - 3 * cal.quota), 3))
+        req = tb.add_host("requester", role="requester")
+        tb.spawn_node("edge", "leader", model=args.model, log=logs / "edge.log")
+        time.sleep(1.0)
+        for i in (1, 2, 3):
+            tb.spawn_node(f"dev{i}", "device", leader="edge", model=args.model,
+                          log=logs / f"dev{i}.log")
+        proc = req.spawn([sys.executable, "-m", "bench.plans_testbed", "--agent", "--leader",
+                          f"{tb.address('edge')}:1900", "--bind", req.address, "--model",
+                          args.model], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=open(logs / "agent.log", "ab"), text=True, bufsize=1)
+        try:
+            hello = json.loads(proc.stdout.readline())
+            assert hello.get("ready"), hello
+            for bw in bws:
+                for i in (1, 2, 3):
+                    tb.set_bandwidth(f"dev{i}", bw)
+                plans = ["single", f"auto:bandwidth_mbit={bw:g},shared_link=0,gmacs={gmacs:.2f}"]
+                if bw >= 100:
+                    plans.append("spatial")
+                for plan in plans:
+                    rep = _ask(proc, args.cap * (args.repeats + 2) + 120, cmd="run", plan=plan,
+                               repeats=args.repeats, cap_s=args.cap)
+                    point = {"bandwidth_mbit": bw, "plan": plan, "loadavg": os.getloadavg(),
+                             **({"rows": rep["result"]} if rep.get("ok") else
+                                {"error": rep.get("error")})}
+                    if rep.get("ok"):
+                        lat = [r["latency_s"] for r in rep["result"]]
+                        point["median_s"] = float(np.median(lat))
+                        point["median_without_input_s"] = float(np.median(
+                            [r["without_input_s"] for r in rep["result"]]))
+                    doc["points"].append(point)
+                    print(f"{bw:g} Mb/s {plan}: {point.get('median_s', point.get('error'))}",
+                          flush=True)
+                    _save(doc, args.out)
+        finally:
+            try:
+                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                proc.stdin.flush()
+                proc.wait(timeout=20)
+            except Exception:
+                proc.kill()
+            doc["emulated"] = tb.describe()
+    doc["loadavg_end"] = os.getloadavg()
+    _save(doc, args.out)
+    return 0
+
+
+def _save(doc: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plans_testbed.json").write_text(json.dumps(doc, indent=1, default=str))
+    lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)", "",
+             "| Mb/s | plan | median ms | without input ms | vs single (same run) | MB | top-1 ok | load avg |",
+             "|---|---|---|---|---|---|---|---|"]
+    single = {p["bandwidth_mbit"]: p.get("median_s") for p in doc["points"] if p["plan"] == "single"}
+    for p in doc["points"]:
+        if "median_s" not in p:
+            lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | failed: {p.get('error')} | | | | | |")
+            continue
+        base = single.get(p["bandwidth_mbit"])
+        ratio = f"{base / p['median_s']:.2f}x" if base else "-"
+        mb = np.median([r["bytes"] for r in p["rows"]]) / 1e6
+        ok = sum(r["top1_ok"] for r in p["rows"])
+        lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | {p['median_s'] * 1e3:.0f} | "
+                     f"{p['median_without_input_s'] * 1e3:.0f} | {ratio} | {mb:.3f} | "
+                     f"{ok}/{len(p['rows'])} | {p['loadavg'][0]:.2f} |")
+    (out / "plans_testbed.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plans_testbed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--leader")
+    p.add_argument("--bind")
+    p.add_argument("--model", default="mobilenet_v2:seed=0")
+    p.add_argument("--bandwidths", default="1,10,100,1000")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("-k", type=float, default=8.0, help="device slowdown vs one host core")
+    p.add_argument("--cap", type=float, default=60.0, help="per-request time cap, s")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return agent(args) if args.agent else drive(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

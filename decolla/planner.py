@@ -1,0 +1,235 @@
+"""The `auto` planner: a cost model of stage time and a dynamic programme over stage cuts.
+
+Cost model (star network around the requester, full duplex):
+  a chunk's input is sent after the previous chunk's (bytes x wire itemsize / 4 / bandwidth
+  + a per-message overhead); its device computes it (MACs / MAC/s of each layer kind)
+  once the input has arrived and the device is free; results come back one after the
+  other on the downlink. A stage's time is when its last result has arrived. With
+  ``shared_link=0`` every device has its own link of that bandwidth (the testbed shapes
+  device links, not the requester's): transfers to different devices overlap and only
+  the per-message overhead is serial at the requester.
+  With ``local=True`` a single-chunk stage runs on the requester's own device: no bytes,
+  no message overhead (for runtimes that host a worker beside the requester).
+The planner cuts the layer list only at clean boundaries (one tensor hands over) and for
+each segment tries: one spatial stage with k row strips (k = 1 .. devices; k = 1 keeps
+the segment on one device), or, for short segments (<= 4 layers), channel stages of the
+`block` plan (partial sums) or of the `fused` plan (gathered input) with k chunks; a
+dynamic programme picks the cheapest sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from decolla import plan as planmod
+
+# Pi-4-class core (Cortex-A72, one thread, numpy/Cython kernels), MAC/s per layer kind.
+PI_CORE = {"conv3x3": 1.2e9, "pwconv": 1.6e9, "dwconv3x3": 0.45e9, "gap": 0.5e9, "linear": 1.0e9}
+ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+
+
+@dataclass
+class Profile:
+    """What the cost model knows about the devices and the network."""
+    devices: int = 3
+    bandwidth_mbit: float = 100.0
+    overhead_s: float = 0.002            # per message (send or result): Thespian + TCP + codec
+    macs_per_s: dict = field(default_factory=lambda: dict(PI_CORE))
+    wire_dtype: str = "float16"
+    compression: float = 1.0             # expected lz4 ratio on the wire (1 = none)
+    local: bool = False
+    shared_link: bool = True             # False: each device has its own link of that bandwidth
+    max_span: int = 40                   # longest segment (layers) tried as one spatial stage
+
+    @classmethod
+    def from_options(cls, opts: dict, k: int | None = None) -> "Profile":
+        """Profile from plan options (bandwidth_mbit, devices, overhead_ms, gmacs, wire_dtype,
+        compression, local); `devices` defaults to `k`."""
+        p = cls()
+        if k is not None:
+            p.devices = int(k)
+        for key, val in opts.items():
+            if key == "overhead_ms":
+                p.overhead_s = float(val) / 1e3
+            elif key == "gmacs":          # scale all kinds so pwconv runs at `gmacs` GMAC/s
+                f = float(val) * 1e9 / PI_CORE["pwconv"]
+                p.macs_per_s = {kk: v * f for kk, v in PI_CORE.items()}
+            elif key in ("bandwidth_mbit", "compression"):
+                setattr(p, key, float(val))
+            elif key in ("devices", "max_span"):
+                setattr(p, key, int(val))
+            elif key in ("local", "shared_link"):
+                setattr(p, key, str(val).lower() in ("1", "true", "yes"))
+            elif key == "wire_dtype":
+                if val not in ITEMSIZE:
+                    raise planmod.PlanError(f"wire_dtype must be one of {sorted(ITEMSIZE)}")
+                p.wire_dtype = val
+            else:
+                raise planmod.PlanError(f"unknown auto-plan option {key!r}")
+        if p.devices < 1 or p.bandwidth_mbit <= 0:
+            raise planmod.PlanError("devices must be >= 1 and bandwidth_mbit > 0")
+        return p
+
+    def wire_bytes(self, fp32_bytes: float) -> float:
+        return fp32_bytes * ITEMSIZE[self.wire_dtype] / 4 / self.compression
+
+    def seconds(self, fp32_bytes: float) -> float:
+        return self.wire_bytes(fp32_bytes) * 8 / (self.bandwidth_mbit * 1e6)
+
+
+def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof: Profile) -> float:
+    """Predicted compute time of one chunk on one device."""
+    t = 0.0
+    for j, name in enumerate(stage.layers):
+        s = specs[name]
+        rate = prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
+        if stage.split == "spatial":
+            a, b = chunk.layer_rows[j]
+            if s["kind"] in planmod.ROWWISE:
+                frac = (b - a) / s["out_shape"][0]
+            elif s["kind"] == "gap" and stage.reduce == "sum":
+                frac = (b - a) / s["in_shape"][0]
+            else:
+                frac = 1.0
+        else:                  # a channel chunk: its share of the first layer's outputs
+            frac = (chunk.c1 - chunk.c0) / specs[stage.layers[0]]["out_shape"][-1]
+        t += s["macs"] * frac / rate
+    return t
+
+
+def stage_seconds(stage: planmod.Stage, specs: dict, prof: Profile) -> float:
+    """Predicted wall time of a stage (see the module docstring)."""
+    comps = [chunk_seconds(stage, c, specs, prof) for c in stage.chunks]
+    if len(stage.chunks) == 1 and (prof.local or stage.local):
+        return comps[0]
+    o, n = prof.overhead_s, prof.devices
+    t, link, free, finish = 0.0, [0.0] * n, [0.0] * n, []
+    for i, (c, comp) in enumerate(zip(stage.chunks, comps)):
+        d = i % n
+        if prof.shared_link:          # one requester link: transfers one after the other
+            t += o + prof.seconds(c.cost.bytes_in)
+            arrive = t
+        else:                         # the requester's messages in turn, links in parallel
+            t += o
+            link[d] = max(t, link[d]) + prof.seconds(c.cost.bytes_in)
+            arrive = link[d]
+        free[d] = max(arrive, free[d]) + comp
+        finish.append((free[d], c.cost.bytes_out, d))
+    down = 0.0
+    for f, out, d in sorted(finish):
+        if prof.shared_link:
+            down = max(down, f) + o + prof.seconds(out)
+        else:
+            link[d] = max(link[d], f) + prof.seconds(out)
+            down = max(down, link[d]) + o
+    return down
+
+
+def _candidates(seg: list[dict], prof: Profile, single_block: bool):
+    """(label, groups) options for one segment of layers."""
+    yield "one device", [planmod.Group(seg, "spatial", 1)]
+    if planmod.split_tail(seg) is not None:
+        for k in range(2, prof.devices + 1):
+            yield f"spatial x{k}", [planmod.Group(seg, "spatial", k)]
+    if single_block:
+        for k in range(2, prof.devices + 1):
+            yield f"block x{k}", planmod.channel_groups(seg, "block", k)
+            yield f"gather x{k}", planmod.channel_groups(seg, "fused", k)
+
+
+def plan_groups(specs: list[dict], k: int, opts: dict):
+    """Groups of the cheapest plan under the cost model, and notes explaining it."""
+    prof = Profile.from_options(opts, k)
+    prof.devices = max(1, min(prof.devices, k))      # never more chunks per stage than k
+    by_name = {s["name"]: s for s in specs}
+    shapes = {"input": tuple(specs[0]["in_shape"])} | {s["name"]: tuple(s["out_shape"])
+                                                        for s in specs}
+    cuts = [0] + planmod.clean_cuts(specs)
+    if cuts[-1] != len(specs):
+        cuts.append(len(specs))
+    best = {0: (0.0, [], [])}          # cut position -> (seconds, groups, notes)
+    for j in range(1, len(cuts)):
+        end = cuts[j]
+        options = []
+        for i in range(j - 1, -1, -1):
+            start = cuts[i]
+            if start not in best:
+                continue
+            if end - start > prof.max_span and i < j - 1:
+                break
+            seg = specs[start:end]
+            prev = specs[start - 1]["name"] if start else "input"
+            base_t, base_g, base_n = best[start]
+            for label, groups in _candidates(seg, prof, single_block=len(seg) <= 4):
+                t, notes, p = 0.0, [], prev
+                for g in groups:
+                    st = _stage(g, p, shapes)
+                    ts = stage_seconds(st, by_name, prof)
+                    t += ts
+                    notes.append({"layers": [s["name"] for s in g.layers], "choice": label,
+                                  "split": st.split, "chunks": len(st.chunks),
+                                  "bytes": prof.wire_bytes(planmod.stage_bytes(st)),
+                                  "seconds": ts})
+                    p = st.output
+                options.append((base_t + t, base_g + groups, base_n + notes))
+        best[end] = min(options, key=lambda o: o[0])
+    t, groups, notes = best[len(specs)]
+    single = planmod.Group(specs, "spatial", 1)
+    prof_local = Profile(**{**asdict(prof), "local": True})
+    notes_out = {"profile": asdict(prof), "predicted_s": t, "stages": notes,
+                 "one_device_s": stage_seconds(_stage(single, "input", shapes), by_name,
+                                               prof_local)}
+    groups = _merge_singles(groups)
+    if prof.local:
+        for g in groups:
+            g.local = g.k == 1
+    return groups, notes_out
+
+
+def _stage(g: planmod.Group, prev: str, shapes: dict) -> planmod.Stage:
+    if g.split == "spatial":
+        return planmod._spatial_stage(0, g.layers, g.k, prev, shapes)
+    return planmod._channel_stage(0, g.layers, g.k, prev, shapes, g.psum)
+
+
+def _merge_singles(groups: list) -> list:
+    """Adjacent one-device stages become one (one round trip instead of several)."""
+    out: list = []
+    for g in groups:
+        if out and g.split == "spatial" and g.k == 1 and out[-1].split == "spatial" \
+                and out[-1].k == 1:
+            out[-1] = planmod.Group(out[-1].layers + g.layers, "spatial", 1)
+        else:
+            out.append(g)
+    return out
+
+
+def explain(plan: planmod.Plan, specs, prof: Profile | None = None) -> str:
+    """Human-readable table of a plan's stages: layers, split, chunks, bytes, predicted time."""
+    specs = [planmod._spec(s) for s in specs]
+    by_name = {s["name"]: s for s in specs}
+    if prof is None:
+        prof = Profile.from_options({k: v for k, v in plan.notes.get("profile", {}).items()
+                                     if k in ("devices", "bandwidth_mbit", "wire_dtype")})
+    lines = [f"plan {plan.name}: {len(plan.stages)} stages, {plan.num_chunks} chunks; "
+             f"{prof.devices} devices, {prof.bandwidth_mbit:g} Mb/s "
+             f"({'one shared link' if prof.shared_link else 'per device link'}), "
+             f"wire {prof.wire_dtype}, {prof.overhead_s * 1e3:g} ms/message",
+             f"{'#':>3} {'split':11} {'k':>2} {'bytes':>10} {'pred ms':>8}  layers"]
+    total_t = total_b = 0.0
+    for st in plan.stages:
+        b = prof.wire_bytes(planmod.stage_bytes(st))
+        t = stage_seconds(st, by_name, prof)
+        total_t += t
+        total_b += b
+        names = st.layers if len(st.layers) <= 3 else (st.layers[0], "...", st.layers[-1])
+        split = st.split + ("+sum" if st.reduce == "sum" else "")
+        lines.append(f"{st.index:>3} {split:11} {len(st.chunks):>2} {b:>10,.0f} {t * 1e3:>8.1f}  "
+                     f"{' '.join(names)} ({len(st.layers)} layers)")
+    single = planmod._spatial_stage(0, specs, 1, "input",
+                                    {"input": tuple(plan.input_shape)} |
+                                    {s["name"]: tuple(s["out_shape"]) for s in specs})
+    one = stage_seconds(single, by_name, Profile(**{**asdict(prof), "local": True}))
+    lines.append(f"total: {total_b / 1e6:.3f} MB on the wire (uncompressed), predicted "
+                 f"{total_t * 1e3:.1f} ms; one device alone: {one * 1e3:.1f} ms "
+                 f"(speed-up {one / max(total_t, 1e-9):.2f}x)")
+    return "\n".join(lines)
