@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 LABEL = {"mobile": "mobile-only", "partition": "partition-offloading",
          "hierarchical": "hierarchical", "decolla": "DeColla (layer plan)"}
 STYLE = {"mobile": "s-", "partition": "^-", "hierarchical": "o-", "decolla": "D-"}
+COLOR = {"mobile": "C0", "partition": "C1", "hierarchical": "C2", "decolla": "C3"}
 PANELS = {
     "a": ("a) latency vs bandwidth (30 % CPU usage)", "bandwidth (Mb/s)", "latency_median_s",
           "median latency (s)", True),
@@ -57,12 +58,11 @@ def plot(doc: dict, prefix: Path) -> list[Path]:
                 continue
             pts = [(x, y) for x, y, _ in data[m] if y is not None]
             if pts:
-                ax.plot(*zip(*pts), STYLE[m], label=LABEL[m])
+                ax.plot(*zip(*pts), STYLE[m], color=COLOR[m], label=LABEL[m])
             capped = [x for x, y, c in data[m] if y is None and c]
             if capped:
                 top = max([y for _, y, _ in sum(data.values(), []) if y is not None] or [1])
-                ax.plot(capped, [top] * len(capped), "x", color=ax.lines[-1].get_color()
-                        if pts else "k", label=f"{LABEL[m]}: capped ({doc['config']['cap_s']:.0f} s)")
+                ax.plot(capped, [top] * len(capped), "x", color=COLOR[m], label=f"{LABEL[m]}: capped ({doc['config']['cap_s']:.0f} s)")
         if logx:
             ax.set_xscale("log")
         if key == "latency_median_s":
@@ -78,7 +78,7 @@ def plot(doc: dict, prefix: Path) -> list[Path]:
             for m, pts in w.items():
                 pts = [(x, y) for x, y, _ in pts if y is not None]
                 if pts:
-                    ax2.plot(*zip(*pts), STYLE[m], label=LABEL[m])
+                    ax2.plot(*zip(*pts), STYLE[m], color=COLOR[m], label=LABEL[m])
             ax2.set_xlabel(xlabel)
             ax2.set_ylabel("median waiting latency per device (s)")
             ax2.set_title("e) waiting latency (device idle, from traces)", fontsize=10)
