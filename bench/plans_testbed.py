@@ -113,6 +113,7 @@ def drive(args) -> int:
         return 2
     bws = [float(b) for b in args.bandwidths.split(",")]
     doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "points": [],
+           "overhead_ms": args.overhead_ms,
            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     logs = Path("/tmp") / f"plans-testbed-{os.getpid()}"
     logs.mkdir(exist_ok=True)
@@ -143,7 +144,8 @@ def drive(args) -> int:
             for bw in bws:
                 for i in (1, 2, 3):
                     tb.set_bandwidth(f"dev{i}", bw)
-                plans = ["single", f"auto:bandwidth_mbit={bw:g},shared_link=0,gmacs={gmacs:.2f}"]
+                plans = ["single", f"auto:bandwidth_mbit={bw:g},shared_link=0,gmacs={gmacs:.2f},"
+                                   f"overhead_ms={args.overhead_ms:g}"]
                 if bw >= 100:
                     plans.append("spatial")
                 for plan in plans:
@@ -206,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("-k", type=float, default=8.0, help="device slowdown vs one host core")
     p.add_argument("--cap", type=float, default=60.0, help="per-request time cap, s")
+    p.add_argument("--overhead-ms", type=float, default=2.0,
+                   help="the auto planner's per-message cost (device message handling is slowed "
+                        "by the CPU quota too)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
