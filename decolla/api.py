@@ -99,7 +99,8 @@ class Client:
         caps = system.capabilities("requester", self.name, port, leader)
         self._asys = system.start_system(caps, bind)
         try:
-            self._registrar = self._find_registrar(connect_timeout)
+            self._registrar = system.wait_for_registrar(self._asys, self.leader, connect_timeout,
+                                                        ClusterError)
             from decolla.actors.requester import Requester
             self._requester = self._asys.createActor(
                 Requester, targetActorRequirements={system.CAP_NODE: self.name})
@@ -118,20 +119,6 @@ class Client:
             self.close()
             raise
 
-    def _find_registrar(self, timeout: float):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                addr = system.find_registrar(self._asys)
-                with self._asys.private() as ctx:
-                    if isinstance(ctx.ask(addr, StatusRequest(), 5), Membership):
-                        return addr
-            except Exception as exc:  # not yet in the convention, or leader not up yet
-                last = exc
-            time.sleep(0.2)
-        raise ClusterError(f"no DeColla leader answered at {self.leader} within {timeout:.0f} s"
-                           + (f" ({last})" if last else ""))
 
     # ------------------------------------------------------------ inference
     def infer(self, image, top: int = 5, timeout: float | None = None) -> Result:

@@ -73,10 +73,7 @@ class _Request:
 class Requester(ActorTypeDispatcher):
     """Per-client coordinator of inferences (lives in the client's actor system)."""
 
-    @staticmethod
-    def actorSystemCapabilityCheck(capabilities, requirements):
-        want = requirements.get(system.CAP_NODE)
-        return want is None or capabilities.get(system.CAP_NODE) == want
+    actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)

@@ -74,6 +74,31 @@ def find_registrar(asys):
                             globalName=REGISTRAR_NAME)
 
 
+def wait_for_registrar(asys, leader: str, timeout: float, error=TimeoutError):
+    """Address of the leader's registrar once it answers a status request; `error` after `timeout`."""
+    import time
+    from decolla.messages import Membership, StatusRequest
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            addr = find_registrar(asys)
+            with asys.private() as ctx:
+                if isinstance(ctx.ask(addr, StatusRequest(), 5), Membership):
+                    return addr
+        except Exception as exc:  # not yet in the convention, or leader not up yet
+            last = exc
+        time.sleep(0.2)
+    raise error(f"no DeColla leader answered at {leader} within {timeout:.0f} s"
+                + (f" ({last})" if last else ""))
+
+
+def on_named_node(capabilities: dict, requirements: dict) -> bool:
+    """Capability check placing an actor on the node its requirements name (anywhere if none)."""
+    want = requirements.get(CAP_NODE)
+    return want is None or capabilities.get(CAP_NODE) == want
+
+
 def parse_hostport(value: str) -> tuple[str, int]:
     """'host:port' -> (host, port) with a clear error."""
     host, sep, port = value.rpartition(":")

@@ -176,10 +176,7 @@ def segment_t1(seg: part.Segment, weights, cut_bytes, bandwidth_bps: float, slac
 class PipelineRequester(ActorTypeDispatcher):
     """Runs baseline inferences along routes of segment workers (lives in the client)."""
 
-    @staticmethod
-    def actorSystemCapabilityCheck(capabilities, requirements):
-        want = requirements.get(system.CAP_NODE)
-        return want is None or capabilities.get(system.CAP_NODE) == want
+    actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)

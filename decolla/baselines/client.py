@@ -85,7 +85,8 @@ class BaselineClient:
         self._asys = system.start_system(system.capabilities("requester", self.name, port, leader),
                                          bind)
         try:
-            self._registrar = self._find_registrar(connect_timeout)
+            self._registrar = system.wait_for_registrar(self._asys, self.leader, connect_timeout,
+                                                        ClusterError)
             from decolla.baselines.actors import PipelineRequester
             self._requester = self._asys.createActor(
                 PipelineRequester, targetActorRequirements={system.CAP_NODE: self.name})
@@ -100,20 +101,6 @@ class BaselineClient:
             self.close()
             raise
 
-    def _find_registrar(self, timeout: float):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                addr = system.find_registrar(self._asys)
-                with self._asys.private() as ctx:
-                    if isinstance(ctx.ask(addr, StatusRequest(), 5), Membership):
-                        return addr
-            except Exception as exc:   # leader not reachable yet
-                last = exc
-            time.sleep(0.2)
-        raise ClusterError(f"no DeColla leader answered at {self.leader} within {timeout:.0f} s"
-                           + (f" ({last})" if last else ""))
 
     def _membership(self, timeout: float = 10.0) -> Membership:
         with self._asys.private() as ctx:
