@@ -107,14 +107,12 @@ def _latency_stats(a: np.ndarray, n_live: np.ndarray) -> dict:
 
 
 class _Reference:
-    """A learned allocator's straightforward implementation (`assign_reference`), as a timing baseline."""
+    """Another implementation of a learned allocator (`assign_reference`: the straightforward
+    Planner code; `assign_numpy`: the numpy fast path), as a timing baseline."""
     name = "learned-reference"
 
-    def __init__(self, alloc):
-        self.alloc = alloc
-
-    def assign(self, stage, chunks, devices):
-        return self.alloc.assign_reference(stage, chunks, devices)
+    def __init__(self, alloc, method: str = "assign_reference"):
+        self.assign = getattr(alloc, method)
 
 
 def concurrent_tasks(alloc, cases, n_tasks, repeats: int = 20) -> dict:
@@ -299,6 +297,11 @@ def _markdown(res: dict) -> str:
         lines += ["", f"drl-es decision median {fast['median_us']:.0f} µs vs {ref['median_us']:.0f} µs for the "
                   f"straightforward implementation of the same policy in the same run "
                   f"({ref['median_us'] / fast['median_us']:.1f}× faster; same decisions)."]
+    npy = res["decision_latency"].get("drl-es/numpy")
+    if npy and fast:
+        lines += ["", f"drl-es decision path: {fast.get('implementation', '?')}; the numpy fast path "
+                  f"(`assign_numpy`) takes {npy['median_us']:.0f} µs median, p99 {npy['p99_us']:.0f} µs, in the "
+                  f"same run ({npy['median_us'] / fast['median_us']:.1f}× the time of `assign`)."]
     if "decision_latency_load_average" in res:
         before, after = res["decision_latency_load_average"]
         lines += ["", f"Decision latency: wall time of one assign() call (one stage, K chunks) over 200 "
@@ -314,7 +317,9 @@ def scheduling_runtime(allocs: dict, drl_es_policy: str, heldout, cfg, quick: bo
     for alloc in allocs.values():   # warm-up: first calls import and allocate
         decision_latency(alloc, cases[:20], repeats=1)
     # Baseline in the same run: the straightforward (Planner-based) implementation of the same policy.
-    lat = decision_latencies({**allocs, "drl-es/reference": _Reference(allocs["drl-es"])}, cases, repeats=5)
+    lat = decision_latencies({**allocs, "drl-es/reference": _Reference(allocs["drl-es"]),
+                              "drl-es/numpy": _Reference(allocs["drl-es"], "assign_numpy")}, cases, repeats=5)
+    lat["drl-es"]["implementation"] = "compiled" if getattr(allocs["drl-es"], "compiled", False) else "numpy"
     tasks = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64, 128)
     conc = {name: concurrent_tasks(allocs[name], cases, tasks, repeats=10 if quick else 30)
             for name in ("drl-es", "eft", "least", "random")}

@@ -5,8 +5,9 @@ shared by all slots (so it works for any number of devices up to M_c); the chunk
 goes to the best live slot, the slot's queue estimates are updated, and the next
 chunk is scored. `Planner` holds that per-stage bookkeeping and builds the slot
 features; training (decolla.policy) uses the very same code on batches.
-`LearnedAllocator.assign` is a rearranged fast path that takes the same decisions
-(checked against `assign_reference`, the Planner-based version, in the tests).
+`LearnedAllocator.assign` runs the compiled kernel decolla.kernels.policy when it is
+built and otherwise `assign_numpy`, a rearranged numpy fast path; all of them take the
+same decisions as `assign_reference`, the Planner-based version (checked in the tests).
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ import numpy as np
 
 from decolla.allocators import (KINDS, MIN_AVAILABLE, ChunkCost, DeviceState, ScalarPlan, StageInfo,
                                 live_devices, place_chunk, resource)
+
+try:
+    from decolla.kernels import load as _load_kernel
+    _KERNEL = _load_kernel("policy")
+except ImportError:     # not built: the numpy path decides
+    _KERNEL = None
 
 FEATURE_VERSION = 1
 N_STAGE = len(KINDS) + 2
@@ -116,7 +123,11 @@ class LearnedAllocator:
     """Allocator running an exported DRL/ES/DRL-ES policy (.npz) with numpy."""
     name = "learned"
 
-    def __init__(self, path):
+    def __init__(self, path, compiled: bool | None = None):
+        """Load the policy `path`; compiled: use the Cython kernel (None: when it is built)."""
+        if compiled and _KERNEL is None:
+            raise ImportError("decolla.kernels.policy is not built: run `pip install --no-build-isolation -e .`")
+        self.compiled = _KERNEL is not None if compiled is None else bool(compiled)
         with np.load(path) as z:
             self.params = {k: z[k].astype(np.float64) for k in ("w0", "b0", "w1", "b1", "w2", "b2")}
             self.m_c = int(z["m_c"])
@@ -150,6 +161,10 @@ class LearnedAllocator:
         self._w2 = np.ascontiguousarray(self.params["w2"][:, 0])
         self._log_mc = math.log(max(self.m_c, 2))
         self._onehot = {kd: tuple(float(i == j) for j in range(len(KINDS))) for i, kd in enumerate(KINDS)}
+        p = self.params
+        self._k_w = (np.ascontiguousarray(p["w0"]), np.ascontiguousarray(p["b0"]),
+                     np.ascontiguousarray(p["w1"]), np.ascontiguousarray(p["b1"]),
+                     np.ascontiguousarray(p["w2"][:, 0]), float(p["b2"][0]))
 
     def slots(self, devices: Sequence[DeviceState]) -> list[DeviceState]:
         """The live devices the policy sees: the M_c with the most available compute."""
@@ -158,6 +173,45 @@ class LearnedAllocator:
 
     def assign(self, stage: StageInfo, chunks: Sequence[ChunkCost],
                devices: Sequence[DeviceState]) -> list[str]:
+        """A live device name for each chunk (compiled kernel when available, else numpy)."""
+        if self.compiled:
+            return self.assign_compiled(stage, chunks, devices)
+        return self.assign_numpy(stage, chunks, devices)
+
+    def assign_compiled(self, stage: StageInfo, chunks: Sequence[ChunkCost],
+                        devices: Sequence[DeviceState]) -> list[str]:
+        """`assign` through the Cython kernel: the whole sequential decision loop in C."""
+        devs = self.slots(devices)
+        if len(devs) == 1:          # no choice to make
+            return [devs[0].name] * len(chunks)
+        if not chunks:
+            return []
+        n = len(devs)
+        ref = max(max(d.speed for d in devs), 1e-30)
+        uplink = float(stage.uplink)
+        finite = math.isfinite(uplink)
+        rows = []
+        for d in devs:
+            a = min(max(d.available, 0.0), 1.0)
+            bw = float(d.bandwidth)
+            loc = math.isinf(bw)
+            rows.append((max(d.speed * max(a, MIN_AVAILABLE), 1e-30), math.inf if loc else min(bw, uplink),
+                         bw, d.latency, loc, finite and not loc, d.busy_s, a, d.speed / ref))
+        dev = np.array(rows, dtype=float)
+        ch = np.array([(c.macs, c.bytes_in, c.bytes_out) for c in chunks], dtype=float)
+        tot_macs = float(sum(c.macs for c in chunks))
+        tot_in = float(sum(c.bytes_in for c in chunks))
+        sv = np.array((*self._onehot.get(stage.kind, self._onehot[KINDS[-1]]),
+                       stage.index / max(stage.num_stages - 1, 1),
+                       math.log10(max(tot_in, 1.0) / max(tot_macs, 1.0)) / 3.0))
+        out = np.empty(len(chunks), dtype=np.int64)
+        scratch = np.empty(_KERNEL.scratch_size(n, self._k_w[0].shape[1]))
+        _KERNEL.decide(dev, ch, sv, ref, math.log(n) / self._log_mc, *self._k_w, out, scratch)
+        return [devs[i].name for i in out.tolist()]
+
+    def assign_numpy(self, stage: StageInfo, chunks: Sequence[ChunkCost],
+                     devices: Sequence[DeviceState]) -> list[str]:
+        """`assign` in numpy (the fallback when the kernel is not built)."""
         # Same decisions as assign_reference with few numpy calls, whose overhead (not the
         # arithmetic) dominates for a handful of devices. Placement is sequential (each
         # chunk's features depend on where the earlier ones went), so the policy is scored
