@@ -1,6 +1,7 @@
-"""Paper Fig. 6 on the testbed: DeColla vs mobile-only, partition-offloading and hierarchical.
+"""Paper Fig. 6 on the testbed: DeColla (layer plan, and the `auto` plan at the sweep's
+bandwidth) vs mobile-only, partition-offloading and hierarchical.
 
-    sudo .venv/bin/python -m bench.fig6 --quick                 # ≤ 20 min, reduced model/points
+    sudo .venv/bin/python -m bench.fig6 --quick                 # ≈ 10 min, reduced model/points
     sudo .venv/bin/python -m bench.fig6 --model mobilenet_v1    # full sweeps, repeats 10 (hours)
 
 3 emulated devices (network namespace + tc tbf + cgroup CPU quota calibrated so the whole
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import re
@@ -36,7 +38,7 @@ from bench.testbed import Testbed, check_environment
 log = structlog.get_logger("fig6")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-METHODS = ("mobile", "partition", "hierarchical", "decolla")
+METHODS = ("mobile", "partition", "hierarchical", "decolla", "auto")
 
 FULL = {
     "spec": "{arch}:seed=0",
@@ -131,8 +133,10 @@ class Fig6:
     """Brings the testbed up, runs the sweeps, writes results."""
 
     def __init__(self, arch: str, quick: bool, k: float, out: Path, only: str,
-                 spec: str | None = None, cap_s: float | None = None):
+                 spec: str | None = None, cap_s: float | None = None,
+                 methods: tuple = METHODS):
         self.arch, self.quick, self.k, self.only = arch, quick, k, only
+        self.methods = tuple(m for m in METHODS if m in methods)
         self.cfg = dict(QUICK if quick else FULL)
         if cap_s:
             self.cfg["cap_s"] = cap_s
@@ -144,6 +148,7 @@ class Fig6:
         self.png_prefix = out / tag
         self.doc: dict = {"figure": "paper Fig. 6", "mode": "quick" if quick else "full",
                           "model": self.spec, "config": self.cfg, "sweeps": {},
+                          "methods": list(self.methods),
                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.state = {"bw": None, "loads": {}}
 
@@ -161,7 +166,8 @@ class Fig6:
             tb.add_host(f"dev{i}", bandwidth_mbit=20, cpu_quota=cal.quota, background_load=0.3)
             self.state["loads"][f"dev{i}"] = 0.3
         self.state["bw"] = 20
-        edge_quota = round(min(1.0, tb.cpu_budget - 3 * cal.quota), 3)
+        # rounded down: rounding up could exceed the budget left by the devices
+        edge_quota = math.floor(min(1.0, tb.cpu_budget - 3 * cal.quota) * 1000) / 1000
         tb.add_host("edge", role="edge", cpu_quota=edge_quota)
         req = tb.add_host("requester", role="requester")
         logs = Path("/tmp") / f"fig6-{tb.run}"
@@ -187,6 +193,7 @@ class Fig6:
               flush=True)
         self.doc["calibration"] = cal.as_dict()
         self.doc["edge_quota_cores"] = edge_quota
+        self.doc["status"] = self.agent("status")
 
     def set_net(self, bw: float) -> None:
         if self.state["bw"] != bw:
@@ -230,7 +237,7 @@ class Fig6:
         sweeps = [s for s in "abdef" if self.only in ("", s) or s in self.only]
         if "a" in sweeps:                      # (a) and (c): latency / variance vs bandwidth
             self.set_loads(all_loads)
-            todo = [(bw, m) for bw in c["bandwidths"] for m in METHODS]
+            todo = [(bw, m) for bw in c["bandwidths"] for m in self.methods]
             with tqdm(todo, desc="(a,c) bandwidth", file=sys.stderr) as bar:
                 skip = set()
                 for bw, m in sorted(todo, key=lambda t: -t[0]):   # fast points first
@@ -249,7 +256,7 @@ class Fig6:
                     bar.update()
         if "b" in sweeps:                      # (b) latency vs CPU usage at 20 Mb/s
             self.set_net(20)
-            todo = [(ld, m) for ld in c["loads"] for m in METHODS]
+            todo = [(ld, m) for ld in c["loads"] for m in self.methods]
             with tqdm(todo, desc="(b) cpu usage", file=sys.stderr) as bar:
                 for ld, m in todo:
                     self.set_loads({f"dev{i}": ld for i in (1, 2, 3)})
@@ -258,14 +265,15 @@ class Fig6:
         if "d" in sweeps:                      # (d) variance vs concurrent requests
             self.set_net(20)
             self.set_loads(all_loads)
-            todo = [(n, m) for n in c["concurrency"] for m in METHODS]
+            todo = [(n, m) for n in c["concurrency"] for m in self.methods]
             with tqdm(todo, desc="(d) concurrency", file=sys.stderr) as bar:
                 for n, m in todo:
                     self.record("d", n, m, self.measure(m, c["round_repeats"], n), bar)
                     bar.update()
         if "e" in sweeps:                      # (e) one collaborator's CPU usage rises
             self.set_net(20)
-            todo = [(ld, m) for ld in c["one_load"] for m in ("hierarchical", "decolla")]
+            todo = [(ld, m) for ld in c["one_load"]
+                    for m in ("hierarchical", "decolla", "auto") if m in self.methods]
             with tqdm(todo, desc="(e) one device loaded", file=sys.stderr) as bar:
                 for ld, m in todo:
                     self.set_loads({**all_loads, "dev2": ld})
@@ -278,7 +286,8 @@ class Fig6:
 
     def faults(self, c: dict) -> None:
         rng = np.random.default_rng(6)
-        todo = [(n, m) for n in c["faults"] for m in ("hierarchical", "decolla")]
+        todo = [(n, m) for n in c["faults"]
+                for m in ("hierarchical", "decolla", "auto") if m in self.methods]
         base: dict = {}
         with tqdm(todo, desc="(f) disconnections", file=sys.stderr) as bar:
             for n, m in todo:
@@ -309,12 +318,25 @@ class Fig6:
                     self.agent("wait", n=3, timeout=120, reply_timeout=200)
                     # the hosts rejoined: fresh segment workers, as the registrar restarts
                     # the runtime's Workers of a device that rejoins
-                    self.agent("prepare", reprofile=False, fresh=True, reply_timeout=200)
+                    self.reprepare()
                 point = {"inferences": rows, "rounds": rounds, "faults": events,
                          "capped": any(r.get("timeout") for r in rows)}
                 point["summary"] = summarize(point)
                 self.record("f", n, m, point, bar)
                 bar.update()
+
+    def reprepare(self, attempts: int = 3) -> None:
+        """Fresh segment workers after a rejoin; retried, as the first create right after a
+        link comes back can go to the device's stale admin address."""
+        for i in range(attempts):
+            try:
+                self.agent("prepare", reprofile=False, fresh=True, reply_timeout=200)
+                return
+            except AgentError as exc:
+                if i == attempts - 1:
+                    raise
+                log.warning("prepare after rejoin failed; retrying", error=str(exc)[:200])
+                time.sleep(5.0)
 
     def finish(self) -> None:
         self.doc["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -331,6 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="reduced model, points and repeats (≤ 20 min)")
     p.add_argument("--model", default="mobilenet_v2", choices=("mobilenet_v2", "mobilenet_v1"))
     p.add_argument("-k", type=float, default=8.0, help="device slowdown vs one host core")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="subset of methods, e.g. 'mobile,hierarchical,auto'")
     p.add_argument("--only", default="", help="subset of sweeps, e.g. 'af' ((c) comes with (a))")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--spec", default=None,
@@ -343,7 +367,8 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
-    fig = Fig6(args.model, args.quick, args.k, args.out, args.only, args.spec, args.cap)
+    fig = Fig6(args.model, args.quick, args.k, args.out, args.only, args.spec, args.cap,
+               tuple(args.methods.split(",")))
     t0 = time.monotonic()
     with Testbed(prefix="dcf6") as tb:
         fig.up(tb)

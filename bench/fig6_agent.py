@@ -1,11 +1,14 @@
 """The requester side of bench.fig6: runs inside the testbed's requester host.
 
-It joins the cluster twice — a DeColla `Client` (layer plan) and a `BaselineClient` — and
+It joins the cluster as a DeColla `Client` (layer plan), a `BaselineClient`, and for method
+`auto` one more `Client` with plan `auto:bandwidth_mbit=B,shared_link=0` (B = the run's
+bandwidth; the testbed shapes each device link, hence shared_link=0; one such client at a
+time, replaced when the bandwidth changes) — and
 answers JSON commands, one per stdin line, with one JSON line on stdout (logs go to stderr):
 
   {"cmd": "wait", "n": 3, "timeout": 60}             devices ready
   {"cmd": "prepare", "reprofile": true}               (re)profile every host for the baselines
-  {"cmd": "run", "method": "decolla"|"mobile"|"partition"|"hierarchical",
+  {"cmd": "run", "method": "decolla"|"auto"|"mobile"|"partition"|"hierarchical",
    "bandwidth": 20, "repeats": 3, "concurrency": 1, "cap_s": 60}
   {"cmd": "quit"}
 
@@ -64,6 +67,26 @@ class Agent:
                                         bind=args.bind, request_timeout=args.cap)
         self.devices = sorted(self.baselines.wait_for_devices(args.devices, 120))
         self.images: dict[int, tuple] = {}
+        self.auto, self.auto_bw = None, None
+
+    def auto_client(self, bandwidth: float):
+        """The `auto`-plan client for this bandwidth (the planner needs it in the plan name)."""
+        from decolla.api import Client
+        if self.auto is None or self.auto_bw != bandwidth:
+            if self.auto is not None:
+                self.auto.close()
+            self.auto = None
+            self.auto = Client(self.args.leader, name=f"auto-{bandwidth:g}", bind=self.args.bind,
+                               plan=f"auto:bandwidth_mbit={bandwidth:g},shared_link=0",
+                               k=self.args.devices, allocator=self.args.allocator,
+                               request_timeout=self.args.cap, min_devices=self.args.devices,
+                               connect_timeout=120)
+            self.auto_bw = bandwidth
+        return self.auto
+
+    def status(self) -> dict:
+        """The cluster's device list as the leader reports it (calibrated speed included)."""
+        return self.decolla.status()
 
     def image(self, seed: int):
         if seed not in self.images:
@@ -88,6 +111,8 @@ class Agent:
         try:
             if method == "decolla":
                 r = self.decolla.infer(x, timeout=cap + 10)
+            elif method == "auto":
+                r = self.auto_client(bandwidth).infer(x, timeout=cap + 10)
             else:
                 r = self.baselines.infer(x, method, bandwidth_mbit=bandwidth,
                                          devices=self.devices, timeout=cap, t1_floor=t1_floor)
@@ -105,7 +130,7 @@ class Agent:
                "waiting_s": metrics.waiting(r.trace, self.devices, delivery),
                "busy_s": metrics.busy_seconds([r.trace], self.devices),
                "retries": sum(1 for rec in r.trace.records if rec.attempt > 0)}
-        for key in ("route", "split", "replans", "failed", "device"):
+        for key in ("route", "split", "replans", "failed", "device", "stages"):
             if key in r.stats:
                 row[key] = r.stats[key]
         return row, r.trace
@@ -133,9 +158,10 @@ class Agent:
                 "capped": any(r.get("timeout") for r in rows)}
 
     def close(self) -> None:
-        for c in (self.baselines, self.decolla):
+        for c in (self.baselines, self.decolla, self.auto):
             try:
-                c.close()
+                if c is not None:
+                    c.close()
             except Exception:
                 pass
 

@@ -14,9 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LABEL = {"mobile": "mobile-only", "partition": "partition-offloading",
-         "hierarchical": "hierarchical", "decolla": "DeColla (layer plan)"}
-STYLE = {"mobile": "s-", "partition": "^-", "hierarchical": "o-", "decolla": "D-"}
-COLOR = {"mobile": "C0", "partition": "C1", "hierarchical": "C2", "decolla": "C3"}
+         "hierarchical": "hierarchical", "decolla": "DeColla (layer plan)",
+         "auto": "DeColla (auto plan)"}
+ORDER = ("mobile", "partition", "hierarchical", "decolla", "auto")
+STYLE = {"mobile": "s-", "partition": "^-", "hierarchical": "o-", "decolla": "D-", "auto": "*-"}
+COLOR = {"mobile": "C0", "partition": "C1", "hierarchical": "C2", "decolla": "C3", "auto": "C4"}
 PANELS = {
     "a": ("a) latency vs bandwidth (30 % CPU usage)", "bandwidth (Mb/s)", "latency_median_s",
           "median latency (s)", True),
@@ -53,7 +55,7 @@ def plot(doc: dict, prefix: Path) -> list[Path]:
         ncols = 2 if panel == "e" else 1
         fig, axes = plt.subplots(1, ncols, figsize=(6.4 * ncols, 4.2), squeeze=False)
         ax = axes[0][0]
-        for m in ("mobile", "partition", "hierarchical", "decolla"):
+        for m in ORDER:
             if m not in data:
                 continue
             pts = [(x, y) for x, y, _ in data[m] if y is not None]
@@ -109,6 +111,10 @@ def table(doc: dict) -> str:
         lines.append(f"Devices: quota {cal.get('quota')} cores -> whole-model forward "
                      f"{cal.get('achieved_slowdown', 0):.1f}x slower than one host core "
                      f"(target {cal.get('k')}x). Edge quota {doc.get('edge_quota_cores')} cores.")
+    speeds = [d.get("speed_gmacs") for d in (doc.get("status") or {}).get("devices", [])]
+    if speeds:
+        lines.append(f"Devices' start-up speed check as `Client.status()` reports it: "
+                     f"{', '.join(f'{v:g}' for v in speeds)} GMAC/s.")
     lines.append("Cells: median latency s (ok/n; `cap` = hit the time cap; `!` = a wrong output).")
     lines.append("")
     for panel, (title, xlabel, key, ylabel, _) in PANELS.items():
@@ -116,7 +122,7 @@ def table(doc: dict) -> str:
         if not data:
             continue
         pts = doc["sweeps"]["a" if panel == "c" else panel]
-        methods = [m for m in ("mobile", "partition", "hierarchical", "decolla") if m in data]
+        methods = [m for m in ORDER if m in data]
         xs = sorted({p["x"] for p in pts})
         lines += [f"## {title}", "", f"| {xlabel} | " + " | ".join(LABEL[m] for m in methods) + " |",
                   "|---" * (len(methods) + 1) + "|"]
