@@ -229,10 +229,15 @@ class AverageAllocator:
     """Chunks dealt round-robin over live devices (the paper's Average)."""
     name = "average"
 
+    def __init__(self):
+        self._next = 0
+
     def assign(self, stage, chunks, devices):
         live = live_devices(devices)
-        # Start where the previous stage left off so counts stay even over a request.
-        off = stage.index * len(chunks)
+        # Continue where the previous call left off, so counts stay even over a request and
+        # one-chunk stages (whole requests) rotate over the devices instead of all going to the first.
+        off = self._next
+        self._next += len(chunks)
         return [live[(off + j) % len(live)].name for j in range(len(chunks))]
 
 

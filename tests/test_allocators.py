@@ -188,3 +188,11 @@ def test_registry():
     assert set(ALLOCATOR_NAMES) == {"random", "average", "least", "proportional", "eft", "learned"}
     with pytest.raises(ValueError):
         make_allocator("nope")
+
+
+def test_average_rotates_one_chunk_stages_over_devices():
+    alloc = make_allocator("average")
+    picks = [alloc.assign(StageInfo(0, 1, "pwconv"), [ChunkCost(1, 1, 1)], _devs())[0]
+             for _ in range(6)]
+    live = [d.name for d in _devs() if d.alive]
+    assert set(picks) == set(live)
