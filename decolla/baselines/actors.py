@@ -159,6 +159,7 @@ class _Pipe:
         self.failed: set[str] = set()
         self.records: list[ChunkRecord] = []
         self.current: ChunkRecord | None = None
+        self.early_final = None        # (SegmentDone, sender) of the last hop, before earlier hops reported
         self.deadline = 0.0
         self.used: list = []
         self.replans = 0
@@ -278,6 +279,12 @@ class PipelineRequester(ActorTypeDispatcher):
         pipe = self.pipes.get(msg.request)
         if pipe is None:
             return
+        if (msg.logits is not None and not msg.error and msg.epoch == pipe.epoch
+                and msg.hop > pipe.hop):
+            # Hops forward device to device, so the last hop's answer can overtake an earlier
+            # hop's report: keep it until the trace has caught up (or t1 passes).
+            pipe.early_final = (msg, sender)
+            return
         now = time.time()
         rec = pipe.current
         if msg.epoch == pipe.epoch and msg.hop == pipe.hop and rec is not None:
@@ -299,6 +306,10 @@ class PipelineRequester(ActorTypeDispatcher):
         pipe.hop += 1
         if pipe.hop < len(pipe.route):
             self._begin_hop(pipe)
+            early = pipe.early_final
+            if early is not None and early[0].hop == pipe.hop:
+                pipe.early_final = None
+                self.receiveMsg_SegmentDone(*early)
 
     def _replan(self, pipe: _Pipe) -> None:
         m, seg = pipe.msg, pipe.route[pipe.hop]
@@ -372,6 +383,8 @@ class PipelineRequester(ActorTypeDispatcher):
         for pipe in list(self.pipes.values()):
             if now > pipe.timeout_at:
                 self._fail(pipe, f"timed out after {pipe.msg.timeout_s:.0f} s")
+            elif pipe.early_final is not None and now > pipe.deadline:
+                self._finish(pipe, wire.decode(pipe.early_final[0].logits))  # reports lost; answer is here
             elif pipe.msg.replan and now > pipe.deadline:   # only hierarchical watches t1
                 log.info("hop missed t1", request=pipe.msg.request, hop=pipe.hop,
                          device=pipe.route[pipe.hop].device)
