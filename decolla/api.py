@@ -27,7 +27,7 @@ import numpy as np
 
 from decolla.actors import system
 from decolla.actors.requester import check_image
-from decolla.messages import (ConfigureRequester, InferError, InferReply, InferRequest,
+from decolla.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
 from decolla.trace import Trace
 
@@ -121,18 +121,26 @@ class Client:
 
 
     # ------------------------------------------------------------ inference
-    def infer(self, image, top: int = 5, timeout: float | None = None) -> Result:
+    def infer(self, image, top: int = 5, timeout: float | None = None,
+              on_event=None) -> Result:
         """Logits, top-k, latency and per-chunk trace for one image (H, W, 3).
 
-        Raises TypeError/ValueError for a bad image, InferenceError if the cluster fails.
+        `on_event(dict)`, if given, is called in this thread for every chunk sent, won,
+        reassigned or failed, as it happens. Raises TypeError/ValueError for a bad image,
+        InferenceError if the cluster fails.
         """
         image = check_image(image, self.input_shape)
         with self._lock:
             rid = f"{self.name}/{next(self._ids)}"
         wait = timeout if timeout is not None else self.request_timeout + 15
         t0 = time.perf_counter()
+        deadline = time.monotonic() + wait
         with self._asys.private() as ctx:
-            reply = ctx.ask(self._requester, InferRequest(rid, image, top), wait)
+            reply = ctx.ask(self._requester, InferRequest(rid, image, top, on_event is not None),
+                            wait)
+            while isinstance(reply, ChunkEvent):
+                on_event(reply.as_dict())
+                reply = ctx.listen(max(0.0, deadline - time.monotonic()))
         latency = time.perf_counter() - t0
         if reply is None:
             raise InferenceError(f"request {rid}: no answer within {wait:.0f} s")

@@ -228,7 +228,26 @@ class InferRequest(Message):
     request: str
     image: Any                    # numpy array (H, W, 3)
     top_k: int = 5
+    events: bool = False          # also send ChunkEvent messages while the request runs
     _show = ("request",)
+
+
+@dataclass(repr=False)
+class ChunkEvent(Message):
+    """Progress of one request, sent to its caller as it happens (when asked for)."""
+    request: str
+    kind: str                     # 'sent', 'won', 'reassigned', 'failed'
+    stage: int
+    chunk: int
+    device: str
+    reason: str = ""
+    time: float = 0.0
+    _show = ("request", "kind", "stage", "chunk", "device")
+
+    def as_dict(self) -> dict:
+        return {"request": self.request, "kind": self.kind, "stage": self.stage,
+                "chunk": self.chunk, "device": self.device, "reason": self.reason,
+                "time": self.time}
 
 
 @dataclass(repr=False)

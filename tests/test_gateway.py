@@ -274,6 +274,8 @@ def test_local_cluster_serves_then_reports_dead_devices_as_503(catalog):
         res = r.json()
         assert res["backend"]["kind"] == "local-cluster"
         assert set(res["trace"]["devices"]) == {"dev1", "dev2"}
+        # chunk events were published live, one start and one done per chunk computed
+        assert gw.hub.counters["chunk"] >= 2 * len(res["trace"]["chunks"]) > 0
         expected = reference_forward(catalog["mobilenet_v2"].model,
                                      pp.preprocess(pp.decode(files["image"][1]), "imagenet", 32))
         assert res["top"][0]["index"] == int(np.argmax(expected))

@@ -111,6 +111,18 @@ def test_logits_equal_single_process_reference(cluster, tmp_path):
     assert sum(1 for e in events if e.get("ph") == "X" and e.get("pid") == 1) > len(won)
 
 
+def test_live_events_follow_the_trace(cluster):
+    events = []
+    r = cluster.infer(image(5), on_event=events.append)
+    assert rel_err(r.logits, ref(5)) <= 1e-5
+    won = {(e["stage"], e["chunk"], e["device"]) for e in events if e["kind"] == "won"}
+    traced = {(c.stage, c.chunk, c.device) for c in r.trace.records if c.status == "won"}
+    assert won == traced and won
+    sent = [e for e in events if e["kind"] in ("sent", "reassigned")]
+    assert len(sent) == len(r.trace.records)
+    assert all(e["request"] == r.request for e in events)
+
+
 def test_twenty_concurrent_requests_all_correct(cluster):
     seeds = list(range(20))
     with ThreadPoolExecutor(20) as pool:

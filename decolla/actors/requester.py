@@ -23,7 +23,7 @@ from decolla import wire
 from decolla.actors import system
 from decolla.allocators import NoLiveDevice, StageInfo, make_allocator
 from decolla.log import get_logger
-from decolla.messages import (Cancel, ChunkFailed, ChunkJob, ChunkResult, ChunkResults,
+from decolla.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult, ChunkResults,
                               ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, Ready, StageWork, Subscribe, Unsubscribe)
 from decolla.supervisor import Supervisor
@@ -56,8 +56,9 @@ class _Attempt:
 
 
 class _Request:
-    def __init__(self, rid, reply_to, plan, image, top_k, timeout_s):
+    def __init__(self, rid, reply_to, plan, image, top_k, timeout_s, events=False):
         self.id, self.reply_to, self.plan, self.top_k = rid, reply_to, plan, top_k
+        self.events = events
         self.tensors = {"input": image}
         self.stage = 0
         self.slots: list = []
@@ -154,7 +155,8 @@ class Requester(ActorTypeDispatcher):
             except planmod.PlanError as exc:
                 self.send(sender, InferError(msg.request, f"bad plan: {exc}", "input"))
                 return
-        req = _Request(msg.request, sender, plan, image, msg.top_k, self.cfg.request_timeout)
+        req = _Request(msg.request, sender, plan, image, msg.top_k, self.cfg.request_timeout,
+                       getattr(msg, "events", False))
         self.requests[req.id] = req
         self._start_stage(req)
         self._ensure_tick()
@@ -269,6 +271,16 @@ class Requester(ActorTypeDispatcher):
             req.records.append(rec)
         stub = dataclasses.replace(stage, chunks=())
         self.send(self.workers[dev], StageWork(req.id, stub, jobs, blobs, cfg.wire_dtype))
+        for c in chunks:
+            self._event(req, "reassigned" if len(req.attempts[c.index]) > 1 else "sent",
+                        stage.index, c.index, dev, reason)
+
+    def _event(self, req: _Request, kind: str, stage: int, chunk: int, device: str,
+               reason: str = "") -> None:
+        """Tell the caller what just happened, if it asked to follow the request live."""
+        if req.events:
+            self.send(req.reply_to, ChunkEvent(req.id, kind, stage, chunk, device, reason,
+                                               time.time()))
 
     # ------------------------------------------------------------ results
     def _find(self, msg):
@@ -306,11 +318,13 @@ class Requester(ActorTypeDispatcher):
                         chunk=msg.chunk, device=msg.device, error=str(exc))
             rec.status, rec.reason = "failed", rec.reason + f"; corrupt result: {exc}"
             self.sup.released(msg.device, key)
+            self._event(req, "failed", msg.stage, msg.chunk, msg.device, "corrupt")
             self._reassign(req, msg.chunk, "corrupt")
             return
         rec.status = "won"
         self.sup.completed(msg.device, key, chunk.cost.macs, rec.bytes_in + rec.bytes_out,
                            compute, comm)
+        self._event(req, "won", msg.stage, msg.chunk, msg.device)
         req.slots[msg.chunk] = out
         self._cancel_others(req, msg.chunk)
         if all(s is not None for s in req.slots):
@@ -327,6 +341,7 @@ class Requester(ActorTypeDispatcher):
             return
         att.record.status = "failed"
         att.record.reason += f"; {msg.error}"
+        self._event(req, "failed", msg.stage, msg.chunk, msg.device, msg.error)
         self.sup.released(msg.device, (req.id, msg.stage, msg.chunk, msg.attempt))
         log.warning("chunk failed on device", request=req.id, stage=msg.stage, chunk=msg.chunk,
                     device=msg.device, error=msg.error)

@@ -277,7 +277,7 @@ class ClusterBackend:
     def infer(self, image: np.ndarray, request_id: str) -> InferResult:
         client = self._connect()
         try:
-            res = client.infer(image)
+            res = client.infer(image, on_event=self._live_events(request_id))
         except (TypeError, ValueError):
             raise                  # a bad input is the gateway's bug: 500, not "cluster down"
         except Exception as exc:   # InferenceError, ClusterError, timeouts: the cluster failed
@@ -285,12 +285,6 @@ class ClusterBackend:
         trace = _get(res, "trace")
         chunks = _chunks_from_trace(trace) if trace is not None else []
         self._account(chunks)
-        for c in chunks:  # replay the trace so the live view sees reassignments and failures
-            if c.retries or c.status in ("failed", "late"):
-                self.hub.publish({"type": "failure" if c.status in ("failed", "late")
-                                  else "reassignment", "request": request_id, "stage": c.stage,
-                                  "chunk": c.chunk, "device": c.device, "retries": c.retries,
-                                  "status": c.status})
         exporter = getattr(trace, "to_chrome", None)
         try:
             ctrace = exporter() if callable(exporter) else chrome_trace(chunks)
@@ -300,6 +294,28 @@ class ClusterBackend:
                            latency_ms=float(_get(res, "latency", default=0.0)) * 1e3,
                            chunks=chunks, devices=sorted({c.device for c in chunks}),
                            chrome_trace=ctrace)
+
+    def _live_events(self, request_id: str):
+        """Callback turning the runtime's chunk events into live-view events as they happen."""
+        attempts: dict = {}
+
+        def on_event(e: dict) -> None:
+            where = {"request": request_id, "stage": e["stage"], "chunk": e["chunk"],
+                     "device": e["device"]}
+            kind = e["kind"]
+            if kind in ("sent", "reassigned"):
+                n = attempts[(e["stage"], e["chunk"])] = attempts.get((e["stage"], e["chunk"]), -1) + 1
+                if kind == "reassigned":
+                    self.hub.publish({"type": "reassignment", **where, "retries": n,
+                                      "reason": e["reason"]})
+                self.hub.publish({"type": "chunk", **where, "state": "start"})
+            elif kind == "won":
+                self.hub.publish({"type": "chunk", **where, "state": "done"})
+            elif kind == "failed":
+                self.hub.publish({"type": "chunk", **where, "state": "done"})
+                self.hub.publish({"type": "failure", **where, "status": "failed",
+                                  "reason": e["reason"]})
+        return on_event
 
     def _account(self, chunks: list[Chunk]) -> None:
         """Chunks done per device, and a bandwidth estimate from the round trips' bytes/time."""
