@@ -79,7 +79,72 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class Client:
+class ClusterMember:
+    """A requester node in a cluster's convention: joins, asks the registrar, leaves."""
+
+    close_linger_s = 0.0         # time given to exit requests before the system stops
+
+    def _join(self, leader: str, name: str, port: int | None, bind: str | None,
+              connect_timeout: float) -> None:
+        system.parse_hostport(leader)
+        self.leader, self.name = leader, name
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._asys = None
+        self._requester = None
+        port = port or free_port(bind or "127.0.0.1")
+        self._asys = system.start_system(system.capabilities("requester", name, port, leader), bind)
+        try:
+            self._registrar = system.wait_for_registrar(self._asys, leader, connect_timeout,
+                                                        ClusterError)
+        except BaseException:
+            self.close()
+            raise
+
+    def membership(self, timeout: float = 10.0) -> Membership:
+        """The registrar's current membership snapshot."""
+        with self._asys.private() as ctx:
+            m = ctx.ask(self._registrar, StatusRequest(), timeout)
+        if not isinstance(m, Membership):
+            raise ClusterError(f"leader {self.leader} did not answer a status request")
+        return m
+
+    def devices(self) -> list[str]:
+        """Ready devices (runtime workers up), in name order."""
+        return sorted(d.name for d in self.membership().devices if d.status == "ready")
+
+    def wait_for_devices(self, n: int, timeout: float = 30.0) -> list[str]:
+        """Block until at least `n` devices are ready; returns their names."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = self.devices()
+            if len(ready) >= n:
+                return ready
+            if time.monotonic() > deadline:
+                raise ClusterError(f"only {len(ready)} of {n} devices ready after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        """Leave the cluster and stop this client's actor system."""
+        asys, self._asys = self._asys, None
+        if asys is None:
+            return
+        try:
+            from thespian.actors import ActorExitRequest
+            if getattr(self, "_requester", None) is not None:
+                asys.tell(self._requester, ActorExitRequest())
+                time.sleep(self.close_linger_s)
+        finally:
+            asys.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Client(ClusterMember):
     """Connection to a running cluster: joins its convention as a requester node."""
 
     def __init__(self, leader: str, name: str | None = None, port: int | None = None,
@@ -88,19 +153,10 @@ class Client:
                  deadline_slack: float = 4.0, deadline_floor: float = 0.5,
                  request_timeout: float = 120.0, connect_timeout: float = 30.0,
                  min_devices: int = 1, min_chunk_macs: int = 0):
-        system.parse_hostport(leader)
-        self.leader = leader
-        self.name = name or f"requester-{uuid.uuid4().hex[:8]}"
         self.request_timeout = request_timeout
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self._asys = None
-        port = port or free_port(bind or "127.0.0.1")
-        caps = system.capabilities("requester", self.name, port, leader)
-        self._asys = system.start_system(caps, bind)
+        self._join(leader, name or f"requester-{uuid.uuid4().hex[:8]}", port, bind,
+                   connect_timeout)
         try:
-            self._registrar = system.wait_for_registrar(self._asys, self.leader, connect_timeout,
-                                                        ClusterError)
             from decolla.actors.requester import Requester
             self._requester = self._asys.createActor(
                 Requester, targetActorRequirements={system.CAP_NODE: self.name})
@@ -156,10 +212,7 @@ class Client:
     # ------------------------------------------------------------ status
     def status(self, timeout: float = 10.0) -> dict:
         """Devices (status, speed, load), refused nodes and the model digest."""
-        with self._asys.private() as ctx:
-            m = ctx.ask(self._registrar, StatusRequest(), timeout)
-        if not isinstance(m, Membership):
-            raise ClusterError(f"leader {self.leader} did not answer a status request")
+        m = self.membership(timeout)
         devices = [{"name": d.name, "status": d.status, "speed_gmacs": round(d.speed / 1e9, 3),
                     "available": round(d.available, 3), "queue": d.queue, "beats": d.beats,
                     "host": d.host, "pid": d.pid, "pgid": d.pgid, "threads": d.threads}
@@ -167,35 +220,7 @@ class Client:
         return {"leader": self.leader, "model": m.model, "digest": m.digest,
                 "input_shape": list(m.input_shape), "devices": devices, "refused": m.refused}
 
-    def wait_for_devices(self, n: int, timeout: float = 30.0) -> list[str]:
-        """Block until at least `n` devices are ready; returns their names."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ready = [d["name"] for d in self.status()["devices"] if d["status"] == "ready"]
-            if len(ready) >= n:
-                return ready
-            if time.monotonic() > deadline:
-                raise ClusterError(f"only {len(ready)} of {n} devices ready after {timeout:.0f} s")
-            time.sleep(0.2)
 
-    # ------------------------------------------------------------ lifetime
-    def close(self) -> None:
-        """Leave the cluster and stop this client's actor system."""
-        asys, self._asys = self._asys, None
-        if asys is None:
-            return
-        try:
-            from thespian.actors import ActorExitRequest
-            if getattr(self, "_requester", None) is not None:
-                asys.tell(self._requester, ActorExitRequest())
-        finally:
-            asys.shutdown()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 @dataclass

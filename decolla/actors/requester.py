@@ -269,11 +269,9 @@ class Requester(ActorTypeDispatcher):
             req.attempts[c.index].append(att)
             req.index[(stage.index, c.index, attempt)] = att
             req.records.append(rec)
+            self._event(req, "reassigned" if attempt else "sent", stage.index, c.index, dev, reason)
         stub = dataclasses.replace(stage, chunks=())
         self.send(self.workers[dev], StageWork(req.id, stub, jobs, blobs, cfg.wire_dtype))
-        for c in chunks:
-            self._event(req, "reassigned" if len(req.attempts[c.index]) > 1 else "sent",
-                        stage.index, c.index, dev, reason)
 
     def _event(self, req: _Request, kind: str, stage: int, chunk: int, device: str,
                reason: str = "") -> None:

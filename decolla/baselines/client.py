@@ -11,20 +11,17 @@ the fewest requests in flight (ties: the first in name order).
 """
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 import uuid
 
 import numpy as np
 
 from decolla.actors import system
-from decolla.api import ClusterError, InferenceError, Result, free_port, top_k
+from decolla.api import ClusterError, ClusterMember, InferenceError, Result, top_k
 from decolla.baselines import partition as part
 from decolla.baselines.messages import (ConfigurePipeline, PipelineError, PipelineReply, Prepare,
                                         Profiles, RunPipeline)
 from decolla.forward import check_image
-from decolla.messages import Membership, StatusRequest
 from decolla.trace import Trace
 
 METHODS = ("mobile", "partition", "hierarchical")
@@ -66,27 +63,21 @@ def mean_profile(profiles: dict, devices: list[str]) -> list[float]:
     return list(np.mean([profiles[d] for d in devices if d in profiles], axis=0))
 
 
-class BaselineClient:
+class BaselineClient(ClusterMember):
     """Joins the cluster at `leader` as a requester node and runs the baselines on its hosts."""
+
+    close_linger_s = 0.2         # let the exit requests reach the segment workers
 
     def __init__(self, leader: str, edge: str | None = None, name: str | None = None,
                  port: int | None = None, bind: str | None = None, connect_timeout: float = 30.0,
                  request_timeout: float = 600.0):
-        system.parse_hostport(leader)
-        self.leader, self.edge = leader, edge
-        self.name = name or f"baselines-{uuid.uuid4().hex[:8]}"
+        self.edge = edge
         self.request_timeout = request_timeout
         self.profiles: dict = {}
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
         self._inflight: dict[str, int] = {}
-        self._asys = None
-        port = port or free_port(bind or "127.0.0.1")
-        self._asys = system.start_system(system.capabilities("requester", self.name, port, leader),
-                                         bind)
+        self._join(leader, name or f"baselines-{uuid.uuid4().hex[:8]}", port, bind,
+                   connect_timeout)
         try:
-            self._registrar = system.wait_for_registrar(self._asys, self.leader, connect_timeout,
-                                                        ClusterError)
             from decolla.baselines.actors import PipelineRequester
             self._requester = self._asys.createActor(
                 PipelineRequester, targetActorRequirements={system.CAP_NODE: self.name})
@@ -94,7 +85,7 @@ class BaselineClient:
                                    connect_timeout)
             if ready is None or not getattr(ready, "ok", False):
                 raise ClusterError("baseline requester did not start")
-            m = self._membership()
+            m = self.membership()
             self.model_spec, self.specs = m.model, list(m.specs)
             self.input_shape = tuple(m.input_shape)
         except BaseException:
@@ -102,27 +93,6 @@ class BaselineClient:
             raise
 
 
-    def _membership(self, timeout: float = 10.0) -> Membership:
-        with self._asys.private() as ctx:
-            m = ctx.ask(self._registrar, StatusRequest(), timeout)
-        if not isinstance(m, Membership):
-            raise ClusterError("leader did not answer a status request")
-        return m
-
-    def devices(self) -> list[str]:
-        """Ready devices (runtime workers up), in name order."""
-        return sorted(d.name for d in self._membership().devices if d.status == "ready")
-
-    def wait_for_devices(self, n: int, timeout: float = 60.0) -> list[str]:
-        """Block until at least `n` devices are ready."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ready = self.devices()
-            if len(ready) >= n:
-                return ready
-            if time.monotonic() > deadline:
-                raise ClusterError(f"only {len(ready)} of {n} devices ready after {timeout:.0f} s")
-            time.sleep(0.2)
 
     def prepare(self, hosts: list[str] | None = None, reprofile: bool = False,
                 timeout: float = 120.0, fresh: bool = False) -> dict:
@@ -194,21 +164,3 @@ class BaselineClient:
         stats = {"method": method, **info, **reply.stats}
         return Result(rid, reply.logits, top_k(reply.logits, top), latency, trace, stats)
 
-    def close(self) -> None:
-        """Stop the segment workers and this client's actor system."""
-        asys, self._asys = self._asys, None
-        if asys is None:
-            return
-        try:
-            from thespian.actors import ActorExitRequest
-            if getattr(self, "_requester", None) is not None:
-                asys.tell(self._requester, ActorExitRequest())
-                time.sleep(0.2)    # let the exit requests reach the segment workers
-        finally:
-            asys.shutdown()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
