@@ -167,6 +167,56 @@ def test_normalized_variance_bounds():
     assert 0 < metrics.normalized_variance([0.6, 0.3, 0.2]) < 1
 
 
+# ----------------------------------------------------------------------------- requester ordering
+
+def _pipeline_requester():
+    """A PipelineRequester driven directly: what it sends is captured, timers ignored."""
+    from decolla.baselines.actors import PipelineRequester
+    req, sent = PipelineRequester(), []
+    req.send = lambda addr, msg: sent.append((addr, msg))
+    req.wakeupAfter = lambda *a, **k: None
+    req._myRef = type("Ref", (), {"address": "addr-requester"})()
+    req.workers = {d: f"addr-{d}" for d in ("dev1", "dev2", "dev3")}
+    return req, sent
+
+
+def _done(hop, dev, logits=None, history=()):
+    from decolla.baselines.messages import SegmentDone
+    return SegmentDone("r1", 0, hop, dev, 1.0 + hop, 1.1 + hop, 1.9 + hop, 10, 20,
+                       logits=logits, history=list(history))
+
+
+def _run_pipeline(req):
+    from decolla.baselines.messages import RunPipeline
+    route = [part.Segment("dev1", 0, 3), part.Segment("dev2", 3, 6), part.Segment("dev3", 6, 9)]
+    req.receiveMsg_RunPipeline(RunPipeline("r1", np.zeros((4, 4, 3), np.float32), route,
+                                           [0.01] * 9, [1000] * 10, 1e8), "client")
+
+
+def test_answer_before_earlier_reports_still_gives_a_complete_trace():
+    from decolla import wire
+    from decolla.baselines.messages import HopReport, PipelineReply
+    req, sent = _pipeline_requester()
+    _run_pipeline(req)
+    history = [HopReport(0, "dev1", 1.0, 1.1, 1.9, 10, 20), HopReport(1, "dev2", 2.0, 2.1, 2.9, 10, 20)]
+    req.receiveMsg_SegmentDone(_done(2, "dev3", wire.encode(np.ones(5, np.float32)), history), "w")
+    (reply,) = [m for to, m in sent if isinstance(m, PipelineReply) and to == "client"]
+    assert [(r.chunk, r.device, r.status) for r in sorted(reply.records, key=lambda r: r.chunk)] \
+        == [(0, "dev1", "won"), (1, "dev2", "won"), (2, "dev3", "won")]
+    assert reply.stats["route"] == [("dev1", 0, 3), ("dev2", 3, 6), ("dev3", 6, 9)]
+
+
+def test_a_later_hop_report_first_advances_past_the_earlier_hop():
+    req, _ = _pipeline_requester()
+    _run_pipeline(req)
+    req.receiveMsg_SegmentDone(_done(1, "dev2"), "w")      # overtakes hop 0's report
+    pipe = req.pipes["r1"]
+    assert pipe.hop == 2 and pipe.current.device == "dev3"
+    req.receiveMsg_SegmentDone(_done(0, "dev1"), "w")
+    assert pipe.hop == 2 and {r.device: r.status for r in pipe.records} \
+        == {"dev1": "won", "dev2": "won", "dev3": "pending"}
+
+
 # ----------------------------------------------------------------------------- loopback runs
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ from decolla import wire
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
-from decolla.baselines.messages import (ConfigurePipeline, Forget, InitSegmentWorker,
-                                        PipelineError, PipelineReply, Prepare, Profiles,
-                                        Reprofile, Resend, RunPipeline, RunSegment,
-                                        SegmentDone, SegmentWorkerReady)
+from decolla.baselines.messages import (ConfigurePipeline, Forget, HopReport,
+                                        InitSegmentWorker, PipelineError, PipelineReply,
+                                        Prepare, Profiles, Reprofile, Resend, RunPipeline,
+                                        RunSegment, SegmentDone, SegmentWorkerReady)
 from decolla.log import get_logger
 from decolla.messages import Membership, Ready, Subscribe, Unsubscribe
 from decolla.trace import ChunkRecord
@@ -111,19 +111,21 @@ class SegmentWorker(ActorTypeDispatcher):
                                                  received, received, time.time(), 0, 0,
                                                  error=repr(exc)))
             return
-        size_in = sum(len(b) for b in msg.blobs.values())
-        size_out = sum(len(b) for b in blobs.values())
+        report = HopReport(msg.hop, self.name, received, start, end,
+                           sum(len(b) for b in msg.blobs.values()),
+                           sum(len(b) for b in blobs.values()))
+        done = SegmentDone(msg.request, msg.epoch, msg.hop, self.name, received, start, end,
+                           report.bytes_in, report.bytes_out)
         if last:
-            logits = blobs[self.layers[seg.end - 1].name]
-            self.send(msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
-                                                 received, start, end, size_in, size_out, logits))
+            done.logits = blobs[self.layers[seg.end - 1].name]
+            done.history = list(msg.history)
+            self.send(msg.requester, done)
             return
         self._keep((msg.request, msg.epoch, msg.hop), blobs)
-        self.send(msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
-                                             received, start, end, size_in, size_out))
+        self.send(msg.requester, done)
         self.send(msg.addresses[msg.hop + 1],
                   RunSegment(msg.request, msg.epoch, msg.hop + 1, msg.route, msg.addresses,
-                             msg.requester, blobs, msg.wire_dtype))
+                             msg.requester, blobs, msg.wire_dtype, list(msg.history) + [report]))
 
     def _keep(self, key, blobs) -> None:
         self.cache[key] = blobs
@@ -159,7 +161,7 @@ class _Pipe:
         self.failed: set[str] = set()
         self.records: list[ChunkRecord] = []
         self.current: ChunkRecord | None = None
-        self.early_final = None        # (SegmentDone, sender) of the last hop, before earlier hops reported
+        self.routes: dict[int, list] = {}   # epoch -> route
         self.deadline = 0.0
         self.used: list = []
         self.replans = 0
@@ -251,6 +253,7 @@ class PipelineRequester(ActorTypeDispatcher):
         if pipe.addresses:
             pipe.epoch += 1
         pipe.route, pipe.hop = list(route), 0
+        pipe.routes[pipe.epoch] = pipe.route
         pipe.addresses = [self.workers[s.device] for s in route]
         pipe.used.extend(pipe.addresses)
         if source is None:
@@ -265,51 +268,56 @@ class PipelineRequester(ActorTypeDispatcher):
 
     def _begin_hop(self, pipe: _Pipe) -> None:
         m, seg = pipe.msg, pipe.route[pipe.hop]
-        now = time.time()
         t1 = segment_t1(seg, m.weights, m.cut_bytes, m.bandwidth_bps, m.t1_slack, m.t1_floor)
         pipe.deadline = time.monotonic() + t1
+        pipe.current = self._record(pipe, pipe.epoch, pipe.hop, t1)
+
+    def _record(self, pipe: _Pipe, epoch: int, hop: int, t1: float = 0.0) -> ChunkRecord:
+        """The trace record of hop `hop` of route `epoch`, made now if there is none yet."""
+        for rec in pipe.records:
+            if rec.attempt == epoch and rec.chunk == hop:
+                return rec
+        seg, now = pipe.routes[epoch][hop], time.time()
         # stage = first layer of the segment, chunk = hop, attempt = route epoch
-        rec = ChunkRecord(m.request, seg.start, pipe.hop, pipe.epoch, seg.device,
+        rec = ChunkRecord(pipe.msg.request, seg.start, hop, epoch, seg.device,
                           f"{seg.start}:{seg.end}", 0, now, 0, deadline=now + t1,
-                          reason="first" if pipe.epoch == 0 else "replan")
-        pipe.current = rec
+                          reason="first" if epoch == 0 else "replan")
         pipe.records.append(rec)
+        return rec
+
+    def _settle(self, pipe: _Pipe, epoch: int, report) -> None:
+        """Fill the record of a finished hop from its report (a SegmentDone or HopReport)."""
+        rec = self._record(pipe, epoch, report.hop)
+        rec.returned = time.time()
+        rec.received, rec.start, rec.end = report.received, report.start, report.end
+        rec.bytes_in, rec.bytes_out = report.bytes_in, report.bytes_out
+        rec.status = "late-won" if rec.status == "lost" else "won"
 
     def receiveMsg_SegmentDone(self, msg: SegmentDone, sender):
         pipe = self.pipes.get(msg.request)
         if pipe is None:
             return
-        if (msg.logits is not None and not msg.error and msg.epoch == pipe.epoch
-                and msg.hop > pipe.hop):
-            # Hops forward device to device, so the last hop's answer can overtake an earlier
-            # hop's report: keep it until the trace has caught up (or t1 passes).
-            pipe.early_final = (msg, sender)
-            return
-        now = time.time()
-        rec = pipe.current
-        if msg.epoch == pipe.epoch and msg.hop == pipe.hop and rec is not None:
-            rec.returned, rec.received, rec.start, rec.end = now, msg.received, msg.start, msg.end
-            rec.bytes_in, rec.bytes_out = msg.bytes_in, msg.bytes_out
-            rec.status = "failed" if msg.error else "won"
         if msg.error:
             if msg.epoch == pipe.epoch:
+                if 0 <= msg.hop < len(pipe.route):
+                    self._record(pipe, msg.epoch, msg.hop).status = "failed"
                 self._fail(pipe, f"{msg.device}: {msg.error}")
             return
-        if msg.logits is not None:
-            if rec is not None and rec.status == "pending":
-                rec.status = "late-won"
-            self._finish(pipe, wire.decode(msg.logits))
+        if msg.epoch not in pipe.routes:
             return
-        if msg.epoch != pipe.epoch or msg.hop != pipe.hop:
-            return     # a hop of an abandoned route came back late
+        # Reports travel apart from the data, so they can arrive in any order; the answer
+        # carries the reports of its route's earlier hops, which makes the trace complete.
+        for report in [*msg.history, msg]:
+            self._settle(pipe, msg.epoch, report)
+        if msg.logits is not None:
+            self._finish(pipe, wire.decode(msg.logits), pipe.routes[msg.epoch])
+            return
+        if msg.epoch != pipe.epoch or msg.hop < pipe.hop:
+            return     # an abandoned route, or a hop already passed by a later report
         pipe.source = (msg.epoch, msg.hop, pipe.addresses[msg.hop], msg.device)
-        pipe.hop += 1
+        pipe.hop = msg.hop + 1
         if pipe.hop < len(pipe.route):
             self._begin_hop(pipe)
-            early = pipe.early_final
-            if early is not None and early[0].hop == pipe.hop:
-                pipe.early_final = None
-                self.receiveMsg_SegmentDone(*early)
 
     def _replan(self, pipe: _Pipe) -> None:
         m, seg = pipe.msg, pipe.route[pipe.hop]
@@ -343,12 +351,12 @@ class PipelineRequester(ActorTypeDispatcher):
             return set()
         return {d.name for d in self.membership.devices if d.status == "gone"}
 
-    def _finish(self, pipe: _Pipe, logits) -> None:
+    def _finish(self, pipe: _Pipe, logits, route) -> None:
         self.pipes.pop(pipe.msg.request, None)
         for rec in pipe.records:
             if rec.status == "pending":
                 rec.status = "lost"
-        stats = {"route": [(s.device, s.start, s.end) for s in pipe.route],
+        stats = {"route": [(s.device, s.start, s.end) for s in route],
                  "replans": pipe.replans, "failed": sorted(pipe.failed)}
         self.send(pipe.reply_to, PipelineReply(pipe.msg.request, np.asarray(logits),
                                                pipe.records, pipe.started, time.time(), stats))
@@ -383,8 +391,6 @@ class PipelineRequester(ActorTypeDispatcher):
         for pipe in list(self.pipes.values()):
             if now > pipe.timeout_at:
                 self._fail(pipe, f"timed out after {pipe.msg.timeout_s:.0f} s")
-            elif pipe.early_final is not None and now > pipe.deadline:
-                self._finish(pipe, wire.decode(pipe.early_final[0].logits))  # reports lost; answer is here
             elif pipe.msg.replan and now > pipe.deadline:   # only hierarchical watches t1
                 log.info("hop missed t1", request=pipe.msg.request, hop=pipe.hop,
                          device=pipe.route[pipe.hop].device)

@@ -43,12 +43,26 @@ class RunSegment(Message):
     requester: Any
     blobs: dict
     wire_dtype: str = "float32"
+    history: list = field(default_factory=list)   # HopReport of this epoch's earlier hops
     _show = ("request", "epoch", "hop")
+
+
+@dataclass(frozen=True)
+class HopReport:
+    """Timing of one finished hop, forwarded with the data so the answer carries its history."""
+    hop: int
+    device: str
+    received: float
+    start: float
+    end: float
+    bytes_in: int
+    bytes_out: int
 
 
 @dataclass(repr=False)
 class SegmentDone(Message):
-    """A hop finished (sent by its worker to the requester); the last hop carries the logits."""
+    """A hop finished (sent by its worker to the requester); the last hop carries the logits
+    and, in `history`, the reports of the epoch's earlier hops (which may arrive after it)."""
     request: str
     epoch: int
     hop: int
@@ -60,6 +74,7 @@ class SegmentDone(Message):
     bytes_out: int
     logits: bytes | None = None
     error: str = ""
+    history: list = field(default_factory=list)
     _show = ("request", "epoch", "hop", "device", "error")
 
 
