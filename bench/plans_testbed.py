@@ -37,6 +37,14 @@ def _delivery(trace) -> float:
     return max(0.0, max(r.received - r.sent for r in recs if r.stage == first))
 
 
+def _timeline(trace, t0: float) -> list:
+    """Compact per-attempt rows (ms from the request's start) for reading where time went:
+    stage, chunk, device, status, sent, received, start, end, returned, bytes in, bytes out."""
+    ms = lambda t: None if t is None else round((t - t0) * 1e3, 1)  # noqa: E731
+    return [[r.stage, r.chunk, r.device, r.status, ms(r.sent), ms(r.received), ms(r.start),
+             ms(r.end), ms(r.returned), r.bytes_in, r.bytes_out] for r in trace.records]
+
+
 def agent(args) -> int:
     """Runs inside the requester host: one JSON command per stdin line, one JSON reply."""
     from decolla.api import Client
@@ -62,14 +70,15 @@ def agent(args) -> int:
                 rows = []
                 for i in range(cmd["repeats"]):
                     x, ref = images[i % 3], refs[i % 3]
-                    t0 = time.perf_counter()
+                    t0, t0_wall = time.perf_counter(), time.time()
                     r = client.infer(x, timeout=cmd["cap_s"])
                     lat = time.perf_counter() - t0
                     rows.append({"latency_s": lat, "without_input_s": lat - _delivery(r.trace),
                                  "bytes": int(r.trace.bytes_moved()),
                                  "stages": int(r.stats.get("stages", 0)),
                                  "top1_ok": int(np.argmax(r.logits)) == int(np.argmax(ref)),
-                                 "rel_err": float(np.abs(r.logits - ref).max() / np.abs(ref).max())})
+                                 "rel_err": float(np.abs(r.logits - ref).max() / np.abs(ref).max()),
+                                 "timeline": _timeline(r.trace, t0_wall)})
             print(json.dumps({"ok": True, "result": rows}), flush=True)
         except Exception as exc:  # reported to the driver, which records the point as failed
             print(json.dumps({"ok": False, "error": repr(exc)}), flush=True)

@@ -59,6 +59,8 @@ class Profile:
                 setattr(p, key, int(val))
             elif key in ("local", "shared_link"):
                 setattr(p, key, str(val).lower() in ("1", "true", "yes"))
+            elif key == "whole_above":   # the requester's: whole requests while this many in flight
+                continue
             elif key == "wire_dtype":
                 if val not in ITEMSIZE:
                     raise planmod.PlanError(f"wire_dtype must be one of {sorted(ITEMSIZE)}")

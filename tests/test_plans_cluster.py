@@ -78,3 +78,19 @@ def test_straggler_spatial_chunks_are_recomputed_elsewhere(cluster):
     while "dev2" not in cluster.ready_devices():
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("whole_above,expect_whole", [(None, True), (0, False)])
+def test_auto_sends_whole_requests_while_devices_are_busy(cluster, whole_above, expect_whole):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from decolla.api import Client
+    plan = "auto:bandwidth_mbit=1000" + ("" if whole_above is None else f",whole_above={whole_above}")
+    with Client(cluster.leader, plan=plan, k=3, min_devices=3) as client:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda s: client.infer(image(s), timeout=60), range(16)))
+    for seed, r in enumerate(results):
+        assert rel(r.logits, reference.forward(_model, image(seed))) <= 1e-5
+    plans = [r.stats["plan"] for r in results]
+    assert ("single" in plans) == expect_whole, plans
+    assert plan in plans            # the first requests found idle devices and were split

@@ -82,7 +82,7 @@ class Requester(ActorTypeDispatcher):
         self.membership: Membership | None = None
         self.requests: dict[str, _Request] = {}
         self.workers: dict = {}
-        self.plans: dict[int, planmod.Plan] = {}
+        self.plans: dict[tuple, planmod.Plan] = {}
         self.ticking = False
         self.waiting_ready: list = []
         self.backlog: list = []
@@ -143,18 +143,11 @@ class Requester(ActorTypeDispatcher):
             self.send(sender, InferError(msg.request, f"bad image: {exc}", "input"))
             return
         n = len(self.sup.usable()) or len(self.sup.members()) or 1
-        k = self.cfg.k or 2 * n
-        extra = self._auto_options(n)
-        key = (k, n, tuple(sorted(extra.items())))
-        plan = self.plans.get(key)
-        if plan is None:
-            try:
-                plan = self.plans[key] = planmod.build_plan(
-                    self.membership.specs, k, self.cfg.plan, self.membership.input_shape,
-                    self.cfg.min_chunk_macs, **extra)
-            except planmod.PlanError as exc:
-                self.send(sender, InferError(msg.request, f"bad plan: {exc}", "input"))
-                return
+        try:
+            plan = self._plan_for(n)
+        except planmod.PlanError as exc:
+            self.send(sender, InferError(msg.request, f"bad plan: {exc}", "input"))
+            return
         req = _Request(msg.request, sender, plan, image, msg.top_k, self.cfg.request_timeout,
                        getattr(msg, "events", False))
         self.requests[req.id] = req
@@ -192,17 +185,32 @@ class Requester(ActorTypeDispatcher):
         for dev, chunks in groups.items():
             self._send(req, stage, chunks, dev, "first")
 
-    def _auto_options(self, n: int) -> dict:
-        """`auto` plans for the devices there are: their count and (unless the plan names
-        it) their measured speed, rounded so the plan cache stays small."""
-        if self.cfg.plan.partition(":")[0] != "auto":
-            return {}
-        extra = {} if "devices=" in self.cfg.plan else {"devices": n}
-        speeds = sorted(d.speed for d in self.membership.devices      # calibrated at start-up
-                        if getattr(d, "speed", 0) > 0)
-        if speeds and "gmacs=" not in self.cfg.plan:
-            extra["gmacs"] = float(f"{speeds[len(speeds) // 2] / 1e9:.1g}")
-        return extra
+    def _plan_for(self, n: int) -> planmod.Plan:
+        """The plan for a new request with `n` usable devices (cached).
+
+        `auto` sends whole requests (the `single` plan, placed by the allocator) while at
+        least `whole_above` requests are in flight (default: one per device; 0 = never):
+        with every device busy, splitting only adds messages and halo work."""
+        name, opts = planmod.parse_plan_name(self.cfg.plan)
+        kind, k, extra = self.cfg.plan, self.cfg.k or 2 * n, {}
+        if name == "auto":
+            whole_above = int(opts.get("whole_above", n))
+            if 0 < whole_above <= len(self.requests):
+                kind, k = "single", 1
+            else:
+                if "devices" not in opts:
+                    extra["devices"] = n
+                speeds = sorted(d.speed for d in self.membership.devices  # calibrated at start-up
+                                if getattr(d, "speed", 0) > 0)
+                if speeds and "gmacs" not in opts:   # rounded so the plan cache stays small
+                    extra["gmacs"] = float(f"{speeds[len(speeds) // 2] / 1e9:.1g}")
+        key = (kind, k, n, tuple(sorted(extra.items())))
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = planmod.build_plan(
+                self.membership.specs, k, kind, self.membership.input_shape,
+                self.cfg.min_chunk_macs, **extra)
+        return plan
 
     def _local_layers(self):
         """This node's copy of the model's layers (None if it cannot load the leader's model)."""
