@@ -32,6 +32,7 @@ class DeviceEstimate:
     available: float = 1.0
     reported_queue: int = 0
     outstanding: dict = field(default_factory=dict)   # attempt key -> macs
+    unqueued: set = field(default_factory=set)        # attempts sent while nothing was outstanding
 
     @property
     def queued_macs(self) -> float:
@@ -122,7 +123,10 @@ class Supervisor:
     def dispatched(self, name: str, key, macs: float, nbytes: float) -> float:
         """Record a chunk attempt sent now; returns its absolute deadline."""
         t2 = self.timeout(name, macs, nbytes)
-        self.devices[name].outstanding[key] = macs
+        d = self.devices[name]
+        if not d.outstanding:
+            d.unqueued.add(key)
+        d.outstanding[key] = macs
         return self.clock() + t2
 
     def released(self, name: str, key) -> None:
@@ -130,6 +134,7 @@ class Supervisor:
         d = self.devices.get(name)
         if d is not None:
             d.outstanding.pop(key, None)
+            d.unqueued.discard(key)
 
     def completed(self, name: str, key, macs: float, nbytes: float,
                   compute_s: float, rtt_s: float) -> None:
@@ -141,6 +146,11 @@ class Supervisor:
         a = self.alpha
         if compute_s > 0 and macs > 0:
             d.rate = (1 - a) * d.rate + a * (macs / compute_s)
+        if key not in d.unqueued:
+            # It waited behind other work on the device; that wait is not transfer time.
+            self.heard_from(name)
+            return
+        d.unqueued.discard(key)
         comm = max(0.0, rtt_s - compute_s)
         if nbytes > 0:
             fixed = min(comm, d.overhead)
@@ -160,6 +170,7 @@ class Supervisor:
         if d is None:
             return "dead"
         d.outstanding.pop(key, None)
+        d.unqueued.discard(key)
         d.misses += 1
         if d.misses >= self.dead_after:
             if d.state != "dead":

@@ -64,6 +64,19 @@ def test_estimates_follow_measurements():
     assert sup.predict("a", 1e8, 1e6) > 5 * before
 
 
+def test_time_queued_behind_other_chunks_is_not_taken_for_transfer_time():
+    sup, _ = make(alpha=0.5, prior_overhead=0.005, prior_bandwidth=1e8)
+    before = (sup.devices["a"].overhead, sup.devices["a"].sec_per_byte)
+    for i in range(10):   # ten chunks queue up; each waits for the ones before it
+        sup.dispatched("a", i, 1e8, 1e3)
+    for i in range(1, 10):
+        sup.completed("a", i, 1e8, 1e3, compute_s=0.2, rtt_s=0.2 * (i + 1))
+    assert (sup.devices["a"].overhead, sup.devices["a"].sec_per_byte) == before
+    assert sup.devices["a"].rate == pytest.approx(5e8, rel=1e-2)   # compute time still counts
+    sup.completed("a", 0, 1e8, 1e3, compute_s=0.1, rtt_s=0.2)   # the first was sent alone
+    assert sup.devices["a"].overhead > before[0]
+
+
 def test_misses_make_a_device_suspect_then_dead_and_beats_revive_it():
     sup, _ = make(dead_after=3, revive_beats=2)
     assert sup.missed("a", 1) == "suspect"

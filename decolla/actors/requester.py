@@ -189,12 +189,13 @@ class Requester(ActorTypeDispatcher):
         """The plan for a new request with `n` usable devices (cached).
 
         `auto` sends whole requests (the `single` plan, placed by the allocator) while at
-        least `whole_above` requests are in flight (default: one per device; 0 = never):
-        with every device busy, splitting only adds messages and halo work."""
+        least `whole_above` requests are in flight (default 1: only a request that finds
+        the cluster idle is split; 0 = never): splitting costs extra messages and halo
+        work, which only pays while devices would otherwise sit idle."""
         name, opts = planmod.parse_plan_name(self.cfg.plan)
         kind, k, extra = self.cfg.plan, self.cfg.k or 2 * n, {}
         if name == "auto":
-            whole_above = int(opts.get("whole_above", n))
+            whole_above = int(opts.get("whole_above", 1))
             if 0 < whole_above <= len(self.requests):
                 kind, k = "single", 1
             else:
