@@ -32,7 +32,9 @@ class Profile:
     """What the cost model knows about the devices and the network."""
     devices: int = 3
     bandwidth_mbit: float = 100.0
-    overhead_s: float = 0.002            # per message (send or result): Thespian + TCP + codec
+    overhead_s: float = 0.002            # per message (send or result), serial at the requester
+    device_overhead_s: float = 0.005     # per chunk on its device: receive, decode, encode, send
+    min_gain: float = 1.1                # split only if predicted >= this much faster than one device
     macs_per_s: dict = field(default_factory=lambda: dict(PI_CORE))
     wire_dtype: str = "float16"
     compression: float = 1.0             # expected lz4 ratio on the wire (1 = none)
@@ -48,12 +50,12 @@ class Profile:
         if k is not None:
             p.devices = int(k)
         for key, val in opts.items():
-            if key == "overhead_ms":
-                p.overhead_s = float(val) / 1e3
+            if key in ("overhead_ms", "device_overhead_ms"):
+                setattr(p, key[:-3] + "_s", float(val) / 1e3)
             elif key == "gmacs":          # scale all kinds so pwconv runs at `gmacs` GMAC/s
                 f = float(val) * 1e9 / PI_CORE["pwconv"]
                 p.macs_per_s = {kk: v * f for kk, v in PI_CORE.items()}
-            elif key in ("bandwidth_mbit", "compression"):
+            elif key in ("bandwidth_mbit", "compression", "min_gain"):
                 setattr(p, key, float(val))
             elif key in ("devices", "max_span"):
                 setattr(p, key, int(val))
@@ -114,7 +116,7 @@ def stage_seconds(stage: planmod.Stage, specs: dict, prof: Profile) -> float:
             t += o
             link[d] = max(t, link[d]) + prof.seconds(c.cost.bytes_in)
             arrive = link[d]
-        free[d] = max(arrive, free[d]) + comp
+        free[d] = max(arrive, free[d]) + prof.device_overhead_s + comp
         finish.append((free[d], c.cost.bytes_out, d))
     down = 0.0
     for f, out, d in sorted(finish):
@@ -176,10 +178,18 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
         best[end] = min(options, key=lambda o: o[0])
     t, groups, notes = best[len(specs)]
     single = planmod.Group(specs, "spatial", 1)
+    one_s = stage_seconds(_stage(single, "input", shapes), by_name, prof)
     prof_local = Profile(**{**asdict(prof), "local": True})
     notes_out = {"profile": asdict(prof), "predicted_s": t, "stages": notes,
                  "one_device_s": stage_seconds(_stage(single, "input", shapes), by_name,
                                                prof_local)}
+    if t * prof.min_gain > one_s:
+        # The prediction's error is of the order of the gain: one device is the safe choice.
+        groups = [single]
+        notes_out.update(predicted_s=one_s, stages=[{
+            "layers": [s["name"] for s in specs], "choice": f"one device (split gain < {prof.min_gain:g}x)",
+            "split": "spatial", "chunks": 1, "seconds": one_s,
+            "bytes": prof.wire_bytes(planmod.stage_bytes(_stage(single, "input", shapes)))}])
     groups = _merge_singles(groups)
     if prof.local:
         for g in groups:
@@ -215,7 +225,8 @@ def explain(plan: planmod.Plan, specs, prof: Profile | None = None) -> str:
     lines = [f"plan {plan.name}: {len(plan.stages)} stages, {plan.num_chunks} chunks; "
              f"{prof.devices} devices, {prof.bandwidth_mbit:g} Mb/s "
              f"({'one shared link' if prof.shared_link else 'per device link'}), "
-             f"wire {prof.wire_dtype}, {prof.overhead_s * 1e3:g} ms/message",
+             f"wire {prof.wire_dtype}, {prof.overhead_s * 1e3:g} ms/message, "
+             f"{prof.device_overhead_s * 1e3:g} ms/chunk on its device",
              f"{'#':>3} {'split':11} {'k':>2} {'bytes':>10} {'pred ms':>8}  layers"]
     total_t = total_b = 0.0
     for st in plan.stages:
@@ -230,8 +241,10 @@ def explain(plan: planmod.Plan, specs, prof: Profile | None = None) -> str:
     single = planmod._spatial_stage(0, specs, 1, "input",
                                     {"input": tuple(plan.input_shape)} |
                                     {s["name"]: tuple(s["out_shape"]) for s in specs})
-    one = stage_seconds(single, by_name, Profile(**{**asdict(prof), "local": True}))
+    remote = stage_seconds(single, by_name, prof)
+    local = stage_seconds(single, by_name, Profile(**{**asdict(prof), "local": True}))
     lines.append(f"total: {total_b / 1e6:.3f} MB on the wire (uncompressed), predicted "
-                 f"{total_t * 1e3:.1f} ms; one device alone: {one * 1e3:.1f} ms "
-                 f"(speed-up {one / max(total_t, 1e-9):.2f}x)")
+                 f"{total_t * 1e3:.1f} ms; the whole network on one device: {remote * 1e3:.1f} ms "
+                 f"with the image sent there (speed-up {remote / max(total_t, 1e-9):.2f}x), "
+                 f"{local * 1e3:.1f} ms on the requester itself")
     return "\n".join(lines)

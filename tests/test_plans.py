@@ -110,6 +110,18 @@ def test_auto_keeps_one_device_when_the_network_is_slow_and_splits_when_fast():
     assert "predicted" in text and f"{len(fast.stages)} stages" in text
 
 
+def test_auto_splits_only_for_a_predicted_gain():
+    specs = load_model("mobilenet_v2").layer_specs()
+
+    def chunks(opts):
+        return [len(s.chunks) for s in planmod.build_plan(specs, 3, "auto:" + opts).stages]
+    assert chunks("bandwidth_mbit=1000,device_overhead_ms=0") != [1]
+    assert chunks("bandwidth_mbit=1000,device_overhead_ms=0,min_gain=100") == [1]
+    assert chunks("bandwidth_mbit=1000,device_overhead_ms=500") == [1]
+    kept = planmod.build_plan(specs, 3, "auto:bandwidth_mbit=1000,min_gain=100")
+    assert kept.notes["stages"][0]["choice"].startswith("one device")
+
+
 def test_plan_options_are_parsed_and_checked():
     assert planmod.parse_plan_name("auto:bandwidth_mbit=2.5,devices=3") == \
         ("auto", {"bandwidth_mbit": 2.5, "devices": 3})
@@ -196,7 +208,9 @@ def asys():
         system.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["layer", "block", "spatial", "auto:bandwidth_mbit=1000"])
+# auto with free messages: on this tiny model it would otherwise (rightly) not split at all
+@pytest.mark.parametrize("kind", ["layer", "block", "spatial", "auto:bandwidth_mbit=1000,"
+                                  "overhead_ms=0,device_overhead_ms=0,min_gain=1"])
 def test_lost_chunk_is_recomputed_in_every_plan(asys, kind):
     """Real Requester + Workers (in-process actor system): the first attempt at chunk 0 of
     every stage is damaged; it is recomputed and the logits stay right."""
