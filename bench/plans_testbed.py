@@ -158,9 +158,13 @@ def drive(args) -> int:
                 if bw >= 100:
                     plans.append("spatial")
                 for plan in plans:
+                    drops0 = [tb.drops(f"dev{i}") for i in (1, 2, 3)]
                     rep = _ask(proc, args.cap * (args.repeats + 2) + 120, cmd="run", plan=plan,
                                repeats=args.repeats, cap_s=args.cap)
+                    drops = {d: sum(tb.drops(f"dev{i}")[d] - d0[d] for i, d0 in zip((1, 2, 3), drops0))
+                             for d in ("up", "down")}
                     point = {"bandwidth_mbit": bw, "plan": plan, "loadavg": os.getloadavg(),
+                             "packets_dropped_by_shaping": drops,
                              **({"rows": rep["result"]} if rep.get("ok") else
                                 {"error": rep.get("error")})}
                     if rep.get("ok"):

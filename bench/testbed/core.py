@@ -397,6 +397,12 @@ class Testbed:
         netns.apply_shaping(host.netns, netns.HOST_IF, shaping, self.netem)  # host -> bridge
         netns.apply_shaping(self.bridge_ns, host.port, shaping, self.netem)  # bridge -> host
 
+    def drops(self, name: str) -> dict:
+        """Packets dropped so far by host `name`'s shaping: {'up': ..., 'down': ...}."""
+        host = self.host(name)
+        return {"up": netns.qdisc_drops(host.netns, netns.HOST_IF),
+                "down": netns.qdisc_drops(self.bridge_ns, host.port)}
+
     # -- live changes ----------------------------------------------------------------------
     def set_bandwidth(self, name: str, mbit: float | None) -> None:
         """Change host `name`'s bandwidth cap (both directions; None = unshaped)."""

@@ -6,6 +6,7 @@ so the root namespace's links, addresses and routes are never touched.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -104,12 +105,26 @@ class Shaping:
     loss_pct: float = 0.0
 
 
+QUEUE_FLOOR_BYTES = 1 << 20
+
+
 def tbf_args(rate_mbit: float) -> list[str]:
-    """tbf parameters for `rate_mbit`: a bucket of ~10 ms (≥ 16 KiB) and a ~100 ms queue."""
+    """tbf parameters for `rate_mbit`: a bucket of ~10 ms (≥ 16 KiB) and a queue of ~100 ms
+    but at least 1 MiB. The floor matters at low rates: a 100 ms queue (125 KB at 10 Mb/s)
+    overflows under one TCP burst of a single activation message, and the drops then cost
+    200 ms retransmission timeouts - loss that nobody asked for (loss has its own knob)."""
     rate_bytes = rate_mbit * 1e6 / 8
     burst = max(16 * 1024, int(rate_bytes * 0.010))
-    limit = burst + max(4 * MTU, int(rate_bytes * 0.100))
+    limit = burst + max(QUEUE_FLOOR_BYTES, int(rate_bytes * 0.100))
     return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
+
+
+def qdisc_drops(ns: str, dev: str) -> int:
+    """Packets the root qdisc of `dev` in `ns` has dropped so far (0 if it has none)."""
+    out = run("ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev, "root",
+              check=False).stdout
+    m = re.search(r"dropped (\d+)", out or "")
+    return int(m.group(1)) if m else 0
 
 
 def loss_bytecode(loss_pct: float) -> str:
