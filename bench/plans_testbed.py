@@ -193,20 +193,28 @@ def _save(doc: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans_testbed.json").write_text(json.dumps(doc, indent=1, default=str))
     lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)", "",
-             "| Mb/s | plan | median ms | without input ms | vs single (same run) | MB | top-1 ok | load avg |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Device quota {doc.get('calibration', {}).get('quota', float('nan')):.3f} cores "
+             f"(whole model {doc.get('calibration', {}).get('achieved_slowdown', float('nan')):.1f}x "
+             f"slower than one host core); {doc['repeats']} repeats per point; started "
+             f"{doc.get('started', '?')}.", "",
+             "| Mb/s | plan | median ms | without input ms | vs single (same run) | stages | MB | "
+             "top-1 ok | packets dropped by shaping | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     single = {p["bandwidth_mbit"]: p.get("median_s") for p in doc["points"] if p["plan"] == "single"}
     for p in doc["points"]:
         if "median_s" not in p:
-            lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | failed: {p.get('error')} | | | | | |")
+            lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | failed: {p.get('error')} | | | | | | | |")
             continue
         base = single.get(p["bandwidth_mbit"])
         ratio = f"{base / p['median_s']:.2f}x" if base else "-"
         mb = np.median([r["bytes"] for r in p["rows"]]) / 1e6
         ok = sum(r["top1_ok"] for r in p["rows"])
+        drops = p.get("packets_dropped_by_shaping", {})
         lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | {p['median_s'] * 1e3:.0f} | "
-                     f"{p['median_without_input_s'] * 1e3:.0f} | {ratio} | {mb:.3f} | "
-                     f"{ok}/{len(p['rows'])} | {p['loadavg'][0]:.2f} |")
+                     f"{p['median_without_input_s'] * 1e3:.0f} | {ratio} | "
+                     f"{int(np.median([r['stages'] for r in p['rows']]))} | {mb:.3f} | "
+                     f"{ok}/{len(p['rows'])} | {sum(drops.values()) if drops else '-'} | "
+                     f"{p['loadavg'][0]:.2f} |")
     (out / "plans_testbed.md").write_text("\n".join(lines) + "\n")
 
 
