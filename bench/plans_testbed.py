@@ -154,7 +154,9 @@ def drive(args) -> int:
                 for i in (1, 2, 3):
                     tb.set_bandwidth(f"dev{i}", bw)
                 plans = ["single", f"auto:bandwidth_mbit={bw:g},shared_link=0,gmacs={gmacs:.2f},"
-                                   f"overhead_ms={args.overhead_ms:g}"]
+                                   f"overhead_ms={args.overhead_ms:g}"
+                                   + (f",device_overhead_ms={args.device_overhead_ms:g}"
+                                      if args.device_overhead_ms is not None else "")]
                 if bw >= 100:
                     plans.append("spatial")
                 for plan in plans:
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--overhead-ms", type=float, default=2.0,
                    help="the auto planner's per-message cost (device message handling is slowed "
                         "by the CPU quota too)")
+    p.add_argument("--device-overhead-ms", type=float, default=None,
+                   help="the auto planner's per-chunk device cost (default: the planner's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
