@@ -169,8 +169,7 @@ class Supervisor:
         d = self.devices.get(name)
         if d is None:
             return "dead"
-        d.outstanding.pop(key, None)
-        d.unqueued.discard(key)
+        d.outstanding.pop(key, None)   # still in `unqueued`: a late result teaches the estimates
         d.misses += 1
         if d.misses >= self.dead_after:
             if d.state != "dead":

@@ -77,6 +77,16 @@ def test_time_queued_behind_other_chunks_is_not_taken_for_transfer_time():
     assert sup.devices["a"].overhead > before[0]
 
 
+def test_a_late_result_after_a_missed_deadline_still_teaches_the_transfer_estimate():
+    sup, clock = make(alpha=0.5, prior_overhead=0.005, prior_bandwidth=1e8)
+    before = sup.predict("a", 1e6, 1e6)
+    for i in range(5):          # the link became 1000x slower: every chunk misses t2, then arrives
+        sup.dispatched("a", i, 1e6, 1e6)
+        sup.missed("a", i)
+        sup.completed("a", i, 1e6, 1e6, compute_s=0.001, rtt_s=10.0)
+    assert sup.predict("a", 1e6, 1e6) > 100 * before
+
+
 def test_misses_make_a_device_suspect_then_dead_and_beats_revive_it():
     sup, _ = make(dead_after=3, revive_beats=2)
     assert sup.missed("a", 1) == "suspect"
