@@ -134,7 +134,7 @@ class Fig6:
 
     def __init__(self, arch: str, quick: bool, k: float, out: Path, only: str,
                  spec: str | None = None, cap_s: float | None = None,
-                 methods: tuple = METHODS):
+                 methods: tuple = METHODS, name: str | None = None):
         self.arch, self.quick, self.k, self.only = arch, quick, k, only
         self.methods = tuple(m for m in METHODS if m in methods)
         self.cfg = dict(QUICK if quick else FULL)
@@ -144,6 +144,7 @@ class Fig6:
         tag = f"fig6{'_quick' if quick else ''}_{arch}"
         if spec:
             tag = f"fig6{'_quick' if quick else ''}_" + re.sub(r"[^a-z0-9.]+", "_", spec).strip("_")
+        tag = name or tag
         self.json_path, self.md_path = out / f"{tag}.json", out / f"{tag}.md"
         self.png_prefix = out / tag
         self.doc: dict = {"figure": "paper Fig. 6", "mode": "quick" if quick else "full",
@@ -360,6 +361,9 @@ def main(argv=None) -> int:
     p.add_argument("--spec", default=None,
                    help="explicit model spec (e.g. full-size 'mobilenet_v2:seed=0' with --quick points)")
     p.add_argument("--cap", type=float, default=None, help="per-request time cap, s")
+    p.add_argument("--name", default=None,
+                   help="result file stem (default fig6[_quick]_<model or spec>); give one for "
+                        "partial runs (--only/--methods) so they do not replace a full run's files")
     args = p.parse_args(argv)
     reason = check_environment()
     if reason:
@@ -368,7 +372,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     fig = Fig6(args.model, args.quick, args.k, args.out, args.only, args.spec, args.cap,
-               tuple(args.methods.split(",")))
+               tuple(args.methods.split(",")), args.name)
     t0 = time.monotonic()
     with Testbed(prefix="dcf6") as tb:
         fig.up(tb)
