@@ -91,8 +91,9 @@ def _plan(args) -> int:
             "local": int(args.local), "shared_link": int(not args.per_device_links)}
     if args.gmacs:
         opts["gmacs"] = args.gmacs
+    name, named = planmod.parse_plan_name(args.plan)
+    opts.update(named)                  # options written in the plan name win over the flags
     prof = planner.Profile.from_options(opts)
-    name, _ = planmod.parse_plan_name(args.plan)
     plan = planmod.build_plan(specs, args.k or args.devices, args.plan,
                               **(opts if name == "auto" else {}))
     if args.json:

@@ -140,6 +140,11 @@ def test_cli_plan_explain(capsys):
     assert cli._plan(args) == 0
     out = capsys.readouterr().out
     assert "plan auto" in out and "MB on the wire" in out
+    args = cli.build_parser().parse_args(["plan", "--model", SPECS["v2"], "--overhead-ms", "7",
+                                          "--plan", "auto:overhead_ms=0,device_overhead_ms=1"])
+    assert cli._plan(args) == 0
+    out = capsys.readouterr().out      # the plan name's options win over the flags
+    assert "0 ms/message, 1 ms/chunk on its device" in out
 
 
 # --------------------------------------------------------------------------- int8 wire
