@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.plans_cluster import ask, plans_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -85,37 +86,8 @@ def agent(args) -> int:
     return 0
 
 
-PROBE_REPEATS = 4
-
-
-def _device_gmacs(model: str, forward_s: float) -> float:
-    """The planner's `gmacs` making its one-device prediction equal the calibrated device's
-    measured whole-model time (the workers' own start-up calibration is too short to be
-    throttled by a CFS quota)."""
-    from decolla import plan as planmod, planner
-    from decolla.model import load_model
-    specs = load_model(model).layer_specs()
-    one = planmod.build_plan(specs, 1, "single")
-    pred = planner.stage_seconds(one.stages[0], {s["name"]: s for s in specs},
-                                 planner.Profile(local=True))
-    return planner.PI_CORE["pwconv"] / 1e9 * pred / forward_s
-
-
-def _ask(proc, timeout, **cmd):
-    proc.stdin.write(json.dumps(cmd) + "\n")
-    proc.stdin.flush()
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"agent exited ({proc.poll()})")
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError("agent timed out")
-
-
 def drive(args) -> int:
-    from bench.testbed import Testbed, check_environment
+    from bench.testbed import check_environment
     reason = check_environment()
     if reason:
         print(f"bench.plans_testbed needs the testbed: {reason}", file=sys.stderr)
@@ -124,32 +96,11 @@ def drive(args) -> int:
     doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "points": [],
            "overhead_ms": args.overhead_ms,
            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    logs = Path("/tmp") / f"plans-testbed-{os.getpid()}"
-    logs.mkdir(exist_ok=True)
-    with Testbed(prefix="dcpl") as tb:
-        probe = [sys.executable, "-m", "bench.fig6_probe", "--model", args.model, "--repeats",
-                 str(PROBE_REPEATS)]
-        cal = tb.calibrate(probe, k=args.k)
-        doc["calibration"] = cal.as_dict()
-        print(f"device quota {cal.quota:.3f} cores ({cal.achieved_slowdown:.1f}x slower)", flush=True)
-        gmacs = _device_gmacs(args.model, cal.device_seconds / PROBE_REPEATS)
-        doc["auto_gmacs"] = gmacs
-        for i in (1, 2, 3):
-            tb.add_host(f"dev{i}", bandwidth_mbit=bws[0], cpu_quota=cal.quota)
-        tb.add_host("edge", role="edge", cpu_quota=round(min(0.3, tb.cpu_budget - 3 * cal.quota), 3))
-        req = tb.add_host("requester", role="requester")
-        tb.spawn_node("edge", "leader", model=args.model, log=logs / "edge.log")
-        time.sleep(1.0)
-        for i in (1, 2, 3):
-            tb.spawn_node(f"dev{i}", "device", leader="edge", model=args.model,
-                          log=logs / f"dev{i}.log")
-        proc = req.spawn([sys.executable, "-m", "bench.plans_testbed", "--agent", "--leader",
-                          f"{tb.address('edge')}:1900", "--bind", req.address, "--model",
-                          args.model], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=open(logs / "agent.log", "ab"), text=True, bufsize=1)
+    with plans_cluster("dcpl", args.model, args.k, bws[0], "bench.plans_testbed", []) as pc:
+        tb, proc = pc.tb, pc.agent
+        doc["calibration"] = pc.calibration.as_dict()
+        doc["auto_gmacs"] = gmacs = pc.gmacs
         try:
-            hello = json.loads(proc.stdout.readline())
-            assert hello.get("ready"), hello
             for bw in bws:
                 for i in (1, 2, 3):
                     tb.set_bandwidth(f"dev{i}", bw)
@@ -161,8 +112,8 @@ def drive(args) -> int:
                     plans.append("spatial")
                 for plan in plans:
                     drops0 = [tb.drops(f"dev{i}") for i in (1, 2, 3)]
-                    rep = _ask(proc, args.cap * (args.repeats + 2) + 120, cmd="run", plan=plan,
-                               repeats=args.repeats, cap_s=args.cap)
+                    rep = ask(proc, args.cap * (args.repeats + 2) + 120, cmd="run", plan=plan,
+                              repeats=args.repeats, cap_s=args.cap)
                     drops = {d: sum(tb.drops(f"dev{i}")[d] - d0[d] for i, d0 in zip((1, 2, 3), drops0))
                              for d in ("up", "down")}
                     point = {"bandwidth_mbit": bw, "plan": plan, "loadavg": os.getloadavg(),
@@ -179,12 +130,6 @@ def drive(args) -> int:
                           flush=True)
                     _save(doc, args.out)
         finally:
-            try:
-                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                proc.stdin.flush()
-                proc.wait(timeout=20)
-            except Exception:
-                proc.kill()
             doc["emulated"] = tb.describe()
     doc["loadavg_end"] = os.getloadavg()
     _save(doc, args.out)

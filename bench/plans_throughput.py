@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.plans_testbed import PROBE_REPEATS, _ask, _device_gmacs
+from bench.plans_cluster import ask, plans_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -144,7 +142,7 @@ def agent(args) -> int:
 
 
 def drive(args) -> int:
-    from bench.testbed import Testbed, check_environment
+    from bench.testbed import check_environment
     reason = check_environment()
     if reason:
         print(f"bench.plans_throughput needs the testbed: {reason}", file=sys.stderr)
@@ -154,50 +152,26 @@ def drive(args) -> int:
            "concurrency": args.concurrency, "requests": args.requests, "rounds": args.rounds,
            "points": [], "loadavg_start": os.getloadavg(), "name": args.name,
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    logs = Path("/tmp") / f"plans-throughput-{os.getpid()}"
-    logs.mkdir(exist_ok=True)
-    with Testbed(prefix="dctp") as tb:
-        probe = [sys.executable, "-m", "bench.fig6_probe", "--model", args.model, "--repeats",
-                 str(PROBE_REPEATS)]
-        cal = tb.calibrate(probe, k=args.k)
-        doc["calibration"] = cal.as_dict()
-        forward_s = cal.device_seconds / PROBE_REPEATS
-        doc["device_forward_s"] = forward_s
-        doc["planner_gmacs_from_calibration"] = _device_gmacs(args.model, forward_s)
-        print(f"device quota {cal.quota:.3f} cores ({cal.achieved_slowdown:.1f}x slower, "
-              f"{forward_s:.2f} s per forward)", flush=True)
-        for i in (1, 2, 3):
-            tb.add_host(f"dev{i}", bandwidth_mbit=args.bandwidth, cpu_quota=cal.quota)
-        # rounded down: rounding up could exceed the budget left by the devices
-        edge = math.floor(min(0.3, tb.cpu_budget - 3 * cal.quota) * 1000) / 1000
-        tb.add_host("edge", role="edge", cpu_quota=edge)
-        req = tb.add_host("requester", role="requester")
-        tb.spawn_node("edge", "leader", model=args.model, log=logs / "edge.log")
-        time.sleep(1.0)
-        for i in (1, 2, 3):
-            tb.spawn_node(f"dev{i}", "device", leader="edge", model=args.model,
-                          log=logs / f"dev{i}.log")
-        proc = req.spawn([sys.executable, "-m", "bench.plans_throughput", "--agent", "--leader",
-                          f"{tb.address('edge')}:1900", "--bind", req.address, "--model",
-                          args.model, "--bandwidth", str(args.bandwidth), "--cap", str(args.cap),
-                          "--allocator", args.allocator],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=open(logs / "agent.log", "ab"), text=True, bufsize=1)
+    with plans_cluster("dctp", args.model, args.k, args.bandwidth, "bench.plans_throughput",
+                       ["--bandwidth", str(args.bandwidth), "--cap", str(args.cap),
+                        "--allocator", args.allocator]) as pc:
+        proc = pc.agent
+        doc["calibration"] = pc.calibration.as_dict()
+        doc["device_forward_s"] = pc.forward_s
+        doc["planner_gmacs_from_calibration"] = pc.gmacs
         try:
-            hello = json.loads(proc.stdout.readline())
-            assert hello.get("ready"), hello
-            st = _ask(proc, 60, cmd="status")
+            st = ask(proc, 60, cmd="status")
             doc["status"] = st.get("result")
             speeds = [d["speed_gmacs"] for d in (st.get("result") or {}).get("devices", [])]
             print(f"devices' start-up speed (Client.status): {speeds} GMAC/s", flush=True)
             wait = args.cap * (args.requests + args.concurrency) + 120
             for method in METHODS:                # warm-up: plans, caches, profiles
-                _ask(proc, wait, cmd="run", method=method, concurrency=args.concurrency,
-                     requests=args.concurrency)
+                ask(proc, wait, cmd="run", method=method, concurrency=args.concurrency,
+                    requests=args.concurrency)
             for rnd in range(args.rounds):
                 for method in METHODS:
-                    rep = _ask(proc, wait, cmd="run", method=method,
-                               concurrency=args.concurrency, requests=args.requests)
+                    rep = ask(proc, wait, cmd="run", method=method,
+                              concurrency=args.concurrency, requests=args.requests)
                     point = {"round": rnd, **(rep["result"] if rep.get("ok") else
                                               {"method": method, "error": rep.get("error")})}
                     doc["points"].append(point)
@@ -205,13 +179,7 @@ def drive(args) -> int:
                           f"(ok {point.get('ok')}, load {os.getloadavg()[0]:.2f})", flush=True)
                     _save(doc, args.out)
         finally:
-            try:
-                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                proc.stdin.flush()
-                proc.wait(timeout=30)
-            except Exception:
-                proc.kill()
-            doc["emulated"] = tb.describe()
+            doc["emulated"] = pc.tb.describe()
     doc["loadavg_end"] = os.getloadavg()
     _save(doc, args.out)
     return 0

@@ -1,0 +1,96 @@
+"""The testbed cluster the plan benchmarks share: 3 calibrated Pi-class devices, an edge
+host running the leader, and an unshaped, unthrottled requester host running the
+benchmark's own agent (one JSON command per stdin line, one JSON reply per stdout line)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+PROBE_REPEATS = 4
+
+
+def device_gmacs(model: str, forward_s: float) -> float:
+    """The planner's `gmacs` making its one-device prediction equal the calibrated device's
+    measured whole-model time."""
+    from decolla import plan as planmod, planner
+    from decolla.model import load_model
+    specs = load_model(model).layer_specs()
+    one = planmod.build_plan(specs, 1, "single")
+    pred = planner.stage_seconds(one.stages[0], {s["name"]: s for s in specs},
+                                 planner.Profile(local=True))
+    return planner.PI_CORE["pwconv"] / 1e9 * pred / forward_s
+
+
+def ask(proc, timeout: float, **cmd) -> dict:
+    """Send one command to the agent and return its JSON reply."""
+    proc.stdin.write(json.dumps(cmd) + "\n")
+    proc.stdin.flush()
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"agent exited ({proc.poll()})")
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("agent timed out")
+
+
+@dataclass
+class PlansCluster:
+    tb: object                 # bench.testbed.Testbed
+    calibration: object        # its Calibration
+    forward_s: float           # the calibrated device's whole-model forward, s
+    gmacs: float               # device_gmacs() of that forward
+    agent: subprocess.Popen
+    hello: dict                # the agent's first line
+
+
+@contextmanager
+def plans_cluster(prefix: str, model: str, k: float, bandwidth_mbit: float, agent_module: str,
+                  agent_args: list[str]):
+    """Bring the cluster up, start `python -m agent_module --agent --leader ... --bind ...
+    --model model *agent_args` on the requester host, yield a PlansCluster; on exit ask the
+    agent to quit and take everything down."""
+    from bench.testbed import Testbed
+    logs = Path("/tmp") / f"{prefix}-{os.getpid()}"
+    logs.mkdir(exist_ok=True)
+    with Testbed(prefix=prefix) as tb:
+        probe = [sys.executable, "-m", "bench.fig6_probe", "--model", model, "--repeats",
+                 str(PROBE_REPEATS)]
+        cal = tb.calibrate(probe, k=k)
+        forward_s = cal.device_seconds / PROBE_REPEATS
+        print(f"device quota {cal.quota:.3f} cores ({cal.achieved_slowdown:.1f}x slower, "
+              f"{forward_s:.2f} s per forward)", flush=True)
+        for i in (1, 2, 3):
+            tb.add_host(f"dev{i}", bandwidth_mbit=bandwidth_mbit, cpu_quota=cal.quota)
+        # rounded down: rounding up could exceed the budget left by the devices
+        edge = math.floor(min(0.3, tb.cpu_budget - 3 * cal.quota) * 1000) / 1000
+        tb.add_host("edge", role="edge", cpu_quota=edge)
+        req = tb.add_host("requester", role="requester")
+        tb.spawn_node("edge", "leader", model=model, log=logs / "edge.log")
+        time.sleep(1.0)
+        for i in (1, 2, 3):
+            tb.spawn_node(f"dev{i}", "device", leader="edge", model=model, log=logs / f"dev{i}.log")
+        proc = req.spawn([sys.executable, "-m", agent_module, "--agent", "--leader",
+                          f"{tb.address('edge')}:1900", "--bind", req.address, "--model", model,
+                          *agent_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=open(logs / "agent.log", "ab"), text=True, bufsize=1)
+        try:
+            hello = json.loads(proc.stdout.readline())
+            if not hello.get("ready"):
+                raise RuntimeError(f"agent did not start: {hello}")
+            yield PlansCluster(tb, cal, forward_s, device_gmacs(model, forward_s), proc, hello)
+        finally:
+            try:
+                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                proc.stdin.flush()
+                proc.wait(timeout=30)
+            except Exception:
+                proc.kill()
