@@ -32,3 +32,14 @@ def make_cluster(request):
             c.close()
     request.addfinalizer(_cleanup)
     return _make
+
+
+@pytest.fixture
+def asys():
+    """An in-process Thespian actor system (simpleSystemBase), shut down after the test."""
+    from thespian.actors import ActorSystem
+    system = ActorSystem("simpleSystemBase", {"decolla.compute": True}, transientUnique=True)
+    try:
+        yield system
+    finally:
+        system.shutdown()

@@ -177,66 +177,18 @@ def test_int8_special_cases_and_size():
 RECOVERY_SPEC = "mobilenet_v2:width=0.35,input_size=32,num_classes=10,seed=0"
 
 
-def _actors():
-    """A worker damaging the first attempt at chunk 0 of every stage, and a fixed registrar."""
-    from thespian.actors import Actor
-    from decolla.actors.worker import Worker
-    from decolla.messages import ChunkResult, ChunkResults, Membership, Subscribe
-
-    class CorruptingWorker(Worker):
-        def send(self, target, msg):
-            for r in (msg.results if isinstance(msg, ChunkResults) else [msg]):
-                if isinstance(r, ChunkResult) and r.chunk == 0 and r.attempt == 0:
-                    blob = bytearray(r.payload)
-                    blob[len(blob) // 2] ^= 0x5A
-                    r.payload = bytes(blob)
-            super().send(target, msg)
-
-    class FakeRegistrar(Actor):
-        def receiveMessage(self, msg, sender):
-            if isinstance(msg, Membership):
-                self.membership = msg
-                self.send(sender, "ok")
-            elif isinstance(msg, Subscribe):
-                self.send(sender, self.membership)
-
-    return CorruptingWorker, FakeRegistrar
-
-
-@pytest.fixture
-def asys():
-    from thespian.actors import ActorSystem
-    system = ActorSystem("simpleSystemBase", {"decolla.compute": True}, transientUnique=True)
-    try:
-        yield system
-    finally:
-        system.shutdown()
-
-
 # auto with free messages: on this tiny model it would otherwise (rightly) not split at all
 @pytest.mark.parametrize("kind", ["layer", "block", "spatial", "auto:bandwidth_mbit=1000,"
                                   "overhead_ms=0,device_overhead_ms=0,min_gain=1"])
 def test_lost_chunk_is_recomputed_in_every_plan(asys, kind):
     """Real Requester + Workers (in-process actor system): the first attempt at chunk 0 of
     every stage is damaged; it is recomputed and the logits stay right."""
-    from decolla.actors.requester import Requester
     from decolla.actors.worker import Worker
-    from decolla.messages import (ConfigureRequester, DeviceInfo, InferReply, InferRequest,
-                                  InitWorker, Membership, WorkerReady)
-    CorruptingWorker, FakeRegistrar = _actors()
+    from decolla.messages import InferReply, InferRequest
+    from tests.inprocess import CorruptingWorker, start_requester
     m = load_model(RECOVERY_SPEC)
-    devices = []
-    for i, cls in enumerate([CorruptingWorker, Worker]):
-        addr = asys.createActor(cls)
-        ready = asys.ask(addr, InitWorker(f"w{i}", RECOVERY_SPEC, m.digest(), 60.0), 30)
-        assert isinstance(ready, WorkerReady)
-        devices.append(DeviceInfo(f"w{i}", addr, "ready", speed=ready.speed))
-    reg = asys.createActor(FakeRegistrar)
-    assert asys.ask(reg, Membership(devices, m.digest(), RECOVERY_SPEC, m.layer_specs(),
-                                    tuple(m.input_shape)), 10) == "ok"
-    req = asys.createActor(Requester)
-    assert asys.ask(req, ConfigureRequester(reg, "test", k=2, plan=kind, wire_dtype="float16"),
-                    10).ok
+    req = start_requester(asys, m, RECOVERY_SPEC, [CorruptingWorker, Worker], k=2, plan=kind,
+                          wire_dtype="float16")
     img = np.random.default_rng(0).standard_normal(m.input_shape).astype(np.float32)
     reply = asys.ask(req, InferRequest("r1", img), 60)
     assert isinstance(reply, InferReply), reply
@@ -250,22 +202,12 @@ def test_lost_chunk_is_recomputed_in_every_plan(asys, kind):
 
 def test_local_stage_runs_on_the_requester_without_moving_bytes(asys):
     """auto with local=1 on a slow network: one stage, computed by the requester itself."""
-    from decolla.actors.requester import Requester
     from decolla.actors.worker import Worker
-    from decolla.messages import (ConfigureRequester, DeviceInfo, InferReply, InferRequest,
-                                  InitWorker, Membership, WorkerReady)
-    _, FakeRegistrar = _actors()
+    from decolla.messages import InferReply, InferRequest
+    from tests.inprocess import start_requester
     m = load_model(RECOVERY_SPEC)
-    addr = asys.createActor(Worker)
-    ready = asys.ask(addr, InitWorker("w0", RECOVERY_SPEC, m.digest(), 60.0), 30)
-    assert isinstance(ready, WorkerReady)
-    reg = asys.createActor(FakeRegistrar)
-    assert asys.ask(reg, Membership([DeviceInfo("w0", addr, "ready", speed=ready.speed)],
-                                    m.digest(), RECOVERY_SPEC, m.layer_specs(),
-                                    tuple(m.input_shape)), 10) == "ok"
-    req = asys.createActor(Requester)
-    plan = "auto:bandwidth_mbit=1,local=1"
-    assert asys.ask(req, ConfigureRequester(reg, "me", k=3, plan=plan), 10).ok
+    req = start_requester(asys, m, RECOVERY_SPEC, [Worker], node="me", k=3,
+                          plan="auto:bandwidth_mbit=1,local=1")
     img = np.random.default_rng(4).standard_normal(m.input_shape).astype(np.float32)
     reply = asys.ask(req, InferRequest("r1", img), 60)
     assert isinstance(reply, InferReply), reply
