@@ -49,13 +49,17 @@ class Supervisor:
     def __init__(self, slack: float = 4.0, floor: float = 0.5, alpha: float = 0.3,
                  dead_after: int = 3, revive_beats: int = 2, prior_rate: float = 2e8,
                  prior_bandwidth: float = 50e6, prior_overhead: float = 0.005,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, link_bytes_per_s: float = 0.0):
         if slack < 1.0 or floor <= 0:
             raise ValueError("slack must be >= 1 and floor > 0")
         self.slack, self.floor, self.alpha = slack, floor, alpha
         self.dead_after, self.revive_beats = dead_after, revive_beats
         self.prior_rate, self.prior_spb = prior_rate, 1.0 / prior_bandwidth
         self.prior_overhead = prior_overhead
+        # A link speed the user stated (e.g. an auto plan's bandwidth_mbit): predictions never
+        # assume a faster link, so a link that just got slower does not make every chunk miss
+        # its deadline and be sent twice before the estimates catch up.
+        self.min_spb = 1.0 / link_bytes_per_s if link_bytes_per_s > 0 else 0.0
         self.clock = clock
         self.devices: dict[str, DeviceEstimate] = {}
 
@@ -114,7 +118,8 @@ class Supervisor:
     def predict(self, name: str, macs: float, nbytes: float) -> float:
         """Predicted seconds until a chunk sent now returns (queue ahead included)."""
         d = self.devices[name]
-        return d.overhead + nbytes * d.sec_per_byte + (d.queued_macs + macs) / d.rate
+        spb = max(d.sec_per_byte, self.min_spb)
+        return d.overhead + nbytes * spb + (d.queued_macs + macs) / d.rate
 
     def timeout(self, name: str, macs: float, nbytes: float) -> float:
         """t2 for a chunk sent now: slack x prediction, never below the floor."""

@@ -87,6 +87,13 @@ def test_a_late_result_after_a_missed_deadline_still_teaches_the_transfer_estima
     assert sup.predict("a", 1e6, 1e6) > 100 * before
 
 
+def test_a_stated_link_speed_bounds_the_predicted_transfer_time():
+    fast, _ = make(prior_overhead=0.0, prior_bandwidth=1e9)
+    stated, _ = make(prior_overhead=0.0, prior_bandwidth=1e9, link_bytes_per_s=125e3)  # 1 Mb/s
+    assert fast.predict("a", 0, 125e3) == pytest.approx(125e-6)
+    assert stated.predict("a", 0, 125e3) == pytest.approx(1.0)
+
+
 def test_misses_make_a_device_suspect_then_dead_and_beats_revive_it():
     sup, _ = make(dead_after=3, revive_beats=2)
     assert sup.missed("a", 1) == "suspect"

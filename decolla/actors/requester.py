@@ -95,7 +95,13 @@ class Requester(ActorTypeDispatcher):
         except Exception as exc:
             self.send(sender, Ready(False, f"allocator {msg.allocator!r}: {exc}"))
             return
-        self.sup = Supervisor(slack=msg.deadline_slack, floor=msg.deadline_floor)
+        try:           # a bad plan name is reported with the first request
+            name, opts = planmod.parse_plan_name(msg.plan)
+            stated = float(opts.get("bandwidth_mbit", 0)) if name == "auto" else 0.0
+        except (planmod.PlanError, ValueError):
+            stated = 0.0
+        self.sup = Supervisor(slack=msg.deadline_slack, floor=msg.deadline_floor,
+                              link_bytes_per_s=stated * 1e6 / 8)
         self.waiting_ready.append(sender)
         self.send(msg.registrar, Subscribe(msg.node))
 
