@@ -178,18 +178,18 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
         best[end] = min(options, key=lambda o: o[0])
     t, groups, notes = best[len(specs)]
     single = planmod.Group(specs, "spatial", 1)
-    one_s = stage_seconds(_stage(single, "input", shapes), by_name, prof)
+    single_stage = _stage(single, "input", shapes)
+    one_s = stage_seconds(single_stage, by_name, prof)
     prof_local = Profile(**{**asdict(prof), "local": True})
     notes_out = {"profile": asdict(prof), "predicted_s": t, "stages": notes,
-                 "one_device_s": stage_seconds(_stage(single, "input", shapes), by_name,
-                                               prof_local)}
+                 "one_device_s": stage_seconds(single_stage, by_name, prof_local)}
     if t * prof.min_gain > one_s:
         # The prediction's error is of the order of the gain: one device is the safe choice.
         groups = [single]
         notes_out.update(predicted_s=one_s, stages=[{
             "layers": [s["name"] for s in specs], "choice": f"one device (split gain < {prof.min_gain:g}x)",
             "split": "spatial", "chunks": 1, "seconds": one_s,
-            "bytes": prof.wire_bytes(planmod.stage_bytes(_stage(single, "input", shapes)))}])
+            "bytes": prof.wire_bytes(planmod.stage_bytes(single_stage))}])
     groups = _merge_singles(groups)
     if prof.local:
         for g in groups:

@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 
 from decolla.allocators import DeviceState
 
+UNQUEUED_KEEP = 1024
+
 
 @dataclass
 class DeviceEstimate:
@@ -32,7 +34,10 @@ class DeviceEstimate:
     available: float = 1.0
     reported_queue: int = 0
     outstanding: dict = field(default_factory=dict)   # attempt key -> macs
-    unqueued: set = field(default_factory=set)        # attempts sent while nothing was outstanding
+    # Attempts sent while nothing was outstanding (insertion-ordered, oldest dropped past
+    # UNQUEUED_KEEP): their round trip is transfer + compute only, so their results, even
+    # late or cancelled ones, may teach the transfer estimates.
+    unqueued: dict = field(default_factory=dict)
 
     @property
     def queued_macs(self) -> float:
@@ -130,7 +135,9 @@ class Supervisor:
         t2 = self.timeout(name, macs, nbytes)
         d = self.devices[name]
         if not d.outstanding:
-            d.unqueued.add(key)
+            d.unqueued[key] = True
+            if len(d.unqueued) > UNQUEUED_KEEP:     # results that never came back
+                del d.unqueued[next(iter(d.unqueued))]
         d.outstanding[key] = macs
         return self.clock() + t2
 
@@ -139,7 +146,6 @@ class Supervisor:
         d = self.devices.get(name)
         if d is not None:
             d.outstanding.pop(key, None)
-            d.unqueued.discard(key)
 
     def completed(self, name: str, key, macs: float, nbytes: float,
                   compute_s: float, rtt_s: float) -> None:
@@ -151,16 +157,13 @@ class Supervisor:
         a = self.alpha
         if compute_s > 0 and macs > 0:
             d.rate = (1 - a) * d.rate + a * (macs / compute_s)
-        if key not in d.unqueued:
-            # It waited behind other work on the device; that wait is not transfer time.
-            self.heard_from(name)
-            return
-        d.unqueued.discard(key)
-        comm = max(0.0, rtt_s - compute_s)
-        if nbytes > 0:
-            fixed = min(comm, d.overhead)
-            d.sec_per_byte = (1 - a) * d.sec_per_byte + a * max(1e-10, (comm - fixed) / nbytes)
-        d.overhead = (1 - a) * d.overhead + a * min(comm, 0.5)
+        # A chunk that waited behind other work on the device: that wait is not transfer time.
+        if d.unqueued.pop(key, False):
+            comm = max(0.0, rtt_s - compute_s)
+            if nbytes > 0:
+                fixed = min(comm, d.overhead)
+                d.sec_per_byte = (1 - a) * d.sec_per_byte + a * max(1e-10, (comm - fixed) / nbytes)
+            d.overhead = (1 - a) * d.overhead + a * min(comm, 0.5)
         self.heard_from(name)
 
     def heard_from(self, name: str) -> None:
@@ -174,7 +177,7 @@ class Supervisor:
         d = self.devices.get(name)
         if d is None:
             return "dead"
-        d.outstanding.pop(key, None)   # still in `unqueued`: a late result teaches the estimates
+        d.outstanding.pop(key, None)
         d.misses += 1
         if d.misses >= self.dead_after:
             if d.state != "dead":

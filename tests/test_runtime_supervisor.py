@@ -87,6 +87,26 @@ def test_a_late_result_after_a_missed_deadline_still_teaches_the_transfer_estima
     assert sup.predict("a", 1e6, 1e6) > 100 * before
 
 
+def test_a_late_result_teaches_even_after_its_attempt_was_released():
+    sup, _ = make(alpha=0.5, prior_overhead=0.005, prior_bandwidth=1e8)
+    before = sup.predict("a", 1e6, 1e6)
+    for i in range(5):          # t2 missed, a duplicate elsewhere won, then the original arrives
+        sup.dispatched("a", i, 1e6, 1e6)
+        sup.missed("a", i)
+        sup.released("a", i)
+        sup.completed("a", i, 1e6, 1e6, compute_s=0.001, rtt_s=10.0)
+    assert sup.predict("a", 1e6, 1e6) > 100 * before
+
+
+def test_attempts_that_never_return_are_not_remembered_forever():
+    from decolla.supervisor import UNQUEUED_KEEP
+    sup, _ = make()
+    for i in range(UNQUEUED_KEEP + 50):
+        sup.dispatched("a", i, 1e6, 1e6)
+        sup.missed("a", i)
+    assert len(sup.devices["a"].unqueued) == UNQUEUED_KEEP
+
+
 def test_a_stated_link_speed_bounds_the_predicted_transfer_time():
     fast, _ = make(prior_overhead=0.0, prior_bandwidth=1e9)
     stated, _ = make(prior_overhead=0.0, prior_bandwidth=1e9, link_bytes_per_s=125e3)  # 1 Mb/s

@@ -95,11 +95,13 @@ class Requester(ActorTypeDispatcher):
         except Exception as exc:
             self.send(sender, Ready(False, f"allocator {msg.allocator!r}: {exc}"))
             return
-        try:           # a bad plan name is reported with the first request
-            name, opts = planmod.parse_plan_name(msg.plan)
-            stated = float(opts.get("bandwidth_mbit", 0)) if name == "auto" else 0.0
+        self.plan_name, self.plan_opts, stated = None, {}, 0.0
+        try:           # a bad plan name is reported with the first request (build_plan says why)
+            self.plan_name, self.plan_opts = planmod.parse_plan_name(msg.plan)
+            if self.plan_name == "auto":
+                stated = float(self.plan_opts.get("bandwidth_mbit", 0))
         except (planmod.PlanError, ValueError):
-            stated = 0.0
+            pass
         self.sup = Supervisor(slack=msg.deadline_slack, floor=msg.deadline_floor,
                               link_bytes_per_s=stated * 1e6 / 8)
         self.waiting_ready.append(sender)
@@ -198,19 +200,18 @@ class Requester(ActorTypeDispatcher):
         least `whole_above` requests are in flight (default 1: only a request that finds
         the cluster idle is split; 0 = never): splitting costs extra messages and halo
         work, which only pays while devices would otherwise sit idle."""
-        name, opts = planmod.parse_plan_name(self.cfg.plan)
+        opts = self.plan_opts
         kind, k, extra = self.cfg.plan, self.cfg.k or 2 * n, {}
-        if name == "auto":
-            whole_above = int(opts.get("whole_above", 1))
-            if 0 < whole_above <= len(self.requests):
-                kind, k = "single", 1
-            else:
-                if "devices" not in opts:
-                    extra["devices"] = n
-                speeds = sorted(d.speed for d in self.membership.devices  # calibrated at start-up
-                                if getattr(d, "speed", 0) > 0)
-                if speeds and "gmacs" not in opts:   # rounded so the plan cache stays small
-                    extra["gmacs"] = float(f"{speeds[len(speeds) // 2] / 1e9:.1g}")
+        auto = self.plan_name == "auto"
+        if auto and 0 < int(opts.get("whole_above", 1)) <= len(self.requests):
+            kind, k = "single", 1
+        elif auto:
+            if "devices" not in opts:
+                extra["devices"] = n
+            speeds = sorted(d.speed for d in self.membership.devices      # calibrated at start-up
+                            if getattr(d, "speed", 0) > 0)
+            if speeds and "gmacs" not in opts:   # rounded so the plan cache stays small
+                extra["gmacs"] = float(f"{speeds[len(speeds) // 2] / 1e9:.1g}")
         key = (kind, k, n, tuple(sorted(extra.items())))
         plan = self.plans.get(key)
         if plan is None:

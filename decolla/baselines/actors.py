@@ -155,18 +155,27 @@ class _Pipe:
     def __init__(self, msg: RunPipeline, reply_to):
         self.msg, self.reply_to = msg, reply_to
         self.epoch, self.hop = 0, 0
-        self.route: list[part.Segment] = list(msg.route)
         self.addresses: list = []
         self.source = None             # (epoch, hop, address, device) holding the current hop's input
         self.failed: set[str] = set()
         self.records: list[ChunkRecord] = []
-        self.current: ChunkRecord | None = None
-        self.routes: dict[int, list] = {}   # epoch -> route
+        self.routes: dict[int, list[part.Segment]] = {}   # epoch -> route
         self.deadline = 0.0
         self.used: list = []
         self.replans = 0
         self.started = time.time()
         self.timeout_at = time.monotonic() + msg.timeout_s
+
+    @property
+    def route(self) -> list[part.Segment]:
+        """The route of the current epoch."""
+        return self.routes[self.epoch]
+
+    @property
+    def current(self) -> ChunkRecord | None:
+        """The trace record of the hop in progress."""
+        return next((r for r in self.records if (r.attempt, r.chunk) == (self.epoch, self.hop)),
+                    None)
 
 
 def segment_t1(seg: part.Segment, weights, cut_bytes, bandwidth_bps: float, slack: float,
@@ -245,15 +254,14 @@ class PipelineRequester(ActorTypeDispatcher):
             return
         pipe = _Pipe(msg, sender)
         self.pipes[msg.request] = pipe
-        self._dispatch(pipe, pipe.route, None)
+        self._dispatch(pipe, msg.route, None)
         self._ensure_tick()
 
     def _dispatch(self, pipe: _Pipe, route, source) -> None:
         """Start `route` (a new epoch unless it is the first) from `source` or the image."""
         if pipe.addresses:
             pipe.epoch += 1
-        pipe.route, pipe.hop = list(route), 0
-        pipe.routes[pipe.epoch] = pipe.route
+        pipe.routes[pipe.epoch], pipe.hop = list(route), 0
         pipe.addresses = [self.workers[s.device] for s in route]
         pipe.used.extend(pipe.addresses)
         if source is None:
@@ -270,7 +278,7 @@ class PipelineRequester(ActorTypeDispatcher):
         m, seg = pipe.msg, pipe.route[pipe.hop]
         t1 = segment_t1(seg, m.weights, m.cut_bytes, m.bandwidth_bps, m.t1_slack, m.t1_floor)
         pipe.deadline = time.monotonic() + t1
-        pipe.current = self._record(pipe, pipe.epoch, pipe.hop, t1)
+        self._record(pipe, pipe.epoch, pipe.hop, t1)
 
     def _record(self, pipe: _Pipe, epoch: int, hop: int, t1: float = 0.0) -> ChunkRecord:
         """The trace record of hop `hop` of route `epoch`, made now if there is none yet."""
