@@ -152,7 +152,7 @@ class Client(ClusterMember):
                  allocator: str = "average", wire_dtype: str = "float32", compress: bool = True,
                  deadline_slack: float = 4.0, deadline_floor: float = 0.5,
                  request_timeout: float = 120.0, connect_timeout: float = 30.0,
-                 min_devices: int = 1, min_chunk_macs: int = 0):
+                 min_devices: int = 1, min_chunk_macs: int = 0, data_plane: bool = True):
         self.request_timeout = request_timeout
         self._join(leader, name or f"requester-{uuid.uuid4().hex[:8]}", port, bind,
                    connect_timeout)
@@ -162,7 +162,7 @@ class Client(ClusterMember):
                 Requester, targetActorRequirements={system.CAP_NODE: self.name})
             cfg = ConfigureRequester(self._registrar, self.name, k, plan, allocator, wire_dtype,
                                      compress, deadline_slack, deadline_floor, request_timeout,
-                                     min_chunk_macs)
+                                     min_chunk_macs, data_plane)
             ready = self._asys.ask(self._requester, cfg, connect_timeout)
             if ready is None or not getattr(ready, "ok", False):
                 raise ClusterError(f"requester did not start: {getattr(ready, 'detail', 'timeout')}")

@@ -38,6 +38,7 @@ class DeviceInfo(Message):
     pgid: int = 0                 # process group of the device's actor system
     host: str = ""
     threads: int = 1
+    data_addr: tuple = ()         # (ip, port) of its worker's data plane; () = actor messages only
     _show = ("name", "status", "beats")
 
     @property
@@ -103,6 +104,7 @@ class WorkerReady(Message):
     pgid: int
     host: str
     threads: int
+    data_addr: tuple = ()         # (ip, port) of the worker's data plane (decolla.dataplane)
     _show = ("name", "speed", "pid")
 
 
@@ -213,6 +215,7 @@ class ConfigureRequester(Message):
     deadline_floor: float = 0.5
     request_timeout: float = 120.0
     min_chunk_macs: int = 0
+    data_plane: bool = True               # chunk traffic on the workers' sockets when offered
     _show = ("node", "plan", "allocator", "k")
 
 

@@ -121,7 +121,7 @@ class Registrar(ActorTypeDispatcher):
         if dev is None or dev.worker != sender:
             return
         dev.status, dev.speed, dev.pid, dev.pgid = "ready", msg.speed, msg.pid, msg.pgid
-        dev.host, dev.threads = msg.host, msg.threads
+        dev.host, dev.threads, dev.data_addr = msg.host, msg.threads, tuple(msg.data_addr)
         self.last_beat[msg.name] = time.monotonic()
         log.info("device ready", node=msg.name, speed_gmacs=round(msg.speed / 1e9, 2),
                  pid=msg.pid)

@@ -7,7 +7,9 @@ holds all K results they are merged in order and the next stage starts. The
 embedded `Supervisor` predicts every chunk's return time; a chunk not back by its
 deadline (t2), or whose device leaves, is sent to another device. Results are
 keyed by (request, stage, chunk): the first one wins, later duplicates are
-dropped, so a reassignment can never corrupt an output.
+dropped, so a reassignment can never corrupt an output. Work, results and
+cancellations travel on the workers' data plane (decolla.dataplane) when they
+offer one, as actor messages otherwise.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import numpy as np
 from thespian.actors import (ActorExitRequest, ActorTypeDispatcher, PoisonMessage,
                              WakeupMessage)
 
+from decolla import dataplane, wire
 from decolla import plan as planmod
-from decolla import wire
 from decolla.actors import system
 from decolla.allocators import NoLiveDevice, StageInfo, make_allocator
 from decolla.log import get_logger
@@ -71,8 +73,10 @@ class _Request:
         self.waiting = False
 
 
-class Requester(ActorTypeDispatcher):
+class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Per-client coordinator of inferences (lives in the client's actor system)."""
+
+    DATA_TYPES = (ChunkResult, ChunkResults, ChunkFailed)
 
     actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 
@@ -82,6 +86,8 @@ class Requester(ActorTypeDispatcher):
         self.membership: Membership | None = None
         self.requests: dict[str, _Request] = {}
         self.workers: dict = {}
+        self.data_addrs: dict[str, tuple] = {}      # device -> its worker's data plane
+        self.conns: dict[str, dataplane.Connection] = {}
         self.plans: dict[tuple, planmod.Plan] = {}
         self.ticking = False
         self.waiting_ready: list = []
@@ -115,6 +121,12 @@ class Requester(ActorTypeDispatcher):
             self.local_model = None
         self.membership = msg
         self.workers = {d.name: d.worker for d in msg.devices}
+        self.data_addrs = {d.name: tuple(d.data_addr) for d in msg.devices
+                           if d.data_addr and self.cfg.data_plane}
+        for dev, conn in list(self.conns.items()):
+            if conn.address != self.data_addrs.get(dev):
+                conn.close()
+                del self.conns[dev]
         lost = self.sup.update_membership(msg.devices)
         for name in lost:
             log.warning("device lost; moving its chunks", device=name)
@@ -287,7 +299,37 @@ class Requester(ActorTypeDispatcher):
             req.records.append(rec)
             self._event(req, "reassigned" if attempt else "sent", stage.index, c.index, dev, reason)
         stub = dataclasses.replace(stage, chunks=())
-        self.send(self.workers[dev], StageWork(req.id, stub, jobs, blobs, cfg.wire_dtype))
+        self._deliver(dev, StageWork(req.id, stub, jobs, blobs, cfg.wire_dtype))
+
+    def _deliver(self, dev: str, msg) -> None:
+        """Send `msg` to `dev`'s worker: on its data plane if it has one, else as a message."""
+        conn = self._connection(dev)
+        if conn is not None:
+            try:
+                conn.send(msg)
+                return
+            except ConnectionError:
+                pass
+        self.send(self.workers[dev], msg)
+
+    def _connection(self, dev: str) -> dataplane.Connection | None:
+        addr = self.data_addrs.get(dev)
+        if addr is None:
+            return None
+        conn = self.conns.get(dev)
+        if conn is not None and conn.closed:
+            if not conn.connected.is_set():
+                # never got through (a firewall?): actor messages still reach this device
+                log.warning("data plane unreachable; using actor messages", device=dev,
+                            address=addr)
+                del self.data_addrs[dev]
+                return None
+            conn = None       # it broke: what was on it is recovered by the deadlines
+        if conn is None:
+            if self.inbox is None:
+                self.inbox = dataplane.Inbox()
+            conn = self.conns[dev] = dataplane.Connection.connect(self.inbox, addr)
+        return conn
 
     def _event(self, req: _Request, kind: str, stage: int, chunk: int, device: str,
                reason: str = "") -> None:
@@ -369,9 +411,8 @@ class Requester(ActorTypeDispatcher):
                 a.record.status = "lost" if a.expired else "cancelled"
                 self.sup.released(a.record.device, (req.id, a.record.stage, chunk,
                                                     a.record.attempt))
-                addr = self.workers.get(a.record.device)
-                if addr is not None:
-                    self.send(addr, Cancel(req.id, ((a.record.stage, chunk),)))
+                if a.record.device in self.workers:
+                    self._deliver(a.record.device, Cancel(req.id, ((a.record.stage, chunk),)))
 
     def _stage_done(self, req: _Request, stage) -> None:
         try:
@@ -409,7 +450,7 @@ class Requester(ActorTypeDispatcher):
                 self.sup.released(rec.device, (req.id, rec.stage, rec.chunk, rec.attempt))
         for dev in devices:
             if self.workers.get(dev) is not None:
-                self.send(self.workers[dev], Cancel(req.id))
+                self._deliver(dev, Cancel(req.id))
         self.requests.pop(req.id, None)
         self.send(req.reply_to, InferError(req.id, error))
 
@@ -505,6 +546,8 @@ class Requester(ActorTypeDispatcher):
             self._fail(req, "requester shutting down")
         if self.cfg is not None:
             self.send(self.cfg.registrar, Unsubscribe())
+        for conn in self.conns.values():
+            conn.close()
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
         log.warning("undeliverable or failing message", message=str(msg.poisonMessage)[:200])

@@ -15,8 +15,8 @@ import time
 import numpy as np
 from thespian.actors import ActorTypeDispatcher, WakeupMessage
 
+from decolla import dataplane, wire
 from decolla import plan as planmod
-from decolla import wire
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.log import get_logger
@@ -155,8 +155,11 @@ class _Job:
         self.inputs, self.reply_to, self.received, self.dtype = inputs, reply_to, received, dtype
 
 
-class Worker(ActorTypeDispatcher):
-    """Computes chunks on one device."""
+class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
+    """Computes chunks on one device. Work arrives as actor messages or on the data plane
+    (decolla.dataplane); results go back the way their work came."""
+
+    DATA_TYPES = (StageWork, Cancel)
 
     @staticmethod
     def actorSystemCapabilityCheck(capabilities, requirements):
@@ -191,9 +194,35 @@ class Worker(ActorTypeDispatcher):
         speed = self._calibrate()
         info = system.proc_info()
         self.send(sender, WorkerReady(msg.name, speed, info["pid"], info["pgid"],
-                                      socket.gethostname(), int(msg.threads)))
+                                      socket.gethostname(), int(msg.threads), self._listen()))
         log.info("worker ready", node=msg.name, pid=info["pid"], speed_gmacs=round(speed / 1e9, 2))
         self.wakeupAfter(self.hb, payload="beat")
+
+    def _listen(self) -> tuple:
+        """Open the data plane on this worker's own IP; its (ip, port), or () without one."""
+        if self.inbox is None:
+            ip = dataplane.own_ip(self.myAddress)
+            if not ip:
+                return ()
+            inbox = dataplane.Inbox()
+            try:
+                self.listener = dataplane.Listener(inbox, ip)
+            except OSError as exc:
+                inbox.close()
+                log.warning("no data plane; chunks come as actor messages", error=str(exc))
+                return ()
+            self.inbox = inbox
+        return self.listener.address
+
+    def _reply(self, to, msg) -> None:
+        """Send `msg` back the way the work came: a data connection or an actor address."""
+        if isinstance(to, dataplane.Connection):
+            try:
+                to.send(msg)
+            except ConnectionError:
+                pass         # the requester went away; its supervisor re-sends elsewhere
+        else:
+            self.send(to, msg)
 
     def _calibrate(self) -> float:
         """MAC/s on a representative chunk (the heaviest pointwise layer, 1/6 of its channels)."""
@@ -219,7 +248,7 @@ class Worker(ActorTypeDispatcher):
                         decoded[key] = wire.decode(msg.blobs[key])
                     inputs[need] = decoded[key]
             except (wire.WireError, KeyError) as exc:
-                self.send(sender, ChunkFailed(msg.request, job.chunk.stage, job.chunk.index,
+                self._reply(sender, ChunkFailed(msg.request, job.chunk.stage, job.chunk.index,
                                               job.attempt, self.name, f"bad input: {exc}"))
                 continue
             self.queue.append(_Job(msg.request, msg.stage, job.chunk, job.attempt, inputs,
@@ -239,7 +268,7 @@ class Worker(ActorTypeDispatcher):
         while self.queue and time.perf_counter() < t_end:
             self._run(self.queue.popleft(), out)
         for reply_to, results in _by_target(out):
-            self.send(reply_to, results[0] if len(results) == 1 else ChunkResults(results))
+            self._reply(reply_to, results[0] if len(results) == 1 else ChunkResults(results))
         self._kick()
 
     def _kick(self) -> None:
@@ -257,7 +286,7 @@ class Worker(ActorTypeDispatcher):
         except Exception as exc:
             log.warning("chunk failed", request=job.request, stage=c.stage, chunk=c.index,
                         error=repr(exc))
-            self.send(job.reply_to, ChunkFailed(job.request, c.stage, c.index, job.attempt,
+            self._reply(job.reply_to, ChunkFailed(job.request, c.stage, c.index, job.attempt,
                                                 self.name, repr(exc)))
             return
         out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, job.attempt,
@@ -280,6 +309,8 @@ class Worker(ActorTypeDispatcher):
 
     def receiveMsg_ActorExitRequest(self, msg, sender):
         self.queue.clear()
+        if self.inbox is not None:
+            self.listener.close()
 
     def receiveUnrecognizedMessage(self, msg, sender):
         log.debug("ignored message", type=type(msg).__name__)
