@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import queue
 import socket
 import struct
 import threading
@@ -79,7 +78,8 @@ class Connection:
         self.inbox, self.sock, self.address = inbox, sock, address
         self.connected = threading.Event()
         self.closed = False
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: collections.deque = collections.deque()   # frames (or their tails) unsent
+        self._cv = threading.Condition()
         threading.Thread(target=self._write, daemon=True, name="dataplane-tx").start()
 
     @classmethod
@@ -88,13 +88,30 @@ class Connection:
         return cls(inbox, address=tuple(address))
 
     def send(self, obj) -> None:
-        if self.closed:
-            raise ConnectionError(f"data connection {self.address} is closed")
-        self._out.put(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = HEADER.pack(len(data)) + data
+        with self._cv:
+            if self.closed:
+                raise ConnectionError(f"data connection {self.address} is closed")
+            sent = 0
+            if not self._pending and self.connected.is_set():
+                # Most frames fit the socket buffer: send them from this thread. Waking the
+                # writer instead costs a thread hand-off, which under a CPU quota can wait
+                # for the next quota period.
+                try:
+                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._cv.notify()          # the writer notices the broken socket
+            if sent < len(frame):
+                self._pending.append(memoryview(frame)[sent:])
+                self._cv.notify()
 
     def close(self) -> None:
-        self.closed = True
-        self._out.put(None)
+        with self._cv:
+            self.closed = True
+            self._cv.notify()
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -105,13 +122,23 @@ class Connection:
     def _write(self) -> None:
         try:
             if self.sock is None:
-                self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
-                self.sock.settimeout(None)
+                sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
+                sock.settimeout(None)
+                self.sock = sock
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.connected.set()
             threading.Thread(target=self._read, daemon=True, name="dataplane-rx").start()
-            while (data := self._out.get()) is not None:
-                self.sock.sendall(HEADER.pack(len(data)) + data)
+            while True:
+                with self._cv:
+                    while not self._pending and not self.closed:
+                        self._cv.wait()
+                    if self.closed:
+                        return
+                    head = self._pending[0]
+                # Sent outside the lock; it stays queued until done, so `send` keeps order.
+                self.sock.sendall(head)
+                with self._cv:
+                    self._pending.popleft()
         except OSError as exc:
             if not self.closed:
                 log.info("data connection ended", peer=self.address, error=str(exc))
@@ -144,9 +171,9 @@ class Connection:
         return buf
 
     def _finish(self) -> None:
-        if not self.closed:
+        with self._cv:
             self.closed = True
-            self._out.put(None)
+            self._cv.notify()
         if self.sock is not None:
             try:
                 self.sock.close()
