@@ -215,7 +215,8 @@ class Client(ClusterMember):
         m = self.membership(timeout)
         devices = [{"name": d.name, "status": d.status, "speed_gmacs": round(d.speed / 1e9, 3),
                     "available": round(d.available, 3), "queue": d.queue, "beats": d.beats,
-                    "host": d.host, "pid": d.pid, "pgid": d.pgid, "threads": d.threads}
+                    "host": d.host, "pid": d.pid, "pgid": d.pgid, "threads": d.threads,
+                    "data_plane": "%s:%d" % tuple(d.data_addr) if d.data_addr else ""}
                    for d in m.devices]
         return {"leader": self.leader, "model": m.model, "digest": m.digest,
                 "input_shape": list(m.input_shape), "devices": devices, "refused": m.refused}

@@ -48,6 +48,8 @@ class Inbox:
             os.write(self._w, b"\0")
         except BlockingIOError:      # the pipe is full: the owner has wake-ups pending anyway
             pass
+        except OSError:              # closed: its owner is gone
+            pass
 
     def drain(self) -> list:
         """Everything received so far, oldest first (empties the inbox)."""
@@ -69,15 +71,21 @@ class Inbox:
                 pass
 
 
+class Closed:
+    """Put in the inbox, as (connection, Closed()), once when a connection ends."""
+
+
 class Connection:
     """One TCP connection carrying pickled objects both ways; received ones go to `inbox`
-    as (connection, object). `send` never blocks the caller."""
+    as (connection, object), then (connection, Closed()) when it ends. `send` never blocks
+    the caller."""
 
     def __init__(self, inbox: Inbox, sock: socket.socket | None = None,
                  address: tuple | None = None):
         self.inbox, self.sock, self.address = inbox, sock, address
         self.connected = threading.Event()
         self.closed = False
+        self._ended = False
         self._pending: collections.deque = collections.deque()   # frames (or their tails) unsent
         self._cv = threading.Condition()
         threading.Thread(target=self._write, daemon=True, name="dataplane-tx").start()
@@ -174,6 +182,9 @@ class Connection:
         with self._cv:
             self.closed = True
             self._cv.notify()
+            ended, self._ended = self._ended, True
+        if not ended:
+            self.inbox.put((self, Closed()))
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -220,7 +231,7 @@ def own_ip(address) -> str:
 class WatchesInbox:
     """Mixin for actors that own an `Inbox`: every message handled keeps its pipe watched,
     and objects arriving on it are dispatched to `receiveMsg_<Type>(obj, connection)` for
-    the types in `DATA_TYPES`."""
+    the types in `DATA_TYPES` (add `Closed` to hear of connections ending)."""
 
     inbox: Inbox | None = None
     DATA_TYPES: tuple = ()
@@ -237,5 +248,5 @@ class WatchesInbox:
         for conn, obj in self.inbox.drain():
             if isinstance(obj, self.DATA_TYPES):
                 getattr(self, "receiveMsg_" + type(obj).__name__)(obj, conn)
-            else:
+            elif not isinstance(obj, Closed):
                 log.warning("unexpected object on the data plane", type=type(obj).__name__)

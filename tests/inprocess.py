@@ -33,15 +33,20 @@ class FakeRegistrar(Actor):
             self.send(sender, self.membership)
 
 
-def start_requester(asys, model, spec: str, worker_kinds, node: str = "test", **config):
-    """Workers of `worker_kinds` (w0, w1, ...) holding `model`, a FakeRegistrar listing them,
-    and a Requester configured with `config` (ConfigureRequester fields); its address."""
+def start_requester(asys, model, spec: str, worker_kinds, node: str = "test",
+                    data_addrs: dict | None = None, ready_addrs: bool = False, **config):
+    """Workers of `worker_kinds` (w0, w1, ...) holding `model`, a FakeRegistrar listing them
+    (with the data-plane addresses `data_addrs` by worker name, or with the ones the workers
+    announced if `ready_addrs`), and a Requester configured with `config`
+    (ConfigureRequester fields); its address."""
     devices = []
     for i, kind in enumerate(worker_kinds):
         addr = asys.createActor(kind)
         ready = asys.ask(addr, InitWorker(f"w{i}", spec, model.digest(), 60.0), 30)
         assert isinstance(ready, WorkerReady)
-        devices.append(DeviceInfo(f"w{i}", addr, "ready", speed=ready.speed))
+        devices.append(DeviceInfo(f"w{i}", addr, "ready", speed=ready.speed,
+                                  data_addr=ready.data_addr if ready_addrs
+                                  else (data_addrs or {}).get(f"w{i}", ())))
     reg = asys.createActor(FakeRegistrar)
     assert asys.ask(reg, Membership(devices, model.digest(), spec, model.layer_specs(),
                                     tuple(model.input_shape)), 10) == "ok"

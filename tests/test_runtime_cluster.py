@@ -179,6 +179,14 @@ def test_other_clients_allocators_and_plans(cluster, allocator, plan):
     assert r.stats["allocator"] == allocator and r.stats["plan"] == plan
 
 
+def test_devices_offer_a_data_plane_and_actor_messages_still_work(cluster):
+    from decolla.api import Client
+    assert all(d["data_plane"].rsplit(":", 1)[-1].isdigit() for d in cluster.status()["devices"])
+    with Client(cluster.leader, plan="fused", k=3, data_plane=False, min_devices=3) as client:
+        r = client.infer(image(6))
+    assert rel_err(r.logits, ref(6)) <= 1e-5 and len(r.devices_used) == 3
+
+
 def test_fp16_wire_is_close_and_moves_fewer_bytes(cluster):
     from decolla.api import Client
     with Client(cluster.leader, wire_dtype="float16", min_devices=3) as client:

@@ -76,7 +76,7 @@ class _Request:
 class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Per-client coordinator of inferences (lives in the client's actor system)."""
 
-    DATA_TYPES = (ChunkResult, ChunkResults, ChunkFailed)
+    DATA_TYPES = (ChunkResult, ChunkResults, ChunkFailed, dataplane.Closed)
 
     actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 
@@ -312,6 +312,23 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                 pass
         self.send(self.workers[dev], msg)
 
+    def receiveMsg_Closed(self, msg, conn):
+        """A data connection ended: what was sent on it is lost, so send it again (to another
+        device if there is one; the same device may be fine, the connection is made anew)."""
+        dev = next((d for d, c in self.conns.items() if c is conn), None)
+        if dev is None:
+            return
+        for req in list(self.requests.values()):
+            for i, attempts in list(req.attempts.items()):
+                lost = [a for a in attempts if a.pending and a.record.device == dev]
+                for a in lost:
+                    a.record.status, a.expired = "lost", True
+                    self.sup.released(dev, (req.id, req.stage, i, a.record.attempt))
+                if lost and req.slots[i] is None:
+                    self._reassign(req, i, "connection-lost", avoid=dev)
+                    if req.id not in self.requests:
+                        break
+
     def _connection(self, dev: str) -> dataplane.Connection | None:
         addr = self.data_addrs.get(dev)
         if addr is None:
@@ -455,8 +472,10 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.send(req.reply_to, InferError(req.id, error))
 
     # ------------------------------------------------------------ supervision
-    def _reassign(self, req: _Request, chunk_index: int, reason: str) -> None:
-        """Send a chunk that has no active attempt to the best device not already holding it."""
+    def _reassign(self, req: _Request, chunk_index: int, reason: str,
+                  avoid: str | None = None) -> None:
+        """Send a chunk that has no active attempt to the best device not already holding it
+        (nor `avoid`, unless no other is left)."""
         attempts = req.attempts[chunk_index]
         if any(a.active for a in attempts):
             return
@@ -470,6 +489,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         if not pool:
             pool = [n for n in self.sup.members() if n not in holding]
         pool = [n for n in pool if self.workers.get(n) is not None]
+        pool = [n for n in pool if n != avoid] or pool
         if not pool:
             return      # nobody to ask now; the tick retries once membership changes
         stage = req.plan.stages[req.stage]

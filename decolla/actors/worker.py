@@ -159,7 +159,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes chunks on one device. Work arrives as actor messages or on the data plane
     (decolla.dataplane); results go back the way their work came."""
 
-    DATA_TYPES = (StageWork, Cancel)
+    DATA_TYPES = (StageWork, Cancel, dataplane.Closed)
 
     @staticmethod
     def actorSystemCapabilityCheck(capabilities, requirements):
@@ -291,6 +291,10 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             return
         out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, job.attempt,
                                               self.name, payload, job.received, start, end)))
+
+    def receiveMsg_Closed(self, msg, conn):
+        # nobody is left to read these results
+        self.queue = collections.deque(j for j in self.queue if j.reply_to is not conn)
 
     def receiveMsg_Cancel(self, msg: Cancel, sender):
         keys = set(msg.keys)

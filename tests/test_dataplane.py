@@ -1,0 +1,140 @@
+"""The data plane (decolla.dataplane): framed pickles over TCP, in order, broken peers
+dropped, and a requester that cannot reach a worker's data plane falls back to actor
+messages and still returns the reference output."""
+import socket
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from decolla import dataplane, reference
+from decolla.actors.worker import Worker
+from decolla.messages import InferReply, InferRequest
+from decolla.model import load_model
+from tests.inprocess import start_requester
+
+
+def _wait(pred, timeout=10.0):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _collect(inbox, n, timeout=20.0):
+    """The first `n` (connection, object) pairs from `inbox`, connection-ended notices aside."""
+    got = []
+
+    def more():
+        got.extend(i for i in inbox.drain() if not isinstance(i[1], dataplane.Closed))
+        return len(got) >= n
+    assert _wait(more, timeout), f"{len(got)}/{n}"
+    return got
+
+
+@pytest.fixture
+def pair():
+    """(client connection, its inbox, server inbox, listener) on loopback."""
+    server_inbox, client_inbox = dataplane.Inbox(), dataplane.Inbox()
+    listener = dataplane.Listener(server_inbox, "127.0.0.1")
+    conn = dataplane.Connection.connect(client_inbox, listener.address)
+    assert conn.connected.wait(5)
+    yield conn, client_inbox, server_inbox, listener
+    conn.close()
+    listener.close()
+    for i in (server_inbox, client_inbox):
+        i.close()
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(0, 3_000_000), min_size=1, max_size=12))
+def test_objects_arrive_whole_and_in_order_both_ways(sizes):
+    server_inbox, client_inbox = dataplane.Inbox(), dataplane.Inbox()
+    listener = dataplane.Listener(server_inbox, "127.0.0.1")
+    conn = dataplane.Connection.connect(client_inbox, listener.address)
+    try:
+        # sent before the connection is up, and big ones that cannot go out at once
+        msgs = [(i, np.full(n, i % 251, np.uint8).tobytes()) for i, n in enumerate(sizes)]
+        for m in msgs:
+            conn.send(m)
+        got = _collect(server_inbox, len(msgs))
+        assert [obj for _, obj in got] == msgs
+        back = got[0][0]                       # the server side's connection object
+        for m in msgs:
+            back.send(m[0])
+        assert [obj for c, obj in _collect(client_inbox, len(msgs))] == [m[0] for m in msgs]
+    finally:
+        conn.close()
+        listener.close()
+
+
+def test_garbage_on_the_wire_drops_that_connection_only(pair):
+    conn, _, server_inbox, listener = pair
+    raw = socket.create_connection(listener.address)
+    raw.sendall(dataplane.HEADER.pack(5) + b"\x00junk")           # not a pickle
+    raw2 = socket.create_connection(listener.address)
+    raw2.sendall(dataplane.HEADER.pack(dataplane.MAX_FRAME + 1))  # absurd length
+    assert _wait(lambda: raw.recv(1) == b"") and _wait(lambda: raw2.recv(1) == b"")
+    conn.send("still fine")
+    got = []
+    assert _wait(lambda: got.extend(server_inbox.drain()) or len(got) >= 3)
+    ended = [c for c, obj in got if isinstance(obj, dataplane.Closed)]
+    assert [obj for _, obj in got if not isinstance(obj, dataplane.Closed)] == ["still fine"]
+    assert len(set(map(id, ended))) == 2 and conn not in ended   # one notice per dropped one
+
+
+def test_a_closed_connection_refuses_to_send(pair):
+    conn, *_ = pair
+    conn.close()
+    with pytest.raises(ConnectionError):
+        conn.send("x")
+
+
+def test_unreachable_address_closes_without_connecting():
+    s = socket.create_server(("127.0.0.1", 0))
+    addr = s.getsockname()
+    s.close()                                   # nothing listens there now
+    conn = dataplane.Connection.connect(dataplane.Inbox(), addr)
+    assert _wait(lambda: conn.closed)
+    assert not conn.connected.is_set()
+
+
+@pytest.fixture
+def tcp_asys():
+    """A real multiprocTCPBase actor system on loopback (workers get real data planes)."""
+    from thespian.actors import ActorSystem
+    from decolla.api import free_port
+    system = ActorSystem("multiprocTCPBase", {"decolla.compute": True,
+                                              "Admin Port": free_port()}, transientUnique=True)
+    try:
+        yield system
+    finally:
+        system.shutdown()
+
+
+def _dead_address():
+    s = socket.create_server(("127.0.0.1", 0))
+    addr = s.getsockname()
+    s.close()
+    return addr
+
+
+@pytest.mark.parametrize("where", ["unreachable", "reachable"])
+def test_requester_reaches_its_only_device_whatever_its_data_plane_does(tcp_asys, where):
+    """`unreachable`: the listed data plane refuses connections, so the first attempt is
+    lost and the requester falls back to actor messages. `reachable`: the worker's own."""
+    spec = "mobilenet_v2:width=0.35,input_size=32,num_classes=10,seed=0"
+    model = load_model(spec)
+    img = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    addrs = {"w0": _dead_address()} if where == "unreachable" else None
+    req = start_requester(tcp_asys, model, spec, [Worker], k=2, plan="fused",
+                          data_addrs=addrs, ready_addrs=addrs is None)
+    reply = tcp_asys.ask(req, InferRequest("r1", img), 60)
+    assert isinstance(reply, InferReply)
+    want = reference.forward(model, img)
+    np.testing.assert_allclose(reply.logits, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    lost = [r for r in reply.records if r.status == "lost"]
+    assert bool(lost) == (where == "unreachable")
