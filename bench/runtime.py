@@ -7,8 +7,10 @@ Measured in one run, on one machine: the single-process kernel forward
 device processes (1 thread each) over loopback. Per configuration: median
 latency, ratio to the single-process forward, bytes moved per inference (encoded,
 both directions), runtime overhead per chunk (round trip minus worker compute,
-median over chunks), chunks and stages. Every distributed result is checked
-against the single-process forward. Writes bench/results/runtime.json and .md.
+median over chunks), chunks and stages. With the most devices each plan also runs
+with chunk traffic as actor messages instead of on the workers' data plane
+(decolla.dataplane), the transport before it existed. Every distributed result is
+checked against the single-process forward. Writes bench/results/runtime.json and .md.
 
 On a 2-core machine the devices, the requester and the leader share 2 cores and
 loopback has no bandwidth limit: the numbers measure the runtime's own cost
@@ -49,12 +51,13 @@ def run(model_spec: str, devices: list[int], plans: list[str], repeats: int,
         single.append(time.perf_counter() - t)
     base_ms = _median_ms(single)
     rows = []
-    configs = [(p, n, "float32") for p in plans for n in devices]
+    configs = [(p, n, "float32", True) for p in plans for n in devices]
     if fp16:
-        configs.append((plans[-1], max(devices), "float16"))
-    for plan, n, wire_dtype in tqdm(configs, desc="clusters", unit="cfg"):
+        configs.append((plans[-1], max(devices), "float16", True))
+    configs += [(p, max(devices), "float32", False) for p in plans]
+    for plan, n, wire_dtype, data_plane in tqdm(configs, desc="clusters", unit="cfg"):
         with LocalCluster(devices=n, model=model_spec, plan=plan, allocator=allocator,
-                          wire_dtype=wire_dtype) as c:
+                          wire_dtype=wire_dtype, data_plane=data_plane) as c:
             c.infer(image)                               # warm-up: estimates, connections
             lat, moved, ovh, errs, retries, chunks = [], [], [], [], [], 0
             for _ in range(repeats):
@@ -69,7 +72,8 @@ def run(model_spec: str, devices: list[int], plans: list[str], repeats: int,
             k = r.stats["k"]
         p = build_plan(model.layer_specs(), k, plan)
         rows.append({
-            "plan": plan, "devices": n, "wire": wire_dtype, "k": k, "stages": len(p.stages), "chunks": chunks,
+            "plan": plan, "devices": n, "wire": wire_dtype, "k": k,
+            "transport": "data plane" if data_plane else "actor messages", "stages": len(p.stages), "chunks": chunks,
             "latency_ms": _median_ms(lat), "latency_ms_all": [round(x * 1e3, 2) for x in lat],
             "ratio_vs_single": _median_ms(lat) / base_ms,
             "bytes_per_inference": int(np.median(moved)),
@@ -93,11 +97,12 @@ def table(res: dict) -> str:
              f"Single-process kernel forward (1 thread): **{res['single_process_forward_ms']:.1f} ms** "
              f"(median). Machine: {res['machine']['cpus']} CPUs, load average at the end "
              f"{res['machine']['loadavg'][0]:.2f}. {res['emulation']}.", "",
-             "| plan | devices | wire | K | stages | latency ms (median) | x single | MB moved | "
-             "overhead ms/chunk | ms/stage | max rel err | retries |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| plan | devices | wire | transport | K | stages | latency ms (median) | x single | "
+             "MB moved | overhead ms/chunk | ms/stage | max rel err | retries |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['plan']} | {r['devices']} | {r['wire']} | {r['k']} | {r['stages']} | "
+        lines.append(f"| {r['plan']} | {r['devices']} | {r['wire']} | "
+                     f"{r.get('transport', 'actor messages')} | {r['k']} | {r['stages']} | "
                      f"{r['latency_ms']:.1f} | {r['ratio_vs_single']:.1f} | "
                      f"{r['bytes_per_inference'] / 1e6:.2f} | {r['overhead_ms_per_chunk']:.2f} | "
                      f"{r['overhead_ms_per_stage']:.1f} | {r['max_rel_err']:.1e} | {r['retries']} |")
