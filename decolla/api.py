@@ -320,9 +320,11 @@ class LocalCluster:
         raise ClusterError(f"node {node.name} did not start in {self.start_timeout:.0f} s:\n"
                            + node.log_text()[-2000:])
 
-    def add_device(self, name: str, model: str | None = None, wait: bool = True) -> NodeProcess:
-        """Start one more device process (e.g. with another model, to see it refused)."""
-        node = self._spawn(name, "device", model=model)
+    def add_device(self, name: str, model: str | None = None, wait: bool = True,
+                   extra: list[str] | None = None) -> NodeProcess:
+        """Start one more device process (e.g. with another model, to see it refused;
+        `extra`: more `decolla.node` arguments)."""
+        node = self._spawn(name, "device", model=model, extra=extra)
         self._wait_started(node)
         if wait:
             deadline = time.monotonic() + self.start_timeout

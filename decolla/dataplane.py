@@ -28,6 +28,7 @@ log = get_logger("dataplane")
 HEADER = struct.Struct("!Q")
 MAX_FRAME = 1 << 30          # a longer length prefix is garbage, not a message
 CONNECT_TIMEOUT_S = 3.0
+PORT_ENV = "DECOLLA_DATA_PORT"   # a worker's listening port: 0 any free one, < 0 no data plane
 
 
 class Inbox:
@@ -195,9 +196,9 @@ class Connection:
 class Listener:
     """Accepts connections on (host, any free port); each becomes a Connection into `inbox`."""
 
-    def __init__(self, inbox: Inbox, host: str):
+    def __init__(self, inbox: Inbox, host: str, port: int = 0):
         self.inbox = inbox
-        self.sock = socket.create_server((host, 0))
+        self.sock = socket.create_server((host, port))
         self.address = (host, self.sock.getsockname()[1])
         self.connections: list[Connection] = []
         threading.Thread(target=self._accept, daemon=True, name="dataplane-accept").start()

@@ -30,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="mobilenet_v2:seed=0",
                    help="model spec ('mobilenet_v2:seed=0,width=0.5') or a model file")
     p.add_argument("--threads", type=int, default=1, help="compute threads on this node")
+    p.add_argument("--data-port", type=int, default=0,
+                   help="device: TCP port of its data plane for chunk traffic (0: any free "
+                        "port; -1: none, chunks come as actor messages)")
     p.add_argument("--compute", action="store_true", help="leader only: also compute chunks")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
     p.add_argument("--log-level", default="info")
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+    from decolla.dataplane import PORT_ENV
+    os.environ[PORT_ENV] = str(args.data_port)      # read by this node's worker
     from decolla import log as dlog
     port = args.port or (1900 if args.role == "leader" else _free_port(args.host or ""))
     name = args.name or f"{socket.gethostname()}:{port}"

@@ -187,6 +187,19 @@ def test_devices_offer_a_data_plane_and_actor_messages_still_work(cluster):
     assert rel_err(r.logits, ref(6)) <= 1e-5 and len(r.devices_used) == 3
 
 
+def test_device_data_port_is_fixed_or_off_on_request(cluster):
+    from decolla.api import free_port
+    port = free_port()
+    cluster.add_device("fixed", extra=["--data-port", str(port)])
+    cluster.add_device("actors-only", extra=["--data-port", "-1"])
+    try:
+        planes = {d["name"]: d["data_plane"] for d in cluster.status()["devices"]}
+        assert planes["fixed"].endswith(f":{port}") and planes["actors-only"] == ""
+    finally:
+        cluster.stop_node("fixed")
+        cluster.stop_node("actors-only")
+
+
 def test_fp16_wire_is_close_and_moves_fewer_bytes(cluster):
     from decolla.api import Client
     with Client(cluster.leader, wire_dtype="float16", min_devices=3) as client:

@@ -202,11 +202,12 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         """Open the data plane on this worker's own IP; its (ip, port), or () without one."""
         if self.inbox is None:
             ip = dataplane.own_ip(self.myAddress)
-            if not ip:
+            port = int(os.environ.get(dataplane.PORT_ENV, "0") or 0)
+            if not ip or port < 0:
                 return ()
             inbox = dataplane.Inbox()
             try:
-                self.listener = dataplane.Listener(inbox, ip)
+                self.listener = dataplane.Listener(inbox, ip, port)
             except OSError as exc:
                 inbox.close()
                 log.warning("no data plane; chunks come as actor messages", error=str(exc))
