@@ -19,6 +19,7 @@ import pickle
 import socket
 import struct
 import threading
+import time
 
 from thespian.actors import ThespianWatch
 
@@ -28,6 +29,7 @@ log = get_logger("dataplane")
 HEADER = struct.Struct("!Q")
 MAX_FRAME = 1 << 30          # a longer length prefix is garbage, not a message
 CONNECT_TIMEOUT_S = 3.0
+RETRY_UNREACHABLE_S = 30.0   # an address that refused us is tried again after this long
 PORT_ENV = "DECOLLA_DATA_PORT"   # a worker's listening port: 0 any free one, < 0 no data plane
 
 
@@ -219,6 +221,47 @@ class Listener:
             pass
         for c in self.connections:
             c.close()
+
+
+class Peers:
+    """Outgoing connections by data-plane address, made on first use and remade after a
+    break. `send` returns False when `addr` is empty or could not be reached: the caller
+    then sends an actor message instead."""
+
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+        self.conns: dict[tuple, Connection] = {}
+        self.unreachable: dict[tuple, float] = {}    # address -> when it refused us
+
+    def send(self, addr, msg) -> bool:
+        if not addr:
+            return False
+        addr = tuple(addr)
+        if time.monotonic() - self.unreachable.get(addr, -RETRY_UNREACHABLE_S) < RETRY_UNREACHABLE_S:
+            return False
+        conn = self.conns.get(addr)
+        if conn is not None and conn.closed:
+            if not conn.connected.is_set():
+                log.warning("data plane unreachable; using actor messages", address=addr)
+                self.unreachable[addr] = time.monotonic()
+                del self.conns[addr]
+                return False
+            conn = None      # it broke: what was on it is recovered by its owner's deadlines
+        if conn is None:
+            conn = self.conns[addr] = Connection.connect(self.inbox, addr)
+        try:
+            conn.send(msg)
+            return True
+        except ConnectionError:
+            return False
+
+    def forget(self, keep) -> None:
+        """Close the connections to addresses not in `keep`."""
+        for addr in [a for a in self.conns if a not in keep]:
+            self.conns.pop(addr).close()
+
+    def close(self) -> None:
+        self.forget(())
 
 
 def own_ip(address) -> str:

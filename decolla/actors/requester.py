@@ -87,7 +87,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.requests: dict[str, _Request] = {}
         self.workers: dict = {}
         self.data_addrs: dict[str, tuple] = {}      # device -> its worker's data plane
-        self.conns: dict[str, dataplane.Connection] = {}
+        self.peers: dataplane.Peers | None = None    # made with the inbox, on first use
         self.plans: dict[tuple, planmod.Plan] = {}
         self.ticking = False
         self.waiting_ready: list = []
@@ -123,10 +123,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.workers = {d.name: d.worker for d in msg.devices}
         self.data_addrs = {d.name: tuple(d.data_addr) for d in msg.devices
                            if d.data_addr and self.cfg.data_plane}
-        for dev, conn in list(self.conns.items()):
-            if conn.address != self.data_addrs.get(dev):
-                conn.close()
-                del self.conns[dev]
+        if self.peers is not None:
+            self.peers.forget(set(self.data_addrs.values()))
         lost = self.sup.update_membership(msg.devices)
         for name in lost:
             log.warning("device lost; moving its chunks", device=name)
@@ -303,19 +301,16 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
 
     def _deliver(self, dev: str, msg) -> None:
         """Send `msg` to `dev`'s worker: on its data plane if it has one, else as a message."""
-        conn = self._connection(dev)
-        if conn is not None:
-            try:
-                conn.send(msg)
-                return
-            except ConnectionError:
-                pass
-        self.send(self.workers[dev], msg)
+        if self.inbox is None and self.data_addrs:
+            self.inbox = dataplane.Inbox()
+            self.peers = dataplane.Peers(self.inbox)
+        if self.inbox is None or not self.peers.send(self.data_addrs.get(dev), msg):
+            self.send(self.workers[dev], msg)
 
     def receiveMsg_Closed(self, msg, conn):
         """A data connection ended: what was sent on it is lost, so send it again (to another
         device if there is one; the same device may be fine, the connection is made anew)."""
-        dev = next((d for d, c in self.conns.items() if c is conn), None)
+        dev = next((d for d, a in self.data_addrs.items() if a == conn.address), None)
         if dev is None:
             return
         for req in list(self.requests.values()):
@@ -328,25 +323,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                     self._reassign(req, i, "connection-lost", avoid=dev)
                     if req.id not in self.requests:
                         break
-
-    def _connection(self, dev: str) -> dataplane.Connection | None:
-        addr = self.data_addrs.get(dev)
-        if addr is None:
-            return None
-        conn = self.conns.get(dev)
-        if conn is not None and conn.closed:
-            if not conn.connected.is_set():
-                # never got through (a firewall?): actor messages still reach this device
-                log.warning("data plane unreachable; using actor messages", device=dev,
-                            address=addr)
-                del self.data_addrs[dev]
-                return None
-            conn = None       # it broke: what was on it is recovered by the deadlines
-        if conn is None:
-            if self.inbox is None:
-                self.inbox = dataplane.Inbox()
-            conn = self.conns[dev] = dataplane.Connection.connect(self.inbox, addr)
-        return conn
 
     def _event(self, req: _Request, kind: str, stage: int, chunk: int, device: str,
                reason: str = "") -> None:
@@ -566,8 +542,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self._fail(req, "requester shutting down")
         if self.cfg is not None:
             self.send(self.cfg.registrar, Unsubscribe())
-        for conn in self.conns.values():
-            conn.close()
+        if self.peers is not None:
+            self.peers.close()
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
         log.warning("undeliverable or failing message", message=str(msg.poisonMessage)[:200])
