@@ -264,6 +264,26 @@ class Peers:
         self.forget(())
 
 
+def env_port() -> int:
+    """This node's data-plane port setting (`decolla.node --data-port`; 0 = any free port)."""
+    return int(os.environ.get(PORT_ENV, "0") or 0)
+
+
+def open_listener(actor_address, port: int = 0) -> Listener | None:
+    """A Listener (with its own Inbox) on the IP of a Thespian TCP actor address; None when
+    that address has no IP (an in-process actor system), `port` < 0, or the port is taken."""
+    ip = own_ip(actor_address)
+    if not ip or port < 0:
+        return None
+    inbox = Inbox()
+    try:
+        return Listener(inbox, ip, port)
+    except OSError as exc:
+        inbox.close()
+        log.warning("no data plane; using actor messages", address=(ip, port), error=str(exc))
+        return None
+
+
 def own_ip(address) -> str:
     """The IP address a Thespian TCP actor address points at ('' when it has none)."""
     try:

@@ -5,7 +5,7 @@ import signal
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from decolla.baselines import metrics
@@ -118,6 +118,7 @@ def test_hierarchical_route_prefers_narrow_cuts_near_balance():
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(0.01, 5), min_size=3, max_size=40),
        st.lists(st.integers(0, 1000), min_size=41, max_size=41), st.integers(1, 4))
+@example([1.0, 4.0, 0.5, 2.0, 2.0], [0, 0, 1] + [0] * 38, 3)   # first cut moved past the second
 def test_hierarchical_route_with_cut_sizes_stays_contiguous(w, sizes, n):
     n = min(n, len(w))
     route = part.hierarchical_route([f"d{i}" for i in range(n)], w, cut_sizes=sizes[:len(w) + 1])
@@ -263,3 +264,16 @@ def test_hierarchical_replans_around_a_stopped_device(cluster, model, image):
     assert all(seg[0] != "dev2" for seg in r.stats["route"])
     assert any(rec.status == "lost" and rec.device == "dev2" for rec in r.trace.records)
     assert r.latency >= 0.5                      # it waited t1 before re-planning
+
+
+@pytest.mark.integration
+def test_hierarchical_over_actor_messages_only(cluster, model, image):
+    """The baselines' transport option: with data_plane=False every segment and report
+    travels as an actor message, and the answer is the same."""
+    from decolla.baselines.client import BaselineClient
+    c, _ = cluster
+    with BaselineClient(c.leader, edge="leader", data_plane=False) as bc:
+        bc.prepare()
+        r = bc.infer(image, "hierarchical", bandwidth_mbit=1000)
+    np.testing.assert_allclose(r.logits, reference(model, image), rtol=1e-4, atol=1e-4)
+    assert len(r.stats["route"]) == 3

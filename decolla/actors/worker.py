@@ -201,18 +201,10 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     def _listen(self) -> tuple:
         """Open the data plane on this worker's own IP; its (ip, port), or () without one."""
         if self.inbox is None:
-            ip = dataplane.own_ip(self.myAddress)
-            port = int(os.environ.get(dataplane.PORT_ENV, "0") or 0)
-            if not ip or port < 0:
+            self.listener = dataplane.open_listener(self.myAddress, dataplane.env_port())
+            if self.listener is None:
                 return ()
-            inbox = dataplane.Inbox()
-            try:
-                self.listener = dataplane.Listener(inbox, ip, port)
-            except OSError as exc:
-                inbox.close()
-                log.warning("no data plane; chunks come as actor messages", error=str(exc))
-                return ()
-            self.inbox = inbox
+            self.inbox = self.listener.inbox
         return self.listener.address
 
     def _reply(self, to, msg) -> None:

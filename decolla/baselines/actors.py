@@ -4,7 +4,9 @@ A `SegmentWorker` (one per host, placed by the node-name capability, so it also 
 edge server that computes no DeColla chunks) computes a contiguous run of layers with the
 same kernels as the runtime, then sends its output straight to the next host of the route
 (the "routing table" travels with the work) and a small progress note to the requester.
-It keeps its last output per request so a re-plan can resume from it.
+It keeps its last output per request so a re-plan can resume from it. Segments and notes
+travel on data-plane connections (decolla.dataplane) where the receiver offers one, like
+DeColla's chunks, so the comparison is between the methods, not their transports.
 
 The `PipelineRequester` starts a route and watches it: every hop has a response time t1
 (from the profiled segment time and the link); when the hop in progress misses it, the
@@ -18,7 +20,7 @@ import time
 import numpy as np
 from thespian.actors import ActorExitRequest, ActorTypeDispatcher, PoisonMessage, WakeupMessage
 
-from decolla import wire
+from decolla import dataplane, wire
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
@@ -73,8 +75,35 @@ def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
     return [b * scale for b in best]
 
 
-class SegmentWorker(ActorTypeDispatcher):
+class _Sends:
+    """Mixin: send on a data-plane connection when the receiver has one, else as a message."""
+
+    peers: dataplane.Peers | None = None
+
+    def _listen(self, port: int) -> tuple:
+        """Open this actor's data plane (once); its address, or () without one."""
+        if self.inbox is None:
+            self.listener = dataplane.open_listener(self.myAddress, port)
+            if self.listener is None:
+                return ()
+            self.inbox = self.listener.inbox
+            self.peers = dataplane.Peers(self.inbox)
+        return self.listener.address
+
+    def _send(self, data_addr, actor_addr, msg) -> None:
+        if self.peers is None or not self.peers.send(data_addr, msg):
+            self.send(actor_addr, msg)
+
+    def _close_data_plane(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+            self.listener.close()
+
+
+class SegmentWorker(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes route segments on one host and forwards their output."""
+
+    DATA_TYPES = (RunSegment,)
 
     @staticmethod
     def actorSystemCapabilityCheck(capabilities, requirements):
@@ -89,11 +118,14 @@ class SegmentWorker(ActorTypeDispatcher):
         self.name = msg.name
         self.model = get_model(msg.model_spec)
         self.layers = list(self.model.layers)
+        # any free port: a fixed --data-port belongs to the node's DeColla worker
+        addr = self._listen(min(0, dataplane.env_port()))
         self.send(sender, SegmentWorkerReady(msg.name, profile_layers(self.layers,
-                                                                      msg.profile_repeats)))
+                                                                      msg.profile_repeats), addr))
 
     def receiveMsg_Reprofile(self, msg: Reprofile, sender):
-        self.send(sender, SegmentWorkerReady(self.name, profile_layers(self.layers, msg.repeats)))
+        self.send(sender, SegmentWorkerReady(self.name, profile_layers(self.layers, msg.repeats),
+                                             self.listener.address if self.inbox else ()))
 
     def receiveMsg_RunSegment(self, msg: RunSegment, sender):
         received = time.time()
@@ -107,7 +139,7 @@ class SegmentWorker(ActorTypeDispatcher):
             blobs = encode_tensors(out, msg.wire_dtype)
         except Exception as exc:   # report, do not crash the actor
             log.warning("segment failed", request=msg.request, hop=msg.hop, error=repr(exc))
-            self.send(msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
+            self._send(msg.requester_data, msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
                                                  received, received, time.time(), 0, 0,
                                                  error=repr(exc)))
             return
@@ -119,13 +151,15 @@ class SegmentWorker(ActorTypeDispatcher):
         if last:
             done.logits = blobs[self.layers[seg.end - 1].name]
             done.history = list(msg.history)
-            self.send(msg.requester, done)
+            self._send(msg.requester_data, msg.requester, done)
             return
         self._keep((msg.request, msg.epoch, msg.hop), blobs)
-        self.send(msg.requester, done)
-        self.send(msg.addresses[msg.hop + 1],
-                  RunSegment(msg.request, msg.epoch, msg.hop + 1, msg.route, msg.addresses,
-                             msg.requester, blobs, msg.wire_dtype, list(msg.history) + [report]))
+        self._send(msg.requester_data, msg.requester, done)
+        nxt = msg.hop + 1
+        self._send(msg.data_addrs[nxt] if nxt < len(msg.data_addrs) else (), msg.addresses[nxt],
+                   RunSegment(msg.request, msg.epoch, nxt, msg.route, msg.addresses,
+                              msg.requester, blobs, msg.wire_dtype, list(msg.history) + [report],
+                              msg.data_addrs, msg.requester_data))
 
     def _keep(self, key, blobs) -> None:
         self.cache[key] = blobs
@@ -135,15 +169,21 @@ class SegmentWorker(ActorTypeDispatcher):
     def receiveMsg_Resend(self, msg: Resend, sender):
         blobs = self.cache.get((msg.request, msg.epoch, msg.hop))
         if blobs is None:
-            self.send(msg.requester, SegmentDone(msg.request, msg.new_epoch, -1, self.name, 0, 0,
-                                                 0, 0, 0, error="nothing cached to resend"))
+            self._send(msg.requester_data, msg.requester,
+                       SegmentDone(msg.request, msg.new_epoch, -1, self.name, 0, 0, 0, 0, 0,
+                                   error="nothing cached to resend"))
             return
-        self.send(msg.addresses[0], RunSegment(msg.request, msg.new_epoch, 0, msg.route,
-                                               msg.addresses, msg.requester, blobs))
+        self._send(msg.data_addrs[0] if msg.data_addrs else (), msg.addresses[0],
+                   RunSegment(msg.request, msg.new_epoch, 0, msg.route, msg.addresses,
+                              msg.requester, blobs, data_addrs=msg.data_addrs,
+                              requester_data=msg.requester_data))
 
     def receiveMsg_Forget(self, msg: Forget, sender):
         for key in [k for k in self.cache if k[0] == msg.request]:
             del self.cache[key]
+
+    def receiveMsg_ActorExitRequest(self, msg, sender):
+        self._close_data_plane()
 
     def receiveUnrecognizedMessage(self, msg, sender):
         pass
@@ -185,8 +225,10 @@ def segment_t1(seg: part.Segment, weights, cut_bytes, bandwidth_bps: float, slac
     return max(floor, slack * predicted)
 
 
-class PipelineRequester(ActorTypeDispatcher):
+class PipelineRequester(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
     """Runs baseline inferences along routes of segment workers (lives in the client)."""
+
+    DATA_TYPES = (SegmentDone,)
 
     actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 
@@ -195,6 +237,8 @@ class PipelineRequester(ActorTypeDispatcher):
         self.cfg = None
         self.membership: Membership | None = None
         self.workers: dict = {}          # host -> SegmentWorker address
+        self.data_addrs: dict = {}       # host -> its SegmentWorker's data plane
+        self.own_data: tuple = ()        # ours, for the workers' reports
         self.profiles: dict = {}
         self.prepare = None              # (reply_to, waiting set, deadline)
         self.pipes: dict[str, _Pipe] = {}
@@ -203,6 +247,8 @@ class PipelineRequester(ActorTypeDispatcher):
 
     def receiveMsg_ConfigurePipeline(self, msg: ConfigurePipeline, sender):
         self.cfg = msg
+        if msg.data_plane:
+            self.own_data = self._listen(0)
         self.waiting_ready.append(sender)
         self.send(msg.registrar, Subscribe(msg.node))
 
@@ -218,6 +264,7 @@ class PipelineRequester(ActorTypeDispatcher):
         for host in msg.hosts:
             if msg.fresh and host in self.workers:
                 self.send(self.workers.pop(host), ActorExitRequest())
+                self.data_addrs.pop(host, None)
                 self.profiles.pop(host, None)
             if host not in self.workers:
                 self.workers[host] = self.createActor(
@@ -233,6 +280,10 @@ class PipelineRequester(ActorTypeDispatcher):
 
     def receiveMsg_SegmentWorkerReady(self, msg: SegmentWorkerReady, sender):
         self.profiles[msg.name] = msg.profile
+        if self.own_data and msg.data_addr:
+            self.data_addrs[msg.name] = tuple(msg.data_addr)
+        else:
+            self.data_addrs.pop(msg.name, None)
         if self.prepare is not None:
             self.prepare[1].discard(msg.name)
             self._prepared()
@@ -264,14 +315,17 @@ class PipelineRequester(ActorTypeDispatcher):
         pipe.routes[pipe.epoch], pipe.hop = list(route), 0
         pipe.addresses = [self.workers[s.device] for s in route]
         pipe.used.extend(pipe.addresses)
+        data = [self.data_addrs.get(s.device, ()) for s in route]
         if source is None:
             blobs = {"input": wire.encode(np.asarray(pipe.msg.image, np.float32))}
-            self.send(pipe.addresses[0], RunSegment(pipe.msg.request, pipe.epoch, 0, pipe.route,
-                                                    pipe.addresses, self.myAddress, blobs))
+            self._send(data[0], pipe.addresses[0],
+                       RunSegment(pipe.msg.request, pipe.epoch, 0, pipe.route, pipe.addresses,
+                                  self.myAddress, blobs, data_addrs=data,
+                                  requester_data=self.own_data))
         else:
             epoch, hop, addr, _ = source
             self.send(addr, Resend(pipe.msg.request, epoch, hop, pipe.epoch, pipe.route,
-                                   pipe.addresses, self.myAddress))
+                                   pipe.addresses, self.myAddress, data, self.own_data))
         self._begin_hop(pipe)
 
     def _begin_hop(self, pipe: _Pipe) -> None:
@@ -412,6 +466,7 @@ class PipelineRequester(ActorTypeDispatcher):
             self.send(addr, ActorExitRequest())
         if self.cfg is not None:
             self.send(self.cfg.registrar, Unsubscribe())
+        self._close_data_plane()
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
         log.warning("undeliverable message", message=str(msg.poisonMessage)[:200])

@@ -70,7 +70,7 @@ class BaselineClient(ClusterMember):
 
     def __init__(self, leader: str, edge: str | None = None, name: str | None = None,
                  port: int | None = None, bind: str | None = None, connect_timeout: float = 30.0,
-                 request_timeout: float = 600.0):
+                 request_timeout: float = 600.0, data_plane: bool = True):
         self.edge = edge
         self.request_timeout = request_timeout
         self.profiles: dict = {}
@@ -81,7 +81,8 @@ class BaselineClient(ClusterMember):
             from decolla.baselines.actors import PipelineRequester
             self._requester = self._asys.createActor(
                 PipelineRequester, targetActorRequirements={system.CAP_NODE: self.name})
-            ready = self._asys.ask(self._requester, ConfigurePipeline(self._registrar, self.name),
+            ready = self._asys.ask(self._requester, ConfigurePipeline(self._registrar, self.name,
+                                                                     data_plane),
                                    connect_timeout)
             if ready is None or not getattr(ready, "ok", False):
                 raise ClusterError("baseline requester did not start")

@@ -29,6 +29,7 @@ class Reprofile(Message):
 class SegmentWorkerReady(Message):
     name: str
     profile: list            # seconds per layer on this host, as measured now
+    data_addr: tuple = ()    # (ip, port) of its data plane (decolla.dataplane), () = none
     _show = ("name",)
 
 
@@ -44,6 +45,8 @@ class RunSegment(Message):
     blobs: dict
     wire_dtype: str = "float32"
     history: list = field(default_factory=list)   # HopReport of this epoch's earlier hops
+    data_addrs: list = field(default_factory=list)  # data plane per route entry, () = none
+    requester_data: tuple = ()                      # the requester's data plane, () = none
     _show = ("request", "epoch", "hop")
 
 
@@ -88,6 +91,8 @@ class Resend(Message):
     route: list
     addresses: list
     requester: Any
+    data_addrs: list = field(default_factory=list)
+    requester_data: tuple = ()
     _show = ("request", "epoch", "hop", "new_epoch")
 
 
@@ -101,6 +106,7 @@ class Forget(Message):
 class ConfigurePipeline(Message):
     registrar: Any
     node: str
+    data_plane: bool = True  # segments and reports on data-plane connections when offered
     _show = ("node",)
 
 

@@ -115,7 +115,9 @@ def _narrow_cuts(w: list[float], groups: list[tuple[int, int]], sizes: list[int]
         lo, hi = cuts[-1] + 1, len(w) - (len(groups) - 1 - i)
         window = [c for c in range(lo, hi + 1)
                   if abs(cum[c] - cum[balanced]) <= tolerance * share]
-        best = min(window or [balanced], key=lambda c: (sizes[c], abs(c - balanced)))
+        # an earlier cut that moved right may have passed this one's balanced position
+        best = min(window or [min(max(balanced, lo), hi)],
+                   key=lambda c: (sizes[c], abs(c - balanced)))
         cuts.append(best)
     cuts.append(len(w))
     return [(cuts[i], cuts[i + 1]) for i in range(len(groups))]
