@@ -124,8 +124,8 @@ def _dead_address():
 
 @pytest.mark.parametrize("where", ["unreachable", "reachable"])
 def test_requester_reaches_its_only_device_whatever_its_data_plane_does(tcp_asys, where):
-    """`unreachable`: the listed data plane refuses connections, so the first attempt is
-    lost and the requester falls back to actor messages. `reachable`: the worker's own."""
+    """`unreachable`: the listed data plane refuses connections, so the requester falls back
+    to actor messages. `reachable`: the worker's own."""
     spec = "mobilenet_v2:width=0.35,input_size=32,num_classes=10,seed=0"
     model = load_model(spec)
     img = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
@@ -136,5 +136,7 @@ def test_requester_reaches_its_only_device_whatever_its_data_plane_does(tcp_asys
     assert isinstance(reply, InferReply)
     want = reference.forward(model, img)
     np.testing.assert_allclose(reply.logits, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
-    lost = [r for r in reply.records if r.status == "lost"]
-    assert bool(lost) == (where == "unreachable")
+    if where == "reachable":
+        assert not [r for r in reply.records if r.status != "won"]
+    # unreachable: the first attempt is lost on the dead plane, or (if the refusal beat the
+    # send) goes straight out as an actor message; either way the answer is right
