@@ -47,32 +47,32 @@ def decode_tensors(blobs: dict) -> dict:
 
 
 def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
-                   max_passes: int = 20) -> list[float]:
+                   max_passes: int = 20, run_layer=None) -> list[float]:
     """Seconds per layer on this host, as the host experiences them on average.
 
-    The shares come from the best of `repeats` runs of each layer alone; they are scaled to
-    the mean wall time of whole passes (at least `min_total_s` of them). A CPU quota lets a
-    short burst run at full speed, so timing tiny layers alone would miss the throttling.
+    Every layer is timed inside whole passes over the model (at least `repeats` passes, and
+    as many as fit `min_total_s`, at most `max_passes`), and its times are averaged. Under a
+    CPU quota a layer timed on its own runs as a burst at full speed when it is short and is
+    throttled when it is long, which skews the shares towards the long layers.
     """
-    from decolla.ops import run_layer
-    rng = np.random.default_rng(0)
-    best = []
-    for layer in layers:
-        x = rng.random(layer.in_shape, dtype=np.float32)
-        res = np.zeros(layer.out_shape, np.float32) if layer.residual else None
-        t = float("inf")
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            run_layer(layer, x, res)
-            t = min(t, time.perf_counter() - t0)
-        best.append(t)
-    image = rng.random(layers[0].in_shape, dtype=np.float32)
+    if run_layer is None:
+        from decolla.ops import run_layer
+    index = {l.name: i for i, l in enumerate(layers)}
+    total = np.zeros(len(layers))
+
+    def timed(layer, x, res):
+        t0 = time.perf_counter()
+        y = run_layer(layer, x, res)
+        total[index[layer.name]] += time.perf_counter() - t0
+        return y
+
+    image = np.random.default_rng(0).random(layers[0].in_shape, dtype=np.float32)
     passes, t0 = 0, time.perf_counter()
-    while passes < max_passes and (passes == 0 or time.perf_counter() - t0 < min_total_s):
-        part.run_segment(layers, {"input": image}, 0, len(layers), run_layer)
+    while passes < max(1, repeats) or (passes < max_passes
+                                       and time.perf_counter() - t0 < min_total_s):
+        part.run_segment(layers, {"input": image}, 0, len(layers), timed)
         passes += 1
-    scale = (time.perf_counter() - t0) / passes / max(sum(best), 1e-9)
-    return [b * scale for b in best]
+    return list(total / passes)
 
 
 class _Sends:
