@@ -1,15 +1,17 @@
 """A lean TCP channel for chunk traffic (work out, results back) beside the actor system.
 
-Why: a Thespian message costs its receiver ≈ 0.8–1 ms of host CPU (envelopes, acks, a
-fresh selector per loop turn); a length-prefixed pickle over a plain socket costs a
-fraction of that, and on a Pi-class core the difference is several ms per chunk.
+Why: receiving one Thespian message and sending one back costs an actor ≈ 0.8–1 ms of
+host CPU (envelopes, acks, a fresh selector per loop turn; measured with an echo actor);
+a length-prefixed pickle over a plain socket costs a fraction of that, and on a Pi-class
+core the difference is several ms per chunk.
 
-One reader and one writer thread per connection do the blocking socket work; what a
-reader decodes goes into an `Inbox`, whose pipe the owning actor watches through
-Thespian's `ThespianWatch`, so every message is still handled on the actor's own thread.
-A connection that breaks just stops: what was in flight on it is lost, exactly like a
-message to a dead device, and the supervisor's deadlines recover it. Frames are pickles,
-so (as with Thespian itself) only peers of the same trusted cluster may connect.
+One reader and one writer thread per connection do the blocking socket work (a frame that
+fits the socket buffer is sent by the caller's thread); what a reader decodes goes into an
+`Inbox`, whose pipe the owning actor watches through Thespian's `ThespianWatch`, so every
+message is still handled on the actor's own thread. A connection that breaks stops and
+leaves a `Closed` notice in the inbox: what was in flight on it is lost, like a message to
+a dead device, and its owner sends it again (or its deadlines do). Frames are pickles, so
+(as with Thespian itself) only peers of the same trusted cluster may connect.
 """
 from __future__ import annotations
 
