@@ -1,9 +1,9 @@
 """A lean TCP channel for chunk traffic (work out, results back) beside the actor system.
 
-Why: receiving one Thespian message and sending one back costs an actor ≈ 0.8–1 ms of
-host CPU (envelopes, acks, a fresh selector per loop turn; measured with an echo actor);
-a length-prefixed pickle over a plain socket costs a fraction of that, and on a Pi-class
-core the difference is several ms per chunk.
+Why: receiving one Thespian message and sending one back costs an actor ≈ 1 ms of host
+CPU (envelopes, acks, a fresh selector per loop turn); on this channel it costs about a
+third of that (`python -m bench.transport`), and on a Pi-class core the difference is
+several ms per chunk.
 
 One reader and one writer thread per connection do the blocking socket work (a frame that
 fits the socket buffer is sent by the caller's thread); what a reader decodes goes into an

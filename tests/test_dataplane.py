@@ -140,3 +140,12 @@ def test_requester_reaches_its_only_device_whatever_its_data_plane_does(tcp_asys
         assert not [r for r in reply.records if r.status != "won"]
     # unreachable: the first attempt is lost on the dead plane, or (if the refusal beat the
     # send) goes straight out as an actor message; either way the answer is right
+
+
+def test_transport_benchmark_measures_both_transports():
+    from bench import transport
+    res = transport.run(round_trips=5)
+    assert {(r["payload_bytes"], r["transport"]) for r in res["rows"]} == {
+        (s, t) for s in transport.SIZES for t in ("actor messages", "data plane")}
+    assert all(r["wall_ms"] > 0 and r["echo_cpu_ms"] >= 0 for r in res["rows"])
+    assert "| payload |" in transport.table(res)
