@@ -33,6 +33,7 @@ MAX_FRAME = 1 << 30          # a longer length prefix is garbage, not a message
 CONNECT_TIMEOUT_S = 3.0
 RETRY_UNREACHABLE_S = 30.0   # an address that refused us is tried again after this long
 PORT_ENV = "DECOLLA_DATA_PORT"   # a worker's listening port: 0 any free one, < 0 no data plane
+REARM, REARM_S = "dataplane-rearm", 0.001
 
 
 class Inbox:
@@ -303,7 +304,14 @@ class WatchesInbox:
     DATA_TYPES: tuple = ()
 
     def receiveMessage(self, msg, sender):
-        super().receiveMessage(msg, sender)
+        try:
+            super().receiveMessage(msg, sender)
+        except Exception:
+            # Thespian clears the watch after a failed handler; a wake-up re-arms it at once
+            # instead of whenever the next message happens to come.
+            if self.inbox is not None:
+                self.wakeupAfter(REARM_S, payload=REARM)
+            raise
         if self.inbox is not None:
             return ThespianWatch([self.inbox.fileno()])
         return None

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from thespian.actors import ActorTypeDispatcher
 
 from decolla import dataplane, reference
 from decolla.actors.worker import Worker
@@ -149,3 +150,31 @@ def test_transport_benchmark_measures_both_transports():
         (s, t) for s in transport.SIZES for t in ("actor messages", "data plane")}
     assert all(r["wall_ms"] > 0 and r["echo_cpu_ms"] >= 0 for r in res["rows"])
     assert "| payload |" in transport.table(res)
+
+
+class _FlakyEcho(dataplane.WatchesInbox, ActorTypeDispatcher):
+    """Echoes bytes on the data plane; the actor message "boom" makes its handler raise."""
+
+    DATA_TYPES = (bytes,)
+
+    def receiveMsg_str(self, msg, sender):
+        if msg == "boom":
+            raise ValueError("boom")
+        self.listener = dataplane.open_listener(self.myAddress)
+        self.inbox = self.listener.inbox
+        self.send(sender, self.listener.address)
+
+    def receiveMsg_bytes(self, msg, conn):
+        conn.send(msg)
+
+
+def test_a_failing_handler_does_not_leave_the_data_plane_unwatched(tcp_asys):
+    actor = tcp_asys.createActor(_FlakyEcho)
+    inbox = dataplane.Inbox()
+    conn = dataplane.Connection.connect(inbox, tcp_asys.ask(actor, "listen", 10))
+    conn.send(b"before")
+    assert [o for _, o in _collect(inbox, 1)] == [b"before"]
+    tcp_asys.ask(actor, "boom", 5)          # Thespian answers with a PoisonMessage
+    conn.send(b"after")                     # nothing else will come to wake the actor
+    assert [o for _, o in _collect(inbox, 1, timeout=5)] == [b"after"]
+    conn.close()
