@@ -19,13 +19,14 @@ loopback has no bandwidth limit: the numbers measure the runtime's own cost
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 
 import numpy as np
 from tqdm import tqdm
+
+from bench.report import write_json_md
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -129,13 +130,7 @@ def main(argv=None) -> int:
     log.configure(level="warning")
     res = run(args.model, [int(x) for x in args.devices.split(",")], args.plans.split(","),
               args.repeats, args.allocator, fp16=not args.no_fp16)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=2)
-    md = table(res)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
-        fh.write(md)
-    print(md)
+    write_json_md(args.out, res, table(res))
     print(f"wrote {args.out}")
     return 0
 

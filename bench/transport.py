@@ -12,7 +12,6 @@ answers. Writes bench/results/transport.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -20,6 +19,7 @@ import time
 
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
+from bench.report import write_json_md
 from decolla import dataplane
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -138,12 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(RESULTS, "transport.json"))
     args = ap.parse_args(argv)
     res = run(args.round_trips)
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=1)
-    md = table(res)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
-        fh.write(md)
-    print(md)
+    write_json_md(args.out, res, table(res))
     return 0
 
 
