@@ -16,11 +16,13 @@ import os
 import platform
 import resource
 import time
+from dataclasses import dataclass
 
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
 from bench.report import write_json_md
 from decolla import dataplane
+from decolla.messages import Message
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SIZES = (100, 25_000, 150_000)
@@ -31,16 +33,10 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-class Payload:
-    """A message with a cheap repr, like decolla.messages (Thespian formats every message)."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def __repr__(self) -> str:
-        return f"Payload({len(self.data)})"
-
-    __str__ = __repr__
+@dataclass(repr=False)
+class Payload(Message):
+    """Bytes with a cheap repr (Thespian formats every message it sends)."""
+    data: bytes
 
 
 class Echo(dataplane.WatchesInbox, ActorTypeDispatcher):

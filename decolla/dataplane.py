@@ -234,19 +234,19 @@ class Peers:
     def __init__(self, inbox: Inbox):
         self.inbox = inbox
         self.conns: dict[tuple, Connection] = {}
-        self.unreachable: dict[tuple, float] = {}    # address -> when it refused us
+        self.retry_at: dict[tuple, float] = {}    # address that refused us -> when to try again
 
     def send(self, addr, msg) -> bool:
         if not addr:
             return False
         addr = tuple(addr)
-        if time.monotonic() - self.unreachable.get(addr, -RETRY_UNREACHABLE_S) < RETRY_UNREACHABLE_S:
+        if self.retry_at.get(addr, 0.0) > time.monotonic():
             return False
         conn = self.conns.get(addr)
         if conn is not None and conn.closed:
             if not conn.connected.is_set():
                 log.warning("data plane unreachable; using actor messages", address=addr)
-                self.unreachable[addr] = time.monotonic()
+                self.retry_at[addr] = time.monotonic() + RETRY_UNREACHABLE_S
                 del self.conns[addr]
                 return False
             conn = None      # it broke: what was on it is recovered by its owner's deadlines
@@ -272,17 +272,20 @@ def env_port() -> int:
     return int(os.environ.get(PORT_ENV, "0") or 0)
 
 
-def open_listener(actor_address, port: int = 0) -> Listener | None:
-    """A Listener (with its own Inbox) on the IP of a Thespian TCP actor address; None when
-    that address has no IP (an in-process actor system), `port` < 0, or the port is taken."""
+def open_listener(actor_address, port: int = 0, inbox: Inbox | None = None) -> Listener | None:
+    """A Listener into `inbox` (a new one if None) on the IP of a Thespian TCP actor address;
+    None when that address has no IP (an in-process actor system), `port` < 0, or the port
+    is taken."""
     ip = own_ip(actor_address)
     if not ip or port < 0:
         return None
-    inbox = Inbox()
+    own = inbox is None
+    inbox = Inbox() if own else inbox
     try:
         return Listener(inbox, ip, port)
     except OSError as exc:
-        inbox.close()
+        if own:
+            inbox.close()
         log.warning("no data plane; using actor messages", address=(ip, port), error=str(exc))
         return None
 
@@ -296,12 +299,47 @@ def own_ip(address) -> str:
 
 
 class WatchesInbox:
-    """Mixin for actors that own an `Inbox`: every message handled keeps its pipe watched,
-    and objects arriving on it are dispatched to `receiveMsg_<Type>(obj, connection)` for
-    the types in `DATA_TYPES` (add `Closed` to hear of connections ending)."""
+    """Mixin for actors on the data plane. `listen` accepts connections, `dial` lets the
+    actor open them, `send_data` sends on one (made on first use) or falls back to an
+    actor message; while the actor has an
+    `Inbox`, every message handled keeps its pipe watched, and objects arriving on it are
+    dispatched to `receiveMsg_<Type>(obj, connection)` for the types in `DATA_TYPES` (add
+    `Closed` to hear of connections ending)."""
 
     inbox: Inbox | None = None
+    listener: Listener | None = None
+    peers: Peers | None = None
     DATA_TYPES: tuple = ()
+
+    def listen(self, port: int = 0) -> tuple:
+        """Accept data-plane connections and open them (once); our (ip, port), or () when we
+        cannot listen (then we do not dial either)."""
+        if self.listener is None:
+            self.listener = open_listener(self.myAddress, port, self.inbox)
+            if self.listener is None:
+                return ()
+            self.inbox = self.listener.inbox
+            self.dial()
+        return self.listener.address
+
+    def dial(self) -> None:
+        """Be able to open data-plane connections to others' listeners."""
+        if self.peers is None:
+            if self.inbox is None:
+                self.inbox = Inbox()
+            self.peers = Peers(self.inbox)
+
+    def send_data(self, data_addr, actor_addr, msg) -> None:
+        """Send `msg` on the data plane to `data_addr` if we dial, it is given and reachable;
+        else as an actor message to `actor_addr`."""
+        if self.peers is None or not self.peers.send(data_addr, msg):
+            self.send(actor_addr, msg)
+
+    def close_data_plane(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+        if self.listener is not None:
+            self.listener.close()
 
     def receiveMessage(self, msg, sender):
         try:

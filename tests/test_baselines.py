@@ -182,8 +182,8 @@ def _pipeline_requester():
 
 
 def _done(hop, dev, logits=None, history=()):
-    from decolla.baselines.messages import SegmentDone
-    return SegmentDone("r1", 0, hop, dev, 1.0 + hop, 1.1 + hop, 1.9 + hop, 10, 20,
+    from decolla.baselines.messages import HopReport, SegmentDone
+    return SegmentDone("r1", 0, HopReport(hop, dev, 1.0 + hop, 1.1 + hop, 1.9 + hop, 10, 20),
                        logits=logits, history=list(history))
 
 

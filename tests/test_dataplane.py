@@ -36,6 +36,14 @@ def _collect(inbox, n, timeout=20.0):
     return got
 
 
+def _dead_address():
+    """An address nothing listens on (a port just freed)."""
+    s = socket.create_server(("127.0.0.1", 0))
+    addr = s.getsockname()
+    s.close()
+    return addr
+
+
 @pytest.fixture
 def pair():
     """(client connection, its inbox, server inbox, listener) on loopback."""
@@ -95,10 +103,7 @@ def test_a_closed_connection_refuses_to_send(pair):
 
 
 def test_unreachable_address_closes_without_connecting():
-    s = socket.create_server(("127.0.0.1", 0))
-    addr = s.getsockname()
-    s.close()                                   # nothing listens there now
-    conn = dataplane.Connection.connect(dataplane.Inbox(), addr)
+    conn = dataplane.Connection.connect(dataplane.Inbox(), _dead_address())
     assert _wait(lambda: conn.closed)
     assert not conn.connected.is_set()
 
@@ -114,13 +119,6 @@ def tcp_asys():
         yield system
     finally:
         system.shutdown()
-
-
-def _dead_address():
-    s = socket.create_server(("127.0.0.1", 0))
-    addr = s.getsockname()
-    s.close()
-    return addr
 
 
 @pytest.mark.parametrize("where", ["unreachable", "reachable"])

@@ -87,7 +87,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.requests: dict[str, _Request] = {}
         self.workers: dict = {}
         self.data_addrs: dict[str, tuple] = {}      # device -> its worker's data plane
-        self.peers: dataplane.Peers | None = None    # made with the inbox, on first use
         self.plans: dict[tuple, planmod.Plan] = {}
         self.ticking = False
         self.waiting_ready: list = []
@@ -301,11 +300,9 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
 
     def _deliver(self, dev: str, msg) -> None:
         """Send `msg` to `dev`'s worker: on its data plane if it has one, else as a message."""
-        if self.inbox is None and self.data_addrs:
-            self.inbox = dataplane.Inbox()
-            self.peers = dataplane.Peers(self.inbox)
-        if self.inbox is None or not self.peers.send(self.data_addrs.get(dev), msg):
-            self.send(self.workers[dev], msg)
+        if self.peers is None and self.data_addrs:
+            self.dial()
+        self.send_data(self.data_addrs.get(dev), self.workers[dev], msg)
 
     def receiveMsg_Closed(self, msg, conn):
         """A data connection ended: what was sent on it is lost, so send it again (to another
@@ -542,8 +539,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self._fail(req, "requester shutting down")
         if self.cfg is not None:
             self.send(self.cfg.registrar, Unsubscribe())
-        if self.peers is not None:
-            self.peers.close()
+        self.close_data_plane()
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
         log.warning("undeliverable or failing message", message=str(msg.poisonMessage)[:200])

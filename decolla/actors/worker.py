@@ -194,18 +194,10 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         speed = self._calibrate()
         info = system.proc_info()
         self.send(sender, WorkerReady(msg.name, speed, info["pid"], info["pgid"],
-                                      socket.gethostname(), int(msg.threads), self._listen()))
+                                      socket.gethostname(), int(msg.threads),
+                                      self.listen(dataplane.env_port())))
         log.info("worker ready", node=msg.name, pid=info["pid"], speed_gmacs=round(speed / 1e9, 2))
         self.wakeupAfter(self.hb, payload="beat")
-
-    def _listen(self) -> tuple:
-        """Open the data plane on this worker's own IP; its (ip, port), or () without one."""
-        if self.inbox is None:
-            self.listener = dataplane.open_listener(self.myAddress, dataplane.env_port())
-            if self.listener is None:
-                return ()
-            self.inbox = self.listener.inbox
-        return self.listener.address
 
     def _reply(self, to, msg) -> None:
         """Send `msg` back the way the work came: a data connection or an actor address."""
@@ -306,8 +298,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
 
     def receiveMsg_ActorExitRequest(self, msg, sender):
         self.queue.clear()
-        if self.inbox is not None:
-            self.listener.close()
+        self.close_data_plane()
 
     def receiveUnrecognizedMessage(self, msg, sender):
         log.debug("ignored message", type=type(msg).__name__)

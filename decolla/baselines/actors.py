@@ -75,32 +75,7 @@ def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
     return list(total / passes)
 
 
-class _Sends:
-    """Mixin: send on a data-plane connection when the receiver has one, else as a message."""
-
-    peers: dataplane.Peers | None = None
-
-    def _listen(self, port: int) -> tuple:
-        """Open this actor's data plane (once); its address, or () without one."""
-        if self.inbox is None:
-            self.listener = dataplane.open_listener(self.myAddress, port)
-            if self.listener is None:
-                return ()
-            self.inbox = self.listener.inbox
-            self.peers = dataplane.Peers(self.inbox)
-        return self.listener.address
-
-    def _send(self, data_addr, actor_addr, msg) -> None:
-        if self.peers is None or not self.peers.send(data_addr, msg):
-            self.send(actor_addr, msg)
-
-    def _close_data_plane(self) -> None:
-        if self.peers is not None:
-            self.peers.close()
-            self.listener.close()
-
-
-class SegmentWorker(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
+class SegmentWorker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes route segments on one host and forwards their output."""
 
     DATA_TYPES = (RunSegment,)
@@ -119,13 +94,13 @@ class SegmentWorker(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
         self.model = get_model(msg.model_spec)
         self.layers = list(self.model.layers)
         # any free port: a fixed --data-port belongs to the node's DeColla worker
-        addr = self._listen(min(0, dataplane.env_port()))
+        addr = self.listen(min(0, dataplane.env_port()))
         self.send(sender, SegmentWorkerReady(msg.name, profile_layers(self.layers,
                                                                       msg.profile_repeats), addr))
 
     def receiveMsg_Reprofile(self, msg: Reprofile, sender):
         self.send(sender, SegmentWorkerReady(self.name, profile_layers(self.layers, msg.repeats),
-                                             self.listener.address if self.inbox else ()))
+                                             self.listener.address if self.listener else ()))
 
     def receiveMsg_RunSegment(self, msg: RunSegment, sender):
         received = time.time()
@@ -139,27 +114,26 @@ class SegmentWorker(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
             blobs = encode_tensors(out, msg.wire_dtype)
         except Exception as exc:   # report, do not crash the actor
             log.warning("segment failed", request=msg.request, hop=msg.hop, error=repr(exc))
-            self._send(msg.requester_data, msg.requester, SegmentDone(msg.request, msg.epoch, msg.hop, self.name,
-                                                 received, received, time.time(), 0, 0,
-                                                 error=repr(exc)))
+            failed = HopReport(msg.hop, self.name, received, received, time.time(), 0, 0)
+            self.send_data(msg.requester_data, msg.requester,
+                           SegmentDone(msg.request, msg.epoch, failed, error=repr(exc)))
             return
         report = HopReport(msg.hop, self.name, received, start, end,
                            sum(len(b) for b in msg.blobs.values()),
                            sum(len(b) for b in blobs.values()))
-        done = SegmentDone(msg.request, msg.epoch, msg.hop, self.name, received, start, end,
-                           report.bytes_in, report.bytes_out)
+        done = SegmentDone(msg.request, msg.epoch, report)
         if last:
             done.logits = blobs[self.layers[seg.end - 1].name]
             done.history = list(msg.history)
-            self._send(msg.requester_data, msg.requester, done)
+            self.send_data(msg.requester_data, msg.requester, done)
             return
         self._keep((msg.request, msg.epoch, msg.hop), blobs)
-        self._send(msg.requester_data, msg.requester, done)
+        self.send_data(msg.requester_data, msg.requester, done)
         nxt = msg.hop + 1
-        self._send(msg.data_addrs[nxt] if nxt < len(msg.data_addrs) else (), msg.addresses[nxt],
-                   RunSegment(msg.request, msg.epoch, nxt, msg.route, msg.addresses,
-                              msg.requester, blobs, msg.wire_dtype, list(msg.history) + [report],
-                              msg.data_addrs, msg.requester_data))
+        self.send_data(msg.data_addrs[nxt] if nxt < len(msg.data_addrs) else (), msg.addresses[nxt],
+                       RunSegment(msg.request, msg.epoch, nxt, msg.route, msg.addresses,
+                                  msg.requester, blobs, msg.wire_dtype,
+                                  list(msg.history) + [report], msg.data_addrs, msg.requester_data))
 
     def _keep(self, key, blobs) -> None:
         self.cache[key] = blobs
@@ -169,21 +143,22 @@ class SegmentWorker(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
     def receiveMsg_Resend(self, msg: Resend, sender):
         blobs = self.cache.get((msg.request, msg.epoch, msg.hop))
         if blobs is None:
-            self._send(msg.requester_data, msg.requester,
-                       SegmentDone(msg.request, msg.new_epoch, -1, self.name, 0, 0, 0, 0, 0,
-                                   error="nothing cached to resend"))
+            self.send_data(msg.requester_data, msg.requester,
+                           SegmentDone(msg.request, msg.new_epoch,
+                                       HopReport(-1, self.name, 0, 0, 0, 0, 0),
+                                       error="nothing cached to resend"))
             return
-        self._send(msg.data_addrs[0] if msg.data_addrs else (), msg.addresses[0],
-                   RunSegment(msg.request, msg.new_epoch, 0, msg.route, msg.addresses,
-                              msg.requester, blobs, data_addrs=msg.data_addrs,
-                              requester_data=msg.requester_data))
+        self.send_data(msg.data_addrs[0] if msg.data_addrs else (), msg.addresses[0],
+                       RunSegment(msg.request, msg.new_epoch, 0, msg.route, msg.addresses,
+                                  msg.requester, blobs, data_addrs=msg.data_addrs,
+                                  requester_data=msg.requester_data))
 
     def receiveMsg_Forget(self, msg: Forget, sender):
         for key in [k for k in self.cache if k[0] == msg.request]:
             del self.cache[key]
 
     def receiveMsg_ActorExitRequest(self, msg, sender):
-        self._close_data_plane()
+        self.close_data_plane()
 
     def receiveUnrecognizedMessage(self, msg, sender):
         pass
@@ -225,7 +200,7 @@ def segment_t1(seg: part.Segment, weights, cut_bytes, bandwidth_bps: float, slac
     return max(floor, slack * predicted)
 
 
-class PipelineRequester(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
+class PipelineRequester(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Runs baseline inferences along routes of segment workers (lives in the client)."""
 
     DATA_TYPES = (SegmentDone,)
@@ -248,7 +223,7 @@ class PipelineRequester(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
     def receiveMsg_ConfigurePipeline(self, msg: ConfigurePipeline, sender):
         self.cfg = msg
         if msg.data_plane:
-            self.own_data = self._listen(0)
+            self.own_data = self.listen(0)
         self.waiting_ready.append(sender)
         self.send(msg.registrar, Subscribe(msg.node))
 
@@ -318,10 +293,10 @@ class PipelineRequester(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
         data = [self.data_addrs.get(s.device, ()) for s in route]
         if source is None:
             blobs = {"input": wire.encode(np.asarray(pipe.msg.image, np.float32))}
-            self._send(data[0], pipe.addresses[0],
-                       RunSegment(pipe.msg.request, pipe.epoch, 0, pipe.route, pipe.addresses,
-                                  self.myAddress, blobs, data_addrs=data,
-                                  requester_data=self.own_data))
+            self.send_data(data[0], pipe.addresses[0],
+                           RunSegment(pipe.msg.request, pipe.epoch, 0, pipe.route,
+                                      pipe.addresses, self.myAddress, blobs, data_addrs=data,
+                                      requester_data=self.own_data))
         else:
             epoch, hop, addr, _ = source
             self.send(addr, Resend(pipe.msg.request, epoch, hop, pipe.epoch, pipe.route,
@@ -348,7 +323,7 @@ class PipelineRequester(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
         return rec
 
     def _settle(self, pipe: _Pipe, epoch: int, report) -> None:
-        """Fill the record of a finished hop from its report (a SegmentDone or HopReport)."""
+        """Fill the record of a finished hop from its HopReport."""
         rec = self._record(pipe, epoch, report.hop)
         rec.returned = time.time()
         rec.received, rec.start, rec.end = report.received, report.start, report.end
@@ -359,25 +334,26 @@ class PipelineRequester(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
         pipe = self.pipes.get(msg.request)
         if pipe is None:
             return
+        hop, device = msg.report.hop, msg.report.device
         if msg.error:
             if msg.epoch == pipe.epoch:
-                if 0 <= msg.hop < len(pipe.route):
-                    self._record(pipe, msg.epoch, msg.hop).status = "failed"
-                self._fail(pipe, f"{msg.device}: {msg.error}")
+                if 0 <= hop < len(pipe.route):
+                    self._record(pipe, msg.epoch, hop).status = "failed"
+                self._fail(pipe, f"{device}: {msg.error}")
             return
         if msg.epoch not in pipe.routes:
             return
         # Reports travel apart from the data, so they can arrive in any order; the answer
         # carries the reports of its route's earlier hops, which makes the trace complete.
-        for report in [*msg.history, msg]:
+        for report in [*msg.history, msg.report]:
             self._settle(pipe, msg.epoch, report)
         if msg.logits is not None:
             self._finish(pipe, wire.decode(msg.logits), pipe.routes[msg.epoch])
             return
-        if msg.epoch != pipe.epoch or msg.hop < pipe.hop:
+        if msg.epoch != pipe.epoch or hop < pipe.hop:
             return     # an abandoned route, or a hop already passed by a later report
-        pipe.source = (msg.epoch, msg.hop, pipe.addresses[msg.hop], msg.device)
-        pipe.hop = msg.hop + 1
+        pipe.source = (msg.epoch, hop, pipe.addresses[hop], device)
+        pipe.hop = hop + 1
         if pipe.hop < len(pipe.route):
             self._begin_hop(pipe)
 
@@ -466,7 +442,7 @@ class PipelineRequester(_Sends, dataplane.WatchesInbox, ActorTypeDispatcher):
             self.send(addr, ActorExitRequest())
         if self.cfg is not None:
             self.send(self.cfg.registrar, Unsubscribe())
-        self._close_data_plane()
+        self.close_data_plane()
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
         log.warning("undeliverable message", message=str(msg.poisonMessage)[:200])

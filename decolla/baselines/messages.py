@@ -64,21 +64,16 @@ class HopReport:
 
 @dataclass(repr=False)
 class SegmentDone(Message):
-    """A hop finished (sent by its worker to the requester); the last hop carries the logits
-    and, in `history`, the reports of the epoch's earlier hops (which may arrive after it)."""
+    """A hop finished (sent by its worker to the requester) as `report` says; the last hop
+    carries the logits and, in `history`, the reports of the epoch's earlier hops (which may
+    arrive after it)."""
     request: str
     epoch: int
-    hop: int
-    device: str
-    received: float
-    start: float
-    end: float
-    bytes_in: int
-    bytes_out: int
+    report: HopReport
     logits: bytes | None = None
     error: str = ""
     history: list = field(default_factory=list)
-    _show = ("request", "epoch", "hop", "device", "error")
+    _show = ("request", "epoch", "report", "error")
 
 
 @dataclass(repr=False)
