@@ -137,10 +137,11 @@ def _status(args) -> int:
         print(json.dumps(st))
         return 0
     print(f"leader {st['leader']}  model {st['model']}  digest {st['digest'][:16]}")
-    print(f"{'device':16} {'status':13} {'GMAC/s':>7} {'free CPU':>8} {'queue':>5} {'host':12}")
+    print(f"{'device':16} {'status':13} {'GMAC/s':>7} {'free CPU':>8} {'queue':>5} {'host':12} "
+          f"data plane")
     for d in st["devices"]:
         print(f"{d['name']:16} {d['status']:13} {d['speed_gmacs']:7.2f} {d['available']:8.2f} "
-              f"{d['queue']:5d} {d['host']:12}")
+              f"{d['queue']:5d} {d['host']:12} {d['data_plane'] or '-'}")
     for name, reason in st["refused"].items():
         print(f"refused {name}: {reason}")
     return 0
