@@ -7,7 +7,10 @@ calibrated so the whole MobileNetV2-224 forward runs k≈8x slower than on one h
 a Pi-class device), no background load, an edge host running the leader, and an
 unshaped, unthrottled requester host running this module with --agent. Mobile-only is
 the `single` plan through the same runtime: the whole network as one chunk on one
-device (image there, logits back). Per bandwidth and plan: median latency end to end
+device (image there, logits back). `auto` runs twice: told the bandwidth and the device
+speed (the planner's best case) and as a user gets it (`auto:shared_link=0`: the
+requester measures each link and plans with the median). Per bandwidth and plan: median
+latency end to end
 and without the delivery of the first stage's input (the paper's convention), bytes,
 correctness against the single-device forward. Ratios are from the same run.
 Writes bench/results/plans_testbed.json and .md.
@@ -77,6 +80,7 @@ def agent(args) -> int:
                     rows.append({"latency_s": lat, "without_input_s": lat - _delivery(r.trace),
                                  "bytes": int(r.trace.bytes_moved()),
                                  "stages": int(r.stats.get("stages", 0)),
+                                 "planned_mbit": r.stats.get("bandwidth_mbit"),
                                  "top1_ok": int(np.argmax(r.logits)) == int(np.argmax(ref)),
                                  "rel_err": float(np.abs(r.logits - ref).max() / np.abs(ref).max()),
                                  "timeline": _timeline(r.trace, t0_wall)})
@@ -107,7 +111,10 @@ def drive(args) -> int:
                 plans = ["single", f"auto:bandwidth_mbit={bw:g},shared_link=0,gmacs={gmacs:.2f},"
                                    f"overhead_ms={args.overhead_ms:g}"
                                    + (f",device_overhead_ms={args.device_overhead_ms:g}"
-                                      if args.device_overhead_ms is not None else "")]
+                                      if args.device_overhead_ms is not None else ""),
+                         # what a user gets: bandwidth measured by the requester, speed
+                         # from the devices' start-up calibration
+                         "auto:shared_link=0"]
                 if bw >= 100:
                     plans.append("spatial")
                 for plan in plans:
@@ -136,6 +143,12 @@ def drive(args) -> int:
     return 0
 
 
+def _planned(rows: list) -> str:
+    """The bandwidth(s) the requester planned for ('-' for plans that are not auto)."""
+    seen = sorted({r["planned_mbit"] for r in rows if r.get("planned_mbit") is not None})
+    return ", ".join(f"{v:g}" for v in seen) or "-"
+
+
 def _save(doc: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans_testbed.json").write_text(json.dumps(doc, indent=1, default=str))
@@ -145,12 +158,12 @@ def _save(doc: dict, out: Path) -> None:
              f"slower than one host core); {doc['repeats']} repeats per point; started "
              f"{doc.get('started', '?')}.", "",
              "| Mb/s | plan | median ms | without input ms | vs single (same run) | stages | MB | "
-             "top-1 ok | packets dropped by shaping | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "top-1 ok | packets dropped by shaping | load avg | planned for Mb/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     single = {p["bandwidth_mbit"]: p.get("median_s") for p in doc["points"] if p["plan"] == "single"}
     for p in doc["points"]:
         if "median_s" not in p:
-            lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | failed: {p.get('error')} | | | | | | | |")
+            lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | failed: {p.get('error')} | | | | | | | | |")
             continue
         base = single.get(p["bandwidth_mbit"])
         ratio = f"{base / p['median_s']:.2f}x" if base else "-"
@@ -161,7 +174,7 @@ def _save(doc: dict, out: Path) -> None:
                      f"{p['median_without_input_s'] * 1e3:.0f} | {ratio} | "
                      f"{int(np.median([r['stages'] for r in p['rows']]))} | {mb:.3f} | "
                      f"{ok}/{len(p['rows'])} | {sum(drops.values()) if drops else '-'} | "
-                     f"{p['loadavg'][0]:.2f} |")
+                     f"{p['loadavg'][0]:.2f} | {_planned(p['rows'])} |")
     (out / "plans_testbed.md").write_text("\n".join(lines) + "\n")
 
 

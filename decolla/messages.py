@@ -195,6 +195,21 @@ class Cancel(Message):
 
 
 @dataclass(repr=False)
+class LinkProbe(Message):
+    """A requester's link measurement: `payload` bytes out, a LinkEcho back at once."""
+    seq: int
+    payload: bytes = b""
+    _show = ("seq",)
+
+
+@dataclass(repr=False)
+class LinkEcho(Message):
+    seq: int
+    device: str
+    _show = ("seq", "device")
+
+
+@dataclass(repr=False)
 class Continue(Message):
     """A worker's note to itself: keep working through its queue."""
     _show = ()

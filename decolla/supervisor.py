@@ -119,6 +119,12 @@ class Supervisor:
                                    busy_s=d.queued_macs / d.rate))
         return out
 
+    def link_measured(self, name: str, bytes_per_s: float) -> None:
+        """A measured link speed replaces the transfer estimate (chunks refine it later)."""
+        d = self.devices.get(name)
+        if d is not None and bytes_per_s > 0:
+            d.sec_per_byte = 1.0 / bytes_per_s
+
     # ------------------------------------------------------------- deadlines
     def predict(self, name: str, macs: float, nbytes: float) -> float:
         """Predicted seconds until a chunk sent now returns (queue ahead included)."""

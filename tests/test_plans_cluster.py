@@ -94,3 +94,17 @@ def test_auto_sends_whole_requests_while_devices_are_busy(cluster, whole_above, 
     plans = [r.stats["plan"] for r in results]
     assert ("single" in plans) == expect_whole, plans
     assert plan in plans            # the first requests found idle devices and were split
+
+
+def test_auto_plans_for_the_links_it_measured(cluster):
+    """Without a stated bandwidth the requester measures the device links first and plans
+    for them (loopback: far above the 100 Mb/s default); a stated one is used as given."""
+    from decolla.api import Client
+    with Client(cluster.leader, plan="auto", k=3, min_devices=3) as client:
+        measured = client.infer(image(0), timeout=60)
+    with Client(cluster.leader, plan="auto:bandwidth_mbit=20", k=3, min_devices=3) as client:
+        stated = client.infer(image(1), timeout=60)
+    assert measured.stats["bandwidth_mbit"] > 200, measured.stats
+    assert stated.stats["bandwidth_mbit"] == 20
+    for seed, r in enumerate((measured, stated)):
+        assert rel(r.logits, reference.forward(_model, image(seed))) <= 1e-5

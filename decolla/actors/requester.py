@@ -27,7 +27,8 @@ from decolla.allocators import NoLiveDevice, StageInfo, make_allocator
 from decolla.log import get_logger
 from decolla.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult, ChunkResults,
                               ConfigureRequester, InferError, InferReply, InferRequest,
-                              Membership, Ready, StageWork, Subscribe, Unsubscribe)
+                              LinkEcho, Membership, Ready, StageWork, Subscribe, Unsubscribe)
+from decolla.links import LinkProber
 from decolla.supervisor import Supervisor
 from decolla.trace import ChunkRecord
 
@@ -76,7 +77,7 @@ class _Request:
 class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Per-client coordinator of inferences (lives in the client's actor system)."""
 
-    DATA_TYPES = (ChunkResult, ChunkResults, ChunkFailed, dataplane.Closed)
+    DATA_TYPES = (ChunkResult, ChunkResults, ChunkFailed, LinkEcho, dataplane.Closed)
 
     actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 
@@ -91,6 +92,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.ticking = False
         self.waiting_ready: list = []
         self.backlog: list = []
+        self.links = LinkProber()
+        self.measure_links = False
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_ConfigureRequester(self, msg: ConfigureRequester, sender):
@@ -105,6 +108,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.plan_name, self.plan_opts = planmod.parse_plan_name(msg.plan)
             if self.plan_name == "auto":
                 stated = float(self.plan_opts.get("bandwidth_mbit", 0))
+                self.measure_links = not stated     # auto plans with the links it measures
         except (planmod.PlanError, ValueError):
             pass
         self.sup = Supervisor(slack=msg.deadline_slack, floor=msg.deadline_floor,
@@ -125,15 +129,16 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         if self.peers is not None:
             self.peers.forget(set(self.data_addrs.values()))
         lost = self.sup.update_membership(msg.devices)
+        if self.measure_links:
+            self.links.track(d.name for d in msg.devices if d.alive and d.worker is not None)
+            self._probe()
         for name in lost:
             log.warning("device lost; moving its chunks", device=name)
             self._move_from(name, "device-lost")
         for addr in self.waiting_ready:
             self.send(addr, Ready(True))
         self.waiting_ready.clear()
-        for req_msg, reply_to in self.backlog:
-            self._start_request(req_msg, reply_to)
-        self.backlog.clear()
+        self._start_backlog()
         for req in list(self.requests.values()):
             if req.waiting:
                 self._start_stage(req)
@@ -144,7 +149,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
     def receiveMsg_InferRequest(self, msg: InferRequest, sender):
         if self.cfg is None:
             self.send(sender, InferError(msg.request, "requester is not configured"))
-        elif self.membership is None:
+        elif self.membership is None or self._measuring_links():
             self.backlog.append((msg, sender))
         else:
             self._start_request(msg, sender)
@@ -221,6 +226,9 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                             if getattr(d, "speed", 0) > 0)
             if speeds and "gmacs" not in opts:   # rounded so the plan cache stays small
                 extra["gmacs"] = float(f"{speeds[len(speeds) // 2] / 1e9:.1g}")
+            measured = self.links.bandwidth_mbit()
+            if measured and "bandwidth_mbit" not in opts:
+                extra["bandwidth_mbit"] = float(f"{measured:.1g}")
         key = (kind, k, n, tuple(sorted(extra.items())))
         plan = self.plans.get(key)
         if plan is None:
@@ -320,6 +328,36 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                     self._reassign(req, i, "connection-lost", avoid=dev)
                     if req.id not in self.requests:
                         break
+
+    def _start_backlog(self) -> None:
+        if self.membership is None or self._measuring_links():
+            return
+        backlog, self.backlog = self.backlog, []
+        for req_msg, reply_to in backlog:
+            self._start_request(req_msg, reply_to)
+
+    # ------------------------------------------------------------ link measurement
+    def _measuring_links(self) -> bool:
+        """True while `auto` waits for the first measurement of the links to plan with
+        (once over, devices that join later are measured while requests go on)."""
+        return self.measure_links and not self.links.settled
+
+    def _probe(self) -> None:
+        nxt = self.links.next_probe()
+        if nxt is not None:
+            dev, probe = nxt
+            self._deliver(dev, probe)
+            self.wakeupAfter(self.links.timeout_s, payload=("probe", probe.seq))
+        else:
+            self._start_backlog()
+
+    def receiveMsg_LinkEcho(self, msg: LinkEcho, sender):
+        link = self.links.echo(msg)
+        if link is not None:
+            log.info("link measured", device=msg.device, mbit=round(link.mbit, 1),
+                     rtt_ms=round(link.rtt_s * 1e3, 2))
+            self.sup.link_measured(msg.device, link.bytes_per_s)
+        self._probe()
 
     def _event(self, req: _Request, kind: str, stage: int, chunk: int, device: str,
                reason: str = "") -> None:
@@ -427,7 +465,9 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         stats = {"plan": req.plan.name, "k": max(len(s.chunks) for s in req.plan.stages),
                  "stages": len(req.plan.stages), "allocator": self.cfg.allocator,
                  "wire_dtype": self.cfg.wire_dtype,
-                 "retries": sum(1 for r in req.records if r.attempt > 0)}
+                 "retries": sum(1 for r in req.records if r.attempt > 0),
+                 # the link speed an auto plan assumed (stated, measured or the default)
+                 "bandwidth_mbit": req.plan.notes.get("profile", {}).get("bandwidth_mbit")}
         self.send(req.reply_to, InferReply(req.id, np.asarray(logits), req.records,
                                            req.started, time.time(), stats))
 
@@ -502,6 +542,12 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.wakeupAfter(TICK_S, payload="tick")
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender):
+        if isinstance(msg.payload, tuple) and msg.payload[0] == "probe":
+            dev = self.links.expire(msg.payload[1])
+            if dev is not None:
+                log.warning("link probe unanswered; device not measured", device=dev)
+                self._probe()
+            return
         if msg.payload != "tick":
             return
         self.ticking = False

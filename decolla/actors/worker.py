@@ -21,7 +21,8 @@ from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.log import get_logger
 from decolla.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Continue,
-                              Heartbeat, InitWorker, StageWork, WorkerReady, WorkerRefused)
+                              Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork, WorkerReady,
+                              WorkerRefused)
 
 log = get_logger("worker")
 SLICE_S = 0.02          # compute at most this long before letting other messages in
@@ -159,7 +160,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes chunks on one device. Work arrives as actor messages or on the data plane
     (decolla.dataplane); results go back the way their work came."""
 
-    DATA_TYPES = (StageWork, Cancel, dataplane.Closed)
+    DATA_TYPES = (StageWork, Cancel, LinkProbe, dataplane.Closed)
 
     @staticmethod
     def actorSystemCapabilityCheck(capabilities, requirements):
@@ -286,6 +287,9 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.queue = collections.deque(
             j for j in self.queue
             if not (j.request == msg.request and (not keys or (j.chunk.stage, j.chunk.index) in keys)))
+
+    def receiveMsg_LinkProbe(self, msg: LinkProbe, sender):
+        self._reply(sender, LinkEcho(msg.seq, self.name))
 
     # ------------------------------------------------------------ liveness
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender):

@@ -1,0 +1,112 @@
+"""LinkProber: which probes it sends and what it concludes (fake clock, modelled links)."""
+from hypothesis import given, settings, strategies as st
+
+from decolla.links import LinkProber
+from decolla.messages import LinkEcho
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def measure(prober, clock, links, slow=lambda dev, seq: 0.0):
+    """Answer every probe as a link of (rtt_s, bytes_per_s) per device would; returns the
+    probes sent as (device, size)."""
+    sent = []
+    while (nxt := prober.next_probe()) is not None:
+        dev, probe = nxt
+        rtt, rate = links[dev]
+        sent.append((dev, len(probe.payload)))
+        clock.t += rtt + len(probe.payload) / rate + slow(dev, probe.seq)
+        prober.echo(LinkEcho(probe.seq, dev))
+    return sent
+
+
+@settings(max_examples=60, deadline=None)
+@given(rate=st.floats(1e4, 1e9), rtt=st.floats(1e-4, 0.05))
+def test_measures_a_modelled_link(rate, rtt):
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a"])
+    sent = measure(p, clock, {"a": (rtt, rate)})
+    link = p.links["a"]
+    assert abs(link.bytes_per_s / rate - 1) < 1e-6
+    assert abs(link.rtt_s - rtt) < 1e-9
+    sizes = [n for _, n in sent if n]
+    assert max(sizes) <= p.max_bytes
+    # the measuring probes are long enough on the wire, unless they hit the size cap
+    assert sizes[-1] / rate >= p.target_s or sizes[-1] == p.max_bytes
+    assert p.settled and p.bandwidth_mbit() == link.mbit
+
+
+def test_one_probe_out_at_a_time_devices_in_turn():
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a", "b"])
+    first = p.next_probe()
+    assert first[0] == "a" and p.next_probe() is None
+    clock.t += 0.001
+    p.echo(LinkEcho(first[1].seq, "a"))
+    sent = measure(p, clock, {"a": (0.001, 1e6), "b": (0.002, 4e6)})
+    devices = [d for d, _ in sent]
+    assert devices == sorted(devices)          # all of a's probes, then all of b's
+    assert set(p.links) == {"a", "b"}
+    assert abs(p.bandwidth_mbit() - (8 + 32) / 2) < 1e-6
+
+
+def test_a_slowed_sample_does_not_lower_the_estimate():
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a"])
+    sizes = []
+
+    def slow(dev, seq):
+        sizes.append(seq)
+        return 0.5 if len(sizes) == 6 else 0.0     # the last sample waits behind other traffic
+    measure(p, clock, {"a": (0.001, 1e6)}, slow)
+    assert abs(p.links["a"].bytes_per_s - 1e6) < 1
+
+
+def test_unanswered_probe_expires_and_late_echo_is_ignored():
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a", "b"])
+    dev, probe = p.next_probe()
+    assert not p.settled
+    assert p.expire(probe.seq + 1) is None          # not the probe that is out
+    assert p.expire(probe.seq) == "a"
+    assert p.echo(LinkEcho(probe.seq, "a")) is None  # its echo arrives after all
+    assert p.next_probe()[0] == "b"
+    assert "a" not in p.links and not p.settled
+
+
+def test_track_forgets_gone_devices_and_remeasure_keeps_the_old_figure():
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a", "b"])
+    measure(p, clock, {"a": (0.001, 1e6), "b": (0.001, 2e6)})
+    p.track(["b"])
+    assert set(p.links) == {"b"} and p.settled
+    p.remeasure("b")
+    assert not p.settled and abs(p.links["b"].bytes_per_s - 2e6) < 1
+    measure(p, clock, {"b": (0.001, 3e6)})
+    assert abs(p.links["b"].bytes_per_s - 3e6) < 1
+
+
+def test_a_device_that_leaves_mid_measurement_frees_the_prober():
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a", "b"])
+    dev, probe = p.next_probe()
+    p.track(["b"])
+    assert p.echo(LinkEcho(probe.seq, "a")) is None
+    assert p.next_probe()[0] == "b"
+
+
+def test_nothing_measured_yet():
+    p = LinkProber()
+    assert p.bandwidth_mbit() is None and not p.settled and p.next_probe() is None
