@@ -1,4 +1,4 @@
-"""Measuring each device's link from the requester, over the transport chunks use.
+"""Measuring the devices' links from the requester, over the transport chunks use.
 
 Per device, one device at a time (probes to different devices would share the
 requester's own link): a few tiny LinkProbes give the round-trip time; then probes of
@@ -6,7 +6,12 @@ growing size (x4 from `first_bytes`, at most `max_bytes`) until one spends at le
 `target_s` on the wire beyond that round trip, so that the shaper's burst bucket and the
 TCP ramp-up are small against it; `samples` probes of that size give the upload
 bandwidth (the best sample: a probe can only be slowed down by other traffic).
-`auto` plans with the measured bandwidth unless its name states one.
+
+Then, with two or more devices, the same sized probes go to all of them at once: if the
+last echo comes about as soon as the slowest device's alone, every device has its own
+link (`shared` False); if it takes about as long as all of them one after the other,
+they share one (`shared` True). `auto` plans with the median bandwidth and this topology
+unless its name states them.
 """
 from __future__ import annotations
 
@@ -22,10 +27,16 @@ class Link:
     """One device's measured link."""
     rtt_s: float
     bytes_per_s: float
+    probe_bytes: int = 0          # the size it was measured with
 
     @property
     def mbit(self) -> float:
         return self.bytes_per_s * 8 / 1e6
+
+    @property
+    def probe_s(self) -> float:
+        """Seconds one measuring probe took, round trip included."""
+        return self.rtt_s + self.probe_bytes / self.bytes_per_s
 
 
 @dataclass
@@ -36,7 +47,8 @@ class _Progress:
 
 
 class LinkProber:
-    """Decides which probe to send next and turns echoes into `links` (device -> Link)."""
+    """Decides which probes to send next and turns echoes into `links` (device -> Link)
+    and `shared` (None until measured with two or more devices)."""
 
     def __init__(self, first_bytes: int = 64 * 1024, max_bytes: int = 4 * 1024 * 1024,
                  target_s: float = 0.04, tiny: int = 3, samples: int = 2,
@@ -44,16 +56,19 @@ class LinkProber:
         self.first_bytes, self.max_bytes, self.target_s = first_bytes, max_bytes, target_s
         self.tiny, self.samples, self.timeout_s, self.clock = tiny, samples, timeout_s, clock
         self.links: dict[str, Link] = {}
+        self.shared: bool | None = None
         self.todo: list[str] = []                 # devices waiting to be measured, in order
         self.progress: dict[str, _Progress] = {}
-        self.out: tuple | None = None             # (device, seq, size, sent at) of the probe out
+        self.out: dict[int, tuple] = {}           # seq -> (device, size, sent at)
+        self.together: dict | None = None         # the all-at-once probe: device -> seq
+        self.compared: frozenset = frozenset()    # devices the last all-at-once probe covered
         self.seq = 0
         self.ended = 0                            # measurements finished or given up
 
     @property
     def settled(self) -> bool:
         """At least one measurement has ended and none is waiting."""
-        return self.ended > 0 and not self.todo
+        return self.ended > 0 and not self.todo and not self.out and not self._compare_due()
 
     def track(self, devices) -> None:
         """Measure the devices not measured yet; forget the ones not listed any more."""
@@ -63,37 +78,43 @@ class LinkProber:
             del self.links[name]
         self.todo = [d for d in self.todo if d in keep]
         for d in devices:
-            if d not in self.links and d not in self.todo and not self._measuring(d):
+            if d not in self.links and d not in self.todo:
                 self.todo.append(d)
-        if self.out is not None and self.out[0] not in keep:
-            self.progress.pop(self.out[0], None)
-            self.out = None
+        for seq in [s for s, o in self.out.items() if o[0] not in keep]:
+            self.progress.pop(self.out.pop(seq)[0], None)
+        if self.together is not None and not keep >= set(self.together):
+            self._end_together()
 
     def remeasure(self, device: str) -> None:
         """Measure `device` again (its connection was remade, say); the old figure stays
         in use until then."""
-        if device not in self.todo and not self._measuring(device):
+        if device not in self.todo:
             self.todo.append(device)
 
-    def next_probe(self) -> tuple[str, LinkProbe] | None:
-        """(device, probe) to send now; None while a probe is out or nothing is left."""
-        if self.out is not None:
-            return None
-        if not self.todo:
-            return None
-        device = self.todo[0]
-        prog = self.progress.setdefault(device, _Progress())
-        self.seq += 1
-        self.out = (device, self.seq, prog.size, self.clock())
-        return device, LinkProbe(self.seq, bytes(prog.size))
+    def next_probes(self) -> list[tuple[str, LinkProbe]]:
+        """(device, probe) pairs to send now; none while probes are out or nothing is left."""
+        if self.out:
+            return []
+        if self.todo:
+            prog = self.progress.setdefault(self.todo[0], _Progress())
+            return [self._probe(self.todo[0], prog.size)]
+        if self._compare_due():
+            probes = [self._probe(d, l.probe_bytes) for d, l in self.links.items()]
+            self.together = {d: p.seq for d, p in probes}
+            return probes
+        return []
 
     def echo(self, msg: LinkEcho) -> Link | None:
         """Account for an echo; the device's Link once its measurement is complete."""
-        if self.out is None or msg.seq != self.out[1]:
+        out = self.out.pop(msg.seq, None)
+        if out is None:
             return None              # late echo of an expired probe
-        device, _, size, sent = self.out
-        self.out = None
+        device, size, sent = out
         elapsed = self.clock() - sent
+        if self.together is not None:
+            if not self.out:         # the last echo of the all-at-once probe
+                self._decide(elapsed)
+            return None
         prog = self.progress[device]
         if size == 0:
             prog.rtts.append(elapsed)
@@ -107,19 +128,23 @@ class LinkProber:
         prog.rates.append(size / max(wire_s, 1e-6))
         if len(prog.rates) < self.samples:
             return None
-        link = self.links[device] = Link(min(prog.rtts), max(prog.rates))
+        link = self.links[device] = Link(min(prog.rtts), max(prog.rates), size)
         del self.progress[device]
         self.todo.remove(device)
         self.ended += 1
         return link
 
     def expire(self, seq: int) -> str | None:
-        """Give up on probe `seq` if it is still out (the device is skipped until it is
-        listed or remeasured again); the device's name, or None."""
-        if self.out is None or self.out[1] != seq:
+        """Give up on probe `seq` if it is still out; the device's name, or None. A device
+        is skipped until it is listed or remeasured again; an all-at-once probe leaves
+        `shared` as it was."""
+        out = self.out.pop(seq, None)
+        if out is None:
             return None
-        device = self.out[0]
-        self.out = None
+        device = out[0]
+        if self.together is not None:
+            self._end_together()
+            return device
         self.progress.pop(device, None)
         self.todo.remove(device)
         self.ended += 1
@@ -131,5 +156,25 @@ class LinkProber:
             return None
         return statistics.median(l.mbit for l in self.links.values())
 
-    def _measuring(self, device: str) -> bool:
-        return self.out is not None and self.out[0] == device
+    # ------------------------------------------------------------ internals
+    def _probe(self, device: str, size: int) -> tuple[str, LinkProbe]:
+        self.seq += 1
+        self.out[self.seq] = (device, size, self.clock())
+        return device, LinkProbe(self.seq, bytes(size))
+
+    def _compare_due(self) -> bool:
+        return len(self.links) >= 2 and frozenset(self.links) != self.compared
+
+    def _decide(self, elapsed: float) -> None:
+        alone = [self.links[d] for d in self.together]
+        apart = max(l.probe_s for l in alone)
+        one_by_one = max(l.rtt_s for l in alone) + sum(l.probe_bytes / l.bytes_per_s
+                                                       for l in alone)
+        self.shared = elapsed > (apart + one_by_one) / 2
+        self._end_together()
+
+    def _end_together(self) -> None:
+        for seq in [s for s, o in self.out.items() if o[0] in (self.together or {})]:
+            del self.out[seq]
+        self.compared = frozenset(self.together or ())
+        self.together = None

@@ -55,6 +55,7 @@ class Membership(Message):
     specs: list[dict]             # Model.layer_specs() of the leader's model
     input_shape: tuple
     refused: dict[str, str] = field(default_factory=dict)   # node name -> reason
+    in_flight: dict[str, int] = field(default_factory=dict)  # requester node -> requests in flight
     _show = ("digest",)
 
 
@@ -72,6 +73,13 @@ class ConfigureRegistrar(Message):
 class Subscribe(Message):
     node: str = ""
     _show = ("node",)
+
+
+@dataclass(repr=False)
+class InFlight(Message):
+    """A subscribed requester's count of requests in flight (for the others' `auto`)."""
+    count: int
+    _show = ("count",)
 
 
 @dataclass(repr=False)

@@ -1,4 +1,5 @@
-"""LinkProber: which probes it sends and what it concludes (fake clock, modelled links)."""
+"""LinkProber: which probes it sends and what it concludes (fake clock, modelled links:
+each device's own link, or one link all devices share)."""
 from hypothesis import given, settings, strategies as st
 
 from decolla.links import LinkProber
@@ -13,16 +14,22 @@ class Clock:
         return self.t
 
 
-def measure(prober, clock, links, slow=lambda dev, seq: 0.0):
-    """Answer every probe as a link of (rtt_s, bytes_per_s) per device would; returns the
-    probes sent as (device, size)."""
+def measure(prober, clock, links, slow=lambda dev, seq: 0.0, shared=False):
+    """Answer probes as links of (rtt_s, bytes_per_s) per device would: one at a time, or
+    all sent at once, each on its own link or one after the other on a shared one. Returns
+    the probes sent as (device, size)."""
     sent = []
-    while (nxt := prober.next_probe()) is not None:
-        dev, probe = nxt
-        rtt, rate = links[dev]
-        sent.append((dev, len(probe.payload)))
-        clock.t += rtt + len(probe.payload) / rate + slow(dev, probe.seq)
-        prober.echo(LinkEcho(probe.seq, dev))
+    while probes := prober.next_probes():
+        done, busy_until = [], clock.t
+        for dev, probe in probes:
+            rtt, rate = links[dev]
+            sent.append((dev, len(probe.payload)))
+            wire = len(probe.payload) / rate
+            busy_until = (busy_until + wire) if shared else clock.t + wire
+            done.append((busy_until + rtt + slow(dev, probe.seq), dev, probe.seq))
+        for at, dev, seq in sorted(done):
+            clock.t = at
+            prober.echo(LinkEcho(seq, dev))
     return sent
 
 
@@ -47,13 +54,14 @@ def test_one_probe_out_at_a_time_devices_in_turn():
     clock = Clock()
     p = LinkProber(clock=clock)
     p.track(["a", "b"])
-    first = p.next_probe()
-    assert first[0] == "a" and p.next_probe() is None
+    (first,) = p.next_probes()
+    assert first[0] == "a" and p.next_probes() == []
     clock.t += 0.001
     p.echo(LinkEcho(first[1].seq, "a"))
     sent = measure(p, clock, {"a": (0.001, 1e6), "b": (0.002, 4e6)})
     devices = [d for d, _ in sent]
-    assert devices == sorted(devices)          # all of a's probes, then all of b's
+    assert devices[:-2] == sorted(devices[:-2])     # all of a's probes, then all of b's,
+    assert set(devices[-2:]) == {"a", "b"}          # then one to each at once
     assert set(p.links) == {"a", "b"}
     assert abs(p.bandwidth_mbit() - (8 + 32) / 2) < 1e-6
 
@@ -75,12 +83,12 @@ def test_unanswered_probe_expires_and_late_echo_is_ignored():
     clock = Clock()
     p = LinkProber(clock=clock)
     p.track(["a", "b"])
-    dev, probe = p.next_probe()
+    ((dev, probe),) = p.next_probes()
     assert not p.settled
     assert p.expire(probe.seq + 1) is None          # not the probe that is out
     assert p.expire(probe.seq) == "a"
     assert p.echo(LinkEcho(probe.seq, "a")) is None  # its echo arrives after all
-    assert p.next_probe()[0] == "b"
+    assert p.next_probes()[0][0] == "b"
     assert "a" not in p.links and not p.settled
 
 
@@ -101,12 +109,54 @@ def test_a_device_that_leaves_mid_measurement_frees_the_prober():
     clock = Clock()
     p = LinkProber(clock=clock)
     p.track(["a", "b"])
-    dev, probe = p.next_probe()
+    ((dev, probe),) = p.next_probes()
     p.track(["b"])
     assert p.echo(LinkEcho(probe.seq, "a")) is None
-    assert p.next_probe()[0] == "b"
+    assert p.next_probes()[0][0] == "b"
 
 
 def test_nothing_measured_yet():
     p = LinkProber()
-    assert p.bandwidth_mbit() is None and not p.settled and p.next_probe() is None
+    assert p.bandwidth_mbit() is None and not p.settled and p.next_probes() == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 5), rates=st.lists(st.floats(1e4, 1e9), min_size=5, max_size=5),
+       rtt=st.floats(1e-4, 0.02), shared=st.booleans())
+def test_tells_own_links_from_one_shared_link(n, rates, rtt, shared):
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    names = [f"d{i}" for i in range(n)]
+    p.track(names)
+    links = {d: (rtt, r) for d, r in zip(names, rates)}
+    measure(p, clock, links, shared=shared)
+    assert p.shared is shared and p.settled
+    for d in names:
+        assert abs(p.links[d].bytes_per_s / links[d][1] - 1) < 1e-6
+
+
+def test_one_device_leaves_the_topology_unknown_and_a_new_one_is_compared_again():
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a"])
+    measure(p, clock, {"a": (0.001, 1e6)})
+    assert p.shared is None and p.settled
+    p.track(["a", "b"])
+    assert not p.settled
+    measure(p, clock, {"a": (0.001, 1e6), "b": (0.001, 1e6)}, shared=True)
+    assert p.shared is True and p.settled
+
+
+def test_an_unanswered_all_at_once_probe_gives_up_without_deciding():
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(["a", "b"])
+    links = {"a": (0.001, 1e6), "b": (0.001, 1e6)}
+    while len(probes := p.next_probes()) == 1:
+        (dev, probe), = probes
+        clock.t += links[dev][0] + len(probe.payload) / links[dev][1]
+        p.echo(LinkEcho(probe.seq, dev))
+    assert {d for d, _ in probes} == {"a", "b"} and not p.settled
+    p.echo(LinkEcho(probes[0][1].seq, probes[0][0]))
+    assert p.expire(probes[1][1].seq) == probes[1][0]
+    assert p.shared is None and p.settled and p.next_probes() == []

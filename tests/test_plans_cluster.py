@@ -108,3 +108,34 @@ def test_auto_plans_for_the_links_it_measured(cluster):
     assert stated.stats["bandwidth_mbit"] == 20
     for seed, r in enumerate((measured, stated)):
         assert rel(r.logits, reference.forward(_model, image(seed))) <= 1e-5
+
+
+def test_auto_counts_other_clients_requests_in_flight(cluster):
+    """whole_above counts every requester's requests (pushed by the registrar): a request
+    that finds another client busy runs whole; once that client is idle it is split."""
+    import threading
+
+    from decolla.api import Client
+    stop = threading.Event()
+    with Client(cluster.leader, plan="layer", k=3, min_devices=3) as busy, \
+            Client(cluster.leader, plan="auto:bandwidth_mbit=1000", k=3, min_devices=3) as client:
+
+        def keep_busy(seed):
+            while not stop.is_set():
+                busy.infer(image(seed), timeout=60)
+        threads = [threading.Thread(target=keep_busy, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.5)             # > 2 heartbeat periods: the registrar has pushed the count
+            under_load = client.infer(image(5), timeout=60)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        time.sleep(1.5)
+        idle = client.infer(image(6), timeout=60)
+    assert under_load.stats["plan"] == "single", under_load.stats
+    assert idle.stats["plan"] != "single", idle.stats
+    for seed, r in ((5, under_load), (6, idle)):
+        assert rel(r.logits, reference.forward(_model, image(seed))) <= 1e-5

@@ -16,7 +16,7 @@ from thespian.actors import (ActorExitRequest, ActorSystemConventionUpdate,
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.log import get_logger
-from decolla.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InitWorker,
+from decolla.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InFlight, InitWorker,
                               Membership, Subscribe, WorkerReady, WorkerRefused)
 
 log = get_logger("registrar")
@@ -39,7 +39,7 @@ class Registrar(ActorTypeDispatcher):
         self.last_beat: dict[str, float] = {}
         self.worker_started: dict[str, float] = {}
         self.refused: dict[str, str] = {}
-        self.subscribers: list = []               # [address, node name] (addresses are unhashable)
+        self.subscribers: list = []               # [address, node name, requests in flight]
         self.restart: set[str] = set()            # devices whose worker exited
         self.dirty = False
 
@@ -189,9 +189,15 @@ class Registrar(ActorTypeDispatcher):
     # ------------------------------------------------------------ clients
     def receiveMsg_Subscribe(self, msg: Subscribe, sender):
         if not any(s[0] == sender for s in self.subscribers):
-            self.subscribers.append([sender, msg.node])
+            self.subscribers.append([sender, msg.node, 0])
         if self.configured:
             self.send(sender, self._membership())
+
+    def receiveMsg_InFlight(self, msg: InFlight, sender):
+        for sub in self.subscribers:
+            if sub[0] == sender and sub[2] != msg.count:
+                sub[2] = msg.count
+                self.dirty = True          # pushed with the next check, not per request
 
     def receiveMsg_Unsubscribe(self, msg, sender):
         self.subscribers = [s for s in self.subscribers if s[0] != sender]
@@ -217,12 +223,13 @@ class Registrar(ActorTypeDispatcher):
         devices = [DeviceInfo(**{k: getattr(d, k) for k in d.__dataclass_fields__})
                    for d in self.devices.values()]
         return Membership(devices, self.digest, self.cfg.model_spec, self.specs,
-                          tuple(self.model.input_shape), dict(self.refused))
+                          tuple(self.model.input_shape), dict(self.refused),
+                          {node: n for _, node, n in self.subscribers if n})
 
     def _push(self) -> None:
         self.dirty = False
         if not self.subscribers:
             return
         snap = self._membership()
-        for addr, _ in self.subscribers:
+        for addr, *_ in self.subscribers:
             self.send(addr, snap)

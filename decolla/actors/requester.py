@@ -27,7 +27,8 @@ from decolla.allocators import NoLiveDevice, StageInfo, make_allocator
 from decolla.log import get_logger
 from decolla.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult, ChunkResults,
                               ConfigureRequester, InferError, InferReply, InferRequest,
-                              LinkEcho, Membership, Ready, StageWork, Subscribe, Unsubscribe)
+                              InFlight, LinkEcho, Membership, Ready, StageWork, Subscribe,
+                              Unsubscribe)
 from decolla.links import LinkProber
 from decolla.supervisor import Supervisor
 from decolla.trace import ChunkRecord
@@ -94,6 +95,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.backlog: list = []
         self.links = LinkProber()
         self.measure_links = False
+        self.links_reported = False
+        self.reported_in_flight = 0
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_ConfigureRequester(self, msg: ConfigureRequester, sender):
@@ -173,6 +176,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         req = _Request(msg.request, sender, plan, image, msg.top_k, self.cfg.request_timeout,
                        getattr(msg, "events", False))
         self.requests[req.id] = req
+        self._report_in_flight()
         self._start_stage(req)
         self._ensure_tick()
 
@@ -207,17 +211,27 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         for dev, chunks in groups.items():
             self._send(req, stage, chunks, dev, "first")
 
+    def _report_in_flight(self) -> None:
+        """Tell the registrar how many requests are in flight here: other requesters'
+        `auto` counts them too (whole_above)."""
+        n = len(self.requests)
+        if n != self.reported_in_flight:
+            self.reported_in_flight = n
+            self.send(self.cfg.registrar, InFlight(n))
+
     def _plan_for(self, n: int) -> planmod.Plan:
         """The plan for a new request with `n` usable devices (cached).
 
         `auto` sends whole requests (the `single` plan, placed by the allocator) while at
         least `whole_above` requests are in flight (default 1: only a request that finds
         the cluster idle is split; 0 = never): splitting costs extra messages and halo
-        work, which only pays while devices would otherwise sit idle."""
+        work, which only pays while devices would otherwise sit idle. Other requesters'
+        requests count too, as the registrar last pushed them (every heartbeat period)."""
         opts = self.plan_opts
         kind, k, extra = self.cfg.plan, self.cfg.k or 2 * n, {}
         auto = self.plan_name == "auto"
-        if auto and 0 < int(opts.get("whole_above", 1)) <= len(self.requests):
+        others = sum(c for node, c in self.membership.in_flight.items() if node != self.cfg.node)
+        if auto and 0 < int(opts.get("whole_above", 1)) <= len(self.requests) + others:
             kind, k = "single", 1
         elif auto:
             if "devices" not in opts:
@@ -229,6 +243,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             measured = self.links.bandwidth_mbit()
             if measured and "bandwidth_mbit" not in opts:
                 extra["bandwidth_mbit"] = float(f"{measured:.1g}")
+                if self.links.shared is not None and "shared_link" not in opts:
+                    extra["shared_link"] = int(self.links.shared)
         key = (kind, k, n, tuple(sorted(extra.items())))
         plan = self.plans.get(key)
         if plan is None:
@@ -343,13 +359,16 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         return self.measure_links and not self.links.settled
 
     def _probe(self) -> None:
-        nxt = self.links.next_probe()
-        if nxt is not None:
-            dev, probe = nxt
+        for dev, probe in self.links.next_probes():
             self._deliver(dev, probe)
             self.wakeupAfter(self.links.timeout_s, payload=("probe", probe.seq))
-        else:
-            self._start_backlog()
+        if not self.links.settled:
+            self.links_reported = False
+        elif not self.links_reported:
+            self.links_reported = True
+            log.info("links measured", median_mbit=round(self.links.bandwidth_mbit() or 0, 1),
+                     shared=self.links.shared)
+        self._start_backlog()
 
     def receiveMsg_LinkEcho(self, msg: LinkEcho, sender):
         link = self.links.echo(msg)
@@ -462,12 +481,15 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             if rec.status == "pending":
                 rec.status = "lost"
         del self.requests[req.id]
+        self._report_in_flight()
+        profile = req.plan.notes.get("profile", {})
         stats = {"plan": req.plan.name, "k": max(len(s.chunks) for s in req.plan.stages),
                  "stages": len(req.plan.stages), "allocator": self.cfg.allocator,
                  "wire_dtype": self.cfg.wire_dtype,
                  "retries": sum(1 for r in req.records if r.attempt > 0),
-                 # the link speed an auto plan assumed (stated, measured or the default)
-                 "bandwidth_mbit": req.plan.notes.get("profile", {}).get("bandwidth_mbit")}
+                 # the links an auto plan assumed (stated, measured or the defaults)
+                 "bandwidth_mbit": profile.get("bandwidth_mbit"),
+                 "shared_link": profile.get("shared_link")}
         self.send(req.reply_to, InferReply(req.id, np.asarray(logits), req.records,
                                            req.started, time.time(), stats))
 
@@ -482,6 +504,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             if self.workers.get(dev) is not None:
                 self._deliver(dev, Cancel(req.id))
         self.requests.pop(req.id, None)
+        self._report_in_flight()
         self.send(req.reply_to, InferError(req.id, error))
 
     # ------------------------------------------------------------ supervision
