@@ -8,8 +8,8 @@ a Pi-class device), no background load, an edge host running the leader, and an
 unshaped, unthrottled requester host running this module with --agent. Mobile-only is
 the `single` plan through the same runtime: the whole network as one chunk on one
 device (image there, logits back). `auto` runs twice: told the bandwidth and the device
-speed (the planner's best case) and as a user gets it (`auto:shared_link=0`: the
-requester measures each link and plans with the median). Per bandwidth and plan: median
+speed (the planner's best case) and as a user gets it (plain `auto`: the requester
+measures the links, their bandwidth and whether they are shared, and plans for them). Per bandwidth and plan: median
 latency end to end
 and without the delivery of the first stage's input (the paper's convention), bytes,
 correctness against the single-device forward. Ratios are from the same run.
@@ -81,6 +81,7 @@ def agent(args) -> int:
                                  "bytes": int(r.trace.bytes_moved()),
                                  "stages": int(r.stats.get("stages", 0)),
                                  "planned_mbit": r.stats.get("bandwidth_mbit"),
+                                 "planned_shared": r.stats.get("shared_link"),
                                  "top1_ok": int(np.argmax(r.logits)) == int(np.argmax(ref)),
                                  "rel_err": float(np.abs(r.logits - ref).max() / np.abs(ref).max()),
                                  "timeline": _timeline(r.trace, t0_wall)})
@@ -112,9 +113,9 @@ def drive(args) -> int:
                                    f"overhead_ms={args.overhead_ms:g}"
                                    + (f",device_overhead_ms={args.device_overhead_ms:g}"
                                       if args.device_overhead_ms is not None else ""),
-                         # what a user gets: bandwidth measured by the requester, speed
+                         # what a user gets: links measured by the requester, speed
                          # from the devices' start-up calibration
-                         "auto:shared_link=0"]
+                         "auto"]
                 if bw >= 100:
                     plans.append("spatial")
                 for plan in plans:
@@ -144,9 +145,10 @@ def drive(args) -> int:
 
 
 def _planned(rows: list) -> str:
-    """The bandwidth(s) the requester planned for ('-' for plans that are not auto)."""
-    seen = sorted({r["planned_mbit"] for r in rows if r.get("planned_mbit") is not None})
-    return ", ".join(f"{v:g}" for v in seen) or "-"
+    """The links the requester planned for ('-' for plans that are not auto)."""
+    seen = sorted({(r["planned_mbit"], r.get("planned_shared")) for r in rows
+                   if r.get("planned_mbit") is not None})
+    return ", ".join(f"{v:g} ({'shared' if sh else 'own links'})" for v, sh in seen) or "-"
 
 
 def _save(doc: dict, out: Path) -> None:

@@ -34,11 +34,12 @@ class FakeRegistrar(Actor):
 
 
 def start_requester(asys, model, spec: str, worker_kinds, node: str = "test",
-                    data_addrs: dict | None = None, ready_addrs: bool = False, **config):
+                    data_addrs: dict | None = None, ready_addrs: bool = False,
+                    membership_out: list | None = None, **config):
     """Workers of `worker_kinds` (w0, w1, ...) holding `model`, a FakeRegistrar listing them
     (with the data-plane addresses `data_addrs` by worker name, or with the ones the workers
     announced if `ready_addrs`), and a Requester configured with `config`
-    (ConfigureRequester fields); its address."""
+    (ConfigureRequester fields); its address. The Membership goes into `membership_out`."""
     devices = []
     for i, kind in enumerate(worker_kinds):
         addr = asys.createActor(kind)
@@ -48,8 +49,11 @@ def start_requester(asys, model, spec: str, worker_kinds, node: str = "test",
                                   data_addr=ready.data_addr if ready_addrs
                                   else (data_addrs or {}).get(f"w{i}", ())))
     reg = asys.createActor(FakeRegistrar)
-    assert asys.ask(reg, Membership(devices, model.digest(), spec, model.layer_specs(),
-                                    tuple(model.input_shape)), 10) == "ok"
+    membership = Membership(devices, model.digest(), spec, model.layer_specs(),
+                            tuple(model.input_shape))
+    if membership_out is not None:
+        membership_out.append(membership)
+    assert asys.ask(reg, membership, 10) == "ok"
     req = asys.createActor(Requester)
     assert asys.ask(req, ConfigureRequester(reg, node, **config), 10).ok
     return req

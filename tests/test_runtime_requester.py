@@ -43,3 +43,43 @@ def test_bad_request_gets_an_input_error(asys):
     assert isinstance(reply, InferReply)
     np.testing.assert_allclose(reply.logits, reference.forward(model, img), rtol=1e-5,
                                atol=1e-6)
+
+
+class SilentWorker(Worker):
+    """Takes work and never answers; reports itself so slow that its chunks are not due
+    for hours (so only a deadline or a membership change can move them)."""
+
+    def _calibrate(self):
+        return 1.0
+
+    def receiveMsg_StageWork(self, msg, sender):
+        pass
+
+
+def test_unresponsive_device_keeps_chunks_not_yet_due_gone_device_loses_them(asys):
+    """Missed heartbeats alone (a slow link busy with our chunks looks the same) do not
+    move chunks the supervisor does not expect back yet; a device that is gone does."""
+    import dataclasses
+    model = load_model(SPEC)
+    img = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    out = []
+    req = start_requester(asys, model, SPEC, [SilentWorker, Worker], k=4, allocator="average",
+                          membership_out=out)
+    (m,) = out
+
+    def with_status(status):
+        devices = [dataclasses.replace(d, status=status if d.name == "w0" else d.status)
+                   for d in m.devices]
+        return dataclasses.replace(m, devices=devices)
+    assert asys.ask(req, InferRequest("r1", img), 0.5) is None     # w0 holds some chunks
+    asys.tell(req, with_status("unresponsive"))
+    assert asys.listen(1.0) is None                                 # ... and keeps them
+    asys.tell(req, with_status("gone"))
+    reply = asys.listen(30)
+    assert isinstance(reply, InferReply)
+    np.testing.assert_allclose(reply.logits, reference.forward(model, img), rtol=1e-5,
+                               atol=1e-6 * np.abs(reference.forward(model, img)).max())
+    moved = [r for r in reply.records if r.device == "w0"]
+    assert moved and all(r.status == "lost" for r in moved)
+    reasons = {r.reason for r in reply.records if r.attempt > 0}
+    assert reasons == {"device-lost"}, reasons

@@ -45,10 +45,11 @@ def check_image(image, shape) -> np.ndarray:
 
 
 class _Attempt:
-    __slots__ = ("record", "deadline", "expired")
+    __slots__ = ("record", "deadline", "due", "expired")
 
-    def __init__(self, record: ChunkRecord, deadline: float):
-        self.record, self.deadline, self.expired = record, deadline, False
+    def __init__(self, record: ChunkRecord, deadline: float, due: float):
+        # due: when the supervisor expects the result; deadline: when it gives up on it
+        self.record, self.deadline, self.due, self.expired = record, deadline, due, False
 
     @property
     def pending(self) -> bool:
@@ -97,6 +98,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.measure_links = False
         self.links_reported = False
         self.reported_in_flight = 0
+        self.unresponsive: set[str] = set()          # devices that may still hold chunks
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_ConfigureRequester(self, msg: ConfigureRequester, sender):
@@ -135,9 +137,23 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         if self.measure_links:
             self.links.track(d.name for d in msg.devices if d.alive and d.worker is not None)
             self._probe()
+        status = {d.name: d.status for d in msg.devices}
+        for name in list(self.unresponsive):
+            if status.get(name) != "unresponsive":
+                self.unresponsive.discard(name)
+                if status.get(name, "gone") == "gone" and name not in lost:
+                    lost.append(name)       # it held chunks not yet due: they move now
         for name in lost:
-            log.warning("device lost; moving its chunks", device=name)
-            self._move_from(name, "device-lost")
+            if status.get(name) == "unresponsive":
+                self.unresponsive.add(name)
+                # Missed heartbeats can be a slow link busy with our own chunks (a heartbeat
+                # stuck behind them): move only the chunks already late by the supervisor's
+                # own prediction; the others keep their deadlines.
+                log.warning("device unresponsive; moving its overdue chunks", device=name)
+                self._move_from(name, "device-unresponsive", overdue_only=True)
+            else:
+                log.warning("device lost; moving its chunks", device=name)
+                self._move_from(name, "device-lost")
         for addr in self.waiting_ready:
             self.send(addr, Ready(True))
         self.waiting_ready.clear()
@@ -311,10 +327,11 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             jobs.append(ChunkJob(c, tuple(keys), attempt))
             rec = ChunkRecord(req.id, stage.index, c.index, attempt, dev, ",".join(stage.layers),
                               c.cost.macs, now, nbytes, reason=reason)
+            due = time.monotonic() + self.sup.predict(dev, c.cost.macs, nbytes + c.cost.bytes_out)
             deadline = self.sup.dispatched(dev, (req.id, stage.index, c.index, attempt),
                                            c.cost.macs, nbytes + c.cost.bytes_out)
             rec.deadline = now + (deadline - time.monotonic())
-            att = _Attempt(rec, deadline)
+            att = _Attempt(rec, deadline, due)
             req.attempts[c.index].append(att)
             req.index[(stage.index, c.index, attempt)] = att
             req.records.append(rec)
@@ -543,14 +560,16 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                 if req.id not in self.requests:
                     return
 
-    def _move_from(self, device: str, reason: str) -> None:
+    def _move_from(self, device: str, reason: str, overdue_only: bool = False) -> None:
+        now = time.monotonic()
         for req in list(self.requests.values()):
             for i, attempts in req.attempts.items():
                 if req.slots[i] is not None:
                     continue
                 moved = False
                 for a in attempts:
-                    if a.active and a.record.device == device:
+                    if a.active and a.record.device == device and \
+                            (not overdue_only or now >= a.due):
                         a.expired = True
                         self.sup.released(device, (req.id, req.stage, i, a.record.attempt))
                         moved = True
