@@ -275,6 +275,33 @@ def test_sigstop_straggler_chunks_reassigned_and_device_used_again(cluster):
         time.sleep(0.3)
 
 
+def test_device_dropped_by_the_convention_and_back_keeps_its_worker(cluster):
+    """A device whose actor system misses its convention check-ins (stopped 5 s here; on a
+    slow link they wait behind chunk traffic) and comes back keeps its worker: no restart,
+    no new calibration, and it serves again."""
+    _wait_ready(cluster, "dev3")
+    pid = {d["name"]: d["pid"] for d in cluster.client.status()["devices"]}["dev3"]
+    cluster.kill("dev3", signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 15
+        while {d["name"]: d["status"] for d in cluster.client.status()["devices"]}["dev3"] != "gone":
+            assert time.monotonic() < deadline, "the convention never dropped the stopped device"
+            time.sleep(0.2)
+    finally:
+        cluster.kill("dev3", signal.SIGCONT)
+    _wait_ready(cluster, "dev3")
+    after = {d["name"]: d for d in cluster.client.status()["devices"]}["dev3"]
+    assert after["pid"] == pid, "the worker was restarted"
+    deadline = time.monotonic() + 30
+    while True:
+        r = cluster.infer(image(4))
+        assert rel_err(r.logits, ref(4)) <= 1e-5
+        if "dev3" in r.devices_used:
+            break
+        assert time.monotonic() < deadline, "dev3 was not used again"
+        time.sleep(0.3)
+
+
 def test_kill9_device_mid_inference(make_cluster):
     c = make_cluster(devices=3, model=SPEC, deadline_floor=0.5)
     loop = Loop(c)

@@ -21,6 +21,7 @@ from decolla.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InFligh
 
 log = get_logger("registrar")
 RESTART_WORKER_S = 2.0
+KEPT_WORKER_WAIT_S = 10.0     # a worker kept across a convention re-join must beat by then
 
 
 class Registrar(ActorTypeDispatcher):
@@ -41,6 +42,7 @@ class Registrar(ActorTypeDispatcher):
         self.refused: dict[str, str] = {}
         self.subscribers: list = []               # [address, node name, requests in flight]
         self.restart: set[str] = set()            # devices whose worker exited
+        self.kept: dict[str, float] = {}          # device -> when its worker was kept on re-join
         self.dirty = False
 
     # ------------------------------------------------------------ set-up
@@ -73,8 +75,10 @@ class Registrar(ActorTypeDispatcher):
         if role == "requester" or not caps.get(system.CAP_COMPUTE):
             return
         known = self.devices.get(name)
-        if known is not None and self.admins.get(name) == msg.remoteAdminAddress \
-                and known.status != "gone":
+        same_system = (known is not None and self.admins.get(name) == msg.remoteAdminAddress
+                       and self.caps.get(name, {}).get(system.CAP_STARTED)
+                       == caps.get(system.CAP_STARTED))
+        if same_system and known.status != "gone":
             return                          # periodic re-registration of a known device
         if caps.get(system.CAP_DIGEST) != self.digest:
             reason = (f"model digest {str(caps.get(system.CAP_DIGEST))[:12]} differs from the "
@@ -85,6 +89,15 @@ class Registrar(ActorTypeDispatcher):
             self.dirty = True
             return
         self.refused.pop(name, None)
+        if same_system and known.worker is not None and name not in self.restart:
+            # Dropped for missed check-ins (on a slow link they can wait behind chunk traffic)
+            # and back: the same actor system, whose worker kept running. It is ready again
+            # with its next heartbeat, and replaced if none comes.
+            known.status = "unresponsive"
+            self.kept[name] = time.monotonic()
+            log.info("device back; keeping its worker", node=name)
+            self.dirty = True
+            return
         self.caps[name] = caps
         self.admins[name] = msg.remoteAdminAddress
         self._start_worker(name)
@@ -144,6 +157,7 @@ class Registrar(ActorTypeDispatcher):
         self.last_beat[msg.name] = time.monotonic()
         dev.beats += 1
         dev.available, dev.queue = msg.available, msg.queue
+        self.kept.pop(msg.name, None)
         if dev.status == "unresponsive":
             dev.status = "ready"
             log.info("device responsive again", node=msg.name)
@@ -164,6 +178,12 @@ class Registrar(ActorTypeDispatcher):
         if msg.payload != "check":
             return
         now = time.monotonic()
+        for name, since in list(self.kept.items()):
+            if now - since > KEPT_WORKER_WAIT_S:
+                del self.kept[name]
+                if self.devices[name].status == "unresponsive":
+                    log.warning("kept worker is silent; restarting it", node=name)
+                    self._start_worker(name)
         for name in list(self.restart):
             dev = self.devices.get(name)
             if dev is None or dev.status == "gone":

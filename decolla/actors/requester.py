@@ -98,7 +98,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.measure_links = False
         self.links_reported = False
         self.reported_in_flight = 0
-        self.unresponsive: set[str] = set()          # devices that may still hold chunks
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_ConfigureRequester(self, msg: ConfigureRequester, sender):
@@ -138,22 +137,12 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.links.track(d.name for d in msg.devices if d.alive and d.worker is not None)
             self._probe()
         status = {d.name: d.status for d in msg.devices}
-        for name in list(self.unresponsive):
-            if status.get(name) != "unresponsive":
-                self.unresponsive.discard(name)
-                if status.get(name, "gone") == "gone" and name not in lost:
-                    lost.append(name)       # it held chunks not yet due: they move now
         for name in lost:
-            if status.get(name) == "unresponsive":
-                self.unresponsive.add(name)
-                # Missed heartbeats can be a slow link busy with our own chunks (a heartbeat
-                # stuck behind them): move only the chunks already late by the supervisor's
-                # own prediction; the others keep their deadlines.
-                log.warning("device unresponsive; moving its overdue chunks", device=name)
-                self._move_from(name, "device-unresponsive", overdue_only=True)
-            else:
-                log.warning("device lost; moving its chunks", device=name)
-                self._move_from(name, "device-lost")
+            # Its chunks move as soon as they are late (the tick), not all at once: on a slow
+            # link busy with our own chunks a heartbeat or a convention check-in can be
+            # stuck behind them, and the device is back a moment later.
+            log.warning("device not usable; its chunks move once late", device=name,
+                        status=status.get(name, "gone"))
         for addr in self.waiting_ready:
             self.send(addr, Ready(True))
         self.waiting_ready.clear()
@@ -560,24 +549,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                 if req.id not in self.requests:
                     return
 
-    def _move_from(self, device: str, reason: str, overdue_only: bool = False) -> None:
-        now = time.monotonic()
-        for req in list(self.requests.values()):
-            for i, attempts in req.attempts.items():
-                if req.slots[i] is not None:
-                    continue
-                moved = False
-                for a in attempts:
-                    if a.active and a.record.device == device and \
-                            (not overdue_only or now >= a.due):
-                        a.expired = True
-                        self.sup.released(device, (req.id, req.stage, i, a.record.attempt))
-                        moved = True
-                if moved:
-                    self._reassign(req, i, reason)
-                    if req.id not in self.requests:
-                        break
-
     def _ensure_tick(self) -> None:
         if not self.ticking and self.requests:
             self.ticking = True
@@ -594,6 +565,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             return
         self.ticking = False
         now = time.monotonic()
+        usable = set(self.sup.usable())
         for req in list(self.requests.values()):
             if now > req.timeout_at:
                 self._fail(req, f"timed out after {self.cfg.request_timeout:.0f} s at stage "
@@ -605,16 +577,21 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             for i, attempts in list(req.attempts.items()):
                 if req.slots[i] is not None:
                     continue
-                expired = False
+                reason = None
                 for a in attempts:
-                    if a.active and now >= a.deadline:
-                        a.expired = expired = True
-                        state = self.sup.missed(a.record.device,
-                                                (req.id, req.stage, i, a.record.attempt))
+                    if not a.active:
+                        continue
+                    key = (req.id, req.stage, i, a.record.attempt)
+                    if now >= a.deadline:
+                        a.expired, reason = True, "deadline"
+                        state = self.sup.missed(a.record.device, key)
                         log.info("chunk deadline missed", request=req.id, stage=req.stage,
                                  chunk=i, device=a.record.device, device_state=state)
-                if expired:
-                    self._reassign(req, i, "deadline")
+                    elif now >= a.due and a.record.device not in usable:
+                        a.expired, reason = True, reason or "device-lost"
+                        self.sup.released(a.record.device, key)
+                if reason:
+                    self._reassign(req, i, reason)
                     if req.id not in self.requests:
                         break
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from datetime import timedelta
 
 SYSTEM_BASE = "multiprocTCPBase"
@@ -23,6 +24,7 @@ CAP_DIGEST = "decolla.digest"
 CAP_MODEL = "decolla.model"
 CAP_THREADS = "decolla.threads"
 CAP_COMPUTE = "decolla.compute"
+CAP_STARTED = "decolla.started"  # unique per actor system: tells a restarted node from a returning one
 
 
 def tune_convention(period_s: int = CONVENTION_PERIOD_S) -> None:
@@ -52,7 +54,8 @@ def capabilities(role: str, name: str, port: int, leader: str | None = None,
                  compute: bool = False) -> dict:
     """Capabilities a node announces to the convention."""
     caps = {"Admin Port": int(port), CAP_ROLE: role, CAP_NODE: name, CAP_DIGEST: digest,
-            CAP_MODEL: model, CAP_THREADS: int(threads), CAP_COMPUTE: bool(compute)}
+            CAP_MODEL: model, CAP_THREADS: int(threads), CAP_COMPUTE: bool(compute),
+            CAP_STARTED: uuid.uuid4().hex}
     if leader:
         caps["Convention Address.IPv4"] = leader
     return caps
