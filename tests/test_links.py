@@ -14,6 +14,14 @@ class Clock:
         return self.t
 
 
+def started(*devices):
+    """A prober on a fake clock, tracking `devices`."""
+    clock = Clock()
+    p = LinkProber(clock=clock)
+    p.track(list(devices))
+    return clock, p
+
+
 def measure(prober, clock, links, slow=lambda dev, seq: 0.0, shared=False):
     """Answer probes as links of (rtt_s, bytes_per_s) per device would: one at a time, or
     all sent at once, each on its own link or one after the other on a shared one. Returns
@@ -36,9 +44,7 @@ def measure(prober, clock, links, slow=lambda dev, seq: 0.0, shared=False):
 @settings(max_examples=60, deadline=None)
 @given(rate=st.floats(1e4, 1e9), rtt=st.floats(1e-4, 0.05))
 def test_measures_a_modelled_link(rate, rtt):
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a"])
+    clock, p = started("a")
     sent = measure(p, clock, {"a": (rtt, rate)})
     link = p.links["a"]
     assert abs(link.bytes_per_s / rate - 1) < 1e-6
@@ -51,9 +57,7 @@ def test_measures_a_modelled_link(rate, rtt):
 
 
 def test_one_probe_out_at_a_time_devices_in_turn():
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a", "b"])
+    clock, p = started("a", "b")
     (first,) = p.next_probes()
     assert first[0] == "a" and p.next_probes() == []
     clock.t += 0.001
@@ -67,9 +71,7 @@ def test_one_probe_out_at_a_time_devices_in_turn():
 
 
 def test_a_slowed_sample_does_not_lower_the_estimate():
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a"])
+    clock, p = started("a")
     sizes = []
 
     def slow(dev, seq):
@@ -80,9 +82,7 @@ def test_a_slowed_sample_does_not_lower_the_estimate():
 
 
 def test_unanswered_probe_expires_and_late_echo_is_ignored():
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a", "b"])
+    clock, p = started("a", "b")
     ((dev, probe),) = p.next_probes()
     assert not p.settled
     assert p.expire(probe.seq + 1) is None          # not the probe that is out
@@ -93,9 +93,7 @@ def test_unanswered_probe_expires_and_late_echo_is_ignored():
 
 
 def test_track_forgets_gone_devices_and_remeasure_keeps_the_old_figure():
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a", "b"])
+    clock, p = started("a", "b")
     measure(p, clock, {"a": (0.001, 1e6), "b": (0.001, 2e6)})
     p.track(["b"])
     assert set(p.links) == {"b"} and p.settled
@@ -106,9 +104,7 @@ def test_track_forgets_gone_devices_and_remeasure_keeps_the_old_figure():
 
 
 def test_a_device_that_leaves_mid_measurement_frees_the_prober():
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a", "b"])
+    clock, p = started("a", "b")
     ((dev, probe),) = p.next_probes()
     p.track(["b"])
     assert p.echo(LinkEcho(probe.seq, "a")) is None
@@ -124,10 +120,8 @@ def test_nothing_measured_yet():
 @given(n=st.integers(2, 5), rates=st.lists(st.floats(1e4, 1e9), min_size=5, max_size=5),
        rtt=st.floats(1e-4, 0.02), shared=st.booleans())
 def test_tells_own_links_from_one_shared_link(n, rates, rtt, shared):
-    clock = Clock()
-    p = LinkProber(clock=clock)
     names = [f"d{i}" for i in range(n)]
-    p.track(names)
+    clock, p = started(*names)
     links = {d: (rtt, r) for d, r in zip(names, rates)}
     measure(p, clock, links, shared=shared)
     assert p.shared is shared and p.settled
@@ -136,9 +130,7 @@ def test_tells_own_links_from_one_shared_link(n, rates, rtt, shared):
 
 
 def test_one_device_leaves_the_topology_unknown_and_a_new_one_is_compared_again():
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a"])
+    clock, p = started("a")
     measure(p, clock, {"a": (0.001, 1e6)})
     assert p.shared is None and p.settled
     p.track(["a", "b"])
@@ -148,9 +140,7 @@ def test_one_device_leaves_the_topology_unknown_and_a_new_one_is_compared_again(
 
 
 def test_an_unanswered_all_at_once_probe_gives_up_without_deciding():
-    clock = Clock()
-    p = LinkProber(clock=clock)
-    p.track(["a", "b"])
+    clock, p = started("a", "b")
     links = {"a": (0.001, 1e6), "b": (0.001, 1e6)}
     while len(probes := p.next_probes()) == 1:
         (dev, probe), = probes

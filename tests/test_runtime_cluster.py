@@ -244,6 +244,18 @@ def _wait_ready(cluster, name, timeout=30):
         time.sleep(0.2)
 
 
+def _wait_used(cluster, name, seed, timeout=30):
+    """Infer (checking every result) until `name` computes part of one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = cluster.infer(image(seed))
+        assert rel_err(r.logits, ref(seed)) <= 1e-5
+        if name in r.devices_used:
+            return
+        assert time.monotonic() < deadline, f"{name} was not used again"
+        time.sleep(0.3)
+
+
 def test_sigstop_straggler_chunks_reassigned_and_device_used_again(cluster):
     _wait_ready(cluster, "dev2")
     loop = Loop(cluster)
@@ -265,14 +277,7 @@ def test_sigstop_straggler_chunks_reassigned_and_device_used_again(cluster):
     assert any(rec.reason in ("deadline", "device-lost", "retry") for rec in retried)
     # after SIGCONT the device comes back and gets work again
     _wait_ready(cluster, "dev2")
-    deadline = time.monotonic() + 30
-    while True:
-        r = cluster.infer(image(3))
-        assert rel_err(r.logits, ref(3)) <= 1e-5
-        if "dev2" in r.devices_used:
-            break
-        assert time.monotonic() < deadline, "dev2 was not used again after SIGCONT"
-        time.sleep(0.3)
+    _wait_used(cluster, "dev2", seed=3)
 
 
 def test_device_dropped_by_the_convention_and_back_keeps_its_worker(cluster):
@@ -292,14 +297,7 @@ def test_device_dropped_by_the_convention_and_back_keeps_its_worker(cluster):
     _wait_ready(cluster, "dev3")
     after = {d["name"]: d for d in cluster.client.status()["devices"]}["dev3"]
     assert after["pid"] == pid, "the worker was restarted"
-    deadline = time.monotonic() + 30
-    while True:
-        r = cluster.infer(image(4))
-        assert rel_err(r.logits, ref(4)) <= 1e-5
-        if "dev3" in r.devices_used:
-            break
-        assert time.monotonic() < deadline, "dev3 was not used again"
-        time.sleep(0.3)
+    _wait_used(cluster, "dev3", seed=4)
 
 
 def test_kill9_device_mid_inference(make_cluster):
