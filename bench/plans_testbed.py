@@ -160,7 +160,7 @@ def _save(doc: dict, out: Path) -> None:
              f"slower than one host core); {doc['repeats']} repeats per point; started "
              f"{doc.get('started', '?')}.", "",
              "| Mb/s | plan | median ms | without input ms | vs single (same run) | stages | MB | "
-             "top-1 ok | packets dropped by shaping | load avg | planned for Mb/s |",
+             "top-1 ok | packets dropped by shaping | load avg | planned for (Mb/s, links) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     single = {p["bandwidth_mbit"]: p.get("median_s") for p in doc["points"] if p["plan"] == "single"}
     for p in doc["points"]:
