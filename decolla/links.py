@@ -70,10 +70,11 @@ class LinkProber:
         """At least one measurement has ended and none is waiting."""
         return self.ended > 0 and not self.todo and not self.out and not self._compare_due()
 
-    def track(self, devices) -> None:
-        """Measure the devices not measured yet; forget the ones not listed any more."""
+    def track(self, devices, keep=None) -> None:
+        """Measure the `devices` not measured yet; forget the ones not in `keep` (default:
+        `devices`): a device that is briefly unreachable keeps its figure."""
         devices = list(devices)
-        keep = set(devices)
+        keep = set(devices) if keep is None else set(keep) | set(devices)
         for name in [d for d in self.links if d not in keep]:
             del self.links[name]
         self.todo = [d for d in self.todo if d in keep]

@@ -150,3 +150,12 @@ def test_an_unanswered_all_at_once_probe_gives_up_without_deciding():
     p.echo(LinkEcho(probes[0][1].seq, probes[0][0]))
     assert p.expire(probes[1][1].seq) == probes[1][0]
     assert p.shared is None and p.settled and p.next_probes() == []
+
+
+def test_a_device_briefly_unreachable_keeps_its_figure_and_is_not_probed_again():
+    clock, p = started("a", "b")
+    measure(p, clock, {"a": (0.001, 1e6), "b": (0.001, 2e6)})
+    p.track(["a"], keep=["a", "b"])                  # b missed heartbeats
+    assert set(p.links) == {"a", "b"} and p.settled
+    p.track(["a", "b"])                              # ... and is back
+    assert p.next_probes() == [] and p.settled

@@ -134,7 +134,10 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.peers.forget(set(self.data_addrs.values()))
         lost = self.sup.update_membership(msg.devices)
         if self.measure_links:
-            self.links.track(d.name for d in msg.devices if d.alive and d.worker is not None)
+            # a device that misses heartbeats or check-ins keeps its figure: no re-probing
+            # a slow link each time it flaps
+            self.links.track([d.name for d in msg.devices if d.alive and d.worker is not None],
+                             keep=[d.name for d in msg.devices])
             self._probe()
         status = {d.name: d.status for d in msg.devices}
         for name in lost:
