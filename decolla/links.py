@@ -60,7 +60,7 @@ class LinkProber:
         self.todo: list[str] = []                 # devices waiting to be measured, in order
         self.progress: dict[str, _Progress] = {}
         self.out: dict[int, tuple] = {}           # seq -> (device, size, sent at)
-        self.together: dict | None = None         # the all-at-once probe: device -> seq
+        self.together: frozenset | None = None    # devices of the all-at-once probe out
         self.compared: frozenset = frozenset()    # devices the last all-at-once probe covered
         self.seq = 0
         self.ended = 0                            # measurements finished or given up
@@ -83,14 +83,8 @@ class LinkProber:
                 self.todo.append(d)
         for seq in [s for s, o in self.out.items() if o[0] not in keep]:
             self.progress.pop(self.out.pop(seq)[0], None)
-        if self.together is not None and not keep >= set(self.together):
+        if self.together is not None and not keep >= self.together:
             self._end_together()
-
-    def remeasure(self, device: str) -> None:
-        """Measure `device` again (its connection was remade, say); the old figure stays
-        in use until then."""
-        if device not in self.todo:
-            self.todo.append(device)
 
     def next_probes(self) -> list[tuple[str, LinkProbe]]:
         """(device, probe) pairs to send now; none while probes are out or nothing is left."""
@@ -100,9 +94,8 @@ class LinkProber:
             prog = self.progress.setdefault(self.todo[0], _Progress())
             return [self._probe(self.todo[0], prog.size)]
         if self._compare_due():
-            probes = [self._probe(d, l.probe_bytes) for d, l in self.links.items()]
-            self.together = {d: p.seq for d, p in probes}
-            return probes
+            self.together = frozenset(self.links)
+            return [self._probe(d, l.probe_bytes) for d, l in self.links.items()]
         return []
 
     def echo(self, msg: LinkEcho) -> Link | None:
@@ -137,7 +130,7 @@ class LinkProber:
 
     def expire(self, seq: int) -> str | None:
         """Give up on probe `seq` if it is still out; the device's name, or None. A device
-        is skipped until it is listed or remeasured again; an all-at-once probe leaves
+        is skipped until it is listed again; an all-at-once probe leaves
         `shared` as it was."""
         out = self.out.pop(seq, None)
         if out is None:
@@ -175,7 +168,5 @@ class LinkProber:
         self._end_together()
 
     def _end_together(self) -> None:
-        for seq in [s for s, o in self.out.items() if o[0] in (self.together or {})]:
-            del self.out[seq]
-        self.compared = frozenset(self.together or ())
-        self.together = None
+        self.out.clear()             # while it is out, only its probes are
+        self.compared, self.together = self.together, None

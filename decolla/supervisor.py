@@ -132,13 +132,18 @@ class Supervisor:
         spb = max(d.sec_per_byte, self.min_spb)
         return d.overhead + nbytes * spb + (d.queued_macs + macs) / d.rate
 
-    def timeout(self, name: str, macs: float, nbytes: float) -> float:
+    def timeout(self, name: str, macs: float, nbytes: float,
+                predicted: float | None = None) -> float:
         """t2 for a chunk sent now: slack x prediction, never below the floor."""
-        return max(self.floor, self.slack * self.predict(name, macs, nbytes))
+        if predicted is None:
+            predicted = self.predict(name, macs, nbytes)
+        return max(self.floor, self.slack * predicted)
 
-    def dispatched(self, name: str, key, macs: float, nbytes: float) -> float:
-        """Record a chunk attempt sent now; returns its absolute deadline."""
-        t2 = self.timeout(name, macs, nbytes)
+    def dispatched(self, name: str, key, macs: float, nbytes: float,
+                   predicted: float | None = None) -> float:
+        """Record a chunk attempt sent now; returns its absolute deadline. `predicted`:
+        the caller's `predict` for it, if it has one already."""
+        t2 = self.timeout(name, macs, nbytes, predicted)
         d = self.devices[name]
         if not d.outstanding:
             d.unqueued[key] = True

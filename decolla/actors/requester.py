@@ -227,6 +227,10 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.reported_in_flight = n
             self.send(self.cfg.registrar, InFlight(n))
 
+    def _in_flight_elsewhere(self) -> int:
+        """Requests the other requesters have in flight, as the registrar last pushed them."""
+        return sum(c for node, c in self.membership.in_flight.items() if node != self.cfg.node)
+
     def _plan_for(self, n: int) -> planmod.Plan:
         """The plan for a new request with `n` usable devices (cached).
 
@@ -238,8 +242,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         opts = self.plan_opts
         kind, k, extra = self.cfg.plan, self.cfg.k or 2 * n, {}
         auto = self.plan_name == "auto"
-        others = sum(c for node, c in self.membership.in_flight.items() if node != self.cfg.node)
-        if auto and 0 < int(opts.get("whole_above", 1)) <= len(self.requests) + others:
+        if auto and 0 < int(opts.get("whole_above", 1)) <= len(self.requests) + \
+                self._in_flight_elsewhere():
             kind, k = "single", 1
         elif auto:
             if "devices" not in opts:
@@ -319,9 +323,10 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             jobs.append(ChunkJob(c, tuple(keys), attempt))
             rec = ChunkRecord(req.id, stage.index, c.index, attempt, dev, ",".join(stage.layers),
                               c.cost.macs, now, nbytes, reason=reason)
-            due = time.monotonic() + self.sup.predict(dev, c.cost.macs, nbytes + c.cost.bytes_out)
+            predicted = self.sup.predict(dev, c.cost.macs, nbytes + c.cost.bytes_out)
+            due = time.monotonic() + predicted
             deadline = self.sup.dispatched(dev, (req.id, stage.index, c.index, attempt),
-                                           c.cost.macs, nbytes + c.cost.bytes_out)
+                                           c.cost.macs, nbytes + c.cost.bytes_out, predicted)
             rec.deadline = now + (deadline - time.monotonic())
             att = _Attempt(rec, deadline, due)
             req.attempts[c.index].append(att)
