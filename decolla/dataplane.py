@@ -37,18 +37,25 @@ REARM, REARM_S = "dataplane-rearm", 0.001
 
 
 class Inbox:
-    """Objects from any connection, with a file descriptor that is readable while some wait."""
+    """Objects from any connection, with a file descriptor that is readable while some wait.
+    Objects of a type in `route` go to its function instead, on the reader's thread (for
+    an owner that waits for them inside a handler)."""
 
-    def __init__(self):
+    def __init__(self, route: dict | None = None):
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._items: collections.deque = collections.deque()
+        self.route = route or {}
 
     def fileno(self) -> int:
         return self._r
 
     def put(self, item) -> None:
+        to = self.route.get(type(item[1]))
+        if to is not None:
+            to(item[1])
+            return
         self._items.append(item)
         try:
             os.write(self._w, b"\0")

@@ -148,11 +148,36 @@ class StageWork(Message):
     jobs: list[ChunkJob]
     blobs: dict                   # key -> bytes from decolla.wire.encode
     wire_dtype: str = "float32"
+    # strips of an exchange stage run together (their Chunk.swap needs): chunk index ->
+    # (device, its data-plane address) for every strip of the stage; None: run alone
+    swap: dict | None = None
+    wait_s: float = 0.0           # how long a strip waits for a halo before it gives up
     _show = ("request",)
 
     def __repr__(self) -> str:
         return (f"StageWork(request={self.request!r}, stage={getattr(self.stage, 'index', None)}, "
                 f"jobs={len(self.jobs)}, bytes={sum(len(b) for b in self.blobs.values())})")
+
+    __str__ = __repr__
+
+
+@dataclass(repr=False)
+class Halo(Message):
+    """Rows of layer `layer`'s input that strip `src` owns and strip `dst` needs (worker to
+    worker, on the data plane)."""
+    request: str
+    stage: int
+    src: int
+    dst: int
+    layer: int
+    blob: bytes                   # decolla.wire.encode
+
+    @property
+    def key(self) -> tuple:
+        return (self.request, self.stage, self.src, self.dst, self.layer)
+
+    def __repr__(self) -> str:
+        return f"Halo({self.key}, bytes={len(self.blob)})"
 
     __str__ = __repr__
 

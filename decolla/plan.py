@@ -17,7 +17,11 @@ Plans (``PLANS``):
   ``spatial``       the high-resolution prefix (outputs taller than `spatial_until` rows,
                     default 28 rows at 224 px) as one stage of output-row strips with halos
                     carried through all its layers (split='spatial', merged along axis 0),
-                    the rest as ``block`` stages.
+                    the rest as ``block`` stages; ``spatial:exchange=1`` makes that stage
+                    an exchange stage (below).
+  ``exchange``      the whole network as one stage of row strips that swap halo rows with
+                    each other layer by layer (`Swap`, `decolla.exchange`) instead of
+                    recomputing them; a strip sent alone (a retry) recomputes its halos.
   ``auto``          chosen per segment by the cost model of `decolla.planner`.
   ``single``        the whole network as one chunk on one device (mobile-only through
                     the runtime: the image goes to one device, the logits come back).
@@ -39,7 +43,7 @@ from decolla.model import Layer
 
 CHANNELWISE = ("dwconv3x3", "gap")   # output channel c depends only on input channel c
 ROWWISE = ("conv3x3", "dwconv3x3", "pwconv")   # layers a row strip can compute
-PLANS = ("layer", "fused", "block", "block-gather", "spatial", "auto", "single")
+PLANS = ("layer", "fused", "block", "block-gather", "spatial", "exchange", "auto", "single")
 
 
 class PlanError(ValueError):
@@ -89,10 +93,26 @@ class Chunk:
     cost: ChunkCost
     rows: tuple[int, int] | None = None
     layer_rows: tuple[tuple[int, int], ...] = ()
+    swap: "Swap | None" = None
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.stage, self.index)
+
+
+@dataclass(frozen=True)
+class Swap:
+    """How a strip of an exchange stage runs beside the other strips: it computes only the
+    rows it owns of every layer (`own_rows`) and gets the halo rows of a layer's input from
+    the strips owning them instead of recomputing them (`own_rows`: the rows it computes
+    of each layer: its own, plus a few more where that makes a halo narrower).
+    `halo_in`: (layer j, from strip, lo, hi) rows of layer j's input it receives;
+    `halo_out`: (layer j, to strip, lo, hi) rows of layer j's input it sends."""
+    own_rows: tuple[tuple[int, int], ...]
+    needs: tuple[Need, ...]
+    cost: ChunkCost
+    halo_in: tuple[tuple[int, int, int, int], ...]
+    halo_out: tuple[tuple[int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,7 @@ class Stage:
     reduce: str = "concat"
     relu6: bool = False
     local: bool = False           # one chunk the requester may compute itself (no bytes moved)
+    exchange: bool = False        # spatial strips that swap halo rows (Chunk.swap) when run together
 
     @property
     def output(self) -> str:
@@ -177,6 +198,7 @@ class Group:
     k: int = 1
     psum: bool = False            # channel split whose last (pointwise) layer is a partial sum
     local: bool = False           # a one-chunk stage for the requester's own device
+    exchange: bool = False        # spatial strips that swap halo rows (see Swap)
 
 
 def _residual_sources(specs: list[dict]) -> set[str]:
@@ -246,8 +268,11 @@ def build_groups(specs: list[dict], k: int, kind: str, opts: dict) -> tuple[list
     if kind == "spatial":
         until = int(opts.get("spatial_until", max(1, round(specs[0]["in_shape"][0] / 8))))
         n = spatial_prefix(specs, until)
-        head = [Group(specs[:n], "spatial", k)] if n else []
+        swap = str(opts.get("exchange", 0)).lower() in ("1", "true", "yes")
+        head = [Group(specs[:n], "spatial", k, exchange=swap)] if n else []
         return head + channel_groups(specs[n:], "block", k), {}
+    if kind == "exchange":
+        return [Group(specs, "spatial", k, exchange=True)], {}
     if kind == "single":
         return [Group(specs, "spatial", 1)], {}
     if kind == "auto":
@@ -288,7 +313,7 @@ def build_plan(specs: Sequence, k: int, kind: str = "layer", input_shape=None,
             macs = sum(int(s["macs"]) for s in g.layers)
             k_eff = max(1, min(k_eff, macs // max(1, min_chunk_macs)))
         if g.split == "spatial":
-            stage = _spatial_stage(si, g.layers, k_eff, prev, shapes)
+            stage = _spatial_stage(si, g.layers, k_eff, prev, shapes, g.exchange)
         else:
             stage = _channel_stage(si, g.layers, k_eff, prev, shapes, g.psum)
         if g.local and len(stage.chunks) == 1:
@@ -389,7 +414,7 @@ def strip_rows(group: Sequence[dict], r0: int, r1: int, prev: str) -> tuple[list
     return rows, external
 
 
-def _spatial_stage(si, group, k, prev, shapes) -> Stage:
+def _spatial_stage(si, group, k, prev, shapes, exchange: bool = False) -> Stage:
     out_shape = tuple(group[-1]["out_shape"])
     parts = split_tail(group)
     if parts is None:                  # e.g. a classifier without its pool: one whole chunk
@@ -426,10 +451,76 @@ def _spatial_stage(si, group, k, prev, shapes) -> Stage:
         cost = ChunkCost(macs=int(round(macs)), bytes_in=bytes_in, bytes_out=bytes_out)
         chunks.append(Chunk(si, ci, 0, out_shape[-1], tuple(needs), cost,
                             rows=None if whole else (r0, r1), layer_rows=tuple(rows)))
+    swaps = _swaps(si, group, len(chunks), prev, shapes) if exchange and parts else None
+    if swaps:
+        chunks = [replace(c, swap=w) for c, w in zip(chunks, swaps)]
     kind = group[0]["kind"] if len(group) == 1 else "fused"
     reduce = "sum" if tail and len(chunks) > 1 else "concat"
     return Stage(si, tuple(s["name"] for s in group), kind, "spatial", out_shape, tuple(chunks),
-                 axis=0, reduce=reduce)
+                 axis=0, reduce=reduce, exchange=bool(swaps))
+
+
+def _swaps(si, group, k, prev, shapes) -> list[Swap] | None:
+    """Each strip's `Swap` for a spatial group cut into k strips; None when some layer has
+    fewer than k rows (a strip would own none) or k < 2. A strip owns rows of every layer
+    (`split_bounds`); a pointwise layer that widens the channels computes the rows the
+    next 3x3 layer needs too, so the halo crosses the network at the narrow tensor."""
+    body, tail = split_tail(group)
+    heights = [s["out_shape"][0] for s in body]
+    if k < 2 or not body or min(heights) < k:
+        return None
+    own = [[split_bounds(h, k)[i] for h in heights] for i in range(k)]
+    rows = [list(o) for o in own]
+    for j in range(len(body) - 1, 0, -1):
+        s, p = body[j], body[j - 1]
+        # (not where strips are a few rows tall: there the extra rows cost more to compute
+        # than the wider halo costs to send)
+        if p["kind"] == "pwconv" and not p.get("residual") and \
+                p["out_shape"][-1] > p["in_shape"][-1] and p["out_shape"][0] >= 4 * k:
+            for i in range(k):
+                lo, hi = _rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
+                rows[i][j - 1] = (min(lo, rows[i][j - 1][0]), max(hi, rows[i][j - 1][1]))
+    inside = {s["name"] for s in group}
+    halo_in: list[list] = [[] for _ in range(k)]
+    halo_out: list[list] = [[] for _ in range(k)]
+    needs: list[list] = [[] for _ in range(k)]
+    for j, s in enumerate(body):
+        for i in range(k):
+            lo, hi = _rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
+            if j == 0:
+                needs[i].append((prev, (lo, hi)))
+            else:
+                a0, b0 = rows[i][j - 1]
+                for m in range(k):
+                    for x, y in ((lo, min(hi, a0)), (max(lo, b0), hi)):   # above, below its own
+                        x, y = max(x, own[m][j - 1][0]), min(y, own[m][j - 1][1])
+                        if m != i and x < y:
+                            halo_in[i].append((j, m, x, y))
+                            halo_out[m].append((j, i, x, y))
+            r = s.get("residual")
+            if r and r not in inside:
+                needs[i].append((r, rows[i][j]))
+    out = []
+    for i in range(k):
+        done = [tuple(r) for r in rows[i]] + [own[i][-1]] * len(tail)
+        ns = []
+        for t, r in needs[i]:
+            whole = r == (0, shapes[t][0]) or len(shapes[t]) < 3
+            n = Need(t, None, None if whole else r)
+            if n not in ns:
+                ns.append(n)
+        macs = 0.0
+        for s, (a, b) in zip(group, done):
+            h = s["out_shape"][0] if s["kind"] in ROWWISE else \
+                (heights[-1] if s["kind"] == "gap" else 0)
+            macs += int(s["macs"]) * ((b - a) / h if h else 1.0)
+        bytes_in = sum(_nbytes(n.shape(shapes[n.tensor])) for n in ns)
+        out_shape = tuple(group[-1]["out_shape"])
+        bytes_out = _nbytes(out_shape) if tail or len(out_shape) < 3 else \
+            _nbytes(out_shape) * (done[-1][1] - done[-1][0]) // out_shape[0]
+        out.append(Swap(done, tuple(ns), ChunkCost(int(round(macs)), bytes_in, bytes_out),
+                        tuple(halo_in[i]), tuple(halo_out[i])))
+    return out
 
 
 # --------------------------------------------------------------------------- computing
@@ -541,25 +632,31 @@ def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=
         if layer.residual:
             r, rr0 = have[layer.residual]
             res = r[a - rr0:b - rr0] if r.ndim == 3 else r
-        if layer.kind in ROWWISE:
-            # the stage's result is handed out, so never a reused buffer
-            out = None if j == last else _buffer(cache, name, (a, b), layer)
-            y = run_layer(layer, x, res, 0, None, a, b, x0, layer.in_shape[0], out)
-        elif stage.reduce == "sum" and layer.kind == "gap":
-            # this strip's share of the mean over all rows
-            strip = np.ascontiguousarray(x[a - x0:b - x0])
-            y = strip.sum(axis=(0, 1), dtype=np.float64) / (layer.in_shape[0] * layer.in_shape[1])
-            y = y.astype(np.float32)
-        elif stage.reduce == "sum" and layer.kind == "linear":
-            y = x @ layer.weight
-            if chunk.index == 0:
-                y = y + layer.bias
-            y = np.ascontiguousarray(y, dtype=np.float32)
-        else:
-            y = run_layer(layer, x, res)
+        # the stage's result is handed out, so never a reused buffer
+        out = None if j == last else _buffer(cache, name, (a, b), layer)
+        y = strip_layer(layer, stage, chunk.index, x, x0, a, b, res, run_layer, out)
         have[name] = (y, a)
         src = name
     return y
+
+
+def strip_layer(layer: Layer, stage: Stage, index: int, x, x0: int, a: int, b: int, res,
+                run_layer, out=None) -> np.ndarray:
+    """Rows [a, b) of one layer of strip `index` of a spatial stage, from input rows
+    starting at row `x0` (a pool or linear layer of a summed stage: this strip's share)."""
+    if layer.kind in ROWWISE:
+        return run_layer(layer, x, res, 0, None, a, b, x0, layer.in_shape[0], out)
+    if stage.reduce == "sum" and layer.kind == "gap":
+        # this strip's share of the mean over all rows
+        strip = np.ascontiguousarray(x[a - x0:b - x0])
+        y = strip.sum(axis=(0, 1), dtype=np.float64) / (layer.in_shape[0] * layer.in_shape[1])
+        return y.astype(np.float32)
+    if stage.reduce == "sum" and layer.kind == "linear":
+        y = x @ layer.weight
+        if index == 0:
+            y = y + layer.bias
+        return np.ascontiguousarray(y, dtype=np.float32)
+    return run_layer(layer, x, res)
 
 
 def merge(stage: Stage, parts: Sequence[np.ndarray]) -> np.ndarray:

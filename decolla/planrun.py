@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from decolla import exchange
 from decolla import plan as planmod
 from decolla import wire
 from decolla.model import Model
@@ -21,17 +22,20 @@ class RunStats:
     """Encoded bytes of one in-process inference."""
     bytes_in: int = 0            # requester -> workers, one copy per chunk
     bytes_out: int = 0           # workers -> requester
+    halo: int = 0                # worker -> worker (exchange stages)
     per_stage: list = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.bytes_in + self.bytes_out
+        return self.bytes_in + self.bytes_out + self.halo
 
 
 def run_plan(model: Model, plan: planmod.Plan, image: np.ndarray, wire_dtype: str | None = "float32",
-             compress: bool = True, keep: bool = False, cache: dict | None = None):
+             compress: bool = True, keep: bool = False, cache: dict | None = None,
+             swap: bool = True):
     """Logits of `image` through `plan` (wire_dtype None: no codec at all), and RunStats;
-    with `keep`, also every stage output tensor."""
+    with `keep`, also every stage output tensor. Exchange stages swap halos between their
+    strips unless `swap` is False (then every strip recomputes its own, as a retry does)."""
     layers = {l.name: l for l in model.layers}
     tensors = {"input": np.asarray(image, np.float32)}
     stats = RunStats()
@@ -45,15 +49,29 @@ def run_plan(model: Model, plan: planmod.Plan, image: np.ndarray, wire_dtype: st
 
     for stage in plan.stages:
         parts, s_in, s_out = [], 0, 0
+        swapped = stage.exchange and swap
+        strips, halos = {}, {}
         for c in stage.chunks:
             inputs = {}
-            for n in c.needs:
+            for n in (c.swap.needs if swapped else c.needs):
                 inputs[n], nb = wire_pass(n.select(tensors[n.tensor]))
                 s_in += nb
-            y = planmod.compute_chunk(layers, stage, c, inputs, cache=cache)
-            y, nb = wire_pass(y)
+            if swapped:
+                strips[c.index] = exchange.StripExchange(layers, stage, c, inputs, cache=cache)
+            else:
+                parts.append(planmod.compute_chunk(layers, stage, c, inputs, cache=cache))
+        if swapped:
+            def send(i, to, j, rows):
+                nonlocal s_halo
+                halos[(i, to, j)], nb = wire_pass(rows)
+                s_halo += nb
+            s_halo = 0
+            done = exchange.run_lockstep(strips, send, lambda i, to, j: halos.pop((i, to, j)))
+            parts = [done[c.index] for c in stage.chunks]
+            stats.halo += s_halo
+        for i, y in enumerate(parts):
+            parts[i], nb = wire_pass(y)
             s_out += nb
-            parts.append(y)
         tensors[stage.output] = planmod.merge(stage, parts)
         stats.bytes_in += s_in
         stats.bytes_out += s_out

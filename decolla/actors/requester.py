@@ -216,8 +216,19 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         groups: dict[str, list] = {}
         for chunk, dev in zip(stage.chunks, assignment):
             groups.setdefault(dev, []).append(chunk)
+        swap = self._swap_map(stage, assignment)
         for dev, chunks in groups.items():
-            self._send(req, stage, chunks, dev, "first")
+            self._send(req, stage, chunks, dev, "first", swap)
+
+    def _swap_map(self, stage, assignment: list) -> dict | None:
+        """For an exchange stage whose strips can reach each other (all on one device, or
+        every device on the data plane): chunk index -> (device, data address)."""
+        if not stage.exchange:
+            return None
+        devices = set(assignment)
+        if len(devices) > 1 and not all(self.data_addrs.get(d) for d in devices):
+            return None
+        return {c.index: (dev, self.data_addrs.get(dev)) for c, dev in zip(stage.chunks, assignment)}
 
     def _report_in_flight(self) -> None:
         """Tell the registrar how many requests are in flight here: other requesters'
@@ -303,13 +314,17 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self._stage_done(req, stage)
         return True
 
-    def _send(self, req: _Request, stage, chunks, dev: str, reason: str) -> None:
+    def _send(self, req: _Request, stage, chunks, dev: str, reason: str,
+              swap: dict | None = None) -> None:
+        """Send `chunks` of `stage` to `dev` (as strips swapping halos when `swap` is given)."""
         cfg = self.cfg
         blobs, jobs, counted = {}, [], set()
         now = time.time()
+        wait_s = 0.0
         for c in chunks:
             keys, nbytes = [], 0
-            for need in c.needs:
+            needs, cost = (c.swap.needs, c.swap.cost) if swap else (c.needs, c.cost)
+            for need in needs:
                 key = need.key
                 if key not in req.blobs:
                     req.blobs[key] = wire.encode(need.select(req.tensors[need.tensor]),
@@ -322,11 +337,12 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             attempt = len(req.attempts[c.index])
             jobs.append(ChunkJob(c, tuple(keys), attempt))
             rec = ChunkRecord(req.id, stage.index, c.index, attempt, dev, ",".join(stage.layers),
-                              c.cost.macs, now, nbytes, reason=reason)
-            predicted = self.sup.predict(dev, c.cost.macs, nbytes + c.cost.bytes_out)
+                              cost.macs, now, nbytes, reason=reason + ("+swap" if swap else ""))
+            predicted = self.sup.predict(dev, cost.macs, nbytes + cost.bytes_out)
             due = time.monotonic() + predicted
             deadline = self.sup.dispatched(dev, (req.id, stage.index, c.index, attempt),
-                                           c.cost.macs, nbytes + c.cost.bytes_out, predicted)
+                                           cost.macs, nbytes + cost.bytes_out, predicted)
+            wait_s = max(wait_s, deadline - time.monotonic())
             rec.deadline = now + (deadline - time.monotonic())
             att = _Attempt(rec, deadline, due)
             req.attempts[c.index].append(att)
@@ -334,7 +350,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             req.records.append(rec)
             self._event(req, "reassigned" if attempt else "sent", stage.index, c.index, dev, reason)
         stub = dataclasses.replace(stage, chunks=())
-        self._deliver(dev, StageWork(req.id, stub, jobs, blobs, cfg.wire_dtype))
+        self._deliver(dev, StageWork(req.id, stub, jobs, blobs, cfg.wire_dtype, swap, wait_s))
 
     def _deliver(self, dev: str, msg) -> None:
         """Send `msg` to `dev`'s worker: on its data plane if it has one, else as a message."""
@@ -422,7 +438,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         comm = (now - rec.sent) - (msg.end - msg.received - compute)   # minus queueing on the worker
         if msg.stage != req.stage or req.slots[msg.chunk] is not None:
             rec.status = "late"    # first result already won; drop this duplicate
-            self.sup.completed(msg.device, key, chunk.cost.macs, rec.bytes_in + rec.bytes_out,
+            self.sup.completed(msg.device, key, rec.macs, rec.bytes_in + rec.bytes_out,
                                compute, comm)
             return
         try:
@@ -439,7 +455,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self._reassign(req, msg.chunk, "corrupt")
             return
         rec.status = "won"
-        self.sup.completed(msg.device, key, chunk.cost.macs, rec.bytes_in + rec.bytes_out,
+        self.sup.completed(msg.device, key, rec.macs, rec.bytes_in + rec.bytes_out,
                            compute, comm)
         self._event(req, "won", msg.stage, msg.chunk, msg.device)
         req.slots[msg.chunk] = out

@@ -15,14 +15,14 @@ import time
 import numpy as np
 from thespian.actors import ActorTypeDispatcher, WakeupMessage
 
-from decolla import dataplane, wire
+from decolla import dataplane, exchange, wire
 from decolla import plan as planmod
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.log import get_logger
 from decolla.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Continue,
-                              Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork, WorkerReady,
-                              WorkerRefused)
+                              Halo, Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork,
+                              WorkerReady, WorkerRefused)
 
 log = get_logger("worker")
 SLICE_S = 0.02          # compute at most this long before letting other messages in
@@ -156,6 +156,30 @@ class _Job:
         self.inputs, self.reply_to, self.received, self.dtype = inputs, reply_to, received, dtype
 
 
+class _SwapJob:
+    """The strips of one exchange stage this device computes together (StageWork.swap)."""
+    __slots__ = ("request", "stage", "strips", "swap", "wait_s", "reply_to", "received",
+                 "dtype")
+
+    def __init__(self, request, stage, strips, swap, wait_s, reply_to, received, dtype):
+        self.request, self.stage, self.strips, self.swap = request, stage, strips, swap
+        self.wait_s, self.reply_to, self.received, self.dtype = wait_s, reply_to, received, dtype
+
+    def keys(self) -> set:
+        return {(c.stage, c.index) for c, _, _ in self.strips}
+
+
+def _cancelled(job, msg: Cancel) -> bool:
+    """Whether `msg` drops queued `job` (a group of strips only once all of them are dropped)."""
+    if job.request != msg.request:
+        return False
+    if not msg.keys:
+        return True
+    if isinstance(job, _SwapJob):
+        return job.keys() <= set(msg.keys)
+    return (job.chunk.stage, job.chunk.index) in set(msg.keys)
+
+
 class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes chunks on one device. Work arrives as actor messages or on the data plane
     (decolla.dataplane); results go back the way their work came."""
@@ -175,6 +199,9 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.seq = 0
         self.cache: dict = {}
         self.cpu = _CpuMeter()
+        self.halos = exchange.HaloBox()
+        # halos are taken while a handler waits for them, so they skip the actor's queue
+        self.inbox = dataplane.Inbox(route={Halo: self.halos.put})
 
     def receiveMsg_InitWorker(self, msg: InitWorker, sender):
         self.name, self.registrar, self.hb = msg.name, sender, msg.heartbeat_s
@@ -226,10 +253,12 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     def receiveMsg_StageWork(self, msg: StageWork, sender):
         now = time.time()
         decoded: dict = {}
+        strips = []
         for job in msg.jobs:
             inputs = {}
+            needs = job.chunk.swap.needs if msg.swap else job.chunk.needs
             try:
-                for need, key in zip(job.chunk.needs, job.blob_keys):
+                for need, key in zip(needs, job.blob_keys):
                     if key not in decoded:
                         decoded[key] = wire.decode(msg.blobs[key])
                     inputs[need] = decoded[key]
@@ -237,8 +266,14 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
                 self._reply(sender, ChunkFailed(msg.request, job.chunk.stage, job.chunk.index,
                                               job.attempt, self.name, f"bad input: {exc}"))
                 continue
-            self.queue.append(_Job(msg.request, msg.stage, job.chunk, job.attempt, inputs,
-                                   sender, now, msg.wire_dtype))
+            if msg.swap:
+                strips.append((job.chunk, job.attempt, inputs))
+            else:
+                self.queue.append(_Job(msg.request, msg.stage, job.chunk, job.attempt, inputs,
+                                       sender, now, msg.wire_dtype))
+        if strips:
+            self.queue.append(_SwapJob(msg.request, msg.stage, strips, msg.swap, msg.wait_s,
+                                       sender, now, msg.wire_dtype))
         if not self.continuing:       # otherwise a Continue is already on its way
             self._work()
 
@@ -263,6 +298,9 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.send(self.myAddress, Continue())
 
     def _run(self, job: _Job, out: list) -> None:
+        if isinstance(job, _SwapJob):
+            self._run_swap(job, out)
+            return
         c = job.chunk
         try:
             start = time.time()
@@ -278,15 +316,55 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, job.attempt,
                                               self.name, payload, job.received, start, end)))
 
+    def _run_swap(self, job: _SwapJob, out: list) -> None:
+        """Compute strips of an exchange stage, swapping halo rows with the strips on other
+        devices (this blocks the actor until done or a halo is `wait_s` late: then every
+        strip fails and the requester sends each alone elsewhere)."""
+        deadline = time.monotonic() + job.wait_s
+        local: dict = {}
+
+        def send(src, dst, layer, rows):
+            if dst in strips:
+                local[(src, dst, layer)] = rows
+                return
+            dev, addr = job.swap[dst]
+            halo = Halo(job.request, job.stage.index, src, dst, layer, wire.encode(rows, job.dtype))
+            if self.peers is None or not self.peers.send(addr, halo):
+                raise exchange.HaloMissing(f"cannot reach strip {dst} on {dev}")
+
+        def take(src, dst, layer):
+            if (src, dst, layer) in local:
+                return local.pop((src, dst, layer))
+            key = (job.request, job.stage.index, src, dst, layer)
+            return wire.decode(self.halos.take(key, deadline))
+
+        start = time.time()
+        try:
+            strips = {c.index: exchange.StripExchange(self.layers, job.stage, c, inputs,
+                                                      cache=self.cache)
+                      for c, _, inputs in job.strips}
+            results = exchange.run_lockstep(strips, send, take)
+            end = time.time()
+            payloads = {i: wire.encode(y, job.dtype) for i, y in results.items()}
+        except Exception as exc:
+            log.warning("strips failed", request=job.request, stage=job.stage.index,
+                        chunks=sorted(c.index for c, _, _ in job.strips), error=repr(exc))
+            self.halos.forget(job.request)
+            for c, attempt, _ in job.strips:
+                self._reply(job.reply_to, ChunkFailed(job.request, c.stage, c.index, attempt,
+                                                      self.name, f"exchange: {exc}"))
+            return
+        for c, attempt, _ in job.strips:
+            out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, attempt,
+                                                  self.name, payloads[c.index], job.received,
+                                                  start, end)))
+
     def receiveMsg_Closed(self, msg, conn):
         # nobody is left to read these results
         self.queue = collections.deque(j for j in self.queue if j.reply_to is not conn)
 
     def receiveMsg_Cancel(self, msg: Cancel, sender):
-        keys = set(msg.keys)
-        self.queue = collections.deque(
-            j for j in self.queue
-            if not (j.request == msg.request and (not keys or (j.chunk.stage, j.chunk.index) in keys)))
+        self.queue = collections.deque(j for j in self.queue if not _cancelled(j, msg))
 
     def receiveMsg_LinkProbe(self, msg: LinkProbe, sender):
         self._reply(sender, LinkEcho(msg.seq, self.name))
