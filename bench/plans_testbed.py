@@ -118,6 +118,7 @@ def drive(args) -> int:
                          "auto"]
                 if bw >= 100:
                     plans.append("spatial")
+                plans += [p for p in args.plans.split(",") if p]
                 for plan in plans:
                     drops0 = [tb.drops(f"dev{i}") for i in (1, 2, 3)]
                     rep = ask(proc, args.cap * (args.repeats + 2) + 120, cmd="run", plan=plan,
@@ -196,6 +197,8 @@ def main(argv=None) -> int:
                         "by the CPU quota too)")
     p.add_argument("--device-overhead-ms", type=float, default=None,
                    help="the auto planner's per-chunk device cost (default: the planner's)")
+    p.add_argument("--plans", default="exchange",
+                   help="more plans to run at every bandwidth (comma-separated)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
