@@ -43,10 +43,12 @@ def _delivery(trace) -> float:
 
 def _timeline(trace, t0: float) -> list:
     """Compact per-attempt rows (ms from the request's start) for reading where time went:
-    stage, chunk, device, status, sent, received, start, end, returned, bytes in, bytes out."""
+    stage, chunk, device, status, sent, received, start, end, returned, bytes in, bytes out,
+    halo bytes in, ms waited for halos."""
     ms = lambda t: None if t is None else round((t - t0) * 1e3, 1)  # noqa: E731
     return [[r.stage, r.chunk, r.device, r.status, ms(r.sent), ms(r.received), ms(r.start),
-             ms(r.end), ms(r.returned), r.bytes_in, r.bytes_out] for r in trace.records]
+             ms(r.end), ms(r.returned), r.bytes_in, r.bytes_out, r.halo_bytes,
+             round(r.halo_wait_s * 1e3, 1)] for r in trace.records]
 
 
 def agent(args) -> int:

@@ -193,6 +193,8 @@ class ChunkResult(Message):
     received: float               # worker clock: job arrived
     start: float                  # worker clock: compute started
     end: float                    # worker clock: compute ended
+    halo_bytes: int = 0           # encoded halo rows this strip received from other devices
+    halo_wait_s: float = 0.0      # time its device spent waiting for halos (all its strips)
     _show = ("request", "stage", "chunk", "attempt", "device")
 
 

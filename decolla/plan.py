@@ -113,6 +113,7 @@ class Swap:
     cost: ChunkCost
     halo_in: tuple[tuple[int, int, int, int], ...]
     halo_out: tuple[tuple[int, int, int, int], ...]
+    halo_bytes: int = 0           # fp32 bytes of the halos it receives
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,11 @@ class Plan:
 
 
 def stage_bytes(stage: Stage) -> int:
-    """fp32 bytes in + out of all chunks of a stage."""
+    """fp32 bytes in + out of all chunks of a stage (of an exchange stage: as its strips
+    run together, the halos they swap included)."""
+    if stage.exchange:
+        return sum(c.swap.cost.bytes_in + c.swap.cost.bytes_out + c.swap.halo_bytes
+                   for c in stage.chunks)
     return sum(c.cost.bytes_in + c.cost.bytes_out for c in stage.chunks)
 
 
@@ -518,8 +523,10 @@ def _swaps(si, group, k, prev, shapes) -> list[Swap] | None:
         out_shape = tuple(group[-1]["out_shape"])
         bytes_out = _nbytes(out_shape) if tail or len(out_shape) < 3 else \
             _nbytes(out_shape) * (done[-1][1] - done[-1][0]) // out_shape[0]
+        halo = sum(_nbytes((hi - lo,) + tuple(body[j]["in_shape"][1:]))
+                   for j, _, lo, hi in halo_in[i])
         out.append(Swap(done, tuple(ns), ChunkCost(int(round(macs)), bytes_in, bytes_out),
-                        tuple(halo_in[i]), tuple(halo_out[i])))
+                        tuple(halo_in[i]), tuple(halo_out[i]), halo))
     return out
 
 

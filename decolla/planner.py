@@ -41,6 +41,8 @@ class Profile:
     local: bool = False
     shared_link: bool = True             # False: each device has its own link of that bandwidth
     max_span: int = 40                   # longest segment (layers) tried as one spatial stage
+    exchange: bool = True                # try exchange stages (strips swapping halo rows)
+    halo_overhead_s: float = 0.0005      # per halo a strip receives: send, wake-up, decode
 
     @classmethod
     def from_options(cls, opts: dict, k: int | None = None) -> "Profile":
@@ -50,7 +52,7 @@ class Profile:
         if k is not None:
             p.devices = int(k)
         for key, val in opts.items():
-            if key in ("overhead_ms", "device_overhead_ms"):
+            if key in ("overhead_ms", "device_overhead_ms", "halo_overhead_ms"):
                 setattr(p, key[:-3] + "_s", float(val) / 1e3)
             elif key == "gmacs":          # scale all kinds so pwconv runs at `gmacs` GMAC/s
                 f = float(val) * 1e9 / PI_CORE["pwconv"]
@@ -59,7 +61,7 @@ class Profile:
                 setattr(p, key, float(val))
             elif key in ("devices", "max_span"):
                 setattr(p, key, int(val))
-            elif key in ("local", "shared_link"):
+            elif key in ("local", "shared_link", "exchange"):
                 setattr(p, key, str(val).lower() in ("1", "true", "yes"))
             elif key == "whole_above":   # the requester's: whole requests while this many in flight
                 continue
@@ -81,13 +83,20 @@ class Profile:
 
 
 def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof: Profile) -> float:
-    """Predicted compute time of one chunk on one device."""
+    """Predicted compute time of one chunk on one device (a strip of an exchange stage: its
+    own rows, plus receiving its halos)."""
     t = 0.0
+    rows = chunk.layer_rows
+    if stage.exchange:
+        rows = chunk.swap.own_rows
+        for j, m, lo, hi in chunk.swap.halo_in:
+            shape = specs[stage.layers[j]]["in_shape"]
+            t += prof.halo_overhead_s + prof.seconds(4 * (hi - lo) * shape[1] * shape[2])
     for j, name in enumerate(stage.layers):
         s = specs[name]
         rate = prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
         if stage.split == "spatial":
-            a, b = chunk.layer_rows[j]
+            a, b = rows[j]
             if s["kind"] in planmod.ROWWISE:
                 frac = (b - a) / s["out_shape"][0]
             elif s["kind"] == "gap" and stage.reduce == "sum":
@@ -107,17 +116,21 @@ def stage_seconds(stage: planmod.Stage, specs: dict, prof: Profile) -> float:
         return comps[0]
     o, n = prof.overhead_s, prof.devices
     t, link, free, finish = 0.0, [0.0] * n, [0.0] * n, []
-    for i, (c, comp) in enumerate(zip(stage.chunks, comps)):
+    costs = [c.swap.cost if stage.exchange else c.cost for c in stage.chunks]
+    for i, (cost, comp) in enumerate(zip(costs, comps)):
         d = i % n
         if prof.shared_link:          # one requester link: transfers one after the other
-            t += o + prof.seconds(c.cost.bytes_in)
+            t += o + prof.seconds(cost.bytes_in)
             arrive = t
         else:                         # the requester's messages in turn, links in parallel
             t += o
-            link[d] = max(t, link[d]) + prof.seconds(c.cost.bytes_in)
+            link[d] = max(t, link[d]) + prof.seconds(cost.bytes_in)
             arrive = link[d]
         free[d] = max(arrive, free[d]) + prof.device_overhead_s + comp
-        finish.append((free[d], c.cost.bytes_out, d))
+        finish.append((free[d], cost.bytes_out, d))
+    if stage.exchange:               # strips advance in lockstep: all end with the slowest
+        last = max(f for f, _, _ in finish)
+        finish = [(last, out, d) for _, out, d in finish]
     down = 0.0
     for f, out, d in sorted(finish):
         if prof.shared_link:
@@ -128,10 +141,16 @@ def stage_seconds(stage: planmod.Stage, specs: dict, prof: Profile) -> float:
     return down
 
 
-def _candidates(seg: list[dict], prof: Profile, single_block: bool):
-    """(label, groups) options for one segment of layers."""
+def _candidates(seg: list[dict], prof: Profile, single_block: bool, long: bool = False):
+    """(label, groups) options for one segment of layers (a `long` one: exchange stages only)."""
+    strips = planmod.split_tail(seg) is not None
+    if strips and prof.exchange:
+        for k in range(2, prof.devices + 1):
+            yield f"exchange x{k}", [planmod.Group(seg, "spatial", k, exchange=True)]
+    if long:
+        return
     yield "one device", [planmod.Group(seg, "spatial", 1)]
-    if planmod.split_tail(seg) is not None:
+    if strips:
         for k in range(2, prof.devices + 1):
             yield f"spatial x{k}", [planmod.Group(seg, "spatial", k)]
     if single_block:
@@ -158,15 +177,19 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
             start = cuts[i]
             if start not in best:
                 continue
-            if end - start > prof.max_span and i < j - 1:
+            long = end - start > prof.max_span and i < j - 1
+            if long and not prof.exchange:
                 break
             seg = specs[start:end]
             prev = specs[start - 1]["name"] if start else "input"
             base_t, base_g, base_n = best[start]
-            for label, groups in _candidates(seg, prof, single_block=len(seg) <= 4):
+            for label, groups in _candidates(seg, prof, len(seg) <= 4, long):
                 t, notes, p = 0.0, [], prev
                 for g in groups:
                     st = _stage(g, p, shapes)
+                    if g.exchange and not st.exchange:
+                        break              # some layer too short to give every strip rows
+
                     ts = stage_seconds(st, by_name, prof)
                     t += ts
                     notes.append({"layers": [s["name"] for s in g.layers], "choice": label,
@@ -174,7 +197,8 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
                                   "bytes": prof.wire_bytes(planmod.stage_bytes(st)),
                                   "seconds": ts})
                     p = st.output
-                options.append((base_t + t, base_g + groups, base_n + notes))
+                else:
+                    options.append((base_t + t, base_g + groups, base_n + notes))
         best[end] = min(options, key=lambda o: o[0])
     t, groups, notes = best[len(specs)]
     single = planmod.Group(specs, "spatial", 1)
@@ -199,7 +223,7 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
 
 def _stage(g: planmod.Group, prev: str, shapes: dict) -> planmod.Stage:
     if g.split == "spatial":
-        return planmod._spatial_stage(0, g.layers, g.k, prev, shapes)
+        return planmod._spatial_stage(0, g.layers, g.k, prev, shapes, g.exchange)
     return planmod._channel_stage(0, g.layers, g.k, prev, shapes, g.psum)
 
 
@@ -235,7 +259,7 @@ def explain(plan: planmod.Plan, specs, prof: Profile | None = None) -> str:
         total_t += t
         total_b += b
         names = st.layers if len(st.layers) <= 3 else (st.layers[0], "...", st.layers[-1])
-        split = st.split + ("+sum" if st.reduce == "sum" else "")
+        split = ("exchange" if st.exchange else st.split) + ("+sum" if st.reduce == "sum" else "")
         lines.append(f"{st.index:>3} {split:11} {len(st.chunks):>2} {b:>10,.0f} {t * 1e3:>8.1f}  "
                      f"{' '.join(names)} ({len(st.layers)} layers)")
     single = planmod._spatial_stage(0, specs, 1, "input",

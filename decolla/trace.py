@@ -28,6 +28,8 @@ class ChunkRecord:
     start: float | None = None     # worker clock
     end: float | None = None       # worker clock
     bytes_out: int = 0
+    halo_bytes: int = 0            # halo rows this strip received from other devices (exchange)
+    halo_wait_s: float = 0.0       # its device's wait for halos while computing it (exchange)
     status: str = "pending"        # won | late | lost | failed | cancelled | pending
     reason: str = ""               # why this attempt was made (first | deadline | device-lost | failed | corrupt)
 
@@ -59,7 +61,7 @@ class Trace:
         return out
 
     def bytes_moved(self) -> int:
-        return sum(r.bytes_in + r.bytes_out for r in self.records)
+        return sum(r.bytes_in + r.bytes_out + r.halo_bytes for r in self.records)
 
     def overhead_per_chunk(self) -> float:
         """Mean seconds a won chunk spent outside the worker's compute (messaging, codec, queueing)."""

@@ -431,6 +431,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         rec = att.record
         rec.returned, rec.received, rec.start, rec.end = now, msg.received, msg.start, msg.end
         rec.bytes_out = len(msg.payload)
+        rec.halo_bytes, rec.halo_wait_s = msg.halo_bytes, msg.halo_wait_s
         key = (req.id, msg.stage, msg.chunk, msg.attempt)
         stage = req.plan.stages[msg.stage]
         chunk = stage.chunks[msg.chunk]

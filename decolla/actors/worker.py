@@ -322,6 +322,8 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         strip fails and the requester sends each alone elsewhere)."""
         deadline = time.monotonic() + job.wait_s
         local: dict = {}
+        received = collections.Counter()       # strip -> halo bytes from other devices
+        waited = [0.0]
 
         def send(src, dst, layer, rows):
             if dst in strips:
@@ -335,8 +337,11 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         def take(src, dst, layer):
             if (src, dst, layer) in local:
                 return local.pop((src, dst, layer))
-            key = (job.request, job.stage.index, src, dst, layer)
-            return wire.decode(self.halos.take(key, deadline))
+            t = time.perf_counter()
+            blob = self.halos.take((job.request, job.stage.index, src, dst, layer), deadline)
+            waited[0] += time.perf_counter() - t
+            received[dst] += len(blob)
+            return wire.decode(blob)
 
         start = time.time()
         try:
@@ -357,7 +362,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         for c, attempt, _ in job.strips:
             out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, attempt,
                                                   self.name, payloads[c.index], job.received,
-                                                  start, end)))
+                                                  start, end, received[c.index], waited[0])))
 
     def receiveMsg_Closed(self, msg, conn):
         # nobody is left to read these results
