@@ -106,6 +106,7 @@ def drive(args) -> int:
     with plans_cluster("dcpl", args.model, args.k, bws[0], "bench.plans_testbed", []) as pc:
         tb, proc = pc.tb, pc.agent
         doc["calibration"] = pc.calibration.as_dict()
+        doc["cpu_period_us"] = pc.tb.hosts["dev1"].cgroup.period_us
         doc["auto_gmacs"] = gmacs = pc.gmacs
         try:
             for bw in bws:
@@ -159,6 +160,7 @@ def _save(doc: dict, out: Path) -> None:
     (out / "plans_testbed.json").write_text(json.dumps(doc, indent=1, default=str))
     lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)", "",
              f"Device quota {doc.get('calibration', {}).get('quota', float('nan')):.3f} cores "
+             f"per {doc.get('cpu_period_us', 0) / 1e3:g} ms CFS period "
              f"(whole model {doc.get('calibration', {}).get('achieved_slowdown', float('nan')):.1f}x "
              f"slower than one host core); {doc['repeats']} repeats per point; started "
              f"{doc.get('started', '?')}.", "",
@@ -199,11 +201,17 @@ def main(argv=None) -> int:
                         "by the CPU quota too)")
     p.add_argument("--device-overhead-ms", type=float, default=None,
                    help="the auto planner's per-chunk device cost (default: the planner's)")
+    p.add_argument("--cpu-period-us", type=int, default=None,
+                   help="CFS period of the device quotas (default 10 ms; 1: the shortest the "
+                        "kernel allows for the quota, a smoother slow CPU)")
     p.add_argument("--plans", default="exchange",
                    help="more plans to run at every bandwidth (comma-separated)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.cpu_period_us:
+        from bench.testbed import cgroup
+        os.environ[cgroup.PERIOD_ENV] = str(args.cpu_period_us)
     return agent(args) if args.agent else drive(args)
 
 
