@@ -17,11 +17,12 @@ Plans (``PLANS``):
   ``spatial``       the high-resolution prefix (outputs taller than `spatial_until` rows,
                     default 28 rows at 224 px) as one stage of output-row strips with halos
                     carried through all its layers (split='spatial', merged along axis 0),
-                    the rest as ``block`` stages; ``spatial:exchange=1`` makes that stage
-                    an exchange stage (below).
+                    the rest as ``block`` stages; ``spatial:exchange=N`` makes that stage
+                    an exchange stage swapping every N 3x3 layers (below).
   ``exchange``      the whole network as one stage of row strips that swap halo rows with
                     each other layer by layer (`Swap`, `decolla.exchange`) instead of
-                    recomputing them; a strip sent alone (a retry) recomputes its halos.
+                    recomputing them (``exchange:every=N``: every N 3x3 layers, recomputing
+                    in between); a strip sent alone (a retry) recomputes all its halos.
   ``auto``          chosen per segment by the cost model of `decolla.planner`.
   ``single``        the whole network as one chunk on one device (mobile-only through
                     the runtime: the image goes to one device, the logits come back).
@@ -203,7 +204,7 @@ class Group:
     k: int = 1
     psum: bool = False            # channel split whose last (pointwise) layer is a partial sum
     local: bool = False           # a one-chunk stage for the requester's own device
-    exchange: bool = False        # spatial strips that swap halo rows (see Swap)
+    exchange: int = 0             # spatial strips that swap halo rows every this many 3x3 layers (Swap)
 
 
 def _residual_sources(specs: list[dict]) -> set[str]:
@@ -266,6 +267,16 @@ def spatial_prefix(specs: list[dict], until: int) -> int:
     return best
 
 
+def _every(opts: dict, key: str, default: int) -> int:
+    try:
+        every = int(opts.get(key, default))
+    except (TypeError, ValueError):
+        every = -1
+    if every < 0:
+        raise PlanError(f"plan option {key} must be a whole number >= 0, got {opts.get(key)!r}")
+    return every
+
+
 def build_groups(specs: list[dict], k: int, kind: str, opts: dict) -> tuple[list[Group], dict]:
     if kind in ("layer", "fused", "block-gather", "block"):
         base = "fused" if kind == "block-gather" else kind
@@ -273,11 +284,10 @@ def build_groups(specs: list[dict], k: int, kind: str, opts: dict) -> tuple[list
     if kind == "spatial":
         until = int(opts.get("spatial_until", max(1, round(specs[0]["in_shape"][0] / 8))))
         n = spatial_prefix(specs, until)
-        swap = str(opts.get("exchange", 0)).lower() in ("1", "true", "yes")
-        head = [Group(specs[:n], "spatial", k, exchange=swap)] if n else []
+        head = [Group(specs[:n], "spatial", k, exchange=_every(opts, "exchange", 0))] if n else []
         return head + channel_groups(specs[n:], "block", k), {}
     if kind == "exchange":
-        return [Group(specs, "spatial", k, exchange=True)], {}
+        return [Group(specs, "spatial", k, exchange=_every(opts, "every", 1))], {}
     if kind == "single":
         return [Group(specs, "spatial", 1)], {}
     if kind == "auto":
@@ -419,7 +429,7 @@ def strip_rows(group: Sequence[dict], r0: int, r1: int, prev: str) -> tuple[list
     return rows, external
 
 
-def _spatial_stage(si, group, k, prev, shapes, exchange: bool = False) -> Stage:
+def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0) -> Stage:
     out_shape = tuple(group[-1]["out_shape"])
     parts = split_tail(group)
     if parts is None:                  # e.g. a classifier without its pool: one whole chunk
@@ -456,7 +466,7 @@ def _spatial_stage(si, group, k, prev, shapes, exchange: bool = False) -> Stage:
         cost = ChunkCost(macs=int(round(macs)), bytes_in=bytes_in, bytes_out=bytes_out)
         chunks.append(Chunk(si, ci, 0, out_shape[-1], tuple(needs), cost,
                             rows=None if whole else (r0, r1), layer_rows=tuple(rows)))
-    swaps = _swaps(si, group, len(chunks), prev, shapes) if exchange and parts else None
+    swaps = _swaps(si, group, len(chunks), prev, shapes, exchange) if exchange and parts else None
     if swaps:
         chunks = [replace(c, swap=w) for c, w in zip(chunks, swaps)]
     kind = group[0]["kind"] if len(group) == 1 else "fused"
@@ -465,26 +475,52 @@ def _spatial_stage(si, group, k, prev, shapes, exchange: bool = False) -> Stage:
                  axis=0, reduce=reduce, exchange=bool(swaps))
 
 
-def _swaps(si, group, k, prev, shapes) -> list[Swap] | None:
+def _swaps(si, group, k, prev, shapes, every: int = 1) -> list[Swap] | None:
     """Each strip's `Swap` for a spatial group cut into k strips; None when some layer has
-    fewer than k rows (a strip would own none) or k < 2. A strip owns rows of every layer
-    (`split_bounds`); a pointwise layer that widens the channels computes the rows the
-    next 3x3 layer needs too, so the halo crosses the network at the narrow tensor."""
+    fewer than k rows (a strip would own none) or k < 2.
+
+    A strip owns rows of every layer (`split_bounds`). Where a layer needs rows of its input
+    the strip does not compute, either the strips swap them (a halo) or the strip computes
+    them too (a pyramid, as `spatial` strips do): they swap once every `every` 3x3 layers
+    (fewer, larger exchanges for devices that pay much per exchange). A pointwise layer
+    that widens the channels always computes the rows the next layer needs, so the halo
+    crosses at the narrow tensor; a residual's rows always come from the strip itself."""
     body, tail = split_tail(group)
     heights = [s["out_shape"][0] for s in body]
     if k < 2 or not body or min(heights) < k:
         return None
     own = [[split_bounds(h, k)[i] for h in heights] for i in range(k)]
     rows = [list(o) for o in own]
-    for j in range(len(body) - 1, 0, -1):
-        s, p = body[j], body[j - 1]
-        # (not where strips are a few rows tall: there the extra rows cost more to compute
-        # than the wider halo costs to send)
-        if p["kind"] == "pwconv" and not p.get("residual") and \
-                p["out_shape"][-1] > p["in_shape"][-1] and p["out_shape"][0] >= 4 * k:
+    index = {s["name"]: j for j, s in enumerate(body)}
+    swap_at, since = set(), 0       # layers whose input halo is swapped; 3x3 layers since one
+
+    def widen(i, j, lo, hi):
+        rows[i][j] = (min(lo, rows[i][j][0]), max(hi, rows[i][j][1]))
+
+    for j in range(len(body) - 1, -1, -1):
+        s = body[j]
+        if s.get("residual") in index:
             for i in range(k):
-                lo, hi = _rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
-                rows[i][j - 1] = (min(lo, rows[i][j - 1][0]), max(hi, rows[i][j - 1][1]))
+                widen(i, index[s["residual"]], *rows[i][j])
+        if j == 0:
+            break
+        p = body[j - 1]
+        since += s["kind"] != "pwconv"
+        wants = [_rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
+                 for i in range(k)]
+        if all(rows[i][j - 1][0] <= lo and hi <= rows[i][j - 1][1]
+               for i, (lo, hi) in enumerate(wants)):
+            continue
+        # (a widening layer of a map only a few rows per strip tall: there the extra rows
+        # would cost more to compute than the wider halo costs to send)
+        widening = p["kind"] == "pwconv" and not p.get("residual") and \
+            p["out_shape"][-1] > p["in_shape"][-1] and p["out_shape"][0] >= 4 * k
+        if not widening and since >= every:
+            swap_at.add(j)
+            since = 0
+            continue
+        for i, (lo, hi) in enumerate(wants):
+            widen(i, j - 1, lo, hi)
     inside = {s["name"] for s in group}
     halo_in: list[list] = [[] for _ in range(k)]
     halo_out: list[list] = [[] for _ in range(k)]
@@ -494,7 +530,7 @@ def _swaps(si, group, k, prev, shapes) -> list[Swap] | None:
             lo, hi = _rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
             if j == 0:
                 needs[i].append((prev, (lo, hi)))
-            else:
+            elif j in swap_at:
                 a0, b0 = rows[i][j - 1]
                 for m in range(k):
                     for x, y in ((lo, min(hi, a0)), (max(lo, b0), hi)):   # above, below its own

@@ -87,7 +87,7 @@ class CpuCgroup:
         period_us = period_us or default_period_us()
         if cores is not None and cores <= 0:
             raise ValueError(f"cpu quota must be > 0 cores, got {cores}")
-        period = period_for(cores, period_us) if cores else period_us
+        period = period_for(cores, period_us) if cores else max(MIN_QUOTA_US, period_us)
         quota = int(round(cores * period)) if cores else -1
         if self.root.version == 1:
             # Lower the quota before changing the period, so no intermediate state is invalid.
