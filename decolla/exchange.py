@@ -72,6 +72,8 @@ class StripExchange:
         if len(parts) > 1:
             parts.sort(key=lambda p: p[0])
             x0, x = parts[0][0], np.concatenate([p[1] for p in parts], axis=0)
+            # later layers may add these rows as a residual too
+            self.have[self.src] = (x, x0)
         res = None
         if layer.residual:
             r, r0 = self.have[layer.residual]

@@ -205,6 +205,7 @@ class Group:
     psum: bool = False            # channel split whose last (pointwise) layer is a partial sum
     local: bool = False           # a one-chunk stage for the requester's own device
     exchange: int = 0             # spatial strips that swap halo rows every this many 3x3 layers (Swap)
+    swap_at: tuple | None = None  # ... or exactly at the inputs of these layers (overrides)
 
 
 def _residual_sources(specs: list[dict]) -> set[str]:
@@ -328,7 +329,7 @@ def build_plan(specs: Sequence, k: int, kind: str = "layer", input_shape=None,
             macs = sum(int(s["macs"]) for s in g.layers)
             k_eff = max(1, min(k_eff, macs // max(1, min_chunk_macs)))
         if g.split == "spatial":
-            stage = _spatial_stage(si, g.layers, k_eff, prev, shapes, g.exchange)
+            stage = _spatial_stage(si, g.layers, k_eff, prev, shapes, g.exchange, g.swap_at)
         else:
             stage = _channel_stage(si, g.layers, k_eff, prev, shapes, g.psum)
         if g.local and len(stage.chunks) == 1:
@@ -429,7 +430,7 @@ def strip_rows(group: Sequence[dict], r0: int, r1: int, prev: str) -> tuple[list
     return rows, external
 
 
-def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0) -> Stage:
+def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0, swap_at=None) -> Stage:
     out_shape = tuple(group[-1]["out_shape"])
     parts = split_tail(group)
     if parts is None:                  # e.g. a classifier without its pool: one whole chunk
@@ -466,7 +467,8 @@ def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0) -> Stage:
         cost = ChunkCost(macs=int(round(macs)), bytes_in=bytes_in, bytes_out=bytes_out)
         chunks.append(Chunk(si, ci, 0, out_shape[-1], tuple(needs), cost,
                             rows=None if whole else (r0, r1), layer_rows=tuple(rows)))
-    swaps = _swaps(si, group, len(chunks), prev, shapes, exchange) if exchange and parts else None
+    swaps = _swaps(si, group, len(chunks), prev, shapes, exchange, swap_at) \
+        if (exchange or swap_at is not None) and parts else None
     if swaps:
         chunks = [replace(c, swap=w) for c, w in zip(chunks, swaps)]
     kind = group[0]["kind"] if len(group) == 1 else "fused"
@@ -475,62 +477,72 @@ def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0) -> Stage:
                  axis=0, reduce=reduce, exchange=bool(swaps))
 
 
-def _swaps(si, group, k, prev, shapes, every: int = 1) -> list[Swap] | None:
+def _swaps(si, group, k, prev, shapes, every: int = 1, at=None) -> list[Swap] | None:
     """Each strip's `Swap` for a spatial group cut into k strips; None when some layer has
     fewer than k rows (a strip would own none) or k < 2.
 
-    A strip owns rows of every layer (`split_bounds`). Where a layer needs rows of its input
-    the strip does not compute, either the strips swap them (a halo) or the strip computes
-    them too (a pyramid, as `spatial` strips do): they swap once every `every` 3x3 layers
-    (fewer, larger exchanges for devices that pay much per exchange). A pointwise layer
-    that widens the channels always computes the rows the next layer needs, so the halo
-    crosses at the narrow tensor; a residual's rows always come from the strip itself."""
+    A strip owns rows of every layer (`split_bounds`). Where later layers want rows of a
+    tensor the strip does not compute (a 3x3 layer's input window, a residual), either the
+    strips swap them (a halo) or the strip computes them too (a pyramid, as `spatial`
+    strips do): they swap once every `every` 3x3 layers (fewer, larger exchanges for
+    devices that pay much per exchange). A pointwise layer that widens the channels always
+    computes the rows the next layer needs, so the halo crosses at the narrow tensor.
+    `at` (layer indices of the group) overrides `every`: swap exactly at the inputs of those
+    layers (the `auto` planner's choice), recompute everywhere else."""
     body, tail = split_tail(group)
     heights = [s["out_shape"][0] for s in body]
     if k < 2 or not body or min(heights) < k:
         return None
     own = [[split_bounds(h, k)[i] for h in heights] for i in range(k)]
-    rows = [list(o) for o in own]
+    rows = [list(o) for o in own]        # rows each strip computes of each layer
+    wants = [list(o) for o in own]       # rows each strip must hold of each layer's output
     index = {s["name"]: j for j, s in enumerate(body)}
-    swap_at, since = set(), 0       # layers whose input halo is swapped; 3x3 layers since one
+    swap_at, since = set(), 0            # layers whose input rows are swapped; 3x3 layers since
 
-    def widen(i, j, lo, hi):
-        rows[i][j] = (min(lo, rows[i][j][0]), max(hi, rows[i][j][1]))
+    def union(a, b):
+        return (min(a[0], b[0]), max(a[1], b[1]))
 
     for j in range(len(body) - 1, -1, -1):
         s = body[j]
         if s.get("residual") in index:
+            r = index[s["residual"]]
             for i in range(k):
-                widen(i, index[s["residual"]], *rows[i][j])
+                wants[i][r] = union(wants[i][r], rows[i][j])
         if j == 0:
             break
-        p = body[j - 1]
         since += s["kind"] != "pwconv"
-        wants = [_rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
-                 for i in range(k)]
+        for i in range(k):
+            window = _rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
+            wants[i][j - 1] = union(wants[i][j - 1], window)
         if all(rows[i][j - 1][0] <= lo and hi <= rows[i][j - 1][1]
-               for i, (lo, hi) in enumerate(wants)):
+               for i, (lo, hi) in enumerate(w[j - 1] for w in wants)):
             continue
-        # (a widening layer of a map only a few rows per strip tall: there the extra rows
-        # would cost more to compute than the wider halo costs to send)
-        widening = p["kind"] == "pwconv" and not p.get("residual") and \
-            p["out_shape"][-1] > p["in_shape"][-1] and p["out_shape"][0] >= 4 * k
-        if not widening and since >= every:
+        if at is not None:
+            swap = j in at
+        else:
+            # (a widening layer of a map only a few rows per strip tall: there the extra
+            # rows would cost more to compute than the wider halo costs to send)
+            p = body[j - 1]
+            widening = p["kind"] == "pwconv" and not p.get("residual") and \
+                p["out_shape"][-1] > p["in_shape"][-1] and p["out_shape"][0] >= 4 * k
+            swap = not widening and since >= every
+        if swap:
             swap_at.add(j)
             since = 0
-            continue
-        for i, (lo, hi) in enumerate(wants):
-            widen(i, j - 1, lo, hi)
+        else:
+            for i in range(k):
+                rows[i][j - 1] = union(rows[i][j - 1], wants[i][j - 1])
     inside = {s["name"] for s in group}
     halo_in: list[list] = [[] for _ in range(k)]
     halo_out: list[list] = [[] for _ in range(k)]
     needs: list[list] = [[] for _ in range(k)]
     for j, s in enumerate(body):
         for i in range(k):
-            lo, hi = _rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
             if j == 0:
-                needs[i].append((prev, (lo, hi)))
+                needs[i].append((prev, _rows_needed(s["kind"], s["stride"], *rows[i][0],
+                                                    s["in_shape"][0])))
             elif j in swap_at:
+                lo, hi = wants[i][j - 1]
                 a0, b0 = rows[i][j - 1]
                 for m in range(k):
                     for x, y in ((lo, min(hi, a0)), (max(lo, b0), hi)):   # above, below its own

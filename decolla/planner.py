@@ -141,12 +141,61 @@ def stage_seconds(stage: planmod.Stage, specs: dict, prof: Profile) -> float:
     return down
 
 
-def _candidates(seg: list[dict], prof: Profile, single_block: bool, long: bool = False):
+def swap_points(seg: list[dict], k: int, prof: Profile, memo: dict | None = None) -> tuple:
+    """Where the k strips of an exchange stage over `seg` should swap halos: layer indices
+    (clean cuts: one narrow tensor hands over) chosen by a dynamic programme that adds, per
+    stretch between two swaps, the slowest strip's compute (its halos recomputed inside the
+    stretch) and the swap's cost (`halo_overhead_s` per side + the rows' bytes)."""
+    body = planmod.split_tail(seg)[0]
+    n = len(body)
+    if n == 0:
+        return ()
+    memo = {} if memo is None else memo
+    points = [0] + [c for c in planmod.clean_cuts(body) if 0 < c < n] + [n]
+    best: dict = {0: (0.0, ())}
+    for b in points[1:]:
+        options = []
+        for a in points:
+            if a >= b:
+                break
+            key = (body[a]["name"], body[b - 1]["name"], k)
+            if key not in memo:
+                memo[key] = _stretch_seconds(body[a:b], k, prof, swapped=a > 0)
+            options.append((best[a][0] + memo[key], best[a][1] + ((a,) if a else ())))
+        best[b] = min(options)
+    return best[n][1]
+
+
+def _stretch_seconds(layers: list[dict], k: int, prof: Profile, swapped: bool) -> float:
+    """The slowest of k strips over `layers` (halos recomputed inside), plus fetching the
+    rows of its input it does not own when `swapped`."""
+    height = layers[-1]["out_shape"][0]
+    in_shape = layers[0]["in_shape"]
+    owned = planmod.split_bounds(in_shape[0], k)
+    worst = 0.0
+    for i, (r0, r1) in enumerate(planmod.split_bounds(height, k)):
+        rows, need = planmod.strip_rows(layers, r0, r1, "<in>")
+        t = sum(s["macs"] * (b - a) / s["out_shape"][0] /
+                prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
+                for s, (a, b) in zip(layers, rows))
+        if swapped:
+            lo, hi = need["<in>"]
+            a, b = owned[min(i, len(owned) - 1)]
+            for extra in (max(0, a - lo), max(0, hi - b)):
+                if extra:
+                    t += prof.halo_overhead_s + prof.seconds(4 * extra * in_shape[1] * in_shape[2])
+        worst = max(worst, t)
+    return worst
+
+
+def _candidates(seg: list[dict], prof: Profile, single_block: bool, long: bool = False,
+                memo: dict | None = None):
     """(label, groups) options for one segment of layers (a `long` one: exchange stages only)."""
     strips = planmod.split_tail(seg) is not None
     if strips and prof.exchange:
         for k in range(2, prof.devices + 1):
-            yield f"exchange x{k}", [planmod.Group(seg, "spatial", k, exchange=True)]
+            at = swap_points(seg, k, prof, memo)
+            yield f"exchange x{k} ({len(at)} swaps)", [planmod.Group(seg, "spatial", k, swap_at=at)]
     if long:
         return
     yield "one device", [planmod.Group(seg, "spatial", 1)]
@@ -170,6 +219,7 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
     if cuts[-1] != len(specs):
         cuts.append(len(specs))
     best = {0: (0.0, [], [])}          # cut position -> (seconds, groups, notes)
+    memo: dict = {}                    # swap_points' stretch costs, shared by all segments
     for j in range(1, len(cuts)):
         end = cuts[j]
         options = []
@@ -183,11 +233,11 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
             seg = specs[start:end]
             prev = specs[start - 1]["name"] if start else "input"
             base_t, base_g, base_n = best[start]
-            for label, groups in _candidates(seg, prof, len(seg) <= 4, long):
+            for label, groups in _candidates(seg, prof, len(seg) <= 4, long, memo):
                 t, notes, p = 0.0, [], prev
                 for g in groups:
                     st = _stage(g, p, shapes)
-                    if g.exchange and not st.exchange:
+                    if g.swap_at is not None and not st.exchange:
                         break              # some layer too short to give every strip rows
 
                     ts = stage_seconds(st, by_name, prof)
@@ -223,7 +273,7 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
 
 def _stage(g: planmod.Group, prev: str, shapes: dict) -> planmod.Stage:
     if g.split == "spatial":
-        return planmod._spatial_stage(0, g.layers, g.k, prev, shapes, g.exchange)
+        return planmod._spatial_stage(0, g.layers, g.k, prev, shapes, g.exchange, g.swap_at)
     return planmod._channel_stage(0, g.layers, g.k, prev, shapes, g.psum)
 
 
