@@ -100,7 +100,8 @@ def drive(args) -> int:
         print(f"bench.plans_testbed needs the testbed: {reason}", file=sys.stderr)
         return 2
     bws = [float(b) for b in args.bandwidths.split(",")]
-    doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "points": [],
+    doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "block": args.block,
+           "points": [],
            "overhead_ms": args.overhead_ms,
            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with plans_cluster("dcpl", args.model, args.k, bws[0], "bench.plans_testbed", []) as pc:
@@ -122,21 +123,38 @@ def drive(args) -> int:
                 if bw >= 100:
                     plans.append("spatial")
                 plans += [p for p in args.plans.split(",") if p]
+                # Plans take turns, `block` repeats at a time: the shared host's speed drifts
+                # over minutes, and a plan measured in one stretch would carry that drift
+                # into its ratio against `single`.
+                points = {plan: {"bandwidth_mbit": bw, "plan": plan, "rows": [],
+                                 "packets_dropped_by_shaping": {"up": 0, "down": 0}}
+                          for plan in plans}
+                for start in range(0, args.repeats, args.block):
+                    for plan in plans:
+                        point = points[plan]
+                        if "error" in point:
+                            continue
+                        n = min(args.block, args.repeats - start)
+                        drops0 = [tb.drops(f"dev{i}") for i in (1, 2, 3)]
+                        rep = ask(proc, args.cap * (n + 2) + 120, cmd="run", plan=plan,
+                                  repeats=n, cap_s=args.cap)
+                        for d in ("up", "down"):
+                            point["packets_dropped_by_shaping"][d] += sum(
+                                tb.drops(f"dev{i}")[d] - d0[d] for i, d0 in zip((1, 2, 3), drops0))
+                        point["loadavg"] = os.getloadavg()
+                        if rep.get("ok"):
+                            point["rows"] += rep["result"]
+                        else:
+                            point["error"] = rep.get("error")
                 for plan in plans:
-                    drops0 = [tb.drops(f"dev{i}") for i in (1, 2, 3)]
-                    rep = ask(proc, args.cap * (args.repeats + 2) + 120, cmd="run", plan=plan,
-                              repeats=args.repeats, cap_s=args.cap)
-                    drops = {d: sum(tb.drops(f"dev{i}")[d] - d0[d] for i, d0 in zip((1, 2, 3), drops0))
-                             for d in ("up", "down")}
-                    point = {"bandwidth_mbit": bw, "plan": plan, "loadavg": os.getloadavg(),
-                             "packets_dropped_by_shaping": drops,
-                             **({"rows": rep["result"]} if rep.get("ok") else
-                                {"error": rep.get("error")})}
-                    if rep.get("ok"):
-                        lat = [r["latency_s"] for r in rep["result"]]
-                        point["median_s"] = float(np.median(lat))
+                    point = points[plan]
+                    if "error" in point:
+                        point.pop("rows")
+                    else:
+                        point["median_s"] = float(np.median([r["latency_s"]
+                                                             for r in point["rows"]]))
                         point["median_without_input_s"] = float(np.median(
-                            [r["without_input_s"] for r in rep["result"]]))
+                            [r["without_input_s"] for r in point["rows"]]))
                     doc["points"].append(point)
                     print(f"{bw:g} Mb/s {plan}: {point.get('median_s', point.get('error'))}",
                           flush=True)
@@ -201,6 +219,8 @@ def main(argv=None) -> int:
                         "by the CPU quota too)")
     p.add_argument("--device-overhead-ms", type=float, default=None,
                    help="the auto planner's per-chunk device cost (default: the planner's)")
+    p.add_argument("--block", type=int, default=4,
+                   help="repeats of one plan before the next plan's turn")
     p.add_argument("--cpu-period-us", type=int, default=None,
                    help="CFS period of the device quotas (default 10 ms; 1: the shortest the "
                         "kernel allows for the quota, a smoother slow CPU)")

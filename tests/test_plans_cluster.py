@@ -139,3 +139,37 @@ def test_auto_counts_other_clients_requests_in_flight(cluster):
     assert idle.stats["plan"] != "single", idle.stats
     for seed, r in ((5, under_load), (6, idle)):
         assert rel(r.logits, reference.forward(_model, image(seed))) <= 1e-5
+
+
+def test_exchange_strips_swap_halos_between_devices(cluster):
+    from decolla.api import Client
+    with Client(cluster.leader, plan="exchange", wire_dtype="float16", k=3,
+                min_devices=3) as client:
+        r = client.infer(image(4))
+    assert rel(r.logits, reference.forward(_model, image(4))) <= BOUNDS["float16"]
+    won = [rec for rec in r.trace.records if rec.status == "won"]
+    assert len(won) == 3 and all(rec.reason == "first+swap" for rec in won)
+    assert len({rec.device for rec in won}) == 3
+    assert all(rec.halo_bytes > 0 for rec in won)         # rows came from the other devices
+
+
+def test_exchange_strips_of_a_stopped_device_are_recomputed_alone(cluster):
+    """A stopped device holds up its neighbours' halos: every strip waiting on it fails at
+    its deadline and is computed alone (recomputing its halos) on a device that answers."""
+    from decolla.api import Client
+    with Client(cluster.leader, plan="exchange", k=3, min_devices=3,
+                deadline_floor=0.5) as client:
+        client.infer(image(5))
+        cluster.kill("dev2", signal.SIGSTOP)
+        try:
+            r = client.infer(image(5), timeout=60)
+        finally:
+            cluster.kill("dev2", signal.SIGCONT)
+    assert rel(r.logits, reference.forward(_model, image(5))) <= 1e-5
+    won = [rec for rec in r.trace.records if rec.status == "won"]
+    assert all(rec.device != "dev2" for rec in won)
+    assert any(rec.reason != "first+swap" for rec in won)     # some strip ran alone
+    deadline = time.monotonic() + 30
+    while "dev2" not in cluster.ready_devices():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
