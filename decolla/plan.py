@@ -167,6 +167,20 @@ def stage_bytes(stage: Stage) -> int:
     return sum(c.cost.bytes_in + c.cost.bytes_out for c in stage.chunks)
 
 
+def split_rows(n: int, k: int) -> list[tuple[int, int]]:
+    """Split rows range(n) into min(k, n) contiguous strips, sizes differing by at most one,
+    the larger ones at the edges: an inner strip has halos on two sides, an edge strip on
+    one, so an inner strip's extra row would cost it more."""
+    k = max(1, min(k, n))
+    base, extra = divmod(n, k)
+    order = [i for pair in zip(range(k), range(k - 1, -1, -1)) for i in pair][:k]
+    sizes = [base] * k
+    for i in dict.fromkeys(order[:extra]):
+        sizes[i] += 1
+    edges = np.cumsum([0] + sizes)
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(k)]
+
+
 def split_bounds(n: int, k: int) -> list[tuple[int, int]]:
     """Split range(n) into min(k, n) contiguous near-equal parts."""
     k = max(1, min(k, n))
@@ -440,7 +454,7 @@ def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0, swap_at=None) 
     in_rows = shapes[body[-1]["name"] if body else prev]
     height = in_rows[0]
     chunks = []
-    for ci, (r0, r1) in enumerate(split_bounds(height, k)):
+    for ci, (r0, r1) in enumerate(split_rows(height, k)):
         whole = (r0, r1) == (0, height)
         if parts is None:
             rows = [(0, s["out_shape"][0] if s["kind"] in ROWWISE else 1) for s in group]
@@ -481,7 +495,7 @@ def _swaps(si, group, k, prev, shapes, every: int = 1, at=None) -> list[Swap] | 
     """Each strip's `Swap` for a spatial group cut into k strips; None when some layer has
     fewer than k rows (a strip would own none) or k < 2.
 
-    A strip owns rows of every layer (`split_bounds`). Where later layers want rows of a
+    A strip owns rows of every layer (`split_rows`). Where later layers want rows of a
     tensor the strip does not compute (a 3x3 layer's input window, a residual), either the
     strips swap them (a halo) or the strip computes them too (a pyramid, as `spatial`
     strips do): they swap once every `every` 3x3 layers (fewer, larger exchanges for
@@ -493,7 +507,7 @@ def _swaps(si, group, k, prev, shapes, every: int = 1, at=None) -> list[Swap] | 
     heights = [s["out_shape"][0] for s in body]
     if k < 2 or not body or min(heights) < k:
         return None
-    own = [[split_bounds(h, k)[i] for h in heights] for i in range(k)]
+    own = [[split_rows(h, k)[i] for h in heights] for i in range(k)]
     rows = [list(o) for o in own]        # rows each strip computes of each layer
     wants = [list(o) for o in own]       # rows each strip must hold of each layer's output
     index = {s["name"]: j for j, s in enumerate(body)}

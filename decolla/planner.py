@@ -171,9 +171,9 @@ def _stretch_seconds(layers: list[dict], k: int, prof: Profile, swapped: bool) -
     rows of its input it does not own when `swapped`."""
     height = layers[-1]["out_shape"][0]
     in_shape = layers[0]["in_shape"]
-    owned = planmod.split_bounds(in_shape[0], k)
+    owned = planmod.split_rows(in_shape[0], k)
     worst = 0.0
-    for i, (r0, r1) in enumerate(planmod.split_bounds(height, k)):
+    for i, (r0, r1) in enumerate(planmod.split_rows(height, k)):
         rows, need = planmod.strip_rows(layers, r0, r1, "<in>")
         t = sum(s["macs"] * (b - a) / s["out_shape"][0] /
                 prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
