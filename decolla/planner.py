@@ -24,6 +24,18 @@ from decolla import plan as planmod
 
 # Pi-4-class core (Cortex-A72, one thread, numpy/Cython kernels), MAC/s per layer kind.
 PI_CORE = {"conv3x3": 1.2e9, "pwconv": 1.6e9, "dwconv3x3": 0.45e9, "gap": 0.5e9, "linear": 1.0e9}
+# What one kernel call costs whatever its rows, in MACs per weight of the layer (measured
+# on the host with `decolla.ops`, one row per call over MobileNetV2-224: BLAS repacks a
+# pointwise layer's weights on every call). A strip pays it for every layer it computes:
+# the part of a layer's time that splitting by rows does not divide.
+CALL_MACS_PER_WEIGHT = {"conv3x3": 25.0, "pwconv": 25.0, "dwconv3x3": 60.0}
+
+
+def layer_weights(spec: dict) -> int:
+    """Weights of a layer (kernel taps x input x output channels; depthwise: taps x channels)."""
+    cin, cout = spec["in_shape"][-1], spec["out_shape"][-1]
+    return {"conv3x3": 9 * cin * cout, "dwconv3x3": 9 * cout, "pwconv": cin * cout,
+            "linear": cin * cout}.get(spec["kind"], 0)
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
@@ -41,8 +53,11 @@ class Profile:
     local: bool = False
     shared_link: bool = True             # False: each device has its own link of that bandwidth
     max_span: int = 40                   # longest segment (layers) tried as one spatial stage
+    call_macs_per_weight: dict = field(default_factory=lambda: dict(CALL_MACS_PER_WEIGHT))
     exchange: bool = True                # try exchange stages (strips swapping halo rows)
-    halo_overhead_s: float = 0.0005      # per halo a strip receives: send, wake-up, decode
+    # per halo a strip receives: send, wake-up, decode, and waiting for a neighbour that a
+    # CPU quota has just paused (fitted to the testbed: bench.plans_testbed, exchange:every=N)
+    halo_overhead_s: float = 0.004
 
     @classmethod
     def from_options(cls, opts: dict, k: int | None = None) -> "Profile":
@@ -105,7 +120,9 @@ def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof:
                 frac = 1.0
         else:                  # a channel chunk: its share of the first layer's outputs
             frac = (chunk.c1 - chunk.c0) / specs[stage.layers[0]]["out_shape"][-1]
-        t += s["macs"] * frac / rate
+        # a strip calls the kernel with the whole weight, a channel chunk with its slice
+        fixed = prof.call_macs_per_weight.get(s["kind"], 0.0) * layer_weights(s)
+        t += (s["macs"] * frac + fixed * (1.0 if stage.split == "spatial" else frac)) / rate
     return t
 
 
@@ -158,7 +175,7 @@ def swap_points(seg: list[dict], k: int, prof: Profile, memo: dict | None = None
         for a in points:
             if a >= b:
                 break
-            key = (body[a]["name"], body[b - 1]["name"], k)
+            key = (body[a]["name"], body[b - 1]["name"], k, a > 0)
             if key not in memo:
                 memo[key] = _stretch_seconds(body[a:b], k, prof, swapped=a > 0)
             options.append((best[a][0] + memo[key], best[a][1] + ((a,) if a else ())))
