@@ -33,6 +33,7 @@ can load the model (no bytes on the network), else sends them to a worker as usu
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
@@ -177,8 +178,8 @@ def split_rows(n: int, k: int) -> list[tuple[int, int]]:
     sizes = [base] * k
     for i in dict.fromkeys(order[:extra]):
         sizes[i] += 1
-    edges = np.cumsum([0] + sizes)
-    return [(int(edges[i]), int(edges[i + 1])) for i in range(k)]
+    edges = list(itertools.accumulate(sizes, initial=0))
+    return [(edges[i], edges[i + 1]) for i in range(k)]
 
 
 def split_bounds(n: int, k: int) -> list[tuple[int, int]]:
@@ -507,7 +508,8 @@ def _swaps(si, group, k, prev, shapes, every: int = 1, at=None) -> list[Swap] | 
     heights = [s["out_shape"][0] for s in body]
     if k < 2 or not body or min(heights) < k:
         return None
-    own = [[split_rows(h, k)[i] for h in heights] for i in range(k)]
+    splits = [split_rows(h, k) for h in heights]
+    own = [[split[i] for split in splits] for i in range(k)]
     rows = [list(o) for o in own]        # rows each strip computes of each layer
     wants = [list(o) for o in own]       # rows each strip must hold of each layer's output
     index = {s["name"]: j for j, s in enumerate(body)}

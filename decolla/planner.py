@@ -206,13 +206,15 @@ def _stretch_seconds(layers: list[dict], k: int, prof: Profile, swapped: bool) -
 
 
 def _candidates(seg: list[dict], prof: Profile, single_block: bool, long: bool = False,
-                memo: dict | None = None):
-    """(label, groups) options for one segment of layers (a `long` one: exchange stages only)."""
+                memo: dict | None = None, last: bool = False):
+    """(label, groups) options for one segment of layers (a `long` one: exchange stages only;
+    exchange stages only as the `last` segment, which keeps planning to about a second)."""
     strips = planmod.split_tail(seg) is not None
-    if strips and prof.exchange:
-        for k in range(2, prof.devices + 1):
-            at = swap_points(seg, k, prof, memo)
-            yield f"exchange x{k} ({len(at)} swaps)", [planmod.Group(seg, "spatial", k, swap_at=at)]
+    if strips and prof.exchange and prof.devices > 1 and last:
+        # all devices only (fewer strips than devices rarely pay and double planning time)
+        at = swap_points(seg, prof.devices, prof, memo)
+        yield f"exchange x{prof.devices} ({len(at)} swaps)", \
+            [planmod.Group(seg, "spatial", prof.devices, swap_at=at)]
     if long:
         return
     yield "one device", [planmod.Group(seg, "spatial", 1)]
@@ -244,13 +246,14 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
             start = cuts[i]
             if start not in best:
                 continue
+            last = end == len(specs)
             long = end - start > prof.max_span and i < j - 1
-            if long and not prof.exchange:
+            if long and not (prof.exchange and last):
                 break
             seg = specs[start:end]
             prev = specs[start - 1]["name"] if start else "input"
             base_t, base_g, base_n = best[start]
-            for label, groups in _candidates(seg, prof, len(seg) <= 4, long, memo):
+            for label, groups in _candidates(seg, prof, len(seg) <= 4, long, memo, last):
                 t, notes, p = 0.0, [], prev
                 for g in groups:
                     st = _stage(g, p, shapes)
