@@ -58,15 +58,26 @@ def test_local_plan_moves_no_bytes(cluster):
     assert all(d.startswith("local:") for d in r.devices_used)
 
 
-def test_straggler_spatial_chunks_are_recomputed_elsewhere(cluster):
+def _infer_with_dev2_stopped(cluster, plan: str, seed: int):
+    """One inference with `plan` while dev2 is SIGSTOPped (after a warm one); waits until
+    dev2 serves again before returning the result."""
     from decolla.api import Client
-    with Client(cluster.leader, plan="spatial", k=3, min_devices=3, deadline_floor=0.5) as client:
-        client.infer(image(2))                      # warm: every device has answered once
+    with Client(cluster.leader, plan=plan, k=3, min_devices=3, deadline_floor=0.5) as client:
+        client.infer(image(seed))                   # warm: every device has answered once
         cluster.kill("dev2", signal.SIGSTOP)
         try:
-            r = client.infer(image(2), timeout=60)
+            r = client.infer(image(seed), timeout=60)
         finally:
             cluster.kill("dev2", signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while "dev2" not in cluster.ready_devices():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return r
+
+
+def test_straggler_spatial_chunks_are_recomputed_elsewhere(cluster):
+    r = _infer_with_dev2_stopped(cluster, "spatial", 2)
     assert rel(r.logits, reference.forward(_model, image(2))) <= 1e-5
     stuck = [rec for rec in r.trace.records if rec.device == "dev2"
              and rec.status in ("lost", "cancelled", "late")]
@@ -74,10 +85,6 @@ def test_straggler_spatial_chunks_are_recomputed_elsewhere(cluster):
     for rec in stuck:
         assert any(o.status == "won" and o.device != "dev2" and (o.stage, o.chunk) ==
                    (rec.stage, rec.chunk) for o in r.trace.records)
-    deadline = time.monotonic() + 30
-    while "dev2" not in cluster.ready_devices():
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("whole_above,expect_whole", [(None, True), (0, False)])
@@ -156,20 +163,8 @@ def test_exchange_strips_swap_halos_between_devices(cluster):
 def test_exchange_strips_of_a_stopped_device_are_recomputed_alone(cluster):
     """A stopped device holds up its neighbours' halos: every strip waiting on it fails at
     its deadline and is computed alone (recomputing its halos) on a device that answers."""
-    from decolla.api import Client
-    with Client(cluster.leader, plan="exchange", k=3, min_devices=3,
-                deadline_floor=0.5) as client:
-        client.infer(image(5))
-        cluster.kill("dev2", signal.SIGSTOP)
-        try:
-            r = client.infer(image(5), timeout=60)
-        finally:
-            cluster.kill("dev2", signal.SIGCONT)
+    r = _infer_with_dev2_stopped(cluster, "exchange", 5)
     assert rel(r.logits, reference.forward(_model, image(5))) <= 1e-5
     won = [rec for rec in r.trace.records if rec.status == "won"]
     assert all(rec.device != "dev2" for rec in won)
     assert any(rec.reason != "first+swap" for rec in won)     # some strip ran alone
-    deadline = time.monotonic() + 30
-    while "dev2" not in cluster.ready_devices():
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
