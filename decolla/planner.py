@@ -53,6 +53,7 @@ class Profile:
     local: bool = False
     shared_link: bool = True             # False: each device has its own link of that bandwidth
     max_span: int = 40                   # longest segment (layers) tried as one spatial stage
+    max_mb: float = 1.0                  # byte budget per inference (wire MB; 0 = none)
     call_macs_per_weight: dict = field(default_factory=lambda: dict(CALL_MACS_PER_WEIGHT))
     exchange: bool = True                # try exchange stages (strips swapping halo rows)
     # per halo a strip receives: send, wake-up, decode, and waiting for a neighbour that a
@@ -72,7 +73,7 @@ class Profile:
             elif key == "gmacs":          # scale all kinds so pwconv runs at `gmacs` GMAC/s
                 f = float(val) * 1e9 / PI_CORE["pwconv"]
                 p.macs_per_s = {kk: v * f for kk, v in PI_CORE.items()}
-            elif key in ("bandwidth_mbit", "compression", "min_gain"):
+            elif key in ("bandwidth_mbit", "compression", "min_gain", "max_mb"):
                 setattr(p, key, float(val))
             elif key in ("devices", "max_span"):
                 setattr(p, key, int(val))
@@ -227,6 +228,45 @@ def _candidates(seg: list[dict], prof: Profile, single_block: bool, long: bool =
             yield f"gather x{k}", planmod.channel_groups(seg, "fused", k)
 
 
+def _cheapest(specs: list[dict], prof: Profile, by_name: dict, shapes: dict, memo: dict,
+              price: float) -> tuple:
+    """(predicted seconds, groups, notes) of the plan minimising predicted seconds plus
+    `price` per wire byte: a dynamic programme over the clean cuts."""
+    cuts = [0] + planmod.clean_cuts(specs)
+    if cuts[-1] != len(specs):
+        cuts.append(len(specs))
+    best = {0: (0.0, 0.0, [], [])}     # cut position -> (objective, seconds, groups, notes)
+    for j in range(1, len(cuts)):
+        end = cuts[j]
+        options = []
+        for i in range(j - 1, -1, -1):
+            start = cuts[i]
+            last = end == len(specs)
+            long = end - start > prof.max_span and i < j - 1
+            if long and not (prof.exchange and last):
+                break
+            seg = specs[start:end]
+            prev = specs[start - 1]["name"] if start else "input"
+            base_o, base_t, base_g, base_n = best[start]
+            for label, groups in _candidates(seg, prof, len(seg) <= 4, long, memo, last):
+                t, o, notes, p = 0.0, 0.0, [], prev
+                for g in groups:
+                    st = _stage(g, p, shapes)
+                    if g.swap_at is not None and not st.exchange:
+                        break              # some layer too short to give every strip rows
+                    ts = stage_seconds(st, by_name, prof)
+                    nbytes = prof.wire_bytes(planmod.stage_bytes(st))
+                    t, o = t + ts, o + ts + price * nbytes
+                    notes.append({"layers": [s["name"] for s in g.layers], "choice": label,
+                                  "split": st.split, "chunks": len(st.chunks),
+                                  "bytes": nbytes, "seconds": ts})
+                    p = st.output
+                else:
+                    options.append((base_o + o, base_t + t, base_g + groups, base_n + notes))
+        best[end] = min(options, key=lambda opt: opt[0])
+    return best[len(specs)][1:]
+
+
 def plan_groups(specs: list[dict], k: int, opts: dict):
     """Groups of the cheapest plan under the cost model, and notes explaining it."""
     prof = Profile.from_options(opts, k)
@@ -234,54 +274,29 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
     by_name = {s["name"]: s for s in specs}
     shapes = {"input": tuple(specs[0]["in_shape"])} | {s["name"]: tuple(s["out_shape"])
                                                         for s in specs}
-    cuts = [0] + planmod.clean_cuts(specs)
-    if cuts[-1] != len(specs):
-        cuts.append(len(specs))
-    best = {0: (0.0, [], [])}          # cut position -> (seconds, groups, notes)
-    memo: dict = {}                    # swap_points' stretch costs, shared by all segments
-    for j in range(1, len(cuts)):
-        end = cuts[j]
-        options = []
-        for i in range(j - 1, -1, -1):
-            start = cuts[i]
-            if start not in best:
-                continue
-            last = end == len(specs)
-            long = end - start > prof.max_span and i < j - 1
-            if long and not (prof.exchange and last):
-                break
-            seg = specs[start:end]
-            prev = specs[start - 1]["name"] if start else "input"
-            base_t, base_g, base_n = best[start]
-            for label, groups in _candidates(seg, prof, len(seg) <= 4, long, memo, last):
-                t, notes, p = 0.0, [], prev
-                for g in groups:
-                    st = _stage(g, p, shapes)
-                    if g.swap_at is not None and not st.exchange:
-                        break              # some layer too short to give every strip rows
-
-                    ts = stage_seconds(st, by_name, prof)
-                    t += ts
-                    notes.append({"layers": [s["name"] for s in g.layers], "choice": label,
-                                  "split": st.split, "chunks": len(st.chunks),
-                                  "bytes": prof.wire_bytes(planmod.stage_bytes(st)),
-                                  "seconds": ts})
-                    p = st.output
-                else:
-                    options.append((base_t + t, base_g + groups, base_n + notes))
-        best[end] = min(options, key=lambda o: o[0])
-    t, groups, notes = best[len(specs)]
+    memo: dict = {}                    # swap_points' stretch costs, shared by all runs
+    t, groups, notes = _cheapest(specs, prof, by_name, shapes, memo, 0.0)
+    # Over the byte budget: price every byte (first at the time it takes on the link, then
+    # 4x, 16x, ...) and plan again; one device if no price brings it under.
+    budget, price = prof.max_mb * 1e6, prof.seconds(4)
+    for _ in range(5):
+        if budget <= 0 or sum(n["bytes"] for n in notes) <= budget:
+            break
+        t, groups, notes = _cheapest(specs, prof, by_name, shapes, memo, price)
+        price *= 4
     single = planmod.Group(specs, "spatial", 1)
     single_stage = _stage(single, "input", shapes)
     one_s = stage_seconds(single_stage, by_name, prof)
     prof_local = Profile(**{**asdict(prof), "local": True})
     notes_out = {"profile": asdict(prof), "predicted_s": t, "stages": notes,
                  "one_device_s": stage_seconds(single_stage, by_name, prof_local)}
-    if t * prof.min_gain > one_s:
+    over = 0 < budget < sum(n["bytes"] for n in notes)
+    if over or t * prof.min_gain > one_s:
         # The prediction's error is of the order of the gain: one device is the safe choice.
+        why = f"over {prof.max_mb:g} MB" if over else f"split gain < {prof.min_gain:g}x"
         groups = [single]
         notes_out.update(predicted_s=one_s, stages=[{
-            "layers": [s["name"] for s in specs], "choice": f"one device (split gain < {prof.min_gain:g}x)",
+            "layers": [s["name"] for s in specs], "choice": f"one device ({why})",
             "split": "spatial", "chunks": 1, "seconds": one_s,
             "bytes": prof.wire_bytes(planmod.stage_bytes(single_stage))}])
     groups = _merge_singles(groups)

@@ -229,3 +229,16 @@ def test_planner_row_arithmetic_equals_the_kernels_own(kind, stride, h, data):
     r0 = data.draw(st.integers(0, out_h - 1))
     r1 = data.draw(st.integers(r0 + 1, out_h))
     assert planmod._rows_needed(kind, stride, r0, r1, h) == input_rows_needed(kind, stride, r0, r1, h)
+
+
+def test_auto_keeps_to_its_byte_budget():
+    specs = load_model("mobilenet_v2").layer_specs()
+    opts = "auto:bandwidth_mbit=1000,shared_link=0,exchange=0,min_gain=1"
+    free = planmod.build_plan(specs, 3, opts + ",max_mb=0")
+    assert free.bytes_moved(2) > 0.35e6
+    kept = planmod.build_plan(specs, 3, opts + ",max_mb=0.35")
+    assert kept.bytes_moved(2) <= 0.35e6
+    assert kept.notes["predicted_s"] >= free.notes["predicted_s"]
+    none = planmod.build_plan(specs, 3, opts + ",max_mb=0.1")      # less than the image
+    assert [len(s.chunks) for s in none.stages] == [1]
+    assert "over 0.1 MB" in none.notes["stages"][0]["choice"]
