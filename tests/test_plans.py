@@ -242,3 +242,18 @@ def test_auto_keeps_to_its_byte_budget():
     none = planmod.build_plan(specs, 3, opts + ",max_mb=0.1")      # less than the image
     assert [len(s.chunks) for s in none.stages] == [1]
     assert "over 0.1 MB" in none.notes["stages"][0]["choice"]
+
+
+def test_cost_model_charges_every_strip_the_kernel_calls_fixed_cost():
+    specs = load_model("mobilenet_v2").layer_specs()
+    tail = [s for s in specs if s["name"].startswith(("b16", "b17"))]   # 7x7 blocks
+    by = {s["name"]: s for s in tail}
+    shapes = {"in": tuple(tail[0]["in_shape"])} | {s["name"]: tuple(s["out_shape"]) for s in specs}
+    prof = planner.Profile()
+    whole = planmod._spatial_stage(0, tail, 1, "in", shapes)
+    strips = planmod._spatial_stage(0, tail, 7, "in", shapes)
+    one = planner.chunk_seconds(whole, whole.chunks[0], by, prof)
+    rows = [planner.chunk_seconds(strips, c, by, prof) for c in strips.chunks]
+    assert sum(rows) > 1.5 * one          # 7 one-row strips: 7 calls per layer
+    prof.call_macs_per_weight = {}
+    assert sum(planner.chunk_seconds(strips, c, by, prof) for c in strips.chunks) < 1.5 * one
