@@ -89,7 +89,7 @@ def _run(layer, w, b, x, res, out, nt):
     """One whole layer straight on the kernels (shapes were validated at planning time)."""
     k = layer.kind
     if k == "pwconv":
-        ops._gemm.pwconv(x, w, b, out, 0, 0, layer.relu6, res, 0, 0, nt)
+        ops.pwconv_kernel(x, w, b, out, 0, 0, layer.relu6, res, 0, 0, nt)
     elif k == "dwconv3x3":
         ops._dw.dwconv3x3(x, w, b, out, layer.stride, 0, 0, 0, 0, x.shape[0], layer.relu6, nt)
         if res is not None:

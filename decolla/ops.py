@@ -15,6 +15,7 @@ kept single-threaded, so there is one thread pool and no oversubscription.
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 
@@ -266,8 +267,51 @@ def pwconv(x, weight, bias, *, relu6: bool = False, residual=None, c0: int = 0,
     shape = (r1 - r0, x.shape[1], c1 - c0)
     res, rr0, rc0 = _residual(residual, shape, (in_height, x.shape[1], cout), (r0, c0))
     y = _output(out, shape, x, res)
-    _gemm.pwconv(x, w, b, y, c0, r0 - in_row0, bool(relu6), res, rr0, rc0, _nthreads(threads))
+    pwconv_kernel(x, w, b, y, c0, r0 - in_row0, bool(relu6), res, rr0, rc0, _nthreads(threads))
     return y
+
+
+# With fewer pixels than this, or a weight window of fewer floats than this, pwconv
+# multiplies by a weight packed once per layer: BLAS repacks the whole weight on every
+# call, which dominates a strip of a few rows (2-3x slower at 14-28 pixels). Above
+# both, the two tie. Only the AVX2/FMA build is measured faster: the baseline x86
+# (SSE2) build keeps BLAS.
+_FAST_PACKED = _gemm.__name__.endswith("_v3")
+PACKED_MAX_PIXELS = 512 if _FAST_PACKED else 0
+PACKED_MAX_WEIGHTS = 32768 if _FAST_PACKED else 0   # 128 KiB: 10-35% faster at any size
+
+_packed: dict[tuple[int, int, int], tuple[weakref.ref, np.ndarray]] = {}
+
+
+def packed_weight(w: np.ndarray, c0: int, c1: int) -> np.ndarray:
+    """w[:, c0:c1] in the panel layout of the packed pwconv kernel, cached while w lives
+    (keyed on the array object: a replaced weight array is packed anew)."""
+    key = (id(w), c0, c1)
+    hit = _packed.get(key)
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    nr = _gemm.PACK_NR
+    wpk = np.empty(((c1 - c0 + nr - 1) // nr, w.shape[0], nr), np.float32)
+    _gemm.pack_pw(w, c0, c1, wpk)
+    _packed[key] = (weakref.ref(w, lambda ref: _forget(key, ref)), wpk)
+    return wpk
+
+
+def _forget(key, ref) -> None:
+    hit = _packed.get(key)
+    if hit is not None and hit[0] is ref:
+        del _packed[key]
+
+
+def pwconv_kernel(x, w, b, out, c0, xr0, relu6, res, rr0, rc0, threads) -> None:
+    """The Cython pwconv (arguments as decolla.kernels gemm.pwconv, already validated):
+    the packed-weight kernel for few pixels or small weights, BLAS otherwise."""
+    m, n = out.shape[0] * out.shape[1], out.shape[2]
+    if m > 0 and n > 0 and (m < PACKED_MAX_PIXELS or w.shape[0] * n < PACKED_MAX_WEIGHTS):
+        wpk = packed_weight(w, c0, c0 + n)
+        _gemm.pwconv_packed(x, wpk, b, out, c0, xr0, relu6, res, rr0, rc0, threads)
+    else:
+        _gemm.pwconv(x, w, b, out, c0, xr0, relu6, res, rr0, rc0, threads)
 
 
 def gap(x, *, c0: int = 0, c1: int | None = None, out=None,

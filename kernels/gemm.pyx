@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Pointwise 1x1 convolution and linear layer through BLAS, plus fused epilogues.
+"""Pointwise 1x1 convolution and linear layer through BLAS, plus fused epilogues;
+for few pixels, a pointwise convolution on weights packed once (`pwconv_packed`).
 
 Low-level kernels: no validation here (decolla.ops validates). NHWC fp32.
 """
@@ -95,6 +96,214 @@ cdef void _pw_task(Py_ssize_t t, Py_ssize_t tn, Py_ssize_t mb, Py_ssize_t nb, Py
     cdef Py_ssize_t nt = n - q0 if n - q0 < nb else nb
     _tile(ap + p0 * K, K, NULL if wp == NULL else wp + q0, cout, bp + q0, op + p0 * n + q0, n,
           NULL if rp == NULL else rp + p0 * rs + q0, rs, m, nt, relu6)
+
+
+# Packed-weight path for few pixels: OpenBLAS repacks the whole weight matrix on
+# every sgemm call, which dominates when there are only a few dozen pixels.
+cdef enum:
+    PW_NR = 16   # output channels per weight panel (two AVX2 vectors)
+    PW_MR = 6    # pixels per register block (6 x 16 accumulators = 12 ymm registers)
+
+
+cdef extern from *:
+    """
+    /* 8 floats of any alignment (GCC/Clang vector extensions). */
+    #if defined(__AVX__)
+    typedef float pw_v8 __attribute__((vector_size(32), aligned(4)));
+    #define PW_LOAD(p) (*(const pw_v8 *)(p))
+    #define PW_STORE(p, v) (*(pw_v8 *)(p) = (v))
+    #define PW_ZERO() ((pw_v8){0})
+    #define PW_FMA(acc, a, w) ((acc) + (a) * (w))
+    #else
+    /* Two 4-float halves: gcc lowers a 32-byte vector on a 16-byte ISA through the
+       stack, where every scalar broadcast stalls (50x slower). */
+    typedef float pw_v4 __attribute__((vector_size(16), aligned(4)));
+    typedef struct { pw_v4 lo, hi; } pw_v8;
+    static inline pw_v8 PW_LOAD(const float *p) {
+        pw_v8 v = {*(const pw_v4 *)p, *(const pw_v4 *)(p + 4)}; return v; }
+    static inline void PW_STORE(float *p, pw_v8 v) {
+        *(pw_v4 *)p = v.lo; *(pw_v4 *)(p + 4) = v.hi; }
+    static inline pw_v8 PW_ZERO(void) { pw_v8 v = {{0}, {0}}; return v; }
+    static inline pw_v8 PW_FMA(pw_v8 acc, float a, pw_v8 w) {
+        acc.lo += a * w.lo; acc.hi += a * w.hi; return acc; }
+    #endif
+    """
+    ctypedef struct pw_v8:
+        pass
+    pw_v8 PW_LOAD(const float* p) noexcept nogil
+    void PW_STORE(float* p, pw_v8 v) noexcept nogil
+    pw_v8 PW_ZERO() noexcept nogil
+    pw_v8 PW_FMA(pw_v8 acc, float a, pw_v8 w) noexcept nogil
+
+
+cdef inline void _pw_block(cfloat_rp a, Py_ssize_t K, cfloat_rp wp, cfloat_rp bp,
+                           float* op, Py_ssize_t ldo, const float* rp, Py_ssize_t rs,
+                           Py_ssize_t nt, bint relu6, const int mr, const bint wide) noexcept nogil:
+    """mr (<= PW_MR) pixels x nt (<= PW_NR) channels from one K x PW_NR weight panel
+    (only its first 8 channels unless `wide`)."""
+    # Explicit vectors: left to itself gcc vectorizes the K loop (emulated gathers)
+    # instead of keeping the 6 x 16 accumulators in registers.
+    cdef pw_v8 c00 = PW_ZERO(), c01 = PW_ZERO(), c10 = PW_ZERO(), c11 = PW_ZERO()
+    cdef pw_v8 c20 = PW_ZERO(), c21 = PW_ZERO(), c30 = PW_ZERO(), c31 = PW_ZERO()
+    cdef pw_v8 c40 = PW_ZERO(), c41 = PW_ZERO(), c50 = PW_ZERO(), c51 = PW_ZERO()
+    cdef pw_v8 w0, w1
+    cdef float acc[PW_MR][PW_NR]
+    cdef Py_ssize_t i, k
+    # Two loops rather than a test inside one: gcc does not unswitch it.
+    if wide:
+        for k in range(K):
+            w0 = PW_LOAD(wp + k * PW_NR)
+            w1 = PW_LOAD(wp + k * PW_NR + 8)
+            c00 = PW_FMA(c00, a[k], w0)
+            c01 = PW_FMA(c01, a[k], w1)
+            if mr > 1:
+                c10 = PW_FMA(c10, a[K + k], w0)
+                c11 = PW_FMA(c11, a[K + k], w1)
+            if mr > 2:
+                c20 = PW_FMA(c20, a[2 * K + k], w0)
+                c21 = PW_FMA(c21, a[2 * K + k], w1)
+            if mr > 3:
+                c30 = PW_FMA(c30, a[3 * K + k], w0)
+                c31 = PW_FMA(c31, a[3 * K + k], w1)
+            if mr > 4:
+                c40 = PW_FMA(c40, a[4 * K + k], w0)
+                c41 = PW_FMA(c41, a[4 * K + k], w1)
+            if mr > 5:
+                c50 = PW_FMA(c50, a[5 * K + k], w0)
+                c51 = PW_FMA(c51, a[5 * K + k], w1)
+    else:
+        for k in range(K):
+            w0 = PW_LOAD(wp + k * PW_NR)
+            c00 = PW_FMA(c00, a[k], w0)
+            if mr > 1:
+                c10 = PW_FMA(c10, a[K + k], w0)
+            if mr > 2:
+                c20 = PW_FMA(c20, a[2 * K + k], w0)
+            if mr > 3:
+                c30 = PW_FMA(c30, a[3 * K + k], w0)
+            if mr > 4:
+                c40 = PW_FMA(c40, a[4 * K + k], w0)
+            if mr > 5:
+                c50 = PW_FMA(c50, a[5 * K + k], w0)
+    PW_STORE(acc[0], c00); PW_STORE(acc[0] + 8, c01)
+    PW_STORE(acc[1], c10); PW_STORE(acc[1] + 8, c11)
+    PW_STORE(acc[2], c20); PW_STORE(acc[2] + 8, c21)
+    PW_STORE(acc[3], c30); PW_STORE(acc[3] + 8, c31)
+    PW_STORE(acc[4], c40); PW_STORE(acc[4] + 8, c41)
+    PW_STORE(acc[5], c50); PW_STORE(acc[5] + 8, c51)
+    for i in range(mr):
+        if rp == NULL:
+            _pw_store(op + i * ldo, acc[i], <const float*>NULL, bp, nt, relu6)
+        else:
+            _pw_store(op + i * ldo, acc[i], rp + i * rs, bp, nt, relu6)
+
+
+cdef inline void _pw_store(float_rp o, cfloat_rp acc, cfloat_rp r, cfloat_rp b, Py_ssize_t n,
+                           bint relu6) noexcept nogil:
+    """o = act(acc + b) (+ r): the epilogue of `pwconv` (bias_act_rows) from registers."""
+    cdef Py_ssize_t c
+    cdef float s
+    for c in range(n):
+        s = acc[c] + b[c]
+        if relu6:
+            s = s if s > <float>0.0 else <float>0.0
+            s = s if s < <float>6.0 else <float>6.0
+        o[c] = s + r[c] if r != NULL else s
+
+
+cdef inline void _pw_panel(const float* ap, Py_ssize_t M, Py_ssize_t K, const float* wp,
+                           const float* bp, float* op, Py_ssize_t ldo, const float* rp,
+                           Py_ssize_t rs, Py_ssize_t nt, bint relu6,
+                           const bint wide) noexcept nogil:
+    """All M pixels against one weight panel, PW_MR pixels at a time."""
+    cdef Py_ssize_t p = 0, mr
+    cdef const float* r
+    while p < M:
+        r = NULL if rp == NULL else rp + p * rs
+        mr = M - p if M - p < PW_MR else PW_MR
+        # Literal block heights: each call is specialised with its loops unrolled.
+        if mr == 6:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 6, wide)
+        elif mr == 5:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 5, wide)
+        elif mr == 4:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 4, wide)
+        elif mr == 3:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 3, wide)
+        elif mr == 2:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 2, wide)
+        else:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 1, wide)
+        p += mr
+
+
+def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const float[::1] b,
+                  float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, bint relu6,
+                  const float[:, :, ::1] res=None, Py_ssize_t rr0=0, Py_ssize_t rc0=0,
+                  int threads=1):
+    """Same as `pwconv`, with the weight window w[:, c0:c0+n] pre-packed by `pack_pw`
+    as wpk (panels, K, PW_NR). Work is cut into (pixel chunk, panel) tasks that the
+    threads share."""
+    cdef Py_ssize_t rows = out.shape[0], W = out.shape[1], n = out.shape[2]
+    cdef Py_ssize_t K = x.shape[2], npan = wpk.shape[0], t
+    if rows == 0 or W == 0 or n == 0:
+        return
+    cdef Py_ssize_t M = rows * W
+    cdef const float* ap = &x[0, 0, 0] + xr0 * W * K
+    cdef const float* wp = &wpk[0, 0, 0]
+    cdef const float* bp = &b[0] + c0
+    cdef float* op = &out[0, 0, 0]
+    cdef const float* rp = NULL
+    cdef Py_ssize_t rs = 0
+    if res is not None:
+        rs = res.shape[2]
+        rp = &res[0, 0, 0] + rr0 * W * rs + rc0
+    # Pixel chunks whose inputs stay in L2 while every panel passes over them.
+    cdef Py_ssize_t mc = (PW_CHUNK_FLOATS // K if K > 0 else M) // PW_MR * PW_MR
+    if mc < PW_MR:
+        mc = PW_MR
+    cdef Py_ssize_t ntask = (M + mc - 1) // mc * npan
+    if threads <= 1 or ntask == 1:
+        with nogil:
+            for t in range(ntask):
+                _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
+        return
+    for t in prange(ntask, nogil=True, num_threads=threads, schedule="static"):
+        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
+
+
+# Input floats per pixel chunk of pwconv_packed (128 KiB: half of a small L2).
+cdef Py_ssize_t PW_CHUNK_FLOATS = 32768
+
+
+cdef inline void _pw_packed_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t mc,
+                                 const float* ap, Py_ssize_t M, Py_ssize_t K,
+                                 const float* wp, const float* bp, float* op, Py_ssize_t n,
+                                 const float* rp, Py_ssize_t rs, bint relu6) noexcept nogil:
+    cdef Py_ssize_t p0 = (t // npan) * mc, q = t % npan, q0 = q * PW_NR
+    cdef Py_ssize_t m = M - p0 if M - p0 < mc else mc
+    cdef Py_ssize_t nt = n - q0 if n - q0 < PW_NR else PW_NR
+    cdef const float* r = NULL if rp == NULL else rp + p0 * rs + q0
+    # A last panel of at most 8 channels (e.g. 24 outputs) skips its zero half.
+    if nt > PW_NR // 2:
+        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+                  nt, relu6, True)
+    else:
+        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+                  nt, relu6, False)
+
+
+def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1] wpk):
+    """wpk[q, k, j] = w[k, c0 + q * PW_NR + j] (zero past c1): the layout of `pwconv_packed`."""
+    cdef Py_ssize_t K = w.shape[0], q, k, j, c
+    for q in range(wpk.shape[0]):
+        for k in range(K):
+            for j in range(PW_NR):
+                c = c0 + q * PW_NR + j
+                wpk[q, k, j] = w[k, c] if c < c1 else 0
+
+
+PACK_NR = PW_NR
 
 
 def linear(const float[::1] x, const float[:, ::1] w, const float[::1] b, float[::1] out,

@@ -235,6 +235,11 @@ def test_every_isa_build_matches_reference(suffix):
     out = np.empty((9, 7, 50), np.float32)
     gemm.pwconv(x, wp, bp, out, 0, 0, False)
     close(out, reference.pwconv(x, wp, bp))
+    wpk = np.empty(((50 - 3 + gemm.PACK_NR - 1) // gemm.PACK_NR, 37, gemm.PACK_NR), np.float32)
+    gemm.pack_pw(wp, 3, 50, wpk)
+    out = np.empty((9, 7, 47), np.float32)
+    gemm.pwconv_packed(x, wpk, bp, out, 3, 0, True)
+    close(out, np.clip(reference.pwconv(x, wp, bp), 0, 6)[..., 3:])
 
 
 def test_threads_give_the_same_result():
@@ -386,3 +391,66 @@ def test_pwconv_tiling(block, threads):
     out = np.empty((9, 6, 50), np.float32)
     ops._gemm.pwconv(x, w, b, out, 10, 0, True, r, 0, 10, threads, block)
     close(out, (np.clip(reference.pwconv(x, w, b), 0, 6) + r)[..., 10:60])
+
+
+# --------------------------------------------------------------------------- packed pwconv
+
+@SETTINGS
+@given(rows=st.integers(1, 10), w=st.integers(1, 8), cin=st.integers(0, 70),
+       cout=st.integers(1, 60), data=st.data())
+def test_packed_pwconv_matches_blas(rows, w, cin, cout, data):
+    """The packed-weight kernel against the BLAS one: every epilogue, channel windows,
+    input row offsets and residual offsets, M = 1..80 pixels."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    c0 = data.draw(st.integers(0, cout - 1))
+    c1 = data.draw(st.integers(c0 + 1, cout))
+    xr0 = data.draw(st.integers(0, 2))
+    relu6 = data.draw(st.booleans())
+    threads = data.draw(st.sampled_from([1, 2]))
+    x, wt, b = rand(rng, rows + xr0 + 1, w, cin), rand(rng, cin, cout), rand(rng, cout)
+    res, rr0, rc0 = None, 0, 0
+    if data.draw(st.booleans()):
+        rr0, rc0 = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 5))
+        res = rand(rng, rows + rr0 + 1, w, c1 - c0 + rc0 + 2)
+    want = np.empty((rows, w, c1 - c0), np.float32)
+    ops._gemm.pwconv(x, wt, b, want, c0, xr0, relu6, res, rr0, rc0, 1)
+    got = np.full_like(want, np.nan)
+    ops._gemm.pwconv_packed(x, ops.packed_weight(wt, c0, c1), b, got, c0, xr0, relu6, res,
+                            rr0, rc0, threads)
+    close(got, want)
+
+
+@pytest.mark.parametrize("limit", [0, 10**9])  # BLAS only, packed only
+@pytest.mark.parametrize("rows", [1, 2, 7, 10, 28])
+@pytest.mark.parametrize("cin, cout", [(64, 384), (960, 160), (24, 144), (144, 24), (37, 50)])
+def test_pwconv_both_paths_match_reference(limit, rows, cin, cout, monkeypatch):
+    """ops.pwconv through either kernel (7-pixel rows: M = 7..196)."""
+    monkeypatch.setattr(ops, "PACKED_MAX_PIXELS", limit)
+    monkeypatch.setattr(ops, "PACKED_MAX_WEIGHTS", limit)
+    rng = np.random.default_rng(rows * cin + cout)
+    x, wt, b, r = rand(rng, rows, 7, cin), rand(rng, cin, cout), rand(rng, cout), \
+        rand(rng, rows, 7, cout)
+    want = reference.pwconv(x, wt, b) + r
+    close(ops.pwconv(x, wt, b, residual=r), want)
+    close(ops.pwconv(x, wt, b, residual=r, c0=3, c1=cout - 1), want[..., 3:cout - 1])
+
+
+def test_packed_weights_are_cached_per_array():
+    rng = np.random.default_rng(6)
+    x, w, b = rand(rng, 2, 7, 40), rand(rng, 40, 50), rand(rng, 50)
+    first = ops.packed_weight(w, 0, 50)
+    assert ops.packed_weight(w, 0, 50) is first          # packed once
+    assert ops.packed_weight(w, 16, 50) is not first     # each channel window its own
+    assert ops.packed_weight(w.copy(), 0, 50) is not first
+    close(ops.pwconv(x, w, b), reference.pwconv(x, w, b))
+    # a replaced weight array (even one that reuses the freed id) is packed anew
+    for _ in range(5):
+        w = rand(rng, 40, 50)
+        close(ops.pwconv(x, w, b), reference.pwconv(x, w, b))
+    # entries go away with their array
+    del first
+    w = rand(rng, 40, 50)
+    ops.packed_weight(w, 0, 50)
+    n = len(ops._packed)
+    del w
+    assert len(ops._packed) == n - 1
