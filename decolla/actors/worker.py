@@ -246,7 +246,9 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         x = np.random.default_rng(0).random(layer.in_shape, dtype=np.float32)
         inputs = {n: (n.select(x) if n.tensor == "input" else
                       np.zeros(n.shape(layer.out_shape), np.float32)) for n in chunk.needs}
-        return measure_speed(lambda: planmod.compute_chunk({layer.name: layer}, stage, chunk, inputs),
+        cache: dict = {}     # as real chunks run: sliced (and packed) weights kept
+        return measure_speed(lambda: planmod.compute_chunk({layer.name: layer}, stage, chunk, inputs,
+                                                           cache=cache),
                              chunk.cost.macs, calibration_window())
 
     # ------------------------------------------------------------ work
