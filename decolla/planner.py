@@ -55,7 +55,10 @@ class Profile:
     max_span: int = 40                   # longest segment (layers) tried as one spatial stage
     max_mb: float = 1.0                  # byte budget per inference (wire MB; 0 = none)
     call_macs_per_weight: dict = field(default_factory=lambda: dict(CALL_MACS_PER_WEIGHT))
-    exchange: bool = True                # try exchange stages (strips swapping halo rows)
+    # try exchange stages (strips swapping halo rows): off unless asked for. On the testbed
+    # they measured no faster than requester stages, and a stalled device stalls its
+    # neighbours' strips too (docs/PLANS.md, "Exchange stages")
+    exchange: bool = False
     # per halo a strip receives: send, wake-up, decode, and waiting for a neighbour that a
     # CPU quota has just paused (fitted to the testbed: bench.plans_testbed, exchange:every=N)
     halo_overhead_s: float = 0.004

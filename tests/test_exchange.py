@@ -66,10 +66,10 @@ def test_auto_swaps_less_often_when_a_swap_costs_more():
     assert len(cheap) > len(dear)
     cuts = set(planmod.clean_cuts(planmod.split_tail(specs)[0]))
     assert set(cheap) <= cuts and set(dear) <= cuts
-    plan = planmod.build_plan(specs, 3, "auto:bandwidth_mbit=1000,halo_overhead_ms=0.1")
+    plan = planmod.build_plan(specs, 3, "auto:bandwidth_mbit=1000,exchange=1,halo_overhead_ms=0.1")
     assert plan.stages[0].exchange
-    assert not any(s.exchange for s in planmod.build_plan(
-        specs, 3, "auto:bandwidth_mbit=1000,exchange=0").stages)
+    assert not any(s.exchange for s in planmod.build_plan(       # off unless asked for
+        specs, 3, "auto:bandwidth_mbit=1000,halo_overhead_ms=0.1").stages)
 
 
 def test_lockstep_strips_of_one_device_need_no_network():

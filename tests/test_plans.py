@@ -119,9 +119,9 @@ def test_auto_splits_only_for_a_predicted_gain():
     assert chunks("bandwidth_mbit=1000,device_overhead_ms=0,min_gain=100") == [1]
     # strips that swap halos pay the per-chunk cost once per device, like one device does;
     # halos that cost too much keep the whole network on one device too
-    assert chunks("bandwidth_mbit=1000,device_overhead_ms=500,exchange=0") == [1]
-    assert chunks("bandwidth_mbit=1000,halo_overhead_ms=100,device_overhead_ms=500") == [1]
-    assert chunks("bandwidth_mbit=1000,device_overhead_ms=500") == [3]
+    assert chunks("bandwidth_mbit=1000,device_overhead_ms=500") == [1]
+    assert chunks("bandwidth_mbit=1000,exchange=1,halo_overhead_ms=100,device_overhead_ms=500") == [1]
+    assert chunks("bandwidth_mbit=1000,exchange=1,device_overhead_ms=500") == [3]
     kept = planmod.build_plan(specs, 3, "auto:bandwidth_mbit=1000,min_gain=100")
     assert kept.notes["stages"][0]["choice"].startswith("one device")
 
