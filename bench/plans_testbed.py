@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("-k", type=float, default=8.0, help="device slowdown vs one host core")
     p.add_argument("--cap", type=float, default=60.0, help="per-request time cap, s")
-    p.add_argument("--overhead-ms", type=float, default=2.0,
+    p.add_argument("--overhead-ms", type=float, default=1.0,
                    help="the auto planner's per-message cost (device message handling is slowed "
                         "by the CPU quota too)")
     p.add_argument("--device-overhead-ms", type=float, default=None,

@@ -25,10 +25,11 @@ from decolla import plan as planmod
 # Pi-4-class core (Cortex-A72, one thread, numpy/Cython kernels), MAC/s per layer kind.
 PI_CORE = {"conv3x3": 1.2e9, "pwconv": 1.6e9, "dwconv3x3": 0.45e9, "gap": 0.5e9, "linear": 1.0e9}
 # What one kernel call costs whatever its rows, in MACs per weight of the layer (measured
-# on the host with `decolla.ops`, one row per call over MobileNetV2-224: BLAS repacks a
-# pointwise layer's weights on every call). A strip pays it for every layer it computes:
-# the part of a layer's time that splitting by rows does not divide.
-CALL_MACS_PER_WEIGHT = {"conv3x3": 25.0, "pwconv": 25.0, "dwconv3x3": 60.0}
+# on the host with `decolla.ops`, one row per call over MobileNetV2-224, minus that row's
+# MACs: weight traffic and per-call set-up; with BLAS repacking pointwise weights on every
+# call it was 25 for pointwise). A strip pays it for every layer it computes: the part
+# of a layer's time that splitting by rows does not divide.
+CALL_MACS_PER_WEIGHT = {"conv3x3": 25.0, "pwconv": 11.0, "dwconv3x3": 47.0}
 
 
 def layer_weights(spec: dict) -> int:
@@ -44,7 +45,9 @@ class Profile:
     """What the cost model knows about the devices and the network."""
     devices: int = 3
     bandwidth_mbit: float = 100.0
-    overhead_s: float = 0.002            # per message (send or result), serial at the requester
+    # per message (send or result), serial at the requester: ≈ 0.3 ms measured on the data
+    # plane (testbed timelines), plus decoding and merging results; 2 ms before the data plane
+    overhead_s: float = 0.001
     device_overhead_s: float = 0.005     # per chunk on its device: receive, decode, encode, send
     min_gain: float = 1.1                # split only if predicted >= this much faster than one device
     macs_per_s: dict = field(default_factory=lambda: dict(PI_CORE))

@@ -249,11 +249,14 @@ def test_cost_model_charges_every_strip_the_kernel_calls_fixed_cost():
     tail = [s for s in specs if s["name"].startswith(("b16", "b17"))]   # 7x7 blocks
     by = {s["name"]: s for s in tail}
     shapes = {"in": tuple(tail[0]["in_shape"])} | {s["name"]: tuple(s["out_shape"]) for s in specs}
-    prof = planner.Profile()
     whole = planmod._spatial_stage(0, tail, 1, "in", shapes)
     strips = planmod._spatial_stage(0, tail, 7, "in", shapes)
-    one = planner.chunk_seconds(whole, whole.chunks[0], by, prof)
-    rows = [planner.chunk_seconds(strips, c, by, prof) for c in strips.chunks]
-    assert sum(rows) > 1.5 * one          # 7 one-row strips: 7 calls per layer
-    prof.call_macs_per_weight = {}
-    assert sum(planner.chunk_seconds(strips, c, by, prof) for c in strips.chunks) < 1.5 * one
+
+    def seconds(prof):
+        return (planner.chunk_seconds(whole, whole.chunks[0], by, prof),
+                sum(planner.chunk_seconds(strips, c, by, prof) for c in strips.chunks))
+    (one, seven), (one_free, seven_free) = seconds(planner.Profile()), \
+        seconds(planner.Profile(call_macs_per_weight={}))
+    assert one > one_free
+    # 7 one-row strips make 7 calls per layer: 7 times the fixed cost of one whole call
+    assert seven - seven_free == pytest.approx(7 * (one - one_free))
