@@ -104,10 +104,10 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Swap:
-    """How a strip of an exchange stage runs beside the other strips: it computes only the
-    rows it owns of every layer (`own_rows`) and gets the halo rows of a layer's input from
-    the strips owning them instead of recomputing them (`own_rows`: the rows it computes
-    of each layer: its own, plus a few more where that makes a halo narrower).
+    """How a strip of an exchange stage runs beside the other strips: it computes the rows it
+    owns of every layer, plus those it recomputes between two swaps (`own_rows`: the rows
+    it computes of each layer), and gets the other halo rows of a layer's input from the
+    strips owning them (`needs`, `cost`: its input slices and cost when run this way).
     `halo_in`: (layer j, from strip, lo, hi) rows of layer j's input it receives;
     `halo_out`: (layer j, to strip, lo, hi) rows of layer j's input it sends."""
     own_rows: tuple[tuple[int, int], ...]
@@ -482,7 +482,7 @@ def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0, swap_at=None) 
         cost = ChunkCost(macs=int(round(macs)), bytes_in=bytes_in, bytes_out=bytes_out)
         chunks.append(Chunk(si, ci, 0, out_shape[-1], tuple(needs), cost,
                             rows=None if whole else (r0, r1), layer_rows=tuple(rows)))
-    swaps = _swaps(si, group, len(chunks), prev, shapes, exchange, swap_at) \
+    swaps = _swaps(group, len(chunks), prev, shapes, exchange, swap_at) \
         if (exchange or swap_at is not None) and parts else None
     if swaps:
         chunks = [replace(c, swap=w) for c, w in zip(chunks, swaps)]
@@ -492,7 +492,7 @@ def _spatial_stage(si, group, k, prev, shapes, exchange: int = 0, swap_at=None) 
                  axis=0, reduce=reduce, exchange=bool(swaps))
 
 
-def _swaps(si, group, k, prev, shapes, every: int = 1, at=None) -> list[Swap] | None:
+def _swaps(group, k, prev, shapes, every: int = 1, at=None) -> list[Swap] | None:
     """Each strip's `Swap` for a spatial group cut into k strips; None when some layer has
     fewer than k rows (a strip would own none) or k < 2.
 

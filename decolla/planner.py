@@ -284,7 +284,7 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
     t, groups, notes = _cheapest(specs, prof, by_name, shapes, memo, 0.0)
     # Over the byte budget: price every byte (first at the time it takes on the link, then
     # 4x, 16x, ...) and plan again; one device if no price brings it under.
-    budget, price = prof.max_mb * 1e6, prof.seconds(4)
+    budget, price = prof.max_mb * 1e6, 8 / (prof.bandwidth_mbit * 1e6)
     for _ in range(5):
         if budget <= 0 or sum(n["bytes"] for n in notes) <= budget:
             break
