@@ -1,11 +1,12 @@
-"""Strips of an exchange stage: each computes only its own rows of every layer and gets the
-halo rows of a layer's input from the strips that own them (`plan.Swap`).
+"""Strips of an exchange stage: each computes its own rows of every layer (and those it
+recomputes between swaps) and gets the other halo rows of a layer's input from the strips
+that own them (`plan.Swap`).
 
 Why: a strip that recomputes its halos (the `spatial` plan) grows a pyramid of extra rows
-through every 3x3 layer; over a whole network the strips of 3 devices sum to ≈ 1.4x the
-network's MACs and the critical path stays long. Swapping one or two rows per 3x3 layer
-with the neighbours keeps the work at exactly 1x, at the price of one small message per
-neighbour and 3x3 layer.
+through every 3x3 layer; over a whole network the strips of 3 devices sum to 1.4-1.8x the
+network's MACs and the critical path stays long. Swapping rows at every block keeps the
+work at ≈ 1.1x, at the price of one small message per neighbour and swap, and a wait for
+the slowest neighbour at each swap.
 
 `StripExchange` is one strip's state; `run_lockstep` advances the strips one device holds,
 layer by layer, with the caller's `send` and `take` moving halo rows (in memory in
