@@ -688,14 +688,53 @@ def _buffer(cache: dict | None, name: str, rows: tuple[int, int], layer: Layer):
     return buf
 
 
+def _strip_buffers(layers, stage: Stage, chunk: Chunk, cache: dict | None) -> list:
+    """Output buffers for the layers of a strip (None: allocate; the last layer's result is
+    handed out), shared like `decolla.forward.Forward`'s: a layer writes into a buffer
+    whose tensor nobody reads any more, so a few buffers stay in cache instead of one
+    per layer. Kept in `cache` per (layers, rows)."""
+    if cache is None:
+        return [None] * len(stage.layers)
+    key = ("strip-buffers", stage.layers, chunk.layer_rows)
+    outs = cache.get(key)
+    if outs is not None:
+        return outs
+    names = stage.layers
+    last_use: dict[str, int] = {}
+    for j, name in enumerate(names):
+        if j:
+            last_use[names[j - 1]] = j
+        r = layers[name].residual
+        if r:
+            last_use[r] = max(last_use.get(r, 0), j)
+    shapes = [(b - a,) + tuple(layers[name].out_shape[1:])
+              for name, (a, b) in zip(names, chunk.layer_rows)]
+    pooled = [j < len(names) - 1 and layers[name].kind in ROWWISE for j, name in enumerate(names)]
+    size = max([math.prod(s) for s, p in zip(shapes, pooled) if p], default=0)
+    free: list = []
+    owner: dict = {}
+    outs = []
+    for j, name in enumerate(names):
+        if not pooled[j]:
+            outs.append(None)
+            continue
+        buf = free.pop() if free else np.empty(size, np.float32)
+        outs.append(buf[:math.prod(shapes[j])].reshape(shapes[j]))
+        owner[name] = buf
+        for done in [n for n, last in last_use.items() if last == j and n in owner]:
+            free.append(owner.pop(done))
+    cache[key] = outs
+    return outs
+
+
 def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=None):
+    outs = _strip_buffers(layers, stage, chunk, cache)
     have = {}
     for n in chunk.needs:
         have[n.tensor] = (np.ascontiguousarray(inputs[n], dtype=np.float32),
                           n.rows[0] if n.rows else 0)
     src = chunk.needs[0].tensor
     y = None
-    last = len(stage.layers) - 1
     for j, (name, (a, b)) in enumerate(zip(stage.layers, chunk.layer_rows)):
         layer = layers[name]
         x, x0 = have[src]
@@ -703,9 +742,7 @@ def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=
         if layer.residual:
             r, rr0 = have[layer.residual]
             res = r[a - rr0:b - rr0] if r.ndim == 3 else r
-        # the stage's result is handed out, so never a reused buffer
-        out = None if j == last else _buffer(cache, name, (a, b), layer)
-        y = strip_layer(layer, stage, chunk.index, x, x0, a, b, res, run_layer, out)
+        y = strip_layer(layer, stage, chunk.index, x, x0, a, b, res, run_layer, outs[j])
         have[name] = (y, a)
         src = name
     return y
