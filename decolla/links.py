@@ -7,10 +7,10 @@ growing size (x4 from `first_bytes`, at most `max_bytes`) until one spends at le
 TCP ramp-up are small against it; `samples` probes of that size give the upload
 bandwidth (the best sample: a probe can only be slowed down by other traffic).
 
-Then, with two or more devices, the same sized probes go to all of them at once: if the
-last echo comes about as soon as the slowest device's alone, every device has its own
-link (`shared` False); if it takes about as long as all of them one after the other,
-they share one (`shared` True). `auto` plans with the median bandwidth and this topology
+Then, with two or more devices, the same sized probes go to all of them at once,
+`samples` times (the fastest round counts): if the last echo comes about as soon as the
+slowest device's alone, every device has its own link (`shared` False); if it takes
+about as long as all of them one after the other, they share one (`shared` True). `auto` plans with the median bandwidth and this topology
 unless its name states them.
 """
 from __future__ import annotations
@@ -61,6 +61,7 @@ class LinkProber:
         self.progress: dict[str, _Progress] = {}
         self.out: dict[int, tuple] = {}           # seq -> (device, size, sent at)
         self.together: frozenset | None = None    # devices of the all-at-once probe out
+        self.together_s: list = []                # its rounds' times so far
         self.compared: frozenset = frozenset()    # devices the last all-at-once probe covered
         self.seq = 0
         self.ended = 0                            # measurements finished or given up
@@ -94,8 +95,9 @@ class LinkProber:
             prog = self.progress.setdefault(self.todo[0], _Progress())
             return [self._probe(self.todo[0], prog.size)]
         if self._compare_due():
-            self.together = frozenset(self.links)
-            return [self._probe(d, l.probe_bytes) for d, l in self.links.items()]
+            if self.together is None:
+                self.together, self.together_s = frozenset(self.links), []
+            return [self._probe(d, self.links[d].probe_bytes) for d in self.together]
         return []
 
     def echo(self, msg: LinkEcho) -> Link | None:
@@ -106,8 +108,11 @@ class LinkProber:
         device, size, sent = out
         elapsed = self.clock() - sent
         if self.together is not None:
-            if not self.out:         # the last echo of the all-at-once probe
-                self._decide(elapsed)
+            if not self.out:         # the last echo of one all-at-once probe
+                self.together_s.append(elapsed)
+                if len(self.together_s) >= self.samples:
+                    # the fastest: a device stalled by its CPU quota only ever adds time
+                    self._decide(min(self.together_s))
             return None
         prog = self.progress[device]
         if size == 0:

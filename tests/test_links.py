@@ -64,8 +64,8 @@ def test_one_probe_out_at_a_time_devices_in_turn():
     p.echo(LinkEcho(first[1].seq, "a"))
     sent = measure(p, clock, {"a": (0.001, 1e6), "b": (0.002, 4e6)})
     devices = [d for d, _ in sent]
-    assert devices[:-2] == sorted(devices[:-2])     # all of a's probes, then all of b's,
-    assert set(devices[-2:]) == {"a", "b"}          # then one to each at once
+    assert devices[:-4] == sorted(devices[:-4])     # all of a's probes, then all of b's,
+    assert set(devices[-4:-2]) == set(devices[-2:]) == {"a", "b"}   # then twice to each at once
     assert set(p.links) == {"a", "b"}
     assert abs(p.bandwidth_mbit() - (8 + 32) / 2) < 1e-6
 
@@ -155,3 +155,19 @@ def test_a_device_briefly_unreachable_keeps_its_figure_and_is_not_probed_again()
     assert set(p.links) == {"a", "b"} and p.settled
     p.track(["a", "b"])                              # ... and is back
     assert p.next_probes() == [] and p.settled
+
+
+def test_a_stalled_device_in_one_all_at_once_round_does_not_make_own_links_look_shared():
+    """Each round of the all-at-once probe can meet a device paused by its CPU quota; the
+    fastest round decides."""
+    clock, p = started("a", "b", "c")
+    links = {d: (0.001, 1e6) for d in "abc"}
+    first_together = []
+
+    def slow(dev, seq):
+        together = len(p.links) == 3
+        if together and not first_together:
+            first_together.append(seq)
+        return 0.3 if together and seq < first_together[0] + 3 else 0.0   # round 1 stalls
+    measure(p, clock, links, slow)
+    assert p.shared is False and p.settled
