@@ -48,6 +48,14 @@ cdef void _tile(const float* a, Py_ssize_t K, const float* wm, Py_ssize_t ldw,
     bias_act_rows(out, res, rs, bias, m, nt, ldo, relu6)
 
 
+cdef inline const float* _residual_start(const float[:, :, ::1] res, Py_ssize_t rr0,
+                                        Py_ssize_t W, Py_ssize_t rc0):
+    """Where the residual's rows [rr0, ...) and channels [rc0, ...) start (NULL: none)."""
+    if res is None:
+        return NULL
+    return &res[0, 0, 0] + rr0 * W * res.shape[2] + rc0
+
+
 def pwconv(const float[:, :, ::1] x, const float[:, ::1] w, const float[::1] b,
            float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, bint relu6,
            const float[:, :, ::1] res=None, Py_ssize_t rr0=0, Py_ssize_t rc0=0,
@@ -67,11 +75,8 @@ def pwconv(const float[:, :, ::1] x, const float[:, ::1] w, const float[::1] b,
     cdef const float* wp = &w[0, 0] + c0 if K > 0 else NULL
     cdef const float* bp = &b[0] + c0
     cdef float* op = &out[0, 0, 0]
-    cdef const float* rp = NULL
-    cdef Py_ssize_t rs = 0
-    if res is not None:
-        rs = res.shape[2]
-        rp = &res[0, 0, 0] + rr0 * W * rs + rc0
+    cdef Py_ssize_t rs = 0 if res is None else res.shape[2]
+    cdef const float* rp = _residual_start(res, rr0, W, rc0)
     cdef Py_ssize_t mb = auto_block(M, n) if block <= 0 else block
     cdef Py_ssize_t tm = (M + mb - 1) // mb
     cdef Py_ssize_t tn = 1, nb = n, t
@@ -253,11 +258,8 @@ def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const fl
     cdef const float* wp = &wpk[0, 0, 0]
     cdef const float* bp = &b[0] + c0
     cdef float* op = &out[0, 0, 0]
-    cdef const float* rp = NULL
-    cdef Py_ssize_t rs = 0
-    if res is not None:
-        rs = res.shape[2]
-        rp = &res[0, 0, 0] + rr0 * W * rs + rc0
+    cdef Py_ssize_t rs = 0 if res is None else res.shape[2]
+    cdef const float* rp = _residual_start(res, rr0, W, rc0)
     # Pixel chunks whose inputs stay in L2 while every panel passes over them.
     cdef Py_ssize_t mc = (PW_CHUNK_FLOATS // K if K > 0 else M) // PW_MR * PW_MR
     if mc < PW_MR:
