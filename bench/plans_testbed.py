@@ -9,10 +9,12 @@ unshaped, unthrottled requester host running this module with --agent. Mobile-on
 the `single` plan through the same runtime: the whole network as one chunk on one
 device (image there, logits back). `auto` runs twice: told the bandwidth and the device
 speed (the planner's best case) and as a user gets it (plain `auto`: the requester
-measures the links, their bandwidth and whether they are shared, and plans for them). Per bandwidth and plan: median
-latency end to end
-and without the delivery of the first stage's input (the paper's convention), bytes,
-correctness against the single-device forward. Ratios are from the same run.
+measures the links, their bandwidth and whether they are shared, and plans for them);
+`--plans` adds plans (default `exchange`). The plans take turns, `--block` repeats at a
+time, so the shared host's drift hits them alike. Per bandwidth and plan: median latency
+end to end and without the delivery of the first stage's input (the paper's convention),
+bytes, correctness against the single-device forward; each request's per-chunk timeline
+(halo bytes and halo waits included). Ratios are from the same run.
 Writes bench/results/plans_testbed.json and .md.
 """
 from __future__ import annotations

@@ -260,3 +260,18 @@ def test_cost_model_charges_every_strip_the_kernel_calls_fixed_cost():
     assert one > one_free
     # 7 one-row strips make 7 calls per layer: 7 times the fixed cost of one whole call
     assert seven - seven_free == pytest.approx(7 * (one - one_free))
+
+
+def test_strips_share_a_few_buffers_and_reuse_them_across_requests():
+    m, img, want = model("v2")
+    plan = planmod.build_plan(m.layer_specs(), 3, "spatial")
+    cache: dict = {}
+    other = np.random.default_rng(8).standard_normal(m.input_shape).astype(np.float32)
+    for x, ref in ((img, want), (other, reference.forward(m, other)), (img, want)):
+        got, _ = planrun.run_plan(m, plan, x, None, cache=cache)
+        assert rel(got, ref) <= 1e-5
+    layers = {l.name: l for l in m.layers}
+    stage = plan.stages[0]
+    outs = planmod._strip_buffers(layers, stage, stage.chunks[1], cache)
+    bases = {id(o.base) for o in outs if o is not None}
+    assert len(stage.layers) > 3 * len(bases) and outs[-1] is None
