@@ -34,16 +34,18 @@ class StripExchange:
                  inputs: Mapping[planmod.Need, np.ndarray], run_layer=None, cache=None):
         if chunk.swap is None:
             raise planmod.PlanError(f"chunk {chunk.key} is not a strip of an exchange stage")
-        missing = [n for n in chunk.swap.needs if n not in inputs]
+        needs = chunk.run_as(True)[0]
+        missing = [n for n in needs if n not in inputs]
         if missing:
             raise planmod.PlanError(f"chunk {chunk.key} is missing inputs {missing}")
         if run_layer is None:
             from decolla.ops import run_layer
         self.layers, self.stage, self.chunk = layers, stage, chunk
-        self.run_layer, self.cache = run_layer, cache
+        self.run_layer = run_layer
+        self.outs = planmod.strip_buffers(layers, stage.layers, chunk.swap.own_rows, cache)
         self.have = {n.tensor: (np.ascontiguousarray(inputs[n], dtype=np.float32),
-                                n.rows[0] if n.rows else 0) for n in chunk.swap.needs}
-        self.src = chunk.swap.needs[0].tensor
+                                n.rows[0] if n.rows else 0) for n in needs}
+        self.src = needs[0].tensor
         self.j = 0
         self.y = None
 
@@ -79,10 +81,8 @@ class StripExchange:
         if layer.residual:
             r, r0 = self.have[layer.residual]
             res = r[a - r0:b - r0] if r.ndim == 3 else r
-        last = j == len(self.stage.layers) - 1
-        out = None if last else planmod._buffer(self.cache, ("swap", name), (a, b), layer)
         self.y = planmod.strip_layer(layer, self.stage, self.chunk.index, x, x0, a, b, res,
-                                     self.run_layer, out)
+                                     self.run_layer, self.outs[j])
         self.have[name] = (self.y, a)
         self.src = name
         self.j += 1

@@ -101,6 +101,11 @@ class Chunk:
     def key(self) -> tuple[int, int]:
         return (self.stage, self.index)
 
+    def run_as(self, swapped: bool) -> tuple[tuple["Need", ...], ChunkCost]:
+        """The input slices and cost of this chunk run beside the other strips of its
+        exchange stage (`swapped`), or alone."""
+        return (self.swap.needs, self.swap.cost) if swapped else (self.needs, self.cost)
+
 
 @dataclass(frozen=True)
 class Swap:
@@ -162,10 +167,9 @@ class Plan:
 def stage_bytes(stage: Stage) -> int:
     """fp32 bytes in + out of all chunks of a stage (of an exchange stage: as its strips
     run together, the halos they swap included)."""
-    if stage.exchange:
-        return sum(c.swap.cost.bytes_in + c.swap.cost.bytes_out + c.swap.halo_bytes
-                   for c in stage.chunks)
-    return sum(c.cost.bytes_in + c.cost.bytes_out for c in stage.chunks)
+    halos = sum(c.swap.halo_bytes for c in stage.chunks) if stage.exchange else 0
+    return halos + sum(cost.bytes_in + cost.bytes_out
+                       for cost in (c.run_as(stage.exchange)[1] for c in stage.chunks))
 
 
 def split_rows(n: int, k: int) -> list[tuple[int, int]]:
@@ -589,7 +593,7 @@ def _swaps(group, k, prev, shapes, every: int = 1, at=None) -> list[Swap] | None
             _nbytes(out_shape) * (done[-1][1] - done[-1][0]) // out_shape[0]
         halo = sum(_nbytes((hi - lo,) + tuple(body[j]["in_shape"][1:]))
                    for j, _, lo, hi in halo_in[i])
-        out.append(Swap(done, tuple(ns), ChunkCost(int(round(macs)), bytes_in, bytes_out),
+        out.append(Swap(tuple(done), tuple(ns), ChunkCost(int(round(macs)), bytes_in, bytes_out),
                         tuple(halo_in[i]), tuple(halo_out[i]), halo))
     return out
 
@@ -674,32 +678,18 @@ def _residual(layer, inputs, chunk, by_tensor, channels):
     return np.ascontiguousarray(inputs[need], dtype=np.float32)
 
 
-def _buffer(cache: dict | None, name: str, rows: tuple[int, int], layer: Layer):
-    """A reusable output buffer for an intermediate layer of a strip (None: allocate).
-    Fresh large arrays cost page faults on first touch: whole-network strips ran 2.4x
-    slower than `decolla.forward` without reuse."""
-    if cache is None or layer.kind not in ROWWISE:
-        return None
-    key = ("strip-out", name, rows)
-    buf = cache.get(key)
-    if buf is None:
-        shape = (rows[1] - rows[0],) + tuple(layer.out_shape[1:])
-        buf = cache[key] = np.empty(shape, np.float32)
-    return buf
-
-
-def _strip_buffers(layers, stage: Stage, chunk: Chunk, cache: dict | None) -> list:
-    """Output buffers for the layers of a strip (None: allocate; the last layer's result is
-    handed out), shared like `decolla.forward.Forward`'s: a layer writes into a buffer
-    whose tensor nobody reads any more, so a few buffers stay in cache instead of one
-    per layer. Kept in `cache` per (layers, rows)."""
+def strip_buffers(layers, names: tuple[str, ...], rows: tuple, cache: dict | None) -> list:
+    """Output buffers for layers `names` of a strip computing `rows` of each (None:
+    allocate; the last layer's result is handed out), shared like
+    `decolla.forward.Forward`'s: a layer writes into a buffer whose tensor nobody reads any
+    more, so a few buffers stay in cache instead of one per layer (fresh large arrays cost
+    page faults on first touch). Kept in `cache` per (layers, rows)."""
     if cache is None:
-        return [None] * len(stage.layers)
-    key = ("strip-buffers", stage.layers, chunk.layer_rows)
+        return [None] * len(names)
+    key = ("strip-buffers", names, rows)
     outs = cache.get(key)
     if outs is not None:
         return outs
-    names = stage.layers
     last_use: dict[str, int] = {}
     for j, name in enumerate(names):
         if j:
@@ -708,7 +698,7 @@ def _strip_buffers(layers, stage: Stage, chunk: Chunk, cache: dict | None) -> li
         if r:
             last_use[r] = max(last_use.get(r, 0), j)
     shapes = [(b - a,) + tuple(layers[name].out_shape[1:])
-              for name, (a, b) in zip(names, chunk.layer_rows)]
+              for name, (a, b) in zip(names, rows)]
     pooled = [j < len(names) - 1 and layers[name].kind in ROWWISE for j, name in enumerate(names)]
     size = max([math.prod(s) for s, p in zip(shapes, pooled) if p], default=0)
     free: list = []
@@ -728,7 +718,7 @@ def _strip_buffers(layers, stage: Stage, chunk: Chunk, cache: dict | None) -> li
 
 
 def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=None):
-    outs = _strip_buffers(layers, stage, chunk, cache)
+    outs = strip_buffers(layers, stage.layers, chunk.layer_rows, cache)
     have = {}
     for n in chunk.needs:
         have[n.tensor] = (np.ascontiguousarray(inputs[n], dtype=np.float32),

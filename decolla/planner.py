@@ -103,6 +103,10 @@ class Profile:
     def seconds(self, fp32_bytes: float) -> float:
         return self.wire_bytes(fp32_bytes) * 8 / (self.bandwidth_mbit * 1e6)
 
+    def halo_seconds(self, rows: int, shape) -> float:
+        """Receiving one halo of `rows` rows of a tensor of `shape` (H, W, C)."""
+        return self.halo_overhead_s + self.seconds(4 * rows * shape[1] * shape[2])
+
 
 def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof: Profile) -> float:
     """Predicted compute time of one chunk on one device (a strip of an exchange stage: its
@@ -112,8 +116,7 @@ def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof:
     if stage.exchange:
         rows = chunk.swap.own_rows
         for j, m, lo, hi in chunk.swap.halo_in:
-            shape = specs[stage.layers[j]]["in_shape"]
-            t += prof.halo_overhead_s + prof.seconds(4 * (hi - lo) * shape[1] * shape[2])
+            t += prof.halo_seconds(hi - lo, specs[stage.layers[j]]["in_shape"])
     for j, name in enumerate(stage.layers):
         s = specs[name]
         rate = prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
@@ -140,7 +143,7 @@ def stage_seconds(stage: planmod.Stage, specs: dict, prof: Profile) -> float:
         return comps[0]
     o, n = prof.overhead_s, prof.devices
     t, link, free, finish = 0.0, [0.0] * n, [0.0] * n, []
-    costs = [c.swap.cost if stage.exchange else c.cost for c in stage.chunks]
+    costs = [c.run_as(stage.exchange)[1] for c in stage.chunks]
     for i, (cost, comp) in enumerate(zip(costs, comps)):
         d = i % n
         if prof.shared_link:          # one requester link: transfers one after the other
@@ -207,7 +210,7 @@ def _stretch_seconds(layers: list[dict], k: int, prof: Profile, swapped: bool) -
             a, b = owned[min(i, len(owned) - 1)]
             for extra in (max(0, a - lo), max(0, hi - b)):
                 if extra:
-                    t += prof.halo_overhead_s + prof.seconds(4 * extra * in_shape[1] * in_shape[2])
+                    t += prof.halo_seconds(extra, in_shape)
         worst = max(worst, t)
     return worst
 

@@ -53,7 +53,7 @@ def run_plan(model: Model, plan: planmod.Plan, image: np.ndarray, wire_dtype: st
         strips, halos = {}, {}
         for c in stage.chunks:
             inputs = {}
-            for n in (c.swap.needs if swapped else c.needs):
+            for n in c.run_as(swapped)[0]:
                 inputs[n], nb = wire_pass(n.select(tensors[n.tensor]))
                 s_in += nb
             if swapped:

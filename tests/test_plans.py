@@ -272,6 +272,6 @@ def test_strips_share_a_few_buffers_and_reuse_them_across_requests():
         assert rel(got, ref) <= 1e-5
     layers = {l.name: l for l in m.layers}
     stage = plan.stages[0]
-    outs = planmod._strip_buffers(layers, stage, stage.chunks[1], cache)
+    outs = planmod.strip_buffers(layers, stage.layers, stage.chunks[1].layer_rows, cache)
     bases = {id(o.base) for o in outs if o is not None}
     assert len(stage.layers) > 3 * len(bases) and outs[-1] is None

@@ -323,7 +323,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         wait_s = 0.0
         for c in chunks:
             keys, nbytes = [], 0
-            needs, cost = (c.swap.needs, c.swap.cost) if swap else (c.needs, c.cost)
+            needs, cost = c.run_as(swap is not None)
             for need in needs:
                 key = need.key
                 if key not in req.blobs:
@@ -342,8 +342,9 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             due = time.monotonic() + predicted
             deadline = self.sup.dispatched(dev, (req.id, stage.index, c.index, attempt),
                                            cost.macs, nbytes + cost.bytes_out, predicted)
-            wait_s = max(wait_s, deadline - time.monotonic())
-            rec.deadline = now + (deadline - time.monotonic())
+            left = deadline - time.monotonic()
+            wait_s = max(wait_s, left)
+            rec.deadline = now + left
             att = _Attempt(rec, deadline, due)
             req.attempts[c.index].append(att)
             req.index[(stage.index, c.index, attempt)] = att

@@ -147,37 +147,41 @@ def _by_target(pairs: list) -> list:
     return groups
 
 
+@dataclasses.dataclass(slots=True)
 class _Job:
-    __slots__ = ("request", "stage", "chunk", "attempt", "inputs", "reply_to", "received",
-                 "dtype")
-
-    def __init__(self, request, stage, chunk, attempt, inputs, reply_to, received, dtype):
-        self.request, self.stage, self.chunk, self.attempt = request, stage, chunk, attempt
-        self.inputs, self.reply_to, self.received, self.dtype = inputs, reply_to, received, dtype
-
-
-class _SwapJob:
-    """The strips of one exchange stage this device computes together (StageWork.swap)."""
-    __slots__ = ("request", "stage", "strips", "swap", "wait_s", "reply_to", "received",
-                 "dtype")
-
-    def __init__(self, request, stage, strips, swap, wait_s, reply_to, received, dtype):
-        self.request, self.stage, self.strips, self.swap = request, stage, strips, swap
-        self.wait_s, self.reply_to, self.received, self.dtype = wait_s, reply_to, received, dtype
+    """One chunk to compute alone."""
+    request: str
+    stage: object
+    chunk: object
+    attempt: int
+    inputs: dict
+    reply_to: object
+    received: float
+    dtype: str
 
     def keys(self) -> set:
-        return {(c.stage, c.index) for c, _, _ in self.strips}
+        return {self.chunk.key}
+
+
+@dataclasses.dataclass(slots=True)
+class _SwapJob:
+    """The strips of one exchange stage this device computes together (StageWork.swap)."""
+    request: str
+    stage: object
+    strips: list                  # (chunk, attempt, inputs)
+    swap: dict
+    wait_s: float
+    reply_to: object
+    received: float
+    dtype: str
+
+    def keys(self) -> set:
+        return {c.key for c, _, _ in self.strips}
 
 
 def _cancelled(job, msg: Cancel) -> bool:
     """Whether `msg` drops queued `job` (a group of strips only once all of them are dropped)."""
-    if job.request != msg.request:
-        return False
-    if not msg.keys:
-        return True
-    if isinstance(job, _SwapJob):
-        return job.keys() <= set(msg.keys)
-    return (job.chunk.stage, job.chunk.index) in set(msg.keys)
+    return job.request == msg.request and (not msg.keys or job.keys() <= set(msg.keys))
 
 
 class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
@@ -258,7 +262,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         strips = []
         for job in msg.jobs:
             inputs = {}
-            needs = job.chunk.swap.needs if msg.swap else job.chunk.needs
+            needs = job.chunk.run_as(msg.swap is not None)[0]
             try:
                 for need, key in zip(needs, job.blob_keys):
                     if key not in decoded:
@@ -323,12 +327,13 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         devices (this blocks the actor until done or a halo is `wait_s` late: then every
         strip fails and the requester sends each alone elsewhere)."""
         deadline = time.monotonic() + job.wait_s
+        mine = {c.index for c, _, _ in job.strips}
         local: dict = {}
         received = collections.Counter()       # strip -> halo bytes from other devices
-        waited = [0.0]
+        waited = 0.0
 
         def send(src, dst, layer, rows):
-            if dst in strips:
+            if dst in mine:
                 local[(src, dst, layer)] = rows
                 return
             dev, addr = job.swap[dst]
@@ -337,11 +342,12 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
                 raise exchange.HaloMissing(f"cannot reach strip {dst} on {dev}")
 
         def take(src, dst, layer):
+            nonlocal waited
             if (src, dst, layer) in local:
                 return local.pop((src, dst, layer))
             t = time.perf_counter()
             blob = self.halos.take((job.request, job.stage.index, src, dst, layer), deadline)
-            waited[0] += time.perf_counter() - t
+            waited += time.perf_counter() - t
             received[dst] += len(blob)
             return wire.decode(blob)
 
@@ -364,7 +370,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         for c, attempt, _ in job.strips:
             out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, attempt,
                                                   self.name, payloads[c.index], job.received,
-                                                  start, end, received[c.index], waited[0])))
+                                                  start, end, received[c.index], waited)))
 
     def receiveMsg_Closed(self, msg, conn):
         # nobody is left to read these results
