@@ -134,6 +134,30 @@ def test_cpu_quota_slows_a_cpu_loop(tb):
     assert tb.host("slow").cgroup.throttled_usec() > 0
 
 
+@needs_root
+def test_throttled_hosts_share_one_cpu_and_the_others_get_the_rest(tb):
+    """Emulated devices computing at the same instant slow each other on a VM's CPUs, so
+    throttled hosts are packed on one CPU (their quotas fit), unthrottled ones elsewhere;
+    running processes (all their threads) move when a quota changes."""
+    slow, busy, free = (tb.host(n) for n in ("slow", "busy", "free"))
+    allowed = os.sched_getaffinity(0)
+    assert len(slow.cgroup.cpus) == 1 and slow.cgroup.cpus == busy.cgroup.cpus
+    if len(allowed) > 1:
+        assert free.cgroup.cpus == allowed - slow.cgroup.cpus
+    proc = slow.python("bench.testbed.cpuwork", "burn", stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        assert os.sched_getaffinity(proc.pid) == set(slow.cgroup.cpus)
+        assert os.sched_getaffinity(busy.loader.pid) == set(busy.cgroup.cpus)
+        tb.set_cpu_quota("slow", None)          # unthrottled: off the devices' CPU
+        assert os.sched_getaffinity(proc.pid) == set(free.cgroup.cpus or allowed)
+        tb.set_cpu_quota("slow", 0.1)
+        assert os.sched_getaffinity(proc.pid) == set(busy.cgroup.cpus)
+    finally:
+        slow.signal(signal.SIGKILL, proc)
+        proc.wait()
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

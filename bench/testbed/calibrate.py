@@ -105,7 +105,9 @@ def calibrate_quota(root: cgroup.CgroupRoot, parent: str, probe: Callable[[], ob
     if k < 1:
         raise ValueError("k must be ≥ 1 (a device is not faster than the host)")
     host = cgroup.CpuCgroup(root, f"{parent}/calib-host").create()
-    dev = cgroup.CpuCgroup(root, f"{parent}/calib-dev").create()
+    # on one CPU, as the testbed runs throttled hosts (Testbed._place)
+    one = frozenset({max(os.sched_getaffinity(0))}) if cgroup.placement() != "none" else None
+    dev = cgroup.CpuCgroup(root, f"{parent}/calib-dev", one).create()
     try:
         host.set_quota(None)
         # CPU time, not wall time: on a shared machine a neighbour would otherwise stretch the

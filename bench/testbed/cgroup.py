@@ -12,6 +12,7 @@ from pathlib import Path
 DEFAULT_PERIOD_US = 10_000  # short, so throttling gaps stay far below millisecond-scale latencies
 MIN_QUOTA_US = 1_000  # kernel minimum for cfs quota
 PERIOD_ENV = "DECOLLA_TESTBED_PERIOD_US"   # overrides the default period (1: the shortest allowed)
+PIN_ENV = "DECOLLA_TESTBED_PIN"            # CPU placement of hosts: pack, spread or none
 
 
 def default_period_us() -> int:
@@ -51,6 +52,30 @@ def find_root() -> CgroupRoot | None:
     return None
 
 
+def placement() -> str:
+    """How the testbed places hosts on CPUs: $DECOLLA_TESTBED_PIN, "pack" (default), "spread"
+    or "none" (see Testbed._place)."""
+    mode = os.environ.get(PIN_ENV, "pack").strip().lower()
+    mode = {"0": "none", "no": "none", "1": "pack"}.get(mode, mode)
+    if mode not in ("pack", "spread", "none"):
+        raise ValueError(f"{PIN_ENV} must be pack, spread or none, got {mode!r}")
+    return mode
+
+
+def set_affinity(pid: int, cpus: frozenset[int] | None) -> None:
+    """Put every thread of process `pid` on `cpus` (None: every CPU this process may use)."""
+    cpus = cpus or os.sched_getaffinity(0)
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass            # the thread ended meanwhile
+
+
 def period_for(cores: float, period_us: int = DEFAULT_PERIOD_US) -> int:
     """The shortest period ≥ `period_us` whose quota for `cores` is ≥ the kernel minimum."""
     return max(period_us, math.ceil(MIN_QUOTA_US / cores)) if cores > 0 else period_us
@@ -59,11 +84,16 @@ def period_for(cores: float, period_us: int = DEFAULT_PERIOD_US) -> int:
 class CpuCgroup:
     """One cgroup directory with an optional CPU quota (in cores, e.g. 0.125)."""
 
-    def __init__(self, root: CgroupRoot, name: str):
+    def __init__(self, root: CgroupRoot, name: str, cpus: frozenset[int] | None = None):
         self.root = root
         self.path = root.path / name
         self.cores: float | None = None
         self.period_us = DEFAULT_PERIOD_US
+        # CPUs the group's processes may run on (None: any). A quota spread over several
+        # CPUs is handed out per CPU in slices (sched_cfs_bandwidth_slice_us, 5 ms) larger
+        # than a device's whole quota, so a process whose threads move between CPUs is
+        # throttled early and irregularly; on one CPU it runs like one slow core.
+        self.cpus = cpus
 
     def create(self) -> "CpuCgroup":
         """Create the directory (v2: delegate the cpu controller down to it)."""
@@ -99,8 +129,10 @@ class CpuCgroup:
         self.cores, self.period_us = cores, period
 
     def add_self(self) -> None:
-        """Move the calling process into this group (used in a child before exec)."""
+        """Move the calling process into this group, on its CPUs (used in a child before exec)."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
 
     def set_weight(self, top: bool) -> None:
         """Give the group the highest (top) or the default CPU weight among its siblings."""
@@ -111,7 +143,7 @@ class CpuCgroup:
 
     def child(self, name: str) -> "CpuCgroup":
         """A sub-group `name` (not created yet)."""
-        return CpuCgroup(self.root, str(self.path.relative_to(self.root.path) / name))
+        return CpuCgroup(self.root, str(self.path.relative_to(self.root.path) / name), self.cpus)
 
     def pids(self) -> list[int]:
         """Pids of processes in the group and all its sub-groups."""
