@@ -38,8 +38,9 @@ REARM, REARM_S = "dataplane-rearm", 0.001
 
 class Inbox:
     """Objects from any connection, with a file descriptor that is readable while some wait.
-    Objects of a type in `route` go to its function instead, on the reader's thread (for
-    an owner that waits for them inside a handler)."""
+    Objects of a type in `route` go to its function instead, as `fn(obj, connection)` on the
+    reader's thread (for an owner that waits for them inside a handler, or that handles
+    them without its actor's message loop)."""
 
     def __init__(self, route: dict | None = None):
         self._r, self._w = os.pipe()
@@ -54,7 +55,7 @@ class Inbox:
     def put(self, item) -> None:
         to = self.route.get(type(item[1]))
         if to is not None:
-            to(item[1])
+            to(item[1], item[0])
             return
         self._items.append(item)
         try:

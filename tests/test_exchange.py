@@ -108,7 +108,7 @@ def test_halo_box_waits_for_a_halo_and_gives_up_at_the_deadline():
 
 def test_data_plane_routes_halos_past_the_actor():
     got = []
-    inbox = dataplane.Inbox(route={Halo: got.append})
+    inbox = dataplane.Inbox(route={Halo: lambda halo, conn: got.append(halo)})
     listener = dataplane.Listener(inbox, "127.0.0.1")
     peer = dataplane.Connection.connect(dataplane.Inbox(), listener.address)
     try:
