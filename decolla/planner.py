@@ -48,7 +48,10 @@ class Profile:
     # per message (send or result), serial at the requester: ≈ 0.3 ms measured on the data
     # plane (testbed timelines), plus decoding and merging results; 2 ms before the data plane
     overhead_s: float = 0.001
-    device_overhead_s: float = 0.005     # per chunk on its device: receive, decode, encode, send
+    # per chunk on its device: receive, decode, encode, send. ≈ 0.46 ms of host CPU on
+    # loopback with the worker's compute thread (0.75 ms through Thespian's message loop),
+    # x 7-8 on a Pi-class core
+    device_overhead_s: float = 0.0035
     min_gain: float = 1.1                # split only if predicted >= this much faster than one device
     macs_per_s: dict = field(default_factory=lambda: dict(PI_CORE))
     wire_dtype: str = "float16"
