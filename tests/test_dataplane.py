@@ -176,3 +176,42 @@ def test_a_failing_handler_does_not_leave_the_data_plane_unwatched(tcp_asys):
     conn.send(b"after")                     # nothing else will come to wake the actor
     assert [o for _, o in _collect(inbox, 1, timeout=5)] == [b"after"]
     conn.close()
+
+
+def test_worker_answers_while_a_data_plane_strip_waits_for_its_halo(tcp_asys):
+    """Data-plane work runs on the worker's compute thread: while a strip waits for a halo
+    that never comes, a link probe is echoed at once and the actor answers messages; at the
+    strip's deadline it fails (the requester then recomputes it alone elsewhere)."""
+    import dataclasses
+    from decolla import plan as planmod, wire
+    from decolla.messages import (ChunkFailed, ChunkJob, InitWorker, LinkEcho, LinkProbe,
+                                  StageWork, WorkerReady)
+    spec = "mobilenet_v2:width=0.35,input_size=64,num_classes=10,seed=0"
+    model = load_model(spec)
+    worker = tcp_asys.createActor(Worker)
+    ready = tcp_asys.ask(worker, InitWorker("w0", spec, model.digest(), 60.0), 30)
+    assert isinstance(ready, WorkerReady) and ready.data_addr
+    plan = planmod.build_plan(model.layer_specs(), 2, "exchange", model.input_shape)
+    stage = plan.stages[0]
+    chunk = stage.chunks[0]
+    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    needs = chunk.run_as(True)[0]
+    blobs = {n.key: wire.encode(n.select(x)) for n in needs}
+    inbox = dataplane.Inbox()
+    conn = dataplane.Connection.connect(inbox, ready.data_addr)
+    swap = {0: ("w0", ready.data_addr), 1: ("gone", _dead_address())}
+    t0 = time.monotonic()
+    conn.send(StageWork("r1", dataclasses.replace(stage, chunks=()),
+                        [ChunkJob(chunk, tuple(n.key for n in needs))], blobs, "float32",
+                        swap, 3.0))
+    time.sleep(0.3)                          # the strip is waiting for strip 1's halo now
+    conn.send(LinkProbe(7))
+    echo = _collect(inbox, 1, timeout=2.5)[0][1]
+    assert isinstance(echo, LinkEcho) and echo.seq == 7
+    assert time.monotonic() - t0 < 2.5       # before the strip's deadline
+    echo = tcp_asys.ask(worker, LinkProbe(8), 2.0)     # the actor is free too
+    assert isinstance(echo, LinkEcho) and echo.seq == 8
+    failed = _collect(inbox, 1, timeout=10)[0][1]
+    assert isinstance(failed, ChunkFailed) and failed.chunk == 0
+    assert time.monotonic() - t0 >= 2.9
+    conn.close()
