@@ -199,7 +199,8 @@ def test_worker_answers_while_a_data_plane_strip_waits_for_its_halo(tcp_asys):
     blobs = {n.key: wire.encode(n.select(x)) for n in needs}
     inbox = dataplane.Inbox()
     conn = dataplane.Connection.connect(inbox, ready.data_addr)
-    swap = {0: ("w0", ready.data_addr), 1: ("gone", _dead_address())}
+    silent = dataplane.Listener(dataplane.Inbox(), "127.0.0.1")   # takes halos, sends none
+    swap = {0: ("w0", ready.data_addr), 1: ("silent", silent.address)}
     t0 = time.monotonic()
     conn.send(StageWork("r1", dataclasses.replace(stage, chunks=()),
                         [ChunkJob(chunk, tuple(n.key for n in needs))], blobs, "float32",
@@ -215,3 +216,4 @@ def test_worker_answers_while_a_data_plane_strip_waits_for_its_halo(tcp_asys):
     assert isinstance(failed, ChunkFailed) and failed.chunk == 0
     assert time.monotonic() - t0 >= 2.9
     conn.close()
+    silent.close()
