@@ -27,6 +27,26 @@ _BY_CODE = {code: dt for code, dt in WIRE_DTYPES.values()}
 FLAG_LZ4 = 1
 
 
+_HALF_MIN = 256       # values from which the F16C kernel beats numpy's call overhead
+
+
+def _half_kernel():
+    """decolla.kernels' float16 conversion when this CPU's build has F16C, else None
+    (numpy's conversion, ≈ 25x slower on x86: 0.5 ms for a 224x224x3 image)."""
+    global _HALF
+    if _HALF is False:
+        try:
+            from decolla.kernels import load
+            mod = load("half")
+            _HALF = mod if mod.F16C else None
+        except ImportError:
+            _HALF = None
+    return _HALF
+
+
+_HALF = False
+
+
 class WireError(ValueError):
     """A payload that cannot be decoded: corrupted, truncated or not a DeColla tensor."""
 
@@ -39,8 +59,12 @@ def encode(array: np.ndarray, dtype: str = "float32", compress: bool = True) -> 
     arr = np.asarray(array)
     if arr.ndim > 255:
         raise ValueError("too many dimensions")
+    half = _half_kernel() if code == 1 and arr.dtype == np.float32 and arr.size >= _HALF_MIN \
+        else None
     if code == 2:
         raw = _quantize(arr)
+    elif half is not None:
+        raw = half.to_half(arr).tobytes()
     else:
         raw = np.ascontiguousarray(arr, dtype=wire_dt).tobytes()
     flags = 0
@@ -94,6 +118,9 @@ def decode(blob: bytes) -> np.ndarray:
         out *= np.float32(step)
         out += np.float32(lo)
         return out
+    half = _half_kernel() if code == 1 and len(raw) >= 2 * _HALF_MIN else None
+    if half is not None:
+        return half.from_half(raw, shape)
     arr = np.frombuffer(raw, dtype=wire_dt).reshape(shape)
     return arr.astype(np.float32) if wire_dt != np.float32 else arr.copy()
 

@@ -76,3 +76,33 @@ def test_truncation_is_detected():
 def test_unknown_wire_dtype_is_refused():
     with pytest.raises(ValueError, match="wire dtype"):
         wire.encode(np.ones(3, np.float32), "int4")
+
+
+@given(hnp.arrays(np.float32, st.integers(0, 3000),
+                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True)),
+       st.sampled_from(["half", "half_v3"]))
+@settings(max_examples=60, deadline=None)
+def test_half_kernels_convert_exactly_as_numpy(arr, build):
+    """Bit for bit, NaN, infinities, overflow and subnormals included (the wire uses the
+    F16C build for >= 256 values; the plain build only where F16C is missing)."""
+    import importlib
+    from decolla import kernels
+    if build == "half_v3" and kernels.ISA != "v3":
+        pytest.skip("this CPU has no x86-64-v3 build")
+    try:
+        half = importlib.import_module(f"decolla.kernels.{build}")
+    except ImportError:
+        pytest.skip(f"{build} is not built on this platform")
+    with np.errstate(over="ignore"):
+        want = arr.astype(np.float16)
+    np.testing.assert_array_equal(half.to_half(arr).view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(half.from_half(want.tobytes(), arr.shape),
+                                  want.astype(np.float32))
+
+
+def test_fp16_wire_equals_numpys_conversion_through_the_kernel_too():
+    arr = np.random.default_rng(0).standard_normal((3, 40, 9)).astype(np.float32) * 1e3
+    with np.errstate(over="ignore"):
+        want = arr.astype(np.float16).astype(np.float32)
+    assert arr.size >= wire._HALF_MIN
+    np.testing.assert_array_equal(wire.decode(wire.encode(arr, "float16")), want)
