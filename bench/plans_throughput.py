@@ -17,7 +17,8 @@ unshaped requester host running this module with --agent. Methods, each a closed
   to the first device);
 - `mobile`: the mobile-only baseline (decolla.baselines), which sends each request whole to
   the least-loaded device.
-Rounds alternate the methods, so drift in the shared machine's load hits all of them.
+Rounds alternate the methods, each leading a round in turn, so drift in the shared
+machine's load and the first method's cold start hit all of them.
 Throughput = requests / wall time of the loop; load averages of the host are recorded.
 Writes bench/results/<--name, default plans_throughput>.json and .md.
 """
@@ -169,7 +170,9 @@ def drive(args) -> int:
                 ask(proc, wait, cmd="run", method=method, concurrency=args.concurrency,
                     requests=args.concurrency)
             for rnd in range(args.rounds):
-                for method in METHODS:
+                # each method leads a round in turn: the one after `mobile` (other actors,
+                # other weights in the caches) would otherwise always start cold
+                for method in METHODS[rnd % len(METHODS):] + METHODS[:rnd % len(METHODS)]:
                     rep = ask(proc, wait, cmd="run", method=method,
                               concurrency=args.concurrency, requests=args.requests)
                     point = {"round": rnd, **(rep["result"] if rep.get("ok") else
@@ -216,7 +219,7 @@ def _save(doc: dict, out: Path) -> None:
              f"devices, {doc['bandwidth_mbit']:g} Mb/s per device link, fp16 wire)", "",
              f"Runtime allocator `{doc.get('allocator', 'average')}`. "
              f"{doc['concurrency']} threads in a closed loop, {doc['requests']} requests per "
-             f"round, {doc['rounds']} rounds alternating the methods; throughput = median over "
+             f"round, {doc['rounds']} rounds alternating the methods (each leads one round in turn); throughput = median over "
              f"rounds. Ratios vs the best whole-request method of the same run.", "",
              "| method | inferences/s (median) | per round | vs best whole-request | median latency s "
              "| MB / inference | ok | top-1 ok | retries | chunks per device | load avg (1 min) |",
