@@ -219,8 +219,9 @@ def _save(doc: dict, out: Path) -> None:
              f"devices, {doc['bandwidth_mbit']:g} Mb/s per device link, fp16 wire)", "",
              f"Runtime allocator `{doc.get('allocator', 'average')}`. "
              f"{doc['concurrency']} threads in a closed loop, {doc['requests']} requests per "
-             f"round, {doc['rounds']} rounds alternating the methods (each leads one round in turn); throughput = median over "
-             f"rounds. Ratios vs the best whole-request method of the same run.", "",
+             f"round, {doc['rounds']} rounds alternating the methods (each leads one round in "
+             f"turn); throughput = median over rounds. Ratios vs the best whole-request "
+             f"method of the same run.", "",
              "| method | inferences/s (median) | per round | vs best whole-request | median latency s "
              "| MB / inference | ok | top-1 ok | retries | chunks per device | load avg (1 min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
