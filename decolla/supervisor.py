@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 from decolla.allocators import DeviceState
 
 UNQUEUED_KEEP = 1024
+PRIOR_WORK_S = 0.05     # the start-up speed counts as this much computing time
 
 
 @dataclass
@@ -38,6 +39,16 @@ class DeviceEstimate:
     # UNQUEUED_KEEP): their round trip is transfer + compute only, so their results, even
     # late or cancelled ones, may teach the transfer estimates.
     unqueued: dict = field(default_factory=dict)
+    # moving averages of a chunk's MACs and computing seconds: rate = their ratio, so each
+    # chunk counts by its time. A short chunk that a CPU quota let run at full speed (or
+    # that waited out a throttled period) moves the rate little; a per-chunk average of
+    # MAC/s let one 3 ms strip triple it and the allocator then piled whole requests there.
+    work_macs: float = 0.0
+    work_s: float = 0.0
+
+    def __post_init__(self):
+        if self.work_s <= 0:
+            self.work_macs, self.work_s = self.rate * PRIOR_WORK_S, PRIOR_WORK_S
 
     @property
     def queued_macs(self) -> float:
@@ -167,7 +178,9 @@ class Supervisor:
         d.outstanding.pop(key, None)
         a = self.alpha
         if compute_s > 0 and macs > 0:
-            d.rate = (1 - a) * d.rate + a * (macs / compute_s)
+            d.work_macs = (1 - a) * d.work_macs + a * macs
+            d.work_s = (1 - a) * d.work_s + a * compute_s
+            d.rate = d.work_macs / d.work_s
         # A chunk that waited behind other work on the device: that wait is not transfer time.
         if d.unqueued.pop(key, False):
             comm = max(0.0, rtt_s - compute_s)

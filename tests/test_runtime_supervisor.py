@@ -166,3 +166,17 @@ def test_bad_parameters_are_refused():
         Supervisor(slack=0.5)
     with pytest.raises(ValueError):
         Supervisor(floor=0)
+
+
+def test_a_short_fast_chunk_does_not_inflate_the_speed_estimate():
+    """Rate = moving MACs / moving seconds: each chunk counts by its time. Under a CPU quota
+    a 2 ms strip can run at full host speed (10x the device's); averaging MAC/s per chunk
+    let it triple the estimate, and the allocator then piled requests on that device."""
+    sup, _ = make(alpha=0.3)
+    for i in range(30):                      # whole forwards: 3e8 MACs in 0.1 s
+        sup.dispatched("a", i, 3e8, 1e3)
+        sup.completed("a", i, 3e8, 1e3, compute_s=0.1, rtt_s=0.1)
+    assert sup.devices["a"].rate == pytest.approx(3e9, rel=1e-3)
+    sup.dispatched("a", 99, 4e7, 1e3)
+    sup.completed("a", 99, 4e7, 1e3, compute_s=0.002, rtt_s=0.003)   # 2e10 MAC/s
+    assert sup.devices["a"].rate < 1.1 * 3e9
