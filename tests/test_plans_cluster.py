@@ -168,3 +168,21 @@ def test_exchange_strips_of_a_stopped_device_are_recomputed_alone(cluster):
     won = [rec for rec in r.trace.records if rec.status == "won"]
     assert all(rec.device != "dev2" for rec in won)
     assert any(rec.reason != "first+swap" for rec in won)     # some strip ran alone
+
+
+def test_client_takes_another_port_when_its_free_one_was_taken(cluster, monkeypatch):
+    """A port free a moment ago can be taken before the actor system's admin binds it
+    (once in CI); the client then starts on another free port."""
+    import socket
+
+    from decolla import api
+    held = socket.create_server(("127.0.0.1", 0))
+    ports = iter([held.getsockname()[1]])
+    real = api.free_port
+    monkeypatch.setattr(api, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+    try:
+        with api.Client(cluster.leader, plan="single", k=1, min_devices=3) as client:
+            r = client.infer(image(2), timeout=60)
+        assert rel(r.logits, reference.forward(_model, image(2))) <= 1e-5
+    finally:
+        held.close()
