@@ -27,12 +27,9 @@ import numpy as np
 
 from decolla.actors import system
 from decolla.actors.requester import check_image
-from decolla.log import get_logger
 from decolla.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
 from decolla.trace import Trace
-
-log = get_logger("api")
 
 
 class InferenceError(RuntimeError):
@@ -87,22 +84,6 @@ class ClusterMember:
 
     close_linger_s = 0.0         # time given to exit requests before the system stops
 
-    @staticmethod
-    def _start_system(name: str, port: int | None, bind: str | None, leader: str):
-        """This member's actor system on `port`, or on a free port (three tries: a port
-        free a moment ago may be taken, e.g. as the local end of another connection,
-        before the actor system's admin binds it)."""
-        from thespian.actors import InvalidActorAddress
-        for attempt in range(1 if port else 3):
-            try:
-                chosen = port or free_port(bind or "127.0.0.1")
-                return system.start_system(system.capabilities("requester", name, chosen,
-                                                               leader), bind)
-            except InvalidActorAddress:
-                if port or attempt == 2:
-                    raise
-                log.warning("actor system port taken; trying another", port=chosen)
-
     def _join(self, leader: str, name: str, port: int | None, bind: str | None,
               connect_timeout: float) -> None:
         system.parse_hostport(leader)
@@ -111,7 +92,9 @@ class ClusterMember:
         self._lock = threading.Lock()
         self._asys = None
         self._requester = None
-        self._asys = self._start_system(name, port, bind, leader)
+        self._asys = system.start_system(
+            system.capabilities("requester", name, port or 0, leader), bind,
+            pick_port=None if port else lambda: free_port(bind or "127.0.0.1"))
         try:
             self._registrar = system.wait_for_registrar(self._asys, leader, connect_timeout,
                                                         ClusterError)

@@ -456,9 +456,9 @@ class Testbed:
         mode = cgroup.placement()
         allowed = sorted(os.sched_getaffinity(0))
         load = dict.fromkeys(allowed, 0.0)
-        want: dict[str, frozenset | None] = {}
-        throttled = [h for h in self.hosts.values() if h.cpu_quota]
-        for h in throttled if mode != "none" else ():
+        want: dict[str, frozenset] = {}
+        throttled = [h for h in self.hosts.values() if h.cpu_quota and mode != "none"]
+        for h in throttled:
             if mode == "pack":     # first fit from the last CPU
                 fits = [c for c in reversed(allowed) if load[c] + h.cpu_quota <= PACK_CORES]
                 cpu = fits[0] if fits else min(allowed, key=load.get)
@@ -467,8 +467,9 @@ class Testbed:
             load[cpu] += h.cpu_quota
             want[h.name] = frozenset({cpu})
         free = frozenset(c for c in allowed if load[c] == 0.0)
+        others = free if mode == "pack" and want and free else None   # unthrottled hosts
         for h in self.hosts.values():
-            cpus = want.get(h.name, free if mode == "pack" and free and throttled else None)
+            cpus = want.get(h.name, others)
             if cpus != h.cgroup.cpus:
                 h.cgroup.cpus = cpus
                 for pid in h.cgroup.pids():

@@ -13,6 +13,9 @@ import os
 import uuid
 from datetime import timedelta
 
+from decolla.log import get_logger
+
+log = get_logger("system")
 SYSTEM_BASE = "multiprocTCPBase"
 REGISTRAR_NAME = "decolla-registrar"
 CONVENTION_PERIOD_S = 1          # re-registration period; a member is dropped after ~3 periods
@@ -61,13 +64,27 @@ def capabilities(role: str, name: str, port: int, leader: str | None = None,
     return caps
 
 
-def start_system(caps: dict, bind: str | None = None):
-    """Start this node's actor system with `caps` (a new, unique admin on its port)."""
+def start_system(caps: dict, bind: str | None = None, pick_port=None):
+    """Start this node's actor system with `caps` (a new, unique admin on its port).
+
+    With `pick_port` (a function returning a free port) the admin port comes from it, and
+    again, up to 3 tries, when it was taken before the admin bound it (e.g. as the local
+    end of another connection): that raises InvalidActorAddress."""
     if bind:
         os.environ["THESPIAN_BASE_IPADDR"] = bind
     tune_convention()
-    from thespian.actors import ActorSystem
-    return ActorSystem(SYSTEM_BASE, caps, logDefs=thespian_log_defs(), transientUnique=True)
+    from thespian.actors import ActorSystem, InvalidActorAddress
+    tries = 3 if pick_port else 1
+    for attempt in range(tries):
+        if pick_port:
+            caps = {**caps, "Admin Port": int(pick_port())}
+        try:
+            return ActorSystem(SYSTEM_BASE, caps, logDefs=thespian_log_defs(),
+                               transientUnique=True)
+        except InvalidActorAddress:
+            if attempt == tries - 1:
+                raise
+            log.warning("actor system port taken; trying another", port=caps["Admin Port"])
 
 
 def find_registrar(asys):

@@ -295,8 +295,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
                         return
                     job = self.fast.popleft()
             if flush:
-                for conn, results in _by_target(out):
-                    self._reply(conn, results[0] if len(results) == 1 else ChunkResults(results))
+                self._send_results(out)
                 out = []
                 continue
             if not out:
@@ -344,9 +343,13 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         out: list = []
         while self.queue and time.perf_counter() < t_end:
             self._run(self.queue.popleft(), out)
+        self._send_results(out)
+        self._kick()
+
+    def _send_results(self, out: list) -> None:
+        """Results computed back to back: one message per requester."""
         for reply_to, results in _by_target(out):
             self._reply(reply_to, results[0] if len(results) == 1 else ChunkResults(results))
-        self._kick()
 
     def _kick(self) -> None:
         if self.queue and not self.continuing:
@@ -428,17 +431,21 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
 
     def receiveMsg_Closed(self, msg, conn):
         # nobody is left to read these results
-        self.queue = collections.deque(j for j in self.queue if j.reply_to is not conn)
-        with self.fast_cv:
-            self.fast = collections.deque(j for j in self.fast if j.reply_to is not conn)
+        self._drop(lambda j: j.reply_to is conn)
 
     def receiveMsg_Cancel(self, msg: Cancel, sender):
-        self.queue = collections.deque(j for j in self.queue if not _cancelled(j, msg))
-        self._take_cancel(msg, sender)
+        self._drop(lambda j: _cancelled(j, msg))
 
     def _take_cancel(self, msg: Cancel, conn) -> None:
+        """A data-plane Cancel (on the reader thread: the actor's own queue is not ours)."""
+        self._drop(lambda j: _cancelled(j, msg), actor_queue=False)
+
+    def _drop(self, gone, actor_queue: bool = True) -> None:
+        """Remove the queued jobs `gone` picks: the compute thread's, and the actor's."""
+        if actor_queue:
+            self.queue = collections.deque(j for j in self.queue if not gone(j))
         with self.fast_cv:
-            self.fast = collections.deque(j for j in self.fast if not _cancelled(j, msg))
+            self.fast = collections.deque(j for j in self.fast if not gone(j))
 
     def receiveMsg_LinkProbe(self, msg: LinkProbe, sender):
         self._reply(sender, LinkEcho(msg.seq, self.name))
