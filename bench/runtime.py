@@ -9,7 +9,7 @@ latency, ratio to the single-process forward, bytes moved per inference (encoded
 both directions), runtime overhead per chunk (round trip minus worker compute,
 median over chunks), chunks and stages. With the most devices each plan also runs
 with chunk traffic as actor messages instead of on the workers' data plane
-(decolla.dataplane), the transport before it existed. Every distributed result is
+(decolla.runtime.dataplane), the transport before it existed. Every distributed result is
 checked against the single-process forward. Writes bench/results/runtime.json and .md.
 
 On a 2-core machine the devices, the requester and the leader share 2 cores and

@@ -4,7 +4,7 @@
 
 An echo actor (its own process, multiprocTCPBase on loopback) receives a payload and sends
 2 KB back, `--round-trips` times per payload size, once as Thespian actor messages and once
-on the data plane (decolla.dataplane). Reported per round trip: the mean wall time seen
+on the data plane (decolla.runtime.dataplane). Reported per round trip: the mean wall time seen
 by the caller and the echo actor's CPU time (user + system, from getrusage in the
 actor's process), which is what a Pi-class device pays for every chunk it receives and
 answers. Writes bench/results/transport.json and .md.
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
 from bench.report import write_json_md
-from decolla import dataplane
-from decolla.messages import Message
+from decolla.runtime import dataplane
+from decolla.runtime.messages import Message
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SIZES = (100, 25_000, 150_000)

@@ -27,9 +27,9 @@ import numpy as np
 
 from decolla.actors import system
 from decolla.actors.requester import check_image
-from decolla.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
+from decolla.runtime.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
-from decolla.trace import Trace
+from decolla.runtime.trace import Trace
 
 
 class InferenceError(RuntimeError):

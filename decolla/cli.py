@@ -152,7 +152,7 @@ def _demo(args) -> int:
     from decolla import reference
     from decolla.api import LocalCluster
     from decolla.model import load_model
-    from decolla.trace import merge_chrome
+    from decolla.runtime.trace import merge_chrome
     model = load_model(args.model)
     image = _image(None, args.seed, model.input_shape)
     t0 = time.perf_counter()

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    from decolla.dataplane import PORT_ENV
+    from decolla.runtime.dataplane import PORT_ENV
     os.environ[PORT_ENV] = str(args.data_port)      # read by this node's worker
     from decolla import log as dlog
     port = args.port or (1900 if args.role == "leader" else _free_port(args.host or ""))
@@ -115,7 +115,7 @@ def _run_member(args, name, port, logger) -> int:
         asys.tell(probe, _exit_request())
         if args.role == "leader":
             from decolla.actors.registrar import Registrar
-            from decolla.messages import ConfigureRegistrar
+            from decolla.runtime.messages import ConfigureRegistrar
             reg = asys.createActor(Registrar, globalName=system.REGISTRAR_NAME)
             reply = asys.ask(reg, ConfigureRegistrar(args.model, name, args.heartbeat,
                                                      max(2.5, 5 * args.heartbeat),
@@ -162,7 +162,7 @@ def _run_requester(args, name, port, logger) -> int:
                               "top": r.top_k, "devices": r.devices_used,
                               "retries": r.retries}), flush=True)
         if args.trace and results:
-            from decolla.trace import merge_chrome
+            from decolla.runtime.trace import merge_chrome
             with open(args.trace, "w") as fh:
                 json.dump(merge_chrome([r.trace for r in results]), fh)
     return 0

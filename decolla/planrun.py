@@ -13,7 +13,7 @@ import numpy as np
 
 from decolla import exchange
 from decolla import plan as planmod
-from decolla import wire
+from decolla.runtime import wire
 from decolla.model import Model
 
 

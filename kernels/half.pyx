@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""float32 <-> float16 for the wire codec (decolla.wire): F16C instructions, 8 values at a
+"""float32 <-> float16 for the wire codec (decolla.runtime.wire): F16C instructions, 8 values at a
 time, in the x86-64-v3 build (`F16C` true); the rest, and other builds, through C
 `_Float16` casts. Rounding is IEEE round-to-nearest-even, as numpy's."""
 import numpy as np

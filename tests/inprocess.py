@@ -6,7 +6,7 @@ from thespian.actors import Actor
 
 from decolla.actors.requester import Requester
 from decolla.actors.worker import Worker
-from decolla.messages import (ChunkResult, ChunkResults, ConfigureRequester, DeviceInfo,
+from decolla.runtime.messages import (ChunkResult, ChunkResults, ConfigureRequester, DeviceInfo,
                               InitWorker, Membership, Subscribe, WorkerReady)
 
 

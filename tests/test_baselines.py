@@ -12,7 +12,7 @@ from decolla.baselines import metrics
 from decolla.baselines import partition as part
 from decolla.model import load_model
 from decolla.reference import forward as reference
-from decolla.trace import ChunkRecord, Trace
+from decolla.runtime.trace import ChunkRecord, Trace
 
 SPEC = "mobilenet_v2:seed=0,width=0.35,input_size=96"
 
@@ -195,7 +195,7 @@ def _run_pipeline(req):
 
 
 def test_answer_before_earlier_reports_still_gives_a_complete_trace():
-    from decolla import wire
+    from decolla.runtime import wire
     from decolla.baselines.messages import HopReport, PipelineReply
     req, sent = _pipeline_requester()
     _run_pipeline(req)

@@ -1,4 +1,4 @@
-"""The data plane (decolla.dataplane): framed pickles over TCP, in order, broken peers
+"""The data plane (decolla.runtime.dataplane): framed pickles over TCP, in order, broken peers
 dropped, and a requester that cannot reach a worker's data plane falls back to actor
 messages and still returns the reference output."""
 import socket
@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from thespian.actors import ActorTypeDispatcher
 
-from decolla import dataplane, reference
+from decolla import reference
+from decolla.runtime import dataplane
 from decolla.actors.worker import Worker
-from decolla.messages import InferReply, InferRequest
+from decolla.runtime.messages import InferReply, InferRequest
 from decolla.model import load_model
 from tests.inprocess import start_requester
 
@@ -183,8 +184,9 @@ def test_worker_answers_while_a_data_plane_strip_waits_for_its_halo(tcp_asys):
     that never comes, a link probe is echoed at once and the actor answers messages; at the
     strip's deadline it fails (the requester then recomputes it alone elsewhere)."""
     import dataclasses
-    from decolla import plan as planmod, wire
-    from decolla.messages import (ChunkFailed, ChunkJob, InitWorker, LinkEcho, LinkProbe,
+    from decolla import plan as planmod
+    from decolla.runtime import wire
+    from decolla.runtime.messages import (ChunkFailed, ChunkJob, InitWorker, LinkEcho, LinkProbe,
                                   StageWork, WorkerReady)
     spec = "mobilenet_v2:width=0.35,input_size=64,num_classes=10,seed=0"
     model = load_model(spec)

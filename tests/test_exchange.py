@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from decolla import dataplane, exchange, planner, planrun, reference
+from decolla import exchange, planner, planrun, reference
+from decolla.runtime import dataplane
 from decolla import plan as planmod
-from decolla.messages import Halo
+from decolla.runtime.messages import Halo
 from decolla.model import load_model
 
 

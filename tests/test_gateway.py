@@ -294,7 +294,7 @@ def test_local_cluster_serves_then_reports_dead_devices_as_503(catalog):
 
 def test_runtime_trace_is_normalised_with_reassignments():
     from decolla.gateway.backends import _chunks_from_trace
-    from decolla.trace import ChunkRecord, Trace
+    from decolla.runtime.trace import ChunkRecord, Trace
     t0 = 1000.0
     recs = [ChunkRecord("r", 0, 0, 0, "dev1", "stem", 10, sent=t0, bytes_in=100, returned=t0 + 0.010,
                         received=t0 + 0.001, start=t0 + 0.002, end=t0 + 0.008, status="won"),

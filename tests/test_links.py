@@ -2,8 +2,8 @@
 each device's own link, or one link all devices share)."""
 from hypothesis import given, settings, strategies as st
 
-from decolla.links import LinkProber
-from decolla.messages import LinkEcho
+from decolla.runtime.links import LinkProber
+from decolla.runtime.messages import LinkEcho
 
 
 class Clock:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from decolla import plan as planmod
-from decolla import planner, planrun, reference, wire
+from decolla import planner, planrun, reference
+from decolla.runtime import wire
 from decolla.model import load_model
 
 SPECS = {"v2": "mobilenet_v2:width=0.35,input_size=96,num_classes=10,seed=0",
@@ -188,7 +189,7 @@ def test_lost_chunk_is_recomputed_in_every_plan(asys, kind):
     """Real Requester + Workers (in-process actor system): the first attempt at chunk 0 of
     every stage is damaged; it is recomputed and the logits stay right."""
     from decolla.actors.worker import Worker
-    from decolla.messages import InferReply, InferRequest
+    from decolla.runtime.messages import InferReply, InferRequest
     from tests.inprocess import CorruptingWorker, start_requester
     m = load_model(RECOVERY_SPEC)
     req = start_requester(asys, m, RECOVERY_SPEC, [CorruptingWorker, Worker], k=2, plan=kind,
@@ -207,7 +208,7 @@ def test_lost_chunk_is_recomputed_in_every_plan(asys, kind):
 def test_local_stage_runs_on_the_requester_without_moving_bytes(asys):
     """auto with local=1 on a slow network: one stage, computed by the requester itself."""
     from decolla.actors.worker import Worker
-    from decolla.messages import InferReply, InferRequest
+    from decolla.runtime.messages import InferReply, InferRequest
     from tests.inprocess import start_requester
     m = load_model(RECOVERY_SPEC)
     req = start_requester(asys, m, RECOVERY_SPEC, [Worker], node="me", k=3,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from decolla import reference
-from decolla.messages import InferError, InferRequest
+from decolla.runtime.messages import InferError, InferRequest
 from decolla.model import load_model
 
 pytestmark = pytest.mark.integration

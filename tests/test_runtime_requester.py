@@ -7,7 +7,7 @@ import numpy as np
 
 from decolla import reference
 from decolla.actors.worker import Worker
-from decolla.messages import InferError, InferReply, InferRequest
+from decolla.runtime.messages import InferError, InferReply, InferRequest
 from decolla.model import load_model
 from tests.inprocess import CorruptingWorker, start_requester
 

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from decolla.supervisor import Supervisor
+from decolla.runtime.supervisor import Supervisor
 
 
 @dataclass
@@ -99,7 +99,7 @@ def test_a_late_result_teaches_even_after_its_attempt_was_released():
 
 
 def test_attempts_that_never_return_are_not_remembered_forever():
-    from decolla.supervisor import UNQUEUED_KEEP
+    from decolla.runtime.supervisor import UNQUEUED_KEEP
     sup, _ = make()
     for i in range(UNQUEUED_KEEP + 50):
         sup.dispatched("a", i, 1e6, 1e6)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from decolla import wire
+from decolla.runtime import wire
 
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9)
 floats32 = st.floats(-1e4, 1e4, width=32, allow_nan=False)

@@ -16,7 +16,7 @@ from thespian.actors import (ActorExitRequest, ActorSystemConventionUpdate,
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.log import get_logger
-from decolla.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InFlight, InitWorker,
+from decolla.runtime.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InFlight, InitWorker,
                               Membership, Subscribe, WorkerReady, WorkerRefused)
 
 log = get_logger("registrar")

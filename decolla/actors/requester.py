@@ -8,7 +8,7 @@ embedded `Supervisor` predicts every chunk's return time; a chunk not back by it
 deadline (t2), or whose device leaves, is sent to another device. Results are
 keyed by (request, stage, chunk): the first one wins, later duplicates are
 dropped, so a reassignment can never corrupt an output. Work, results and
-cancellations travel on the workers' data plane (decolla.dataplane) when they
+cancellations travel on the workers' data plane (decolla.runtime.dataplane) when they
 offer one, as actor messages otherwise.
 """
 from __future__ import annotations
@@ -20,18 +20,18 @@ import numpy as np
 from thespian.actors import (ActorExitRequest, ActorTypeDispatcher, PoisonMessage,
                              WakeupMessage)
 
-from decolla import dataplane, wire
+from decolla.runtime import dataplane, wire
 from decolla import plan as planmod
 from decolla.actors import system
 from decolla.allocators import NoLiveDevice, StageInfo, make_allocator
 from decolla.log import get_logger
-from decolla.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult, ChunkResults,
+from decolla.runtime.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult, ChunkResults,
                               ConfigureRequester, InferError, InferReply, InferRequest,
                               InFlight, LinkEcho, Membership, Ready, StageWork, Subscribe,
                               Unsubscribe)
-from decolla.links import LinkProber
-from decolla.supervisor import Supervisor
-from decolla.trace import ChunkRecord
+from decolla.runtime.links import LinkProber
+from decolla.runtime.supervisor import Supervisor
+from decolla.runtime.trace import ChunkRecord
 
 log = get_logger("requester")
 TICK_S = 0.05

@@ -97,7 +97,7 @@ def find_registrar(asys):
 def wait_for_registrar(asys, leader: str, timeout: float, error=TimeoutError):
     """Address of the leader's registrar once it answers a status request; `error` after `timeout`."""
     import time
-    from decolla.messages import Membership, StatusRequest
+    from decolla.runtime.messages import Membership, StatusRequest
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

@@ -19,12 +19,13 @@ import time
 import numpy as np
 from thespian.actors import ActorTypeDispatcher, WakeupMessage
 
-from decolla import dataplane, exchange, wire
+from decolla import exchange
+from decolla.runtime import dataplane, wire
 from decolla import plan as planmod
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.log import get_logger
-from decolla.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Continue,
+from decolla.runtime.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Continue,
                               Halo, Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork,
                               WorkerReady, WorkerRefused)
 
@@ -190,7 +191,7 @@ def _cancelled(job, msg: Cancel) -> bool:
 
 class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes chunks on one device. Work arrives as actor messages or on the data plane
-    (decolla.dataplane); results go back the way their work came."""
+    (decolla.runtime.dataplane); results go back the way their work came."""
 
     DATA_TYPES = (StageWork, Cancel, LinkProbe, dataplane.Closed)
 

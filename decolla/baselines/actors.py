@@ -5,7 +5,7 @@ edge server that computes no DeColla chunks) computes a contiguous run of layers
 same kernels as the runtime, then sends its output straight to the next host of the route
 (the "routing table" travels with the work) and a small progress note to the requester.
 It keeps its last output per request so a re-plan can resume from it. Segments and notes
-travel on data-plane connections (decolla.dataplane) where the receiver offers one, like
+travel on data-plane connections (decolla.runtime.dataplane) where the receiver offers one, like
 DeColla's chunks, so the comparison is between the methods, not their transports.
 
 The `PipelineRequester` starts a route and watches it: every hop has a response time t1
@@ -20,7 +20,7 @@ import time
 import numpy as np
 from thespian.actors import ActorExitRequest, ActorTypeDispatcher, PoisonMessage, WakeupMessage
 
-from decolla import dataplane, wire
+from decolla.runtime import dataplane, wire
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
@@ -29,8 +29,8 @@ from decolla.baselines.messages import (ConfigurePipeline, Forget, HopReport,
                                         Prepare, Profiles, Reprofile, Resend, RunPipeline,
                                         RunSegment, SegmentDone, SegmentWorkerReady)
 from decolla.log import get_logger
-from decolla.messages import Membership, Ready, Subscribe, Unsubscribe
-from decolla.trace import ChunkRecord
+from decolla.runtime.messages import Membership, Ready, Subscribe, Unsubscribe
+from decolla.runtime.trace import ChunkRecord
 
 log = get_logger("baselines")
 TICK_S = 0.05

@@ -22,7 +22,7 @@ from decolla.baselines import partition as part
 from decolla.baselines.messages import (ConfigurePipeline, PipelineError, PipelineReply, Prepare,
                                         Profiles, RunPipeline)
 from decolla.forward import check_image
-from decolla.trace import Trace
+from decolla.runtime.trace import Trace
 
 METHODS = ("mobile", "partition", "hierarchical")
 

@@ -1,6 +1,6 @@
 """Messages of the baseline flow (segment workers and the pipeline requester).
 
-Same rule as decolla.messages: short `__repr__`, never the payload (Thespian formats
+Same rule as decolla.runtime.messages: short `__repr__`, never the payload (Thespian formats
 `str(message)` even with logging off).
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from decolla.messages import Message
+from decolla.runtime.messages import Message
 
 
 @dataclass(repr=False)
@@ -29,7 +29,7 @@ class Reprofile(Message):
 class SegmentWorkerReady(Message):
     name: str
     profile: list            # seconds per layer on this host, as measured now
-    data_addr: tuple = ()    # (ip, port) of its data plane (decolla.dataplane), () = none
+    data_addr: tuple = ()    # (ip, port) of its data plane (decolla.runtime.dataplane), () = none
     _show = ("name",)
 
 

@@ -1,6 +1,6 @@
 """Device busy / idle / waiting time and utilisation variance, from traces of any method.
 
-A trace is a decolla.trace.Trace (the runtime's, or a baseline's: one record per hop). Only
+A trace is a decolla.runtime.trace.Trace (the runtime's, or a baseline's: one record per hop). Only
 records with worker-side `start`/`end` count as computation; worker and requester clocks are
 the same machine's here (the testbed), otherwise `ChunkRecord.offset()` would be needed.
 """

@@ -181,7 +181,7 @@ def _get(obj, *names, default=None):
 
 
 def _chunks_from_trace(trace) -> list[Chunk]:
-    """Normalise the runtime's trace (decolla.trace.Trace: one record per chunk attempt).
+    """Normalise the runtime's trace (decolla.runtime.trace.Trace: one record per chunk attempt).
 
     Times become ms since the request started on the requester's clock; worker times are
     shifted by the record's clock-offset estimate when it has one.

@@ -1,0 +1,372 @@
+"""A lean TCP channel for chunk traffic (work out, results back) beside the actor system.
+
+Why: receiving one Thespian message and sending one back costs an actor ≈ 1 ms of host
+CPU (envelopes, acks, a fresh selector per loop turn); on this channel it costs about a
+third of that (`python -m bench.transport`), and on a Pi-class core the difference is
+several ms per chunk.
+
+One reader and one writer thread per connection do the blocking socket work (a frame that
+fits the socket buffer is sent by the caller's thread); what a reader decodes goes into an
+`Inbox`, whose pipe the owning actor watches through Thespian's `ThespianWatch`, so every
+message is still handled on the actor's own thread. A connection that breaks stops and
+leaves a `Closed` notice in the inbox: what was in flight on it is lost, like a message to
+a dead device, and its owner sends it again (or its deadlines do). Frames are pickles, so
+(as with Thespian itself) only peers of the same trusted cluster may connect.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+
+from thespian.actors import ThespianWatch
+
+from decolla.log import get_logger
+
+log = get_logger("dataplane")
+HEADER = struct.Struct("!Q")
+MAX_FRAME = 1 << 30          # a longer length prefix is garbage, not a message
+CONNECT_TIMEOUT_S = 3.0
+RETRY_UNREACHABLE_S = 30.0   # an address that refused us is tried again after this long
+PORT_ENV = "DECOLLA_DATA_PORT"   # a worker's listening port: 0 any free one, < 0 no data plane
+REARM, REARM_S = "dataplane-rearm", 0.001
+
+
+class Inbox:
+    """Objects from any connection, with a file descriptor that is readable while some wait.
+    Objects of a type in `route` go to its function instead, as `fn(obj, connection)` on the
+    reader's thread (for an owner that waits for them inside a handler, or that handles
+    them without its actor's message loop)."""
+
+    def __init__(self, route: dict | None = None):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._items: collections.deque = collections.deque()
+        self.route = route or {}
+
+    def fileno(self) -> int:
+        return self._r
+
+    def put(self, item) -> None:
+        to = self.route.get(type(item[1]))
+        if to is not None:
+            to(item[1], item[0])
+            return
+        self._items.append(item)
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:      # the pipe is full: the owner has wake-ups pending anyway
+            pass
+        except OSError:              # closed: its owner is gone
+            pass
+
+    def drain(self) -> list:
+        """Everything received so far, oldest first (empties the inbox)."""
+        try:
+            while os.read(self._r, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while self._items:
+            out.append(self._items.popleft())
+        return out
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Closed:
+    """Put in the inbox, as (connection, Closed()), once when a connection ends."""
+
+
+class Connection:
+    """One TCP connection carrying pickled objects both ways; received ones go to `inbox`
+    as (connection, object), then (connection, Closed()) when it ends. `send` never blocks
+    the caller."""
+
+    def __init__(self, inbox: Inbox, sock: socket.socket | None = None,
+                 address: tuple | None = None):
+        self.inbox, self.sock, self.address = inbox, sock, address
+        self.connected = threading.Event()
+        self.closed = False
+        self._ended = False
+        self._pending: collections.deque = collections.deque()   # frames (or their tails) unsent
+        self._cv = threading.Condition()
+        threading.Thread(target=self._write, daemon=True, name="dataplane-tx").start()
+
+    @classmethod
+    def connect(cls, inbox: Inbox, address: tuple) -> "Connection":
+        """A connection to `address` (host, port), established in the background."""
+        return cls(inbox, address=tuple(address))
+
+    def send(self, obj) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = HEADER.pack(len(data)) + data
+        with self._cv:
+            if self.closed:
+                raise ConnectionError(f"data connection {self.address} is closed")
+            sent = 0
+            if not self._pending and self.connected.is_set():
+                # Most frames fit the socket buffer: send them from this thread. Waking the
+                # writer instead costs a thread hand-off, which under a CPU quota can wait
+                # for the next quota period.
+                try:
+                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._cv.notify()          # the writer notices the broken socket
+            if sent < len(frame):
+                self._pending.append(memoryview(frame)[sent:])
+                self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify()
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # ---------------------------------------------------------------- threads
+    def _write(self) -> None:
+        try:
+            if self.sock is None:
+                sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
+                sock.settimeout(None)
+                self.sock = sock
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connected.set()
+            threading.Thread(target=self._read, daemon=True, name="dataplane-rx").start()
+            while True:
+                with self._cv:
+                    while not self._pending and not self.closed:
+                        self._cv.wait()
+                    if self.closed:
+                        return
+                    head = self._pending[0]
+                # Sent outside the lock; it stays queued until done, so `send` keeps order.
+                self.sock.sendall(head)
+                with self._cv:
+                    self._pending.popleft()
+        except OSError as exc:
+            if not self.closed:
+                log.info("data connection ended", peer=self.address, error=str(exc))
+        finally:
+            self._finish()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                (n,) = HEADER.unpack(self._exact(HEADER.size))
+                if n > MAX_FRAME:
+                    raise ValueError(f"frame of {n} bytes")
+                self.inbox.put((self, pickle.loads(self._exact(n))))
+        except EOFError:
+            pass
+        except Exception as exc:    # a broken peer or garbage on the wire: drop the connection
+            if not self.closed:
+                log.warning("data connection dropped", peer=self.address, error=repr(exc))
+        finally:
+            self._finish()
+
+    def _exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise EOFError
+            got += k
+        return buf
+
+    def _finish(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify()
+            ended, self._ended = self._ended, True
+        if not ended:
+            self.inbox.put((self, Closed()))
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+class Listener:
+    """Accepts connections on (host, any free port); each becomes a Connection into `inbox`."""
+
+    def __init__(self, inbox: Inbox, host: str, port: int = 0):
+        self.inbox = inbox
+        self.sock = socket.create_server((host, port))
+        self.address = (host, self.sock.getsockname()[1])
+        self.connections: list[Connection] = []
+        threading.Thread(target=self._accept, daemon=True, name="dataplane-accept").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self.sock.accept()
+            except OSError:
+                return
+            self.connections = [c for c in self.connections if not c.closed]
+            self.connections.append(Connection(self.inbox, sock=sock, address=peer))
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        for c in self.connections:
+            c.close()
+
+
+class Peers:
+    """Outgoing connections by data-plane address, made on first use and remade after a
+    break. `send` returns False when `addr` is empty or could not be reached: the caller
+    then sends an actor message instead."""
+
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+        self.conns: dict[tuple, Connection] = {}
+        self.retry_at: dict[tuple, float] = {}    # address that refused us -> when to try again
+
+    def send(self, addr, msg) -> bool:
+        if not addr:
+            return False
+        addr = tuple(addr)
+        if self.retry_at.get(addr, 0.0) > time.monotonic():
+            return False
+        conn = self.conns.get(addr)
+        if conn is not None and conn.closed:
+            if not conn.connected.is_set():
+                log.warning("data plane unreachable; using actor messages", address=addr)
+                self.retry_at[addr] = time.monotonic() + RETRY_UNREACHABLE_S
+                del self.conns[addr]
+                return False
+            conn = None      # it broke: what was on it is recovered by its owner's deadlines
+        if conn is None:
+            conn = self.conns[addr] = Connection.connect(self.inbox, addr)
+        try:
+            conn.send(msg)
+            return True
+        except ConnectionError:
+            return False
+
+    def forget(self, keep) -> None:
+        """Close the connections to addresses not in `keep`."""
+        for addr in [a for a in self.conns if a not in keep]:
+            self.conns.pop(addr).close()
+
+    def close(self) -> None:
+        self.forget(())
+
+
+def env_port() -> int:
+    """This node's data-plane port setting (`decolla.node --data-port`; 0 = any free port)."""
+    return int(os.environ.get(PORT_ENV, "0") or 0)
+
+
+def open_listener(actor_address, port: int = 0, inbox: Inbox | None = None) -> Listener | None:
+    """A Listener into `inbox` (a new one if None) on the IP of a Thespian TCP actor address;
+    None when that address has no IP (an in-process actor system), `port` < 0, or the port
+    is taken."""
+    ip = own_ip(actor_address)
+    if not ip or port < 0:
+        return None
+    own = inbox is None
+    inbox = Inbox() if own else inbox
+    try:
+        return Listener(inbox, ip, port)
+    except OSError as exc:
+        if own:
+            inbox.close()
+        log.warning("no data plane; using actor messages", address=(ip, port), error=str(exc))
+        return None
+
+
+def own_ip(address) -> str:
+    """The IP address a Thespian TCP actor address points at ('' when it has none)."""
+    try:
+        return str(address.addressDetails.connectArgs[0][0])
+    except (AttributeError, IndexError, TypeError):
+        return ""
+
+
+class WatchesInbox:
+    """Mixin for actors on the data plane. `listen` accepts connections, `dial` lets the
+    actor open them, `send_data` sends on one (made on first use) or falls back to an
+    actor message; while the actor has an
+    `Inbox`, every message handled keeps its pipe watched, and objects arriving on it are
+    dispatched to `receiveMsg_<Type>(obj, connection)` for the types in `DATA_TYPES` (add
+    `Closed` to hear of connections ending)."""
+
+    inbox: Inbox | None = None
+    listener: Listener | None = None
+    peers: Peers | None = None
+    DATA_TYPES: tuple = ()
+
+    def listen(self, port: int = 0) -> tuple:
+        """Accept data-plane connections and open them (once); our (ip, port), or () when we
+        cannot listen (then we do not dial either)."""
+        if self.listener is None:
+            self.listener = open_listener(self.myAddress, port, self.inbox)
+            if self.listener is None:
+                return ()
+            self.inbox = self.listener.inbox
+            self.dial()
+        return self.listener.address
+
+    def dial(self) -> None:
+        """Be able to open data-plane connections to others' listeners."""
+        if self.peers is None:
+            if self.inbox is None:
+                self.inbox = Inbox()
+            self.peers = Peers(self.inbox)
+
+    def send_data(self, data_addr, actor_addr, msg) -> None:
+        """Send `msg` on the data plane to `data_addr` if we dial, it is given and reachable;
+        else as an actor message to `actor_addr`."""
+        if self.peers is None or not self.peers.send(data_addr, msg):
+            self.send(actor_addr, msg)
+
+    def close_data_plane(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+        if self.listener is not None:
+            self.listener.close()
+
+    def receiveMessage(self, msg, sender):
+        try:
+            super().receiveMessage(msg, sender)
+        except Exception:
+            # Thespian clears the watch after a failed handler; a wake-up re-arms it at once
+            # instead of whenever the next message happens to come.
+            if self.inbox is not None:
+                self.wakeupAfter(REARM_S, payload=REARM)
+            raise
+        if self.inbox is not None:
+            return ThespianWatch([self.inbox.fileno()])
+        return None
+
+    def receiveMsg_WatchMessage(self, msg, sender):
+        if self.inbox is None:
+            return
+        for conn, obj in self.inbox.drain():
+            if isinstance(obj, self.DATA_TYPES):
+                getattr(self, "receiveMsg_" + type(obj).__name__)(obj, conn)
+            elif not isinstance(obj, Closed):
+                log.warning("unexpected object on the data plane", type=type(obj).__name__)
