@@ -76,7 +76,7 @@ def collect(devices: int, model: str, plan: str, allocator: str, n: int) -> tupl
 
 def stage_kinds(model: str, plan: str, k: int) -> list[str]:
     """Layer kind of every stage of the plan the requester built."""
-    from decolla.model import load_model
+    from decolla.loader import load_model
     from decolla.plan import build_plan
     m = load_model(model)
     return [s.kind for s in build_plan(m.layer_specs(), k, plan, m.input_shape).stages]

@@ -56,7 +56,7 @@ class Agent:
         from decolla.api import Client
         from decolla.baselines.client import BaselineClient
         from decolla.forward import forward
-        from decolla.model import load_model
+        from decolla.loader import load_model
         self.args = args
         self.model = load_model(args.model)
         self.forward = forward

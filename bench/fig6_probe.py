@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
     from decolla.forward import forward
-    from decolla.model import load_model
+    from decolla.loader import load_model
     model = load_model(args.model)
     x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     forward(model, x, threads=1)                      # warm-up, not timed

@@ -41,7 +41,7 @@ def _auto(bw, dtype="float16", devices=3):
 def bytes_table(spec: str, devices: int, bandwidths=(1, 10, 100, 1000)) -> list[dict]:
     """Per plan x encoding: stages, chunks, uncompressed and lz4-encoded bytes of one inference."""
     from decolla import plan as planmod, planrun, planner
-    from decolla.model import load_model
+    from decolla.loader import load_model
     m = load_model(spec)
     specs = m.layer_specs()
     img = np.random.default_rng(0).standard_normal(m.input_shape).astype(np.float32)
@@ -94,7 +94,7 @@ def accuracy(n: int, devices: int, quick: bool) -> dict:
     from decolla import plan as planmod
     from decolla.gateway.catalog import digits_model_path
     from decolla.gateway.train_digits import load_split
-    from decolla.model import load_model
+    from decolla.loader import load_model
     res = {}
     digits = load_model(digits_model_path())
     _, x_te, _, y_te = load_split(int(digits.meta.get("split_seed", 0)))
@@ -120,7 +120,7 @@ def accuracy(n: int, devices: int, quick: bool) -> dict:
 def predicted(spec: str, devices: int) -> list[dict]:
     """Cost-model latency per plan and bandwidth (fp16 wire), and one device alone."""
     from decolla import plan as planmod, planner
-    from decolla.model import load_model
+    from decolla.loader import load_model
     specs = load_model(spec).layer_specs()
     by = {s["name"]: s for s in specs}
     fixed = {k: planmod.build_plan(specs, devices, k) for k in ("layer", "block", "spatial")}

@@ -20,7 +20,7 @@ def device_gmacs(model: str, forward_s: float) -> float:
     """The planner's `gmacs` making its one-device prediction equal the calibrated device's
     measured whole-model time."""
     from decolla import plan as planmod, planner
-    from decolla.model import load_model
+    from decolla.loader import load_model
     specs = load_model(model).layer_specs()
     one = planmod.build_plan(specs, 1, "single")
     pred = planner.stage_seconds(one.stages[0], {s["name"]: s for s in specs},

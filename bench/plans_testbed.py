@@ -57,7 +57,7 @@ def agent(args) -> int:
     """Runs inside the requester host: one JSON command per stdin line, one JSON reply."""
     from decolla.api import Client
     from decolla.forward import forward
-    from decolla.model import load_model
+    from decolla.loader import load_model
     model = load_model(args.model)
     images = [np.random.default_rng(s).standard_normal(model.input_shape).astype(np.float32)
               for s in range(3)]

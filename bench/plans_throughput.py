@@ -50,7 +50,7 @@ class _Runner:
         from decolla.api import Client
         from decolla.baselines.client import BaselineClient
         from decolla.forward import forward
-        from decolla.model import load_model
+        from decolla.loader import load_model
         model = load_model(args.model)
         self.images = [np.random.default_rng(s).standard_normal(model.input_shape)
                        .astype(np.float32) for s in range(4)]

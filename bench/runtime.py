@@ -39,7 +39,7 @@ def run(model_spec: str, devices: list[int], plans: list[str], repeats: int,
         allocator: str, fp16: bool = True) -> dict:
     from decolla import forward as fwd
     from decolla.api import LocalCluster
-    from decolla.model import load_model
+    from decolla.loader import load_model
     from decolla.plan import build_plan
 
     model = load_model(model_spec)

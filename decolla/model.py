@@ -332,31 +332,6 @@ def mobilenet_v1(width: float = 1.0, input_size: int = 224, num_classes: int = 1
     return build("mobilenet_v1", width, input_size, num_classes, seed)
 
 
-def load_model(spec: str) -> Model:
-    """Model from a spec: a file (.npz DeColla model, or .pt/.pth torchvision state_dict)
-    or 'arch[:key=value,...]' e.g. 'mobilenet_v2:seed=0,width=0.5,input_size=160'."""
-    if os.path.exists(spec):
-        if spec.endswith((".pt", ".pth")):
-            from decolla.torch_import import load_state_dict_file
-            return load_state_dict_file(spec)
-        return Model.load(spec)
-    if any(spec.endswith(ext) for ext in (".npz", ".pt", ".pth")):
-        raise ModelError(f"model file {spec!r} does not exist")
-    arch, _, opts = spec.partition(":")
-    kwargs: dict = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        casts = {"seed": int, "width": float, "input_size": int, "num_classes": int}
-        if key not in casts:
-            raise ModelError(f"model spec {spec!r}: unknown option {key!r} "
-                             f"(known: {', '.join(casts)})")
-        try:
-            kwargs[key] = casts[key](value)
-        except ValueError as exc:
-            raise ModelError(f"model spec {spec!r}: bad value for {key}: {value!r}") from exc
-    return build(arch, **kwargs)
-
-
 def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, gamma: np.ndarray,
                    beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
                    eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:

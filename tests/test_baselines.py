@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from decolla.baselines import metrics
 from decolla.baselines import partition as part
-from decolla.model import load_model
+from decolla.loader import load_model
 from decolla.reference import forward as reference
 from decolla.runtime.trace import ChunkRecord, Trace
 

@@ -13,7 +13,7 @@ from decolla import reference
 from decolla.runtime import dataplane
 from decolla.actors.worker import Worker
 from decolla.runtime.messages import InferReply, InferRequest
-from decolla.model import load_model
+from decolla.loader import load_model
 from tests.inprocess import start_requester
 
 

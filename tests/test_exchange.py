@@ -12,7 +12,7 @@ from decolla import exchange, planner, planrun, reference
 from decolla.runtime import dataplane
 from decolla import plan as planmod
 from decolla.runtime.messages import Halo
-from decolla.model import load_model
+from decolla.loader import load_model
 
 
 def rel(got, want):

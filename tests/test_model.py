@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from decolla import model as M
+from decolla.loader import load_model
 from decolla.torch_import import (export_state_dict, guess_arch, import_state_dict,
                                   load_state_dict_file)
 
@@ -71,7 +72,7 @@ def test_import_accepts_torch_tensors_and_pt_files(tmp_path):
     _same_weights(model, loaded)
     assert loaded.meta["arch"] == "mobilenet_v2"
     # through the generic spec loader too
-    assert M.load_model(str(path)).num_classes == 5
+    assert load_model(str(path)).num_classes == 5
 
 
 def test_bad_files(tmp_path):

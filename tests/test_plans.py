@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from decolla import plan as planmod
 from decolla import planner, planrun, reference
 from decolla.runtime import wire
-from decolla.model import load_model
+from decolla.loader import load_model
 
 SPECS = {"v2": "mobilenet_v2:width=0.35,input_size=96,num_classes=10,seed=0",
          "v1": "mobilenet_v1:width=0.25,input_size=96,num_classes=10,seed=0"}

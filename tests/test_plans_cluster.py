@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from decolla import reference
-from decolla.model import load_model
+from decolla.loader import load_model
 
 pytestmark = pytest.mark.integration
 

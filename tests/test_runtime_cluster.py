@@ -16,7 +16,7 @@ import pytest
 
 from decolla import reference
 from decolla.runtime.messages import InferError, InferRequest
-from decolla.model import load_model
+from decolla.loader import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from decolla import plan as planmod
 from decolla import reference
-from decolla.model import load_model
+from decolla.loader import load_model
 
 SMALL = {"v2": "mobilenet_v2:width=0.35,input_size=32,num_classes=10",
          "v1": "mobilenet_v1:width=0.25,input_size=32,num_classes=10"}

@@ -8,7 +8,7 @@ import numpy as np
 from decolla import reference
 from decolla.actors.worker import Worker
 from decolla.runtime.messages import InferError, InferReply, InferRequest
-from decolla.model import load_model
+from decolla.loader import load_model
 from tests.inprocess import CorruptingWorker, start_requester
 
 SPEC = "mobilenet_v2:width=0.35,input_size=32,num_classes=10,seed=0"

@@ -106,7 +106,7 @@ def test_unreadable_cgroup_gets_the_long_window(tmp_path, monkeypatch):
 PROBE = textwrap.dedent("""
     import json, sys, time, types
     from decolla.actors import worker
-    from decolla.model import load_model
+    from decolla.loader import load_model
     m = load_model("mobilenet_v2:seed=0,width=0.35,input_size=96")
     fake = types.SimpleNamespace(model=m)
     t0 = time.perf_counter()

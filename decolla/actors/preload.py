@@ -5,7 +5,8 @@ inherited (copy-on-write) instead of being rebuilt in every actor.
 """
 from __future__ import annotations
 
-from decolla.model import Model, load_model
+from decolla.loader import load_model
+from decolla.model import Model
 
 _MODELS: dict[str, Model] = {}
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from decolla.gateway.labels import labels_for
-from decolla.model import Model, ModelError, load_model
+from decolla.loader import load_model
+from decolla.model import Model, ModelError
 
 DIGITS_FILE = "digits_mobilenet_v2.npz"
 SEEDED_SPEC = "mobilenet_v2:seed=0"
@@ -23,7 +24,7 @@ class ModelEntry:
     """One selectable model and everything needed to prepare its input and read its output."""
     key: str
     title: str
-    spec: str                 # what decolla.model.load_model (and a cluster) is given
+    spec: str                 # what decolla.loader.load_model (and a cluster) is given
     model: Model
     preprocess: str           # 'imagenet' or 'digits'
     labels: list[str]
