@@ -23,7 +23,7 @@ from decolla import exchange
 from decolla.runtime import dataplane, wire
 from decolla import plan as planmod
 from decolla.actors import system
-from decolla.actors.preload import get_model
+from decolla.actors.preload import ModelRefused, leader_model
 from decolla.log import get_logger
 from decolla.runtime.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Continue,
                               Halo, Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork,
@@ -222,12 +222,9 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     def receiveMsg_InitWorker(self, msg: InitWorker, sender):
         self.name, self.registrar, self.hb = msg.name, sender, msg.heartbeat_s
         try:
-            self.model = get_model(msg.model_spec)
-        except Exception as exc:  # a model this node cannot load is a refusal, not a crash
-            self.send(sender, WorkerRefused(msg.name, f"cannot load model: {exc}"))
-            return
-        if self.model.digest() != msg.digest:
-            self.send(sender, WorkerRefused(msg.name, "model digest differs from the leader's"))
+            self.model = leader_model(msg.model_spec, msg.digest)
+        except ModelRefused as exc:
+            self.send(sender, WorkerRefused(msg.name, str(exc)))
             return
         self.layers = {l.name: l for l in self.model.layers}
         try:
