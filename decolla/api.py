@@ -24,9 +24,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
+from thespian.actors import ActorExitRequest
 
 from decolla.actors import system
-from decolla.actors.requester import check_image
+from decolla.actors.requester import Requester
+from decolla.forward import check_image
 from decolla.runtime.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
 from decolla.runtime.trace import Trace
@@ -131,8 +133,7 @@ class ClusterMember:
         if asys is None:
             return
         try:
-            from thespian.actors import ActorExitRequest
-            if getattr(self, "_requester", None) is not None:
+            if self._requester is not None:
                 asys.tell(self._requester, ActorExitRequest())
                 time.sleep(self.close_linger_s)
         finally:
@@ -158,7 +159,6 @@ class Client(ClusterMember):
         self._join(leader, name or f"requester-{uuid.uuid4().hex[:8]}", port, bind,
                    connect_timeout)
         try:
-            from decolla.actors.requester import Requester
             self._requester = self._asys.createActor(
                 Requester, targetActorRequirements={system.CAP_NODE: self.name})
             cfg = ConfigureRequester(self._registrar, self.name, k, plan, allocator, wire_dtype,
@@ -175,7 +175,6 @@ class Client(ClusterMember):
         except BaseException:
             self.close()
             raise
-
 
     # ------------------------------------------------------------ inference
     def infer(self, image, top: int = 5, timeout: float | None = None,
@@ -221,8 +220,6 @@ class Client(ClusterMember):
                    for d in m.devices]
         return {"leader": self.leader, "model": m.model, "digest": m.digest,
                 "input_shape": list(m.input_shape), "devices": devices, "refused": m.refused}
-
-
 
 
 @dataclass
@@ -396,6 +393,10 @@ class LocalCluster:
     @property
     def input_shape(self) -> tuple:
         return self.client.input_shape
+
+    @property
+    def digest(self) -> str:
+        return self.client.digest
 
     def close(self) -> None:
         """Stop the client, then the devices, then the leader (members before leader)."""

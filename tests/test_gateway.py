@@ -158,8 +158,9 @@ def test_infer_raw_body_and_trace_json(client):
     assert r.status_code == 200, r.text
     trace = client.get(r.json()["trace_url"])
     assert trace.status_code == 200
-    slices = [e for e in trace.json()["traceEvents"] if e["ph"] == "X"]
-    assert len(slices) == len(r.json()["trace"]["chunks"])
+    computes = [e for e in trace.json()["traceEvents"]
+                if e["ph"] == "X" and e["name"].endswith(" compute")]
+    assert len(computes) == len(r.json()["trace"]["chunks"])
     recent = client.get("/api/requests").json()["requests"]
     assert recent[-1]["id"] == r.json()["id"]
 
@@ -232,22 +233,20 @@ def test_cluster_down_is_503_with_retry_after(catalog):
 
 
 def test_cluster_backend_without_a_reachable_cluster_is_unavailable(catalog, monkeypatch):
-    """The real adapter maps a runtime that cannot start/connect to 503, not to a crash."""
-    import importlib
-
+    """The real backend maps a cluster that cannot start/connect to 503, not to a crash."""
+    from decolla.api import ClusterError
     from decolla.gateway import backends
-    real_import = importlib.import_module
 
-    def no_api(name, *a, **k):
-        if name == "decolla.api":
-            raise ImportError("decolla.api missing in this test")
-        return real_import(name, *a, **k)
-    monkeypatch.setattr(backends.importlib, "import_module", no_api)
+    def cannot_start(**kwargs):
+        raise ClusterError("node dev1 exited with 1")
+    monkeypatch.setattr(backends, "LocalCluster", cannot_start)
     gw = Gateway(catalog, backend="local-cluster")
     with TestClient(create_app(gw)) as c:
         r = c.post("/api/infer", files={"image": ("ok.png", png_bytes(photo(5)), "image/png")})
-        assert r.status_code == 503 and "runtime API" in r.json()["message"]
-        assert c.get("/api/status").status_code == 200
+        assert r.status_code == 503 and "cannot reach the cluster" in r.json()["message"]
+        assert "dev1 exited" in r.json()["message"]
+        st = c.get("/api/status").json()["backends"][0]
+        assert st["healthy"] is False and "dev1 exited" in st["detail"]
 
 
 def test_cluster_leader_not_listening_is_503_fast(catalog):
@@ -293,7 +292,7 @@ def test_local_cluster_serves_then_reports_dead_devices_as_503(catalog):
 
 
 def test_runtime_trace_is_normalised_with_reassignments():
-    from decolla.gateway.backends import _chunks_from_trace
+    from decolla.gateway.timeline import timeline
     from decolla.runtime.trace import ChunkRecord, Trace
     t0 = 1000.0
     recs = [ChunkRecord("r", 0, 0, 0, "dev1", "stem", 10, sent=t0, bytes_in=100, returned=t0 + 0.010,
@@ -302,12 +301,16 @@ def test_runtime_trace_is_normalised_with_reassignments():
             ChunkRecord("r", 0, 1, 1, "dev1", "stem", 10, sent=t0 + 0.02, bytes_in=100,
                         returned=t0 + 0.03, received=t0 + 0.021, start=t0 + 0.022, end=t0 + 0.029,
                         status="won", reason="deadline")]
-    chunks = _chunks_from_trace(Trace("r", t0, t0 + 0.03, recs))
-    assert [c.status for c in chunks] == ["ok", "failed", "reassigned"]
+    view = timeline(Trace("r", t0, t0 + 0.03, recs))
+    chunks = view["chunks"]
+    assert view["devices"] == ["dev1", "dev2"]
+    assert [c["status"] for c in chunks] == ["ok", "failed", "reassigned"]
     # worker times are moved onto the requester's clock by the record's offset estimate
-    assert chunks[0].start == pytest.approx((recs[0].start - recs[0].offset() - t0) * 1e3)
-    assert chunks[0].receive == pytest.approx(10.0)
-    assert chunks[2].retries == 1 and chunks[2].device == "dev1"
+    assert chunks[0]["start"] == pytest.approx((recs[0].start - recs[0].offset() - t0) * 1e3,
+                                               abs=1e-3)
+    assert chunks[0]["receive"] == pytest.approx(10.0)
+    assert chunks[2]["retries"] == 1 and chunks[2]["device"] == "dev1"
+    assert chunks[1]["start"] == chunks[1]["end"] == chunks[1]["receive"] == 0.0  # never answered
 
 
 # ----------------------------------------------------------------------------- live view (SSE)

@@ -8,10 +8,12 @@ import time
 
 import numpy as np
 
+from decolla import api
 from decolla.gateway.backends import Backend, BackendUnavailable, make_backend
 from decolla.gateway.catalog import ModelEntry
 from decolla.gateway.events import EventHub
 from decolla.gateway.preprocess import BadImage, ImageTooLarge, decode, preprocess
+from decolla.gateway.timeline import timeline
 from decolla.log import get_logger
 
 log = get_logger("gateway")
@@ -31,12 +33,8 @@ class GatewayError(Exception):
 
 
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[dict]:
-    """The k most probable classes with softmax probabilities."""
-    z = np.asarray(logits, dtype=np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")[:k]
-    return [{"index": int(i), "label": labels[i], "prob": round(float(p[i]), 6)} for i in order]
+    """The k most probable classes with softmax probabilities, named."""
+    return [{"index": i, "label": labels[i], "prob": round(p, 6)} for i, p in api.top_k(logits, k)]
 
 
 class Gateway:
@@ -115,17 +113,17 @@ class Gateway:
         out = {"id": rid, "model": entry.describe(),
                "backend": {"kind": backend.kind, "label": backend.label},
                "top": top_k(res.logits, entry.labels, k),
-               "latency_ms": round(res.latency_ms, 3),
+               "latency_ms": round(res.latency * 1e3, 3),
                "timings_ms": {"decode": round((t1 - t0) * 1e3, 3),
                               "preprocess": round((t2 - t1) * 1e3, 3),
                               "inference": round((t3 - t2) * 1e3, 3),
                               "total": round((t3 - t0) * 1e3, 3)},
                "image": {"width": img.width, "height": img.height},
-               "trace": {"devices": res.devices, "chunks": [c.as_dict() for c in res.chunks]},
+               "trace": timeline(res.trace),
                "trace_url": f"/api/requests/{rid}/trace.json"}
         if not entry.trained:
             out["warning"] = entry.note
-        self.hub.publish({"type": "request_done", **out, "chrome_trace": res.chrome_trace})
+        self.hub.publish({"type": "request_done", **out, "chrome_trace": res.trace.to_chrome()})
         log.info("request served", request=rid, model=key, backend=backend.kind,
                  top=out["top"][0]["label"], latency_ms=out["latency_ms"])
         return out
