@@ -80,7 +80,7 @@ class Driver(ActorTypeDispatcher):
 
 
 def run(round_trips: int) -> dict:
-    from decolla.api import free_port
+    from decolla.actors.system import free_port
     asys = ActorSystem("multiprocTCPBase", {"Admin Port": free_port()}, transientUnique=True)
     rows = []
     try:

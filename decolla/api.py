@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 from thespian.actors import ActorExitRequest
 
 from decolla.actors import system
+from decolla.actors.registrar import wait_for_registrar
 from decolla.actors.requester import Requester
 from decolla.forward import check_image
 from decolla.runtime.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
@@ -74,13 +74,6 @@ def top_k(logits: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
     return [(int(i), float(p[i])) for i in idx]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on `host`."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class ClusterMember:
     """A requester node in a cluster's convention: joins, asks the registrar, leaves."""
 
@@ -95,11 +88,10 @@ class ClusterMember:
         self._asys = None
         self._requester = None
         self._asys = system.start_system(
-            system.capabilities("requester", name, port or 0, leader), bind,
-            pick_port=None if port else lambda: free_port(bind or "127.0.0.1"))
+            system.capabilities("requester", name, port or 0, leader), bind)
         try:
-            self._registrar = system.wait_for_registrar(self._asys, leader, connect_timeout,
-                                                        ClusterError)
+            self._registrar = wait_for_registrar(self._asys, leader, connect_timeout,
+                                                 ClusterError)
         except BaseException:
             self.close()
             raise
@@ -284,7 +276,7 @@ class LocalCluster:
                extra: list[str] | None = None) -> NodeProcess:
         if name in self.nodes:
             raise ValueError(f"node {name!r} exists")
-        port = free_port(self.host)
+        port = system.free_port(self.host)
         cmd = [sys.executable, "-m", "decolla.node", "--role", role, "--name", name,
                "--port", str(port), "--model", model or self.model,
                "--threads", str(self.threads), "--log-json"]

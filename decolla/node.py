@@ -16,6 +16,17 @@ import socket
 import sys
 import time
 
+from thespian.actors import ActorExitRequest
+
+from decolla import log as dlog
+from decolla.actors import system
+from decolla.runtime.dataplane import PORT_ENV
+from decolla.runtime.messages import ConfigureRegistrar
+from decolla.runtime.trace import merge_chrome
+
+# The model, the registrar and the client import numpy: they are imported inside the
+# functions below, after main() has set the BLAS thread counts that numpy reads on import.
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m decolla.node", description=__doc__,
@@ -52,12 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class _Stop:
     """Turns SIGINT/SIGTERM into a flag the main loop polls."""
 
@@ -74,10 +79,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    from decolla.runtime.dataplane import PORT_ENV
     os.environ[PORT_ENV] = str(args.data_port)      # read by this node's worker
-    from decolla import log as dlog
-    port = args.port or (1900 if args.role == "leader" else _free_port(args.host or ""))
+    port = args.port or (1900 if args.role == "leader" else system.free_port(args.host or ""))
     name = args.name or f"{socket.gethostname()}:{port}"
     dlog.configure(json=args.log_json, level=args.log_level, node=name, role=args.role)
     logger = dlog.get_logger("node")
@@ -87,8 +90,8 @@ def main(argv=None) -> int:
 
 
 def _run_member(args, name, port, logger) -> int:
-    from decolla.actors import system
     from decolla.actors.preload import preload
+    from decolla.actors.registrar import Registrar
     from decolla.model import ModelError
     try:
         model = preload(args.model)
@@ -110,12 +113,10 @@ def _run_member(args, name, port, logger) -> int:
         logger.error("cannot start actor system", port=port, error=str(exc))
         return 3
     try:
-        probe = asys.createActor(system.Probe)
+        probe = asys.createActor(system.ProcessInfoActor)
         info = asys.ask(probe, "who", 10) or {}
-        asys.tell(probe, _exit_request())
+        asys.tell(probe, ActorExitRequest())
         if args.role == "leader":
-            from decolla.actors.registrar import Registrar
-            from decolla.runtime.messages import ConfigureRegistrar
             reg = asys.createActor(Registrar, globalName=system.REGISTRAR_NAME)
             reply = asys.ask(reg, ConfigureRegistrar(args.model, name, args.heartbeat,
                                                      max(2.5, 5 * args.heartbeat),
@@ -133,11 +134,6 @@ def _run_member(args, name, port, logger) -> int:
         asys.shutdown()
     logger.info("node stopped")
     return 0
-
-
-def _exit_request():
-    from thespian.actors import ActorExitRequest
-    return ActorExitRequest()
 
 
 def _run_requester(args, name, port, logger) -> int:
@@ -162,7 +158,6 @@ def _run_requester(args, name, port, logger) -> int:
                               "top": r.top_k, "devices": r.devices_used,
                               "retries": r.retries}), flush=True)
         if args.trace and results:
-            from decolla.runtime.trace import merge_chrome
             with open(args.trace, "w") as fh:
                 json.dump(merge_chrome([r.trace for r in results]), fh)
     return 0

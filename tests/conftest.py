@@ -1,19 +1,7 @@
-"""Shared pytest fixtures (generic: ports, local clusters that always get cleaned up)."""
+"""Shared pytest fixtures (generic: local clusters that always get cleaned up)."""
 from __future__ import annotations
 
-import socket
-
 import pytest
-
-
-@pytest.fixture
-def free_port():
-    """A function returning a currently free TCP port on loopback."""
-    def _get() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    return _get
 
 
 @pytest.fixture

@@ -196,12 +196,13 @@ def _run_pipeline(req):
 
 def test_answer_before_earlier_reports_still_gives_a_complete_trace():
     from decolla.runtime import wire
-    from decolla.baselines.messages import HopReport, PipelineReply
+    from decolla.baselines.messages import HopReport
+    from decolla.runtime.messages import InferReply
     req, sent = _pipeline_requester()
     _run_pipeline(req)
     history = [HopReport(0, "dev1", 1.0, 1.1, 1.9, 10, 20), HopReport(1, "dev2", 2.0, 2.1, 2.9, 10, 20)]
     req.receiveMsg_SegmentDone(_done(2, "dev3", wire.encode(np.ones(5, np.float32)), history), "w")
-    (reply,) = [m for to, m in sent if isinstance(m, PipelineReply) and to == "client"]
+    (reply,) = [m for to, m in sent if isinstance(m, InferReply) and to == "client"]
     assert [(r.chunk, r.device, r.status) for r in sorted(reply.records, key=lambda r: r.chunk)] \
         == [(0, "dev1", "won"), (1, "dev2", "won"), (2, "dev3", "won")]
     assert reply.stats["route"] == [("dev1", 0, 3), ("dev2", 3, 6), ("dev3", 6, 9)]

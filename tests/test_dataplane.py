@@ -113,7 +113,7 @@ def test_unreachable_address_closes_without_connecting():
 def tcp_asys():
     """A real multiprocTCPBase actor system on loopback (workers get real data planes)."""
     from thespian.actors import ActorSystem
-    from decolla.api import free_port
+    from decolla.actors.system import free_port
     system = ActorSystem("multiprocTCPBase", {"decolla.compute": True,
                                               "Admin Port": free_port()}, transientUnique=True)
     try:

@@ -250,7 +250,7 @@ def test_cluster_backend_without_a_reachable_cluster_is_unavailable(catalog, mon
 
 
 def test_cluster_leader_not_listening_is_503_fast(catalog):
-    from decolla.api import free_port
+    from decolla.actors.system import free_port
     gw = Gateway(catalog, backend="cluster", leader=f"127.0.0.1:{free_port()}")
     with TestClient(create_app(gw)) as c:
         files = {"image": ("ok.png", png_bytes(photo(5)), "image/png")}

@@ -176,10 +176,11 @@ def test_client_takes_another_port_when_its_free_one_was_taken(cluster, monkeypa
     import socket
 
     from decolla import api
+    from decolla.actors import system
     held = socket.create_server(("127.0.0.1", 0))
     ports = iter([held.getsockname()[1]])
-    real = api.free_port
-    monkeypatch.setattr(api, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+    real = system.free_port
+    monkeypatch.setattr(system, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
     try:
         with api.Client(cluster.leader, plan="single", k=1, min_devices=3) as client:
             r = client.infer(image(2), timeout=60)

@@ -188,7 +188,7 @@ def test_devices_offer_a_data_plane_and_actor_messages_still_work(cluster):
 
 
 def test_device_data_port_is_fixed_or_off_on_request(cluster):
-    from decolla.api import free_port
+    from decolla.actors.system import free_port
     port = free_port()
     cluster.add_device("fixed", extra=["--data-port", str(port)])
     cluster.add_device("actors-only", extra=["--data-port", "-1"])

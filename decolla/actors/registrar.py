@@ -15,9 +15,11 @@ from thespian.actors import (ActorExitRequest, ActorSystemConventionUpdate,
 
 from decolla.actors import system
 from decolla.actors.preload import get_model
+from decolla.actors.worker import Worker
 from decolla.log import get_logger
 from decolla.runtime.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InFlight, InitWorker,
-                              Membership, Subscribe, WorkerReady, WorkerRefused)
+                                      Membership, StatusRequest, Subscribe, WorkerReady,
+                                      WorkerRefused)
 
 log = get_logger("registrar")
 RESTART_WORKER_S = 2.0
@@ -103,7 +105,6 @@ class Registrar(ActorTypeDispatcher):
         self._start_worker(name)
 
     def _start_worker(self, name: str) -> None:
-        from decolla.actors.worker import Worker
         caps = self.caps[name]
         old = self.devices.get(name)
         if old is not None and old.worker is not None:
@@ -253,3 +254,26 @@ class Registrar(ActorTypeDispatcher):
         snap = self._membership()
         for addr, *_ in self.subscribers:
             self.send(addr, snap)
+
+
+def find_registrar(asys):
+    """Address of the leader's registrar (created on the leader under a global name)."""
+    return asys.createActor(Registrar, targetActorRequirements={system.CAP_ROLE: "leader"},
+                            globalName=system.REGISTRAR_NAME)
+
+
+def wait_for_registrar(asys, leader: str, timeout: float, error=TimeoutError):
+    """Address of the leader's registrar once it answers a status request; `error` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            addr = find_registrar(asys)
+            with asys.private() as ctx:
+                if isinstance(ctx.ask(addr, StatusRequest(), 5), Membership):
+                    return addr
+        except Exception as exc:  # not yet in the convention, or leader not up yet
+            last = exc
+        time.sleep(0.2)
+    raise error(f"no DeColla leader answered at {leader} within {timeout:.0f} s"
+                + (f" ({last})" if last else ""))

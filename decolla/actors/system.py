@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from datetime import timedelta
+
+from thespian.actors import Actor, ActorSystem, InvalidActorAddress
+from thespian.system.admin import convention
 
 from decolla.log import get_logger
 
@@ -35,7 +39,6 @@ def tune_convention(period_s: int = CONVENTION_PERIOD_S) -> None:
     value = f"0:{int(period_s)}"
     os.environ["CONVENTION_REREGISTRATION_PERIOD"] = value
     os.environ["CONVENTION_RESTART_PERIOD"] = value
-    from thespian.system.admin import convention
     convention.CONVENTION_REREGISTRATION_PERIOD = timedelta(seconds=period_s)
     convention.CONVENTION_RESTART_PERIOD = timedelta(seconds=period_s)
 
@@ -64,20 +67,27 @@ def capabilities(role: str, name: str, port: int, leader: str | None = None,
     return caps
 
 
-def start_system(caps: dict, bind: str | None = None, pick_port=None):
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on `host` (taken again by anyone who binds it first)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_system(caps: dict, bind: str | None = None):
     """Start this node's actor system with `caps` (a new, unique admin on its port).
 
-    With `pick_port` (a function returning a free port) the admin port comes from it, and
-    again, up to 3 tries, when it was taken before the admin bound it (e.g. as the local
-    end of another connection): that raises InvalidActorAddress."""
+    An "Admin Port" of 0 means a free port, picked again, up to 3 tries, when it was taken
+    before the admin bound it (e.g. as the local end of another connection): that raises
+    InvalidActorAddress."""
     if bind:
         os.environ["THESPIAN_BASE_IPADDR"] = bind
     tune_convention()
-    from thespian.actors import ActorSystem, InvalidActorAddress
-    tries = 3 if pick_port else 1
+    pick = not caps.get("Admin Port")
+    tries = 3 if pick else 1
     for attempt in range(tries):
-        if pick_port:
-            caps = {**caps, "Admin Port": int(pick_port())}
+        if pick:
+            caps = {**caps, "Admin Port": free_port(bind or "127.0.0.1")}
         try:
             return ActorSystem(SYSTEM_BASE, caps, logDefs=thespian_log_defs(),
                                transientUnique=True)
@@ -85,32 +95,6 @@ def start_system(caps: dict, bind: str | None = None, pick_port=None):
             if attempt == tries - 1:
                 raise
             log.warning("actor system port taken; trying another", port=caps["Admin Port"])
-
-
-def find_registrar(asys):
-    """Address of the leader's registrar (created on the leader under a global name)."""
-    from decolla.actors.registrar import Registrar
-    return asys.createActor(Registrar, targetActorRequirements={CAP_ROLE: "leader"},
-                            globalName=REGISTRAR_NAME)
-
-
-def wait_for_registrar(asys, leader: str, timeout: float, error=TimeoutError):
-    """Address of the leader's registrar once it answers a status request; `error` after `timeout`."""
-    import time
-    from decolla.runtime.messages import Membership, StatusRequest
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            addr = find_registrar(asys)
-            with asys.private() as ctx:
-                if isinstance(ctx.ask(addr, StatusRequest(), 5), Membership):
-                    return addr
-        except Exception as exc:  # not yet in the convention, or leader not up yet
-            last = exc
-        time.sleep(0.2)
-    raise error(f"no DeColla leader answered at {leader} within {timeout:.0f} s"
-                + (f" ({last})" if last else ""))
 
 
 def on_named_node(capabilities: dict, requirements: dict) -> bool:
@@ -132,11 +116,8 @@ def proc_info() -> dict:
     return {"pid": os.getpid(), "pgid": os.getpgid(0), "ppid": os.getppid()}
 
 
-from thespian.actors import Actor  # noqa: E402  (after the helpers: importing is cheap)
-
-
-class Probe(Actor):
-    """Answers with its pid/pgid: lets a node report the process group of its admin."""
+class ProcessInfoActor(Actor):
+    """Answers "who" with proc_info(): lets a node report the process group of its admin."""
 
     def receiveMessage(self, msg, sender):
         if msg == "who":

@@ -25,11 +25,11 @@ from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
 from decolla.baselines.messages import (ConfigurePipeline, Forget, HopReport,
-                                        InitSegmentWorker, PipelineError, PipelineReply,
-                                        Prepare, Profiles, Reprofile, Resend, RunPipeline,
+                                        InitSegmentWorker, Prepare, Profiles, Reprofile, Resend, RunPipeline,
                                         RunSegment, SegmentDone, SegmentWorkerReady)
 from decolla.log import get_logger
-from decolla.runtime.messages import Membership, Ready, Subscribe, Unsubscribe
+from decolla.runtime.messages import (InferError, InferReply, Membership, Ready, Subscribe,
+                                      Unsubscribe)
 from decolla.runtime.trace import ChunkRecord
 
 log = get_logger("baselines")
@@ -275,8 +275,8 @@ class PipelineRequester(dataplane.WatchesInbox, ActorTypeDispatcher):
     def receiveMsg_RunPipeline(self, msg: RunPipeline, sender):
         missing = [s.device for s in msg.route if s.device not in self.workers]
         if missing or not msg.route:
-            self.send(sender, PipelineError(msg.request, f"no segment worker on {missing} "
-                                                         "(call prepare first)"))
+            self.send(sender, InferError(msg.request, f"no segment worker on {missing} "
+                                                      "(call prepare first)"))
             return
         pipe = _Pipe(msg, sender)
         self.pipes[msg.request] = pipe
@@ -396,14 +396,14 @@ class PipelineRequester(dataplane.WatchesInbox, ActorTypeDispatcher):
                 rec.status = "lost"
         stats = {"route": [(s.device, s.start, s.end) for s in route],
                  "replans": pipe.replans, "failed": sorted(pipe.failed)}
-        self.send(pipe.reply_to, PipelineReply(pipe.msg.request, np.asarray(logits),
-                                               pipe.records, pipe.started, time.time(), stats))
+        self.send(pipe.reply_to, InferReply(pipe.msg.request, np.asarray(logits),
+                                            pipe.records, pipe.started, time.time(), stats))
         self._forget(pipe)
 
     def _fail(self, pipe: _Pipe, error: str) -> None:
         self.pipes.pop(pipe.msg.request, None)
         log.warning("pipeline failed", request=pipe.msg.request, error=error)
-        self.send(pipe.reply_to, PipelineError(pipe.msg.request, error, pipe.records))
+        self.send(pipe.reply_to, InferError(pipe.msg.request, error))
         self._forget(pipe)
 
     def _forget(self, pipe: _Pipe) -> None:

@@ -19,9 +19,9 @@ import numpy as np
 from decolla.actors import system
 from decolla.api import ClusterError, ClusterMember, InferenceError, Result, top_k
 from decolla.baselines import partition as part
-from decolla.baselines.messages import (ConfigurePipeline, PipelineError, PipelineReply, Prepare,
-                                        Profiles, RunPipeline)
+from decolla.baselines.messages import ConfigurePipeline, Prepare, Profiles, RunPipeline
 from decolla.forward import check_image
+from decolla.runtime.messages import InferError, InferReply
 from decolla.runtime.trace import Trace
 
 METHODS = ("mobile", "partition", "hierarchical")
@@ -157,9 +157,9 @@ class BaselineClient(ClusterMember):
             self._release(picked)
         if reply is None:
             raise InferenceError(f"request {rid}: no answer within {wait:.0f} s")
-        if isinstance(reply, PipelineError):
+        if isinstance(reply, InferError):
             raise InferenceError(f"request {rid}: {reply.error}")
-        if not isinstance(reply, PipelineReply):
+        if not isinstance(reply, InferReply):
             raise InferenceError(f"request {rid}: unexpected reply {reply!r}")
         trace = Trace(rid, reply.started, reply.finished, list(reply.records))
         stats = {"method": method, **info, **reply.stats}

@@ -138,22 +138,3 @@ class RunPipeline(Message):
     candidates: list = field(default_factory=list)   # devices a re-plan may use (ordered)
     timeout_s: float = 600.0
     _show = ("request",)
-
-
-@dataclass(repr=False)
-class PipelineReply(Message):
-    request: str
-    logits: Any
-    records: list
-    started: float
-    finished: float
-    stats: dict
-    _show = ("request",)
-
-
-@dataclass(repr=False)
-class PipelineError(Message):
-    request: str
-    error: str
-    records: list = field(default_factory=list)
-    _show = ("request", "error")
