@@ -6,6 +6,16 @@ import json
 import sys
 import time
 
+import numpy as np
+
+from decolla import log, planner, reference
+from decolla import plan as planmod
+from decolla.api import Client, LocalCluster
+from decolla.forward import forward
+from decolla.gateway import server as gateway
+from decolla.loader import load_model
+from decolla.runtime.trace import merge_chrome
+
 
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leader", required=True, help="HOST:PORT of the cluster's leader")
@@ -60,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--per-device-links", action="store_true",
                     help="each device has its own link of that bandwidth (default: one shared)")
     pp.add_argument("--json", action="store_true", help="print the planner's notes as JSON")
-    from decolla.gateway import server as gateway
     pg = sub.add_parser("serve", help="requester web page, JSON API and live cluster view")
     gateway.add_arguments(pg)
     pg.set_defaults(func=gateway.run)
@@ -69,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from decolla import log
     log.configure(json=args.log_json, level=args.log_level, node="cli")
     try:
         handlers = {"infer": _infer, "status": _status, "demo": _demo, "plan": _plan}
@@ -82,9 +90,6 @@ def main(argv=None) -> int:
 
 
 def _plan(args) -> int:
-    from decolla import plan as planmod
-    from decolla import planner
-    from decolla.model import load_model
     specs = load_model(args.model).layer_specs()
     opts = {"devices": args.devices, "bandwidth_mbit": args.bandwidth_mbit,
             "wire_dtype": args.wire_dtype, "overhead_ms": args.overhead_ms,
@@ -104,14 +109,12 @@ def _plan(args) -> int:
 
 
 def _image(path, seed, shape):
-    import numpy as np
     if path:
         return np.load(path)
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def _infer(args) -> int:
-    from decolla.api import Client
     with Client(args.leader, bind=args.bind, allocator=args.allocator, plan=args.plan, k=args.k,
                 wire_dtype=args.wire_dtype) as client:
         r = client.infer(_image(args.image, args.seed, client.input_shape), top=args.top)
@@ -130,7 +133,6 @@ def _infer(args) -> int:
 
 
 def _status(args) -> int:
-    from decolla.api import Client
     with Client(args.leader, bind=args.bind, min_devices=0) as client:
         st = client.status()
     if args.json:
@@ -148,18 +150,12 @@ def _status(args) -> int:
 
 
 def _demo(args) -> int:
-    import numpy as np
-    from decolla import reference
-    from decolla.api import LocalCluster
-    from decolla.model import load_model
-    from decolla.runtime.trace import merge_chrome
     model = load_model(args.model)
     image = _image(None, args.seed, model.input_shape)
     t0 = time.perf_counter()
     ref = reference.forward(model, image)
     print(f"single-process reference forward: {(time.perf_counter() - t0) * 1e3:.0f} ms "
           f"(numpy float64 oracle)")
-    from decolla.forward import forward
     forward(model, image)
     t0 = time.perf_counter()
     forward(model, image, threads=1)

@@ -16,8 +16,10 @@ import time
 import numpy as np
 import structlog
 
+from decolla.forward import forward
 from decolla.gateway.preprocess import digits_input
 from decolla.model import make_divisible
+from decolla.torch_import import import_state_dict
 
 log = structlog.get_logger("decolla.train_digits")
 
@@ -124,17 +126,8 @@ def train(epochs: int, seed: int, threads: int):
     return net, x_te, y_te, float((pred == y_te).mean())
 
 
-def _forward_fn():
-    try:
-        from decolla.forward import forward
-    except ImportError:
-        from decolla.reference import forward
-    return forward
-
-
 def decolla_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     """Held-out accuracy of a DeColla model computed with DeColla's own forward pass."""
-    forward = _forward_fn()
     pred = np.array([int(np.argmax(forward(model, img))) for img in x])
     return float((pred == y).mean())
 
@@ -148,7 +141,6 @@ def main(argv=None) -> int:
     p.add_argument("--save-torch", default=None, help="also write the torch state_dict (.pt)")
     args = p.parse_args(argv)
     import torch
-    from decolla.torch_import import import_state_dict
 
     t0 = time.perf_counter()
     net, x_te, y_te, torch_acc = train(args.epochs, args.seed, args.threads)
