@@ -42,7 +42,7 @@ from collections import defaultdict
 import numpy as np
 import structlog
 
-from decolla.allocators import ChunkCost, StageInfo
+from decolla.cost import ChunkCost, StageInfo
 
 log = structlog.get_logger("bench.calibrate_sim")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -77,7 +77,7 @@ def collect(devices: int, model: str, plan: str, allocator: str, n: int) -> tupl
 def stage_kinds(model: str, plan: str, k: int) -> list[str]:
     """Layer kind of every stage of the plan the requester built."""
     from decolla.loader import load_model
-    from decolla.plan import build_plan
+    from decolla.plans import build_plan
     m = load_model(model)
     return [s.kind for s in build_plan(m.layer_specs(), k, plan, m.input_shape).stages]
 
