@@ -3,7 +3,7 @@ wire, and the cost model's predicted latency against one device.
 
     python -m bench.plans [--accuracy-n 200] [--skip-accuracy] [--quick]
 
-All in one process, no cluster: `decolla.planrun` runs a plan exactly as the cluster does
+All in one process, no cluster: `decolla.plans.run` runs a plan exactly as the cluster does
 (every chunk's input slices and result go through the wire codec: fp32/fp16/int8 + lz4),
 so bytes and logits are the ones a cluster would see. Bytes count one copy of every input
 slice per chunk (each chunk on its own device) in both directions.
@@ -13,7 +13,7 @@ Accuracy: top-1 agreement with the unsplit fp32 forward and the max relative log
     (also its accuracy against the true labels), every plan;
   - the seeded MobileNetV2-224 (no trained ImageNet weights are available offline) over
     N fixed seeded-noise inputs.
-Predicted latencies come from the `decolla.planner` cost model (Pi-class core profile,
+Predicted latencies come from the `decolla.plans.auto` cost model (Pi-class core profile,
 3 devices, per-message overhead), not from a measurement.
 Writes bench/results/plans.json and plans.md, and plans_predicted.png.
 """
@@ -28,6 +28,11 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from decolla.plans import build_plan
+from decolla.plans.auto import Profile, stage_seconds
+from decolla.plans.data import stage_bytes
+from decolla.plans.run import run_plan
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DTYPES = ("float32", "float16", "int8")
 FIXED = ("layer", "fused", "block-gather", "block", "spatial")
@@ -40,7 +45,6 @@ def _auto(bw, dtype="float16", devices=3):
 
 def bytes_table(spec: str, devices: int, bandwidths=(1, 10, 100, 1000)) -> list[dict]:
     """Per plan x encoding: stages, chunks, uncompressed and lz4-encoded bytes of one inference."""
-    from decolla import plan as planmod, planrun, planner
     from decolla.loader import load_model
     m = load_model(spec)
     specs = m.layer_specs()
@@ -50,12 +54,12 @@ def bytes_table(spec: str, devices: int, bandwidths=(1, 10, 100, 1000)) -> list[
     for name in tqdm(names, desc=f"bytes {spec}"):
         for dtype in DTYPES:
             kind = _auto(name.split("@")[1], dtype, devices) if name.startswith("auto") else name
-            plan = planmod.build_plan(specs, devices, kind)
-            _, stats = planrun.run_plan(m, plan, img, dtype)
+            plan = build_plan(specs, devices, kind)
+            _, stats = run_plan(m, plan, img, dtype)
             item = {"float32": 4, "float16": 2, "int8": 1}[dtype]
-            prof = planner.Profile(devices=devices, wire_dtype=dtype,
+            prof = Profile(devices=devices, wire_dtype=dtype,
                                    bandwidth_mbit=float(name.split("@")[1]) if "@" in name else 100.0)
-            pred = sum(planner.stage_seconds(s, {x["name"]: x for x in specs}, prof)
+            pred = sum(stage_seconds(s, {x["name"]: x for x in specs}, prof)
                        for s in plan.stages)
             rows.append({"model": spec, "plan": name, "wire": dtype, "stages": len(plan.stages),
                          "chunks": plan.num_chunks, "bytes_uncompressed": plan.bytes_moved(item),
@@ -65,7 +69,7 @@ def bytes_table(spec: str, devices: int, bandwidths=(1, 10, 100, 1000)) -> list[
 
 
 def _agreement(model, images, plans: dict, dtypes, labels=None) -> list[dict]:
-    from decolla import forward, planrun
+    from decolla import forward
     refs = np.stack([forward.forward(model, x) for x in images])
     ref_top = refs.argmax(1)
     out = []
@@ -74,7 +78,7 @@ def _agreement(model, images, plans: dict, dtypes, labels=None) -> list[dict]:
             errs, tops = [], []
             cache: dict = {}
             for x, ref in zip(tqdm(images, desc=f"{name} {dtype}", leave=False), refs):
-                got, _ = planrun.run_plan(model, plan, x, dtype, cache=cache)
+                got, _ = run_plan(model, plan, x, dtype, cache=cache)
                 errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
                 tops.append(int(got.argmax()))
             tops = np.asarray(tops)
@@ -91,7 +95,6 @@ def _agreement(model, images, plans: dict, dtypes, labels=None) -> list[dict]:
 
 def accuracy(n: int, devices: int, quick: bool) -> dict:
     """fp16/int8 on the wire against the unsplit fp32 forward (see the module docstring)."""
-    from decolla import plan as planmod
     from decolla.gateway.catalog import digits_model_path
     from decolla.gateway.train_digits import load_split
     from decolla.loader import load_model
@@ -101,8 +104,8 @@ def accuracy(n: int, devices: int, quick: bool) -> dict:
     if quick:
         x_te, y_te = x_te[:60], y_te[:60]
     specs = digits.layer_specs()
-    plans = {k: planmod.build_plan(specs, devices, k) for k in FIXED}
-    plans["auto@100"] = planmod.build_plan(specs, devices, _auto(100))
+    plans = {k: build_plan(specs, devices, k) for k in FIXED}
+    plans["auto@100"] = build_plan(specs, devices, _auto(100))
     res["digits"] = {"model": "decolla/data/digits_mobilenet_v2.npz (trained, 10 classes, 32 px)",
                      "rows": _agreement(digits, list(x_te), plans, DTYPES, np.asarray(y_te))}
     spec = "mobilenet_v2:seed=0"
@@ -110,8 +113,8 @@ def accuracy(n: int, devices: int, quick: bool) -> dict:
     rng = np.random.default_rng(12345)
     images = [rng.standard_normal(m.input_shape).astype(np.float32) for _ in range(n)]
     specs = m.layer_specs()
-    plans = {k: planmod.build_plan(specs, devices, k) for k in ("block", "spatial")}
-    plans["auto@100"] = planmod.build_plan(specs, devices, _auto(100))
+    plans = {k: build_plan(specs, devices, k) for k in ("block", "spatial")}
+    plans["auto@100"] = build_plan(specs, devices, _auto(100))
     res["mobilenet_v2_224"] = {"model": f"{spec} (seeded random weights)",
                                "rows": _agreement(m, images, plans, ("float16", "int8"))}
     return res
@@ -119,26 +122,25 @@ def accuracy(n: int, devices: int, quick: bool) -> dict:
 
 def predicted(spec: str, devices: int) -> list[dict]:
     """Cost-model latency per plan and bandwidth (fp16 wire), and one device alone."""
-    from decolla import plan as planmod, planner
     from decolla.loader import load_model
     specs = load_model(spec).layer_specs()
     by = {s["name"]: s for s in specs}
-    fixed = {k: planmod.build_plan(specs, devices, k) for k in ("layer", "block", "spatial")}
+    fixed = {k: build_plan(specs, devices, k) for k in ("layer", "block", "spatial")}
     rows = []
     for bw in BANDWIDTHS:
-        prof = planner.Profile(devices=devices, bandwidth_mbit=bw, wire_dtype="float16")
-        auto = planmod.build_plan(specs, devices, _auto(bw, "float16", devices))
+        prof = Profile(devices=devices, bandwidth_mbit=bw, wire_dtype="float16")
+        auto = build_plan(specs, devices, _auto(bw, "float16", devices))
         row = {"bandwidth_mbit": bw, "one_device_ms": auto.notes["one_device_s"] * 1e3,
                "auto_bytes": auto.bytes_moved(2), "auto_stages": len(auto.stages)}
         for name, plan in list(fixed.items()) + [("auto", auto)]:
-            row[f"{name}_ms"] = 1e3 * sum(planner.stage_seconds(s, by, prof) for s in plan.stages)
+            row[f"{name}_ms"] = 1e3 * sum(stage_seconds(s, by, prof) for s in plan.stages)
         row["auto_speedup"] = row["one_device_ms"] / row["auto_ms"]
-        local = planmod.build_plan(specs, devices, _auto(bw, "float16", devices) + ",local=1")
+        local = build_plan(specs, devices, _auto(bw, "float16", devices) + ",local=1")
         row["auto_local_ms"] = 1e3 * local.notes["predicted_s"]
-        row["auto_local_bytes"] = sum(planmod.stage_bytes(s) for s in local.stages
+        row["auto_local_bytes"] = sum(stage_bytes(s) for s in local.stages
                                       if not s.local) // 2
         row["auto_local_speedup"] = row["one_device_ms"] / row["auto_local_ms"]
-        links = planmod.build_plan(specs, devices, _auto(bw, "float16", devices) + ",shared_link=0")
+        links = build_plan(specs, devices, _auto(bw, "float16", devices) + ",shared_link=0")
         row["auto_device_links_ms"] = 1e3 * links.notes["predicted_s"]
         row["auto_device_links_speedup"] = row["one_device_ms"] / row["auto_device_links_ms"]
         rows.append(row)

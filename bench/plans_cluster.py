@@ -19,13 +19,13 @@ PROBE_REPEATS = 4
 def device_gmacs(model: str, forward_s: float) -> float:
     """The planner's `gmacs` making its one-device prediction equal the calibrated device's
     measured whole-model time."""
-    from decolla import plan as planmod, planner
+    from decolla.plans import build_plan
+    from decolla.plans.auto import PI_CORE, Profile, stage_seconds
     from decolla.loader import load_model
     specs = load_model(model).layer_specs()
-    one = planmod.build_plan(specs, 1, "single")
-    pred = planner.stage_seconds(one.stages[0], {s["name"]: s for s in specs},
-                                 planner.Profile(local=True))
-    return planner.PI_CORE["pwconv"] / 1e9 * pred / forward_s
+    one = build_plan(specs, 1, "single")
+    pred = stage_seconds(one.stages[0], {s["name"]: s for s in specs}, Profile(local=True))
+    return PI_CORE["pwconv"] / 1e9 * pred / forward_s
 
 
 def ask(proc, timeout: float, **cmd) -> dict:

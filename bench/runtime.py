@@ -40,7 +40,7 @@ def run(model_spec: str, devices: list[int], plans: list[str], repeats: int,
     from decolla import forward as fwd
     from decolla.api import LocalCluster
     from decolla.loader import load_model
-    from decolla.plan import build_plan
+    from decolla.plans import build_plan
 
     model = load_model(model_spec)
     image = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)

@@ -8,12 +8,13 @@ import time
 
 import numpy as np
 
-from decolla import log, planner, reference
-from decolla import plan as planmod
+from decolla import log, reference
 from decolla.api import Client, LocalCluster
 from decolla.forward import forward
 from decolla.gateway import server as gateway
 from decolla.loader import load_model
+from decolla.plans import build_plan, parse_plan_name
+from decolla.plans.auto import Profile, explain
 from decolla.runtime.trace import merge_chrome
 
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("plan", help="build a partition plan and show its stages, bytes and times")
     pp.add_argument("--explain", action="store_true", help="print the stage table (default)")
     pp.add_argument("--model", default="mobilenet_v2:seed=0", help="model spec or file")
-    pp.add_argument("--plan", default="auto", help="plan name (see decolla.plan), default auto")
+    pp.add_argument("--plan", default="auto", help="plan name (see decolla.plans.builders), default auto")
     pp.add_argument("--devices", type=int, default=3)
     pp.add_argument("-k", type=int, default=None, help="chunks per stage (default: devices)")
     pp.add_argument("--bandwidth-mbit", type=float, default=100.0)
@@ -96,15 +97,15 @@ def _plan(args) -> int:
             "local": int(args.local), "shared_link": int(not args.per_device_links)}
     if args.gmacs:
         opts["gmacs"] = args.gmacs
-    name, named = planmod.parse_plan_name(args.plan)
+    name, named = parse_plan_name(args.plan)
     opts.update(named)                  # options written in the plan name win over the flags
-    prof = planner.Profile.from_options(opts)
-    plan = planmod.build_plan(specs, args.k or args.devices, args.plan,
-                              **(opts if name == "auto" else {}))
+    prof = Profile.from_options(opts)
+    plan = build_plan(specs, args.k or args.devices, args.plan,
+                      **(opts if name == "auto" else {}))
     if args.json:
         print(json.dumps(plan.notes or {"stages": len(plan.stages)}, indent=1, default=str))
     else:
-        print(planner.explain(plan, specs, prof))
+        print(explain(plan, specs, prof))
     return 0
 
 

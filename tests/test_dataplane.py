@@ -184,7 +184,7 @@ def test_worker_answers_while_a_data_plane_strip_waits_for_its_halo(tcp_asys):
     that never comes, a link probe is echoed at once and the actor answers messages; at the
     strip's deadline it fails (the requester then recomputes it alone elsewhere)."""
     import dataclasses
-    from decolla import plan as planmod
+    from decolla.plans import build_plan
     from decolla.runtime import wire
     from decolla.runtime.messages import (ChunkFailed, ChunkJob, InitWorker, LinkEcho, LinkProbe,
                                   StageWork, WorkerReady)
@@ -193,7 +193,7 @@ def test_worker_answers_while_a_data_plane_strip_waits_for_its_halo(tcp_asys):
     worker = tcp_asys.createActor(Worker)
     ready = tcp_asys.ask(worker, InitWorker("w0", spec, model.digest(), 60.0), 30)
     assert isinstance(ready, WorkerReady) and ready.data_addr
-    plan = planmod.build_plan(model.layer_specs(), 2, "exchange", model.input_shape)
+    plan = build_plan(model.layer_specs(), 2, "exchange", model.input_shape)
     stage = plan.stages[0]
     chunk = stage.chunks[0]
     x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)

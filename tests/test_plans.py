@@ -1,16 +1,20 @@
 """Plans of issue 6 in one process: spatial strips, partial-sum blocks, auto, wire encodings.
 
-Every plan x encoding is run as the cluster would run it (`decolla.planrun`: each chunk's
+Every plan x encoding is run as the cluster would run it (`decolla.plans.run`: each chunk's
 input slices and result go through the wire codec) and compared with the reference.
 """
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from decolla import plan as planmod
-from decolla import planner, planrun, reference
-from decolla.runtime import wire
+from decolla import reference
 from decolla.loader import load_model
+from decolla.plans import PLANS, PlanError, build_plan, parse_plan_name
+from decolla.plans.auto import Profile, chunk_seconds, explain
+from decolla.plans.compute import chunk_output_shape, strip_buffers
+from decolla.plans.run import run_plan
+from decolla.plans.stages import rows_needed, spatial_stage
+from decolla.runtime import wire
 
 SPECS = {"v2": "mobilenet_v2:width=0.35,input_size=96,num_classes=10,seed=0",
          "v1": "mobilenet_v1:width=0.25,input_size=96,num_classes=10,seed=0"}
@@ -31,20 +35,20 @@ def rel(got, want):
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("kind", planmod.PLANS)
+@pytest.mark.parametrize("kind", PLANS)
 @pytest.mark.parametrize("arch", ["v2", "v1"])
 def test_every_plan_and_encoding_reproduces_the_reference(arch, kind):
     m, img, want = model(arch)
-    plan = planmod.build_plan(m.layer_specs(), 3, kind + (":bandwidth_mbit=1000" if kind == "auto" else ""))
+    plan = build_plan(m.layer_specs(), 3, kind + (":bandwidth_mbit=1000" if kind == "auto" else ""))
     for dtype, bound in BOUNDS.items():
-        got, stats = planrun.run_plan(m, plan, img, dtype)
+        got, stats = run_plan(m, plan, img, dtype)
         assert rel(got, want) <= bound, (kind, dtype)
         assert stats.total > 0
 
 
 def test_spatial_plan_has_row_strips_merged_along_rows():
     m, img, want = model("v2")
-    plan = planmod.build_plan(m.layer_specs(), 4, "spatial")
+    plan = build_plan(m.layer_specs(), 4, "spatial")
     head = plan.stages[0]
     assert head.split == "spatial" and head.axis == 0 and len(head.chunks) == 4
     rows = [c.rows for c in head.chunks]
@@ -60,14 +64,14 @@ def test_spatial_plan_has_row_strips_merged_along_rows():
 def test_block_plan_reduces_partial_sums_and_moves_fewer_bytes():
     m = load_model("mobilenet_v2:input_size=96,width=0.5")
     specs = m.layer_specs()
-    b = {k: planmod.build_plan(specs, 3, k).bytes_moved() for k in planmod.PLANS if k != "auto"}
+    b = {k: build_plan(specs, 3, k).bytes_moved() for k in PLANS if k != "auto"}
     assert b["block"] < b["block-gather"] < b["layer"]
     assert b["spatial"] < b["block"]
-    plan = planmod.build_plan(specs, 3, "block")
+    plan = build_plan(specs, 3, "block")
     sums = [s for s in plan.stages if s.reduce == "sum"]
     assert sums and all(s.layers[-1].endswith("project") for s in sums)
-    assert all(planmod.chunk_output_shape(s, c) == s.out_shape for s in sums for c in s.chunks)
-    v1 = planmod.build_plan(load_model(SPECS["v1"]).layer_specs(), 3, "block")
+    assert all(chunk_output_shape(s, c) == s.out_shape for s in sums for c in s.chunks)
+    v1 = build_plan(load_model(SPECS["v1"]).layer_specs(), 3, "block")
     assert any(s.reduce == "sum" and s.relu6 for s in v1.stages)   # dw + pw, ReLU6 after the sum
 
 
@@ -78,8 +82,8 @@ def test_spatial_halos_any_size_and_strip_count(size, k, until, arch):
     m = load_model(f"{arch}:width=0.25,input_size={size},num_classes=8,seed=2")
     img = np.random.default_rng(size).standard_normal(m.input_shape).astype(np.float32)
     want, tensors = reference.forward(m, img, keep=True)
-    plan = planmod.build_plan(m.layer_specs(), k, f"spatial:spatial_until={until}")
-    got, _, mine = planrun.run_plan(m, plan, img, None, keep=True)
+    plan = build_plan(m.layer_specs(), k, f"spatial:spatial_until={until}")
+    got, _, mine = run_plan(m, plan, img, None, keep=True)
     head = plan.stages[0]
     assert head.split == "spatial"
     ref_head = tensors[head.output]
@@ -92,22 +96,22 @@ def test_spatial_halos_any_size_and_strip_count(size, k, until, arch):
 @settings(max_examples=8, deadline=None)
 def test_auto_plan_is_correct_and_never_uses_more_chunks_than_devices(devices, bw, shared):
     m, img, want = model("v2")
-    plan = planmod.build_plan(m.layer_specs(), 8, f"auto:bandwidth_mbit={bw},devices={devices},"
+    plan = build_plan(m.layer_specs(), 8, f"auto:bandwidth_mbit={bw},devices={devices},"
                                                   f"shared_link={int(shared)}")
     assert max(len(s.chunks) for s in plan.stages) <= devices
-    got, _ = planrun.run_plan(m, plan, img, "float32")
+    got, _ = run_plan(m, plan, img, "float32")
     assert rel(got, want) <= 1e-5
     assert plan.notes["predicted_s"] > 0
 
 
 def test_auto_keeps_one_device_when_the_network_is_slow_and_splits_when_fast():
     specs = load_model("mobilenet_v2").layer_specs()
-    slow = planmod.build_plan(specs, 3, "auto:bandwidth_mbit=1,local=1")
+    slow = build_plan(specs, 3, "auto:bandwidth_mbit=1,local=1")
     assert len(slow.stages) == 1 and len(slow.stages[0].chunks) == 1
-    fast = planmod.build_plan(specs, 3, "auto:bandwidth_mbit=1000")
+    fast = build_plan(specs, 3, "auto:bandwidth_mbit=1000")
     assert max(len(s.chunks) for s in fast.stages) > 1
     assert fast.notes["predicted_s"] < fast.notes["one_device_s"]
-    text = planner.explain(fast, specs, planner.Profile(devices=3, bandwidth_mbit=1000))
+    text = explain(fast, specs, Profile(devices=3, bandwidth_mbit=1000))
     assert "predicted" in text and f"{len(fast.stages)} stages" in text
 
 
@@ -115,7 +119,7 @@ def test_auto_splits_only_for_a_predicted_gain():
     specs = load_model("mobilenet_v2").layer_specs()
 
     def chunks(opts):
-        return [len(s.chunks) for s in planmod.build_plan(specs, 3, "auto:" + opts).stages]
+        return [len(s.chunks) for s in build_plan(specs, 3, "auto:" + opts).stages]
     assert chunks("bandwidth_mbit=1000,device_overhead_ms=0") != [1]
     assert chunks("bandwidth_mbit=1000,device_overhead_ms=0,min_gain=100") == [1]
     # strips that swap halos pay the per-chunk cost once per device, like one device does;
@@ -123,18 +127,18 @@ def test_auto_splits_only_for_a_predicted_gain():
     assert chunks("bandwidth_mbit=1000,device_overhead_ms=500") == [1]
     assert chunks("bandwidth_mbit=1000,exchange=1,halo_overhead_ms=100,device_overhead_ms=500") == [1]
     assert chunks("bandwidth_mbit=1000,exchange=1,device_overhead_ms=500") == [3]
-    kept = planmod.build_plan(specs, 3, "auto:bandwidth_mbit=1000,min_gain=100")
+    kept = build_plan(specs, 3, "auto:bandwidth_mbit=1000,min_gain=100")
     assert kept.notes["stages"][0]["choice"].startswith("one device")
 
 
 def test_plan_options_are_parsed_and_checked():
-    assert planmod.parse_plan_name("auto:bandwidth_mbit=2.5,devices=3") == \
+    assert parse_plan_name("auto:bandwidth_mbit=2.5,devices=3") == \
         ("auto", {"bandwidth_mbit": 2.5, "devices": 3})
     specs = model("v2")[0].layer_specs()
-    with pytest.raises(planmod.PlanError):
-        planmod.build_plan(specs, 3, "auto:warp=9")
-    with pytest.raises(planmod.PlanError):
-        planmod.build_plan(specs, 3, "auto:bandwidth_mbit")
+    with pytest.raises(PlanError):
+        build_plan(specs, 3, "auto:warp=9")
+    with pytest.raises(PlanError):
+        build_plan(specs, 3, "auto:bandwidth_mbit")
 
 
 def test_cli_plan_explain(capsys):
@@ -229,18 +233,18 @@ def test_planner_row_arithmetic_equals_the_kernels_own(kind, stride, h, data):
     out_h = (h - 1) // stride + 1
     r0 = data.draw(st.integers(0, out_h - 1))
     r1 = data.draw(st.integers(r0 + 1, out_h))
-    assert planmod._rows_needed(kind, stride, r0, r1, h) == input_rows_needed(kind, stride, r0, r1, h)
+    assert rows_needed(kind, stride, r0, r1, h) == input_rows_needed(kind, stride, r0, r1, h)
 
 
 def test_auto_keeps_to_its_byte_budget():
     specs = load_model("mobilenet_v2").layer_specs()
     opts = "auto:bandwidth_mbit=1000,shared_link=0,exchange=0,min_gain=1"
-    free = planmod.build_plan(specs, 3, opts + ",max_mb=0")
+    free = build_plan(specs, 3, opts + ",max_mb=0")
     assert free.bytes_moved(2) > 0.35e6
-    kept = planmod.build_plan(specs, 3, opts + ",max_mb=0.35")
+    kept = build_plan(specs, 3, opts + ",max_mb=0.35")
     assert kept.bytes_moved(2) <= 0.35e6
     assert kept.notes["predicted_s"] >= free.notes["predicted_s"]
-    none = planmod.build_plan(specs, 3, opts + ",max_mb=0.1")      # less than the image
+    none = build_plan(specs, 3, opts + ",max_mb=0.1")      # less than the image
     assert [len(s.chunks) for s in none.stages] == [1]
     assert "over 0.1 MB" in none.notes["stages"][0]["choice"]
 
@@ -250,14 +254,14 @@ def test_cost_model_charges_every_strip_the_kernel_calls_fixed_cost():
     tail = [s for s in specs if s["name"].startswith(("b16", "b17"))]   # 7x7 blocks
     by = {s["name"]: s for s in tail}
     shapes = {"in": tuple(tail[0]["in_shape"])} | {s["name"]: tuple(s["out_shape"]) for s in specs}
-    whole = planmod._spatial_stage(0, tail, 1, "in", shapes)
-    strips = planmod._spatial_stage(0, tail, 7, "in", shapes)
+    whole = spatial_stage(0, tail, 1, "in", shapes)
+    strips = spatial_stage(0, tail, 7, "in", shapes)
 
     def seconds(prof):
-        return (planner.chunk_seconds(whole, whole.chunks[0], by, prof),
-                sum(planner.chunk_seconds(strips, c, by, prof) for c in strips.chunks))
-    (one, seven), (one_free, seven_free) = seconds(planner.Profile()), \
-        seconds(planner.Profile(call_macs_per_weight={}))
+        return (chunk_seconds(whole, whole.chunks[0], by, prof),
+                sum(chunk_seconds(strips, c, by, prof) for c in strips.chunks))
+    (one, seven), (one_free, seven_free) = seconds(Profile()), \
+        seconds(Profile(call_macs_per_weight={}))
     assert one > one_free
     # 7 one-row strips make 7 calls per layer: 7 times the fixed cost of one whole call
     assert seven - seven_free == pytest.approx(7 * (one - one_free))
@@ -265,14 +269,14 @@ def test_cost_model_charges_every_strip_the_kernel_calls_fixed_cost():
 
 def test_strips_share_a_few_buffers_and_reuse_them_across_requests():
     m, img, want = model("v2")
-    plan = planmod.build_plan(m.layer_specs(), 3, "spatial")
+    plan = build_plan(m.layer_specs(), 3, "spatial")
     cache: dict = {}
     other = np.random.default_rng(8).standard_normal(m.input_shape).astype(np.float32)
     for x, ref in ((img, want), (other, reference.forward(m, other)), (img, want)):
-        got, _ = planrun.run_plan(m, plan, x, None, cache=cache)
+        got, _ = run_plan(m, plan, x, None, cache=cache)
         assert rel(got, ref) <= 1e-5
     layers = {l.name: l for l in m.layers}
     stage = plan.stages[0]
-    outs = planmod.strip_buffers(layers, stage.layers, stage.chunks[1].layer_rows, cache)
+    outs = strip_buffers(layers, stage.layers, stage.chunks[1].layer_rows, cache)
     bases = {id(o.base) for o in outs if o is not None}
     assert len(stage.layers) > 3 * len(bases) and outs[-1] is None

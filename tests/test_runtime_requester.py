@@ -65,9 +65,9 @@ def test_chunks_of_a_device_that_stops_being_usable_move_once_late(asys):
     import dataclasses
     import time
 
-    from decolla import plan as planmod
+    from decolla.plans import build_plan
     model = load_model(SPEC)
-    first = planmod.build_plan(model.layer_specs(), 4, "layer", model.input_shape).stages[0]
+    first = build_plan(model.layer_specs(), 4, "layer", model.input_shape).stages[0]
     SilentWorker.macs = max(c.cost.macs for c in first.chunks)
     img = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     out = []

@@ -19,9 +19,10 @@ import time
 import numpy as np
 from thespian.actors import ActorTypeDispatcher, WakeupMessage
 
-from decolla import exchange
+from decolla.plans import build_plan
+from decolla.plans.compute import compute_chunk
+from decolla.plans.exchange import HaloBox, HaloMissing, StripExchange, run_lockstep
 from decolla.runtime import dataplane, wire
-from decolla import plan as planmod
 from decolla.actors import system
 from decolla.actors.preload import ModelRefused, leader_model
 from decolla.log import get_logger
@@ -208,7 +209,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.seq = 0
         self.cache: dict = {}
         self.cpu = _CpuMeter()
-        self.halos = exchange.HaloBox()
+        self.halos = HaloBox()
         self.fast: collections.deque = collections.deque()   # data-plane jobs
         self.fast_cv = threading.Condition()
         self.compute_lock = threading.Lock()    # one computation at a time: shared buffers
@@ -255,14 +256,14 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         """MAC/s on a representative chunk (the heaviest pointwise layer, 1/6 of its channels)."""
         pw = [l for l in self.model.layers if l.kind == "pwconv"] or self.model.layers
         layer = dataclasses.replace(max(pw, key=lambda l: l.macs), residual=None)
-        p = planmod.build_plan([layer.spec()], 6)
+        p = build_plan([layer.spec()], 6)
         stage, chunk = p.stages[0], p.stages[0].chunks[0]
         x = np.random.default_rng(0).random(layer.in_shape, dtype=np.float32)
         inputs = {n: (n.select(x) if n.tensor == "input" else
                       np.zeros(n.shape(layer.out_shape), np.float32)) for n in chunk.needs}
         cache: dict = {}     # as real chunks run: sliced (and packed) weights kept
-        return measure_speed(lambda: planmod.compute_chunk({layer.name: layer}, stage, chunk, inputs,
-                                                           cache=cache),
+        return measure_speed(lambda: compute_chunk({layer.name: layer}, stage, chunk, inputs,
+                                                   cache=cache),
                              chunk.cost.macs, calibration_window())
 
     # ------------------------------------------------------------ work
@@ -365,7 +366,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         c = job.chunk
         try:
             start = time.time()
-            y = planmod.compute_chunk(self.layers, job.stage, c, job.inputs, cache=self.cache)
+            y = compute_chunk(self.layers, job.stage, c, job.inputs, cache=self.cache)
             end = time.time()
             payload = wire.encode(y, job.dtype)
         except Exception as exc:
@@ -394,7 +395,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             dev, addr = job.swap[dst]
             halo = Halo(job.request, job.stage.index, src, dst, layer, wire.encode(rows, job.dtype))
             if self.peers is None or not self.peers.send(addr, halo):
-                raise exchange.HaloMissing(f"cannot reach strip {dst} on {dev}")
+                raise HaloMissing(f"cannot reach strip {dst} on {dev}")
 
         def take(src, dst, layer):
             nonlocal waited
@@ -408,10 +409,10 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
 
         start = time.time()
         try:
-            strips = {c.index: exchange.StripExchange(self.layers, job.stage, c, inputs,
-                                                      cache=self.cache)
+            strips = {c.index: StripExchange(self.layers, job.stage, c, inputs,
+                                             cache=self.cache)
                       for c, _, inputs in job.strips}
-            results = exchange.run_lockstep(strips, send, take)
+            results = run_lockstep(strips, send, take)
             end = time.time()
             payloads = {i: wire.encode(y, job.dtype) for i, y in results.items()}
         except Exception as exc:

@@ -1,6 +1,6 @@
 """Strips of an exchange stage: each computes its own rows of every layer (and those it
 recomputes between swaps) and gets the other halo rows of a layer's input from the strips
-that own them (`plan.Swap`).
+that own them (`decolla.plans.data.Swap`).
 
 Why: a strip that recomputes its halos (the `spatial` plan) grows a pyramid of extra rows
 through every 3x3 layer; over a whole network the strips of 3 devices sum to 1.4-1.8x the
@@ -10,7 +10,7 @@ the slowest neighbour at each swap.
 
 `StripExchange` is one strip's state; `run_lockstep` advances the strips one device holds,
 layer by layer, with the caller's `send` and `take` moving halo rows (in memory in
-`decolla.planrun`, over the data plane between workers).
+`decolla.plans.run`, over the data plane between workers).
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from decolla import plan as planmod
+from decolla import ops
+from decolla.plans.compute import strip_buffers, strip_layer
+from decolla.plans.data import Chunk, Need, PlanError, Stage
 
 
 class HaloMissing(RuntimeError):
@@ -30,19 +32,17 @@ class HaloMissing(RuntimeError):
 class StripExchange:
     """One strip of an exchange stage, computed one layer per `step`."""
 
-    def __init__(self, layers: Mapping, stage: planmod.Stage, chunk: planmod.Chunk,
-                 inputs: Mapping[planmod.Need, np.ndarray], run_layer=None, cache=None):
+    def __init__(self, layers: Mapping, stage: Stage, chunk: Chunk,
+                 inputs: Mapping[Need, np.ndarray], run_layer=None, cache=None):
         if chunk.swap is None:
-            raise planmod.PlanError(f"chunk {chunk.key} is not a strip of an exchange stage")
+            raise PlanError(f"chunk {chunk.key} is not a strip of an exchange stage")
         needs = chunk.run_as(True)[0]
         missing = [n for n in needs if n not in inputs]
         if missing:
-            raise planmod.PlanError(f"chunk {chunk.key} is missing inputs {missing}")
-        if run_layer is None:
-            from decolla.ops import run_layer
+            raise PlanError(f"chunk {chunk.key} is missing inputs {missing}")
         self.layers, self.stage, self.chunk = layers, stage, chunk
-        self.run_layer = run_layer
-        self.outs = planmod.strip_buffers(layers, stage.layers, chunk.swap.own_rows, cache)
+        self.run_layer = ops.run_layer if run_layer is None else run_layer
+        self.outs = strip_buffers(layers, stage.layers, chunk.swap.own_rows, cache)
         self.have = {n.tensor: (np.ascontiguousarray(inputs[n], dtype=np.float32),
                                 n.rows[0] if n.rows else 0) for n in needs}
         self.src = needs[0].tensor
@@ -81,15 +81,15 @@ class StripExchange:
         if layer.residual:
             r, r0 = self.have[layer.residual]
             res = r[a - r0:b - r0] if r.ndim == 3 else r
-        self.y = planmod.strip_layer(layer, self.stage, self.chunk.index, x, x0, a, b, res,
-                                     self.run_layer, self.outs[j])
+        self.y = strip_layer(layer, self.stage, self.chunk.index, x, x0, a, b, res,
+                             self.run_layer, self.outs[j])
         self.have[name] = (self.y, a)
         self.src = name
         self.j += 1
 
     def result(self) -> np.ndarray:
         if not self.done:
-            raise planmod.PlanError(f"chunk {self.chunk.key} stopped at layer {self.j}")
+            raise PlanError(f"chunk {self.chunk.key} stopped at layer {self.j}")
         return self.y
 
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decolla import exchange
-from decolla import plan as planmod
-from decolla.runtime import wire
 from decolla.model import Model
+from decolla.plans.compute import compute_chunk, merge
+from decolla.plans.data import Plan
+from decolla.plans.exchange import StripExchange, run_lockstep
+from decolla.runtime import wire
 
 
 @dataclass
@@ -30,7 +31,7 @@ class RunStats:
         return self.bytes_in + self.bytes_out + self.halo
 
 
-def run_plan(model: Model, plan: planmod.Plan, image: np.ndarray, wire_dtype: str | None = "float32",
+def run_plan(model: Model, plan: Plan, image: np.ndarray, wire_dtype: str | None = "float32",
              compress: bool = True, keep: bool = False, cache: dict | None = None,
              swap: bool = True):
     """Logits of `image` through `plan` (wire_dtype None: no codec at all), and RunStats;
@@ -57,22 +58,22 @@ def run_plan(model: Model, plan: planmod.Plan, image: np.ndarray, wire_dtype: st
                 inputs[n], nb = wire_pass(n.select(tensors[n.tensor]))
                 s_in += nb
             if swapped:
-                strips[c.index] = exchange.StripExchange(layers, stage, c, inputs, cache=cache)
+                strips[c.index] = StripExchange(layers, stage, c, inputs, cache=cache)
             else:
-                parts.append(planmod.compute_chunk(layers, stage, c, inputs, cache=cache))
+                parts.append(compute_chunk(layers, stage, c, inputs, cache=cache))
         if swapped:
             def send(i, to, j, rows):
                 nonlocal s_halo
                 halos[(i, to, j)], nb = wire_pass(rows)
                 s_halo += nb
             s_halo = 0
-            done = exchange.run_lockstep(strips, send, lambda i, to, j: halos.pop((i, to, j)))
+            done = run_lockstep(strips, send, lambda i, to, j: halos.pop((i, to, j)))
             parts = [done[c.index] for c in stage.chunks]
             stats.halo += s_halo
         for i, y in enumerate(parts):
             parts[i], nb = wire_pass(y)
             s_out += nb
-        tensors[stage.output] = planmod.merge(stage, parts)
+        tensors[stage.output] = merge(stage, parts)
         stats.bytes_in += s_in
         stats.bytes_out += s_out
         stats.per_stage.append((stage.index, s_in, s_out))

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from decolla import plan as planmod
+from decolla.plans.data import (ROWWISE, Chunk, Plan, PlanError, Stage, as_spec, split_rows,
+                                stage_bytes, tensor_shapes)
+from decolla.plans.stages import (Group, channel_groups, clean_cuts, group_stage, spatial_stage,
+                                  split_tail, strip_rows)
 
 # Pi-4-class core (Cortex-A72, one thread, numpy/Cython kernels), MAC/s per layer kind.
 PI_CORE = {"conv3x3": 1.2e9, "pwconv": 1.6e9, "dwconv3x3": 0.45e9, "gap": 0.5e9, "linear": 1.0e9}
 # What one kernel call costs whatever its rows, in MACs per weight of the layer (measured
 # on the host with `decolla.ops`, one row per call over MobileNetV2-224, minus that row's
-# MACs: weight traffic and per-call set-up; with BLAS repacking pointwise weights on every
-# call it was 25 for pointwise). A strip pays it for every layer it computes: the part
-# of a layer's time that splitting by rows does not divide.
+# MACs: weight traffic and per-call set-up; pointwise is cheap because its kernel packs
+# a layer's weight once, not per call). A strip pays it for every layer it computes: the
+# part of a layer's time that splitting by rows does not divide.
 CALL_MACS_PER_WEIGHT = {"conv3x3": 25.0, "pwconv": 11.0, "dwconv3x3": 47.0}
 
 
@@ -45,12 +48,11 @@ class Profile:
     """What the cost model knows about the devices and the network."""
     devices: int = 3
     bandwidth_mbit: float = 100.0
-    # per message (send or result), serial at the requester: ≈ 0.3 ms measured on the data
-    # plane (testbed timelines), plus decoding and merging results; 2 ms before the data plane
+    # per message (send or result), serial at the requester: ≈ 0.3 ms on the data plane
+    # (testbed timelines), plus decoding and merging results
     overhead_s: float = 0.001
     # per chunk on its device: receive, decode, encode, send. ≈ 0.46 ms of host CPU on
-    # loopback with the worker's compute thread (0.75 ms through Thespian's message loop),
-    # x 7-8 on a Pi-class core
+    # loopback, x 7-8 on a Pi-class core
     device_overhead_s: float = 0.0035
     min_gain: float = 1.1                # split only if predicted >= this much faster than one device
     macs_per_s: dict = field(default_factory=lambda: dict(PI_CORE))
@@ -92,12 +94,12 @@ class Profile:
                 continue
             elif key == "wire_dtype":
                 if val not in ITEMSIZE:
-                    raise planmod.PlanError(f"wire_dtype must be one of {sorted(ITEMSIZE)}")
+                    raise PlanError(f"wire_dtype must be one of {sorted(ITEMSIZE)}")
                 p.wire_dtype = val
             else:
-                raise planmod.PlanError(f"unknown auto-plan option {key!r}")
+                raise PlanError(f"unknown auto-plan option {key!r}")
         if p.devices < 1 or p.bandwidth_mbit <= 0:
-            raise planmod.PlanError("devices must be >= 1 and bandwidth_mbit > 0")
+            raise PlanError("devices must be >= 1 and bandwidth_mbit > 0")
         return p
 
     def wire_bytes(self, fp32_bytes: float) -> float:
@@ -111,7 +113,7 @@ class Profile:
         return self.halo_overhead_s + self.seconds(4 * rows * shape[1] * shape[2])
 
 
-def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof: Profile) -> float:
+def chunk_seconds(stage: Stage, chunk: Chunk, specs: dict, prof: Profile) -> float:
     """Predicted compute time of one chunk on one device (a strip of an exchange stage: its
     own rows, plus receiving its halos)."""
     t = 0.0
@@ -125,7 +127,7 @@ def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof:
         rate = prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
         if stage.split == "spatial":
             a, b = rows[j]
-            if s["kind"] in planmod.ROWWISE:
+            if s["kind"] in ROWWISE:
                 frac = (b - a) / s["out_shape"][0]
             elif s["kind"] == "gap" and stage.reduce == "sum":
                 frac = (b - a) / s["in_shape"][0]
@@ -139,7 +141,7 @@ def chunk_seconds(stage: planmod.Stage, chunk: planmod.Chunk, specs: dict, prof:
     return t
 
 
-def stage_seconds(stage: planmod.Stage, specs: dict, prof: Profile) -> float:
+def stage_seconds(stage: Stage, specs: dict, prof: Profile) -> float:
     """Predicted wall time of a stage (see the module docstring)."""
     comps = [chunk_seconds(stage, c, specs, prof) for c in stage.chunks]
     if len(stage.chunks) == 1 and (prof.local or stage.local):
@@ -176,12 +178,12 @@ def swap_points(seg: list[dict], k: int, prof: Profile, memo: dict | None = None
     (clean cuts: one narrow tensor hands over) chosen by a dynamic programme that adds, per
     stretch between two swaps, the slowest strip's compute (its halos recomputed inside the
     stretch) and the swap's cost (`halo_overhead_s` per side + the rows' bytes)."""
-    body = planmod.split_tail(seg)[0]
+    body = split_tail(seg)[0]
     n = len(body)
     if n == 0:
         return ()
     memo = {} if memo is None else memo
-    points = [0] + [c for c in planmod.clean_cuts(body) if 0 < c < n] + [n]
+    points = [0] + [c for c in clean_cuts(body) if 0 < c < n] + [n]
     best: dict = {0: (0.0, ())}
     for b in points[1:]:
         options = []
@@ -201,10 +203,10 @@ def _stretch_seconds(layers: list[dict], k: int, prof: Profile, swapped: bool) -
     rows of its input it does not own when `swapped`."""
     height = layers[-1]["out_shape"][0]
     in_shape = layers[0]["in_shape"]
-    owned = planmod.split_rows(in_shape[0], k)
+    owned = split_rows(in_shape[0], k)
     worst = 0.0
-    for i, (r0, r1) in enumerate(planmod.split_rows(height, k)):
-        rows, need = planmod.strip_rows(layers, r0, r1, "<in>")
+    for i, (r0, r1) in enumerate(split_rows(height, k)):
+        rows, need = strip_rows(layers, r0, r1, "<in>")
         t = sum(s["macs"] * (b - a) / s["out_shape"][0] /
                 prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
                 for s, (a, b) in zip(layers, rows))
@@ -222,29 +224,29 @@ def _candidates(seg: list[dict], prof: Profile, single_block: bool, long: bool =
                 memo: dict | None = None, last: bool = False):
     """(label, groups) options for one segment of layers (a `long` one: exchange stages only;
     exchange stages only as the `last` segment, which keeps planning to about a second)."""
-    strips = planmod.split_tail(seg) is not None
+    strips = split_tail(seg) is not None
     if strips and prof.exchange and prof.devices > 1 and last:
         # all devices only (fewer strips than devices rarely pay and double planning time)
         at = swap_points(seg, prof.devices, prof, memo)
         yield f"exchange x{prof.devices} ({len(at)} swaps)", \
-            [planmod.Group(seg, "spatial", prof.devices, swap_at=at)]
+            [Group(seg, "spatial", prof.devices, swap_at=at)]
     if long:
         return
-    yield "one device", [planmod.Group(seg, "spatial", 1)]
+    yield "one device", [Group(seg, "spatial", 1)]
     if strips:
         for k in range(2, prof.devices + 1):
-            yield f"spatial x{k}", [planmod.Group(seg, "spatial", k)]
+            yield f"spatial x{k}", [Group(seg, "spatial", k)]
     if single_block:
         for k in range(2, prof.devices + 1):
-            yield f"block x{k}", planmod.channel_groups(seg, "block", k)
-            yield f"gather x{k}", planmod.channel_groups(seg, "fused", k)
+            yield f"block x{k}", channel_groups(seg, "block", k)
+            yield f"gather x{k}", channel_groups(seg, "fused", k)
 
 
 def _cheapest(specs: list[dict], prof: Profile, by_name: dict, shapes: dict, memo: dict,
               price: float) -> tuple:
     """(predicted seconds, groups, notes) of the plan minimising predicted seconds plus
     `price` per wire byte: a dynamic programme over the clean cuts."""
-    cuts = [0] + planmod.clean_cuts(specs)
+    cuts = [0] + clean_cuts(specs)
     if cuts[-1] != len(specs):
         cuts.append(len(specs))
     best = {0: (0.0, 0.0, [], [])}     # cut position -> (objective, seconds, groups, notes)
@@ -263,11 +265,11 @@ def _cheapest(specs: list[dict], prof: Profile, by_name: dict, shapes: dict, mem
             for label, groups in _candidates(seg, prof, len(seg) <= 4, long, memo, last):
                 t, o, notes, p = 0.0, 0.0, [], prev
                 for g in groups:
-                    st = _stage(g, p, shapes)
+                    st = group_stage(g, 0, p, shapes)
                     if g.swap_at is not None and not st.exchange:
                         break              # some layer too short to give every strip rows
                     ts = stage_seconds(st, by_name, prof)
-                    nbytes = prof.wire_bytes(planmod.stage_bytes(st))
+                    nbytes = prof.wire_bytes(stage_bytes(st))
                     t, o = t + ts, o + ts + price * nbytes
                     notes.append({"layers": [s["name"] for s in g.layers], "choice": label,
                                   "split": st.split, "chunks": len(st.chunks),
@@ -284,8 +286,7 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
     prof = Profile.from_options(opts, k)
     prof.devices = max(1, min(prof.devices, k))      # never more chunks per stage than k
     by_name = {s["name"]: s for s in specs}
-    shapes = {"input": tuple(specs[0]["in_shape"])} | {s["name"]: tuple(s["out_shape"])
-                                                        for s in specs}
+    shapes = tensor_shapes(specs)
     memo: dict = {}                    # swap_points' stretch costs, shared by all runs
     t, groups, notes = _cheapest(specs, prof, by_name, shapes, memo, 0.0)
     # Over the byte budget: price every byte (first at the time it takes on the link, then
@@ -296,8 +297,8 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
             break
         t, groups, notes = _cheapest(specs, prof, by_name, shapes, memo, price)
         price *= 4
-    single = planmod.Group(specs, "spatial", 1)
-    single_stage = _stage(single, "input", shapes)
+    single = Group(specs, "spatial", 1)
+    single_stage = group_stage(single, 0, "input", shapes)
     one_s = stage_seconds(single_stage, by_name, prof)
     prof_local = Profile(**{**asdict(prof), "local": True})
     notes_out = {"profile": asdict(prof), "predicted_s": t, "stages": notes,
@@ -310,18 +311,12 @@ def plan_groups(specs: list[dict], k: int, opts: dict):
         notes_out.update(predicted_s=one_s, stages=[{
             "layers": [s["name"] for s in specs], "choice": f"one device ({why})",
             "split": "spatial", "chunks": 1, "seconds": one_s,
-            "bytes": prof.wire_bytes(planmod.stage_bytes(single_stage))}])
+            "bytes": prof.wire_bytes(stage_bytes(single_stage))}])
     groups = _merge_singles(groups)
     if prof.local:
         for g in groups:
             g.local = g.k == 1
     return groups, notes_out
-
-
-def _stage(g: planmod.Group, prev: str, shapes: dict) -> planmod.Stage:
-    if g.split == "spatial":
-        return planmod._spatial_stage(0, g.layers, g.k, prev, shapes, g.exchange, g.swap_at)
-    return planmod._channel_stage(0, g.layers, g.k, prev, shapes, g.psum)
 
 
 def _merge_singles(groups: list) -> list:
@@ -330,15 +325,15 @@ def _merge_singles(groups: list) -> list:
     for g in groups:
         if out and g.split == "spatial" and g.k == 1 and out[-1].split == "spatial" \
                 and out[-1].k == 1:
-            out[-1] = planmod.Group(out[-1].layers + g.layers, "spatial", 1)
+            out[-1] = Group(out[-1].layers + g.layers, "spatial", 1)
         else:
             out.append(g)
     return out
 
 
-def explain(plan: planmod.Plan, specs, prof: Profile | None = None) -> str:
+def explain(plan: Plan, specs, prof: Profile | None = None) -> str:
     """Human-readable table of a plan's stages: layers, split, chunks, bytes, predicted time."""
-    specs = [planmod._spec(s) for s in specs]
+    specs = [as_spec(s) for s in specs]
     by_name = {s["name"]: s for s in specs}
     if prof is None:
         prof = Profile.from_options({k: v for k, v in plan.notes.get("profile", {}).items()
@@ -351,7 +346,7 @@ def explain(plan: planmod.Plan, specs, prof: Profile | None = None) -> str:
              f"{'#':>3} {'split':11} {'k':>2} {'bytes':>10} {'pred ms':>8}  layers"]
     total_t = total_b = 0.0
     for st in plan.stages:
-        b = prof.wire_bytes(planmod.stage_bytes(st))
+        b = prof.wire_bytes(stage_bytes(st))
         t = stage_seconds(st, by_name, prof)
         total_t += t
         total_b += b
@@ -359,9 +354,7 @@ def explain(plan: planmod.Plan, specs, prof: Profile | None = None) -> str:
         split = ("exchange" if st.exchange else st.split) + ("+sum" if st.reduce == "sum" else "")
         lines.append(f"{st.index:>3} {split:11} {len(st.chunks):>2} {b:>10,.0f} {t * 1e3:>8.1f}  "
                      f"{' '.join(names)} ({len(st.layers)} layers)")
-    single = planmod._spatial_stage(0, specs, 1, "input",
-                                    {"input": tuple(plan.input_shape)} |
-                                    {s["name"]: tuple(s["out_shape"]) for s in specs})
+    single = spatial_stage(0, specs, 1, "input", tensor_shapes(specs, plan.input_shape))
     remote = stage_seconds(single, by_name, prof)
     local = stage_seconds(single, by_name, Profile(**{**asdict(prof), "local": True}))
     lines.append(f"total: {total_b / 1e6:.3f} MB on the wire (uncompressed), predicted "
