@@ -9,107 +9,62 @@ from cython.parallel cimport prange
 
 include "_common.pxi"
 
+cdef extern from *:
+    """
+    /* _quad is called with a literal stride; gcc folds it into constant offsets (and
+       loads each column shared by neighbouring pixels once) only when it inlines it. */
+    #undef CYTHON_INLINE
+    #define CYTHON_INLINE __inline__ __attribute__((always_inline, unused))
+    """
+
+
+cdef inline float _clamp6(float s) noexcept nogil:
+    s = s if s > <float>0.0 else <float>0.0
+    return s if s < <float>6.0 else <float>6.0
+
 
 cdef inline void _pixel(float_rp o, cfloat_rp p0, cfloat_rp p1, cfloat_rp p2,
                         cfloat_rp p3, cfloat_rp p4, cfloat_rp p5, cfloat_rp p6,
                         cfloat_rp p7, cfloat_rp p8, cfloat_rp w, Py_ssize_t wc,
                         cfloat_rp b, Py_ssize_t n, bint relu6) noexcept nogil:
     cdef Py_ssize_t c
-    cdef float s
+    for c in range(n):
+        o[c] = (b[c] + p0[c] * w[c] + p1[c] * w[wc + c] + p2[c] * w[2 * wc + c]
+                + p3[c] * w[3 * wc + c] + p4[c] * w[4 * wc + c] + p5[c] * w[5 * wc + c]
+                + p6[c] * w[6 * wc + c] + p7[c] * w[7 * wc + c] + p8[c] * w[8 * wc + c])
     if relu6:
         for c in range(n):
-            s = (b[c] + p0[c] * w[c] + p1[c] * w[wc + c] + p2[c] * w[2 * wc + c]
-                 + p3[c] * w[3 * wc + c] + p4[c] * w[4 * wc + c] + p5[c] * w[5 * wc + c]
-                 + p6[c] * w[6 * wc + c] + p7[c] * w[7 * wc + c] + p8[c] * w[8 * wc + c])
-            s = s if s > <float>0.0 else <float>0.0
-            o[c] = s if s < <float>6.0 else <float>6.0
-    else:
-        for c in range(n):
-            o[c] = (b[c] + p0[c] * w[c] + p1[c] * w[wc + c] + p2[c] * w[2 * wc + c]
-                    + p3[c] * w[3 * wc + c] + p4[c] * w[4 * wc + c] + p5[c] * w[5 * wc + c]
-                    + p6[c] * w[6 * wc + c] + p7[c] * w[7 * wc + c] + p8[c] * w[8 * wc + c])
+            o[c] = _clamp6(o[c])
 
 
-cdef inline void _quad_s1(float_rp o, Py_ssize_t on, cfloat_rp r0, cfloat_rp r1,
-                         cfloat_rp r2, Py_ssize_t cx, cfloat_rp w, Py_ssize_t wc,
-                         cfloat_rp b, Py_ssize_t n, bint relu6) noexcept nogil:
-    """4 adjacent output pixels, stride 1; r0..r2 point at the first input column
-    they read in each of the 3 input rows. Columns shared by neighbouring pixels are
-    loaded once per channel vector and the 9 weights are reused 4 times."""
-    cdef Py_ssize_t c
+cdef inline void _quad(float_rp o, Py_ssize_t on, cfloat_rp r0, cfloat_rp r1,
+                       cfloat_rp r2, Py_ssize_t cx, cfloat_rp w, Py_ssize_t wc,
+                       cfloat_rp b, Py_ssize_t n, bint relu6,
+                       const Py_ssize_t stride) noexcept nogil:
+    """4 adjacent output pixels; r0..r2 point at the first input column they read in
+    each of the 3 input rows. The 9 weights are loaded once per channel and reused 4
+    times. Called with a literal stride, so that after inlining the compiler sees
+    constant offsets and loads each column shared by neighbouring pixels once."""
+    cdef Py_ssize_t c, a1 = stride * cx, a2 = 2 * stride * cx, a3 = 3 * stride * cx
     cdef float s0, s1, s2, s3, w0, w1, w2, w3, w4, w5, w6, w7, w8
     for c in range(n):
         w0 = w[c]; w1 = w[wc + c]; w2 = w[2 * wc + c]
         w3 = w[3 * wc + c]; w4 = w[4 * wc + c]; w5 = w[5 * wc + c]
         w6 = w[6 * wc + c]; w7 = w[7 * wc + c]; w8 = w[8 * wc + c]
-        s0 = (b[c]
-              + r0[c] * w0 + r0[cx + c] * w1 + r0[2 * cx + c] * w2
-              + r1[c] * w3 + r1[cx + c] * w4 + r1[2 * cx + c] * w5
-              + r2[c] * w6 + r2[cx + c] * w7 + r2[2 * cx + c] * w8)
-        s1 = (b[c]
-              + r0[cx + c] * w0 + r0[2 * cx + c] * w1 + r0[3 * cx + c] * w2
-              + r1[cx + c] * w3 + r1[2 * cx + c] * w4 + r1[3 * cx + c] * w5
-              + r2[cx + c] * w6 + r2[2 * cx + c] * w7 + r2[3 * cx + c] * w8)
-        s2 = (b[c]
-              + r0[2 * cx + c] * w0 + r0[3 * cx + c] * w1 + r0[4 * cx + c] * w2
-              + r1[2 * cx + c] * w3 + r1[3 * cx + c] * w4 + r1[4 * cx + c] * w5
-              + r2[2 * cx + c] * w6 + r2[3 * cx + c] * w7 + r2[4 * cx + c] * w8)
-        s3 = (b[c]
-              + r0[3 * cx + c] * w0 + r0[4 * cx + c] * w1 + r0[5 * cx + c] * w2
-              + r1[3 * cx + c] * w3 + r1[4 * cx + c] * w4 + r1[5 * cx + c] * w5
-              + r2[3 * cx + c] * w6 + r2[4 * cx + c] * w7 + r2[5 * cx + c] * w8)
+        s0 = (b[c] + r0[c] * w0 + r0[c + cx] * w1 + r0[c + 2 * cx] * w2
+              + r1[c] * w3 + r1[c + cx] * w4 + r1[c + 2 * cx] * w5
+              + r2[c] * w6 + r2[c + cx] * w7 + r2[c + 2 * cx] * w8)
+        s1 = (b[c] + r0[a1 + c] * w0 + r0[a1 + c + cx] * w1 + r0[a1 + c + 2 * cx] * w2
+              + r1[a1 + c] * w3 + r1[a1 + c + cx] * w4 + r1[a1 + c + 2 * cx] * w5
+              + r2[a1 + c] * w6 + r2[a1 + c + cx] * w7 + r2[a1 + c + 2 * cx] * w8)
+        s2 = (b[c] + r0[a2 + c] * w0 + r0[a2 + c + cx] * w1 + r0[a2 + c + 2 * cx] * w2
+              + r1[a2 + c] * w3 + r1[a2 + c + cx] * w4 + r1[a2 + c + 2 * cx] * w5
+              + r2[a2 + c] * w6 + r2[a2 + c + cx] * w7 + r2[a2 + c + 2 * cx] * w8)
+        s3 = (b[c] + r0[a3 + c] * w0 + r0[a3 + c + cx] * w1 + r0[a3 + c + 2 * cx] * w2
+              + r1[a3 + c] * w3 + r1[a3 + c + cx] * w4 + r1[a3 + c + 2 * cx] * w5
+              + r2[a3 + c] * w6 + r2[a3 + c + cx] * w7 + r2[a3 + c + 2 * cx] * w8)
         if relu6:
-            s0 = s0 if s0 > <float>0.0 else <float>0.0
-            s0 = s0 if s0 < <float>6.0 else <float>6.0
-            s1 = s1 if s1 > <float>0.0 else <float>0.0
-            s1 = s1 if s1 < <float>6.0 else <float>6.0
-            s2 = s2 if s2 > <float>0.0 else <float>0.0
-            s2 = s2 if s2 < <float>6.0 else <float>6.0
-            s3 = s3 if s3 > <float>0.0 else <float>0.0
-            s3 = s3 if s3 < <float>6.0 else <float>6.0
-        o[c] = s0
-        o[on + c] = s1
-        o[2 * on + c] = s2
-        o[3 * on + c] = s3
-
-
-cdef inline void _quad_s2(float_rp o, Py_ssize_t on, cfloat_rp r0, cfloat_rp r1,
-                         cfloat_rp r2, Py_ssize_t cx, cfloat_rp w, Py_ssize_t wc,
-                         cfloat_rp b, Py_ssize_t n, bint relu6) noexcept nogil:
-    """4 adjacent output pixels, stride 2; r0..r2 point at the first input column
-    they read in each of the 3 input rows. Columns shared by neighbouring pixels are
-    loaded once per channel vector and the 9 weights are reused 4 times."""
-    cdef Py_ssize_t c
-    cdef float s0, s1, s2, s3, w0, w1, w2, w3, w4, w5, w6, w7, w8
-    for c in range(n):
-        w0 = w[c]; w1 = w[wc + c]; w2 = w[2 * wc + c]
-        w3 = w[3 * wc + c]; w4 = w[4 * wc + c]; w5 = w[5 * wc + c]
-        w6 = w[6 * wc + c]; w7 = w[7 * wc + c]; w8 = w[8 * wc + c]
-        s0 = (b[c]
-              + r0[c] * w0 + r0[cx + c] * w1 + r0[2 * cx + c] * w2
-              + r1[c] * w3 + r1[cx + c] * w4 + r1[2 * cx + c] * w5
-              + r2[c] * w6 + r2[cx + c] * w7 + r2[2 * cx + c] * w8)
-        s1 = (b[c]
-              + r0[2 * cx + c] * w0 + r0[3 * cx + c] * w1 + r0[4 * cx + c] * w2
-              + r1[2 * cx + c] * w3 + r1[3 * cx + c] * w4 + r1[4 * cx + c] * w5
-              + r2[2 * cx + c] * w6 + r2[3 * cx + c] * w7 + r2[4 * cx + c] * w8)
-        s2 = (b[c]
-              + r0[4 * cx + c] * w0 + r0[5 * cx + c] * w1 + r0[6 * cx + c] * w2
-              + r1[4 * cx + c] * w3 + r1[5 * cx + c] * w4 + r1[6 * cx + c] * w5
-              + r2[4 * cx + c] * w6 + r2[5 * cx + c] * w7 + r2[6 * cx + c] * w8)
-        s3 = (b[c]
-              + r0[6 * cx + c] * w0 + r0[7 * cx + c] * w1 + r0[8 * cx + c] * w2
-              + r1[6 * cx + c] * w3 + r1[7 * cx + c] * w4 + r1[8 * cx + c] * w5
-              + r2[6 * cx + c] * w6 + r2[7 * cx + c] * w7 + r2[8 * cx + c] * w8)
-        if relu6:
-            s0 = s0 if s0 > <float>0.0 else <float>0.0
-            s0 = s0 if s0 < <float>6.0 else <float>6.0
-            s1 = s1 if s1 > <float>0.0 else <float>0.0
-            s1 = s1 if s1 < <float>6.0 else <float>6.0
-            s2 = s2 if s2 > <float>0.0 else <float>0.0
-            s2 = s2 if s2 < <float>6.0 else <float>6.0
-            s3 = s3 if s3 > <float>0.0 else <float>0.0
-            s3 = s3 if s3 < <float>6.0 else <float>6.0
+            s0 = _clamp6(s0); s1 = _clamp6(s1); s2 = _clamp6(s2); s3 = _clamp6(s3)
         o[c] = s0
         o[on + c] = s1
         o[2 * on + c] = s2
@@ -139,9 +94,9 @@ cdef void _row(float* orow, const float* x, const float* zero, Py_ssize_t oy,
                 # a missing row reads zeros: `zero` holds 9 * cx of them
                 q[dy] = rows[dy] + (ox * stride - 1) * cx if rows[dy] != NULL else zero
             if stride == 1:
-                _quad_s1(orow + ox * n, n, q[0], q[1], q[2], cx, w, wc, b, n, relu6)
+                _quad(orow + ox * n, n, q[0], q[1], q[2], cx, w, wc, b, n, relu6, 1)
             else:
-                _quad_s2(orow + ox * n, n, q[0], q[1], q[2], cx, w, wc, b, n, relu6)
+                _quad(orow + ox * n, n, q[0], q[1], q[2], cx, w, wc, b, n, relu6, 2)
             ox += 4
             continue
         for dy in range(3):
