@@ -29,7 +29,8 @@ from typing import Any, Collection, NamedTuple
 
 import numpy as np
 
-from decolla.allocators import NoLiveDevice, StageInfo
+from decolla.allocators import NoLiveDevice
+from decolla.cost import StageInfo
 from decolla.log import get_logger
 from decolla.plans import PlanError
 from decolla.plans.compute import chunk_output_shape, merge
