@@ -11,13 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decolla.allocators import KINDS
+from decolla import model
+from decolla.cost import KIND_SPEED, KINDS
 
 HELDOUT_BASE = 1_000_000_000
 MBIT = 1e6 / 8  # bytes/s in one Mb/s
-
-# Relative MAC throughput of each layer kind on a Pi-class CPU (depthwise is memory bound).
-KIND_FACTOR = {"conv3x3": 0.8, "dwconv3x3": 0.3, "pwconv": 1.0, "gap": 0.1, "linear": 0.5, "fused": 0.8}
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,6 @@ class ScenarioConfig:
 @functools.lru_cache(maxsize=None)
 def model_layers(arch: str, width: float, input_size: int) -> tuple:
     """Layer specs of a MobileNet from decolla.model (cached)."""
-    from decolla import model
     build = {"v1": model.mobilenet_v1_layers, "v2": model.mobilenet_v2_layers}[arch]
     layers = build(width=width, input_size=input_size)
     if isinstance(layers, tuple):  # (layers, torchvision key map)
@@ -107,7 +104,7 @@ def sample_scenario(seed: int, cfg: ScenarioConfig = ScenarioConfig()) -> Scenar
     n = int(rng.integers(cfg.min_devices, cfg.max_devices + 1))
     base = _loguniform(rng, *cfg.speed_range, n)
     jitter = rng.uniform(0.8, 1.25, (n, len(KINDS)))
-    speed = base[:, None] * np.array([KIND_FACTOR[k] for k in KINDS]) * jitter
+    speed = base[:, None] * np.array([KIND_SPEED[k].scenario for k in KINDS]) * jitter
     avail_mean = rng.uniform(0.15, 1.0, n)
     bw = _loguniform(rng, *cfg.bandwidth_mbit, n) * MBIT
     lat = rng.uniform(*cfg.latency_s, n)
