@@ -106,13 +106,12 @@ def _latency_stats(a: np.ndarray, n_live: np.ndarray) -> dict:
             "median_us_by_devices": {int(k): float(np.median(a[n_live == k])) for k in np.unique(n_live)}}
 
 
-class _Reference:
-    """Another implementation of a learned allocator (`assign_reference`: the straightforward
-    Planner code; `assign_numpy`: the numpy fast path), as a timing baseline."""
-    name = "learned-reference"
+class _NumpyPath:
+    """A learned allocator deciding through its numpy path (`assign_numpy`), as a timing baseline."""
+    name = "learned-numpy"
 
-    def __init__(self, alloc, method: str = "assign_reference"):
-        self.assign = getattr(alloc, method)
+    def __init__(self, alloc):
+        self.assign = alloc.assign_numpy
 
 
 def concurrent_tasks(alloc, cases, n_tasks, repeats: int = 20) -> dict:
@@ -316,9 +315,8 @@ def scheduling_runtime(allocs: dict, drl_es_policy: str, heldout, cfg, quick: bo
     load = os.getloadavg()
     for alloc in allocs.values():   # warm-up: first calls import and allocate
         decision_latency(alloc, cases[:20], repeats=1)
-    # Baseline in the same run: the straightforward (Planner-based) implementation of the same policy.
-    lat = decision_latencies({**allocs, "drl-es/reference": _Reference(allocs["drl-es"]),
-                              "drl-es/numpy": _Reference(allocs["drl-es"], "assign_numpy")}, cases, repeats=5)
+    # Baseline in the same run: the numpy path of the same policy.
+    lat = decision_latencies({**allocs, "drl-es/numpy": _NumpyPath(allocs["drl-es"])}, cases, repeats=5)
     lat["drl-es"]["implementation"] = "compiled" if getattr(allocs["drl-es"], "compiled", False) else "numpy"
     tasks = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64, 128)
     conc = {name: concurrent_tasks(allocs[name], cases, tasks, repeats=10 if quick else 30)

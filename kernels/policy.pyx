@@ -1,11 +1,11 @@
 # cython: language_level=3
 """The learned allocator's per-stage decision loop in C (float64, no Python objects).
 
-For each chunk in order: the timing model (`place_chunk`, same arithmetic as
-`decolla.allocators.ScalarPlan`) gives its result time on every slot, the slot
-features of `decolla.learned.Planner.features` are formed, the policy MLP scores
+For each chunk in order: the timing model (the arithmetic of `decolla.cost.Placement`)
+gives its result time on every slot, the slot features of
+`decolla.allocators.learned.SlotFeatures.features` are formed, the policy MLP scores
 each slot, the chunk goes to the first best slot and the slot's queue is updated.
-Low-level: no validation here (decolla.learned validates and builds the inputs).
+Low-level: no validation here (decolla.allocators.learned validates and builds the inputs).
 """
 from libc.math cimport log, log1p, fabs, floor, INFINITY
 from libc.stdint cimport uint64_t
@@ -16,7 +16,7 @@ include "_common.pxi"
 cdef extern from *:
     ctypedef double* double_rp "double * __restrict__"
 
-# Columns of the `dev` matrix (one row per slot), built by decolla.learned.
+# Columns of the `dev` matrix (one row per slot), built by decolla.allocators.learned.
 cdef enum:
     D_RATE, D_EFF, D_BW, D_LAT, D_LOCAL, D_SHARED, D_BUSY, D_AVAIL, D_SPEED_REL, N_DEV_COLS
 

@@ -1,6 +1,6 @@
 """The policy network in torch, as a flat parameter vector, and its numpy export.
 
-One shared MLP scores every device slot (features from decolla.learned.Planner);
+One shared MLP scores every device slot (features from decolla.allocators.learned.SlotFeatures);
 parameters are flat so a whole ES population is a [P, D] tensor and is
 evaluated at once with batched matmuls.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from decolla.learned import FEATURE_VERSION, N_FEATURES
+from decolla.allocators.learned import FEATURE_VERSION, N_FEATURES
 
 NAMES = ("w0", "b0", "w1", "b1", "w2", "b2")
 
@@ -58,7 +58,7 @@ def scores(theta: torch.Tensor, feats: torch.Tensor, hidden: int) -> torch.Tenso
 
 
 def export_npz(theta: torch.Tensor, hidden: int, m_c: int, path, **meta) -> None:
-    """Write the policy for decolla.learned.LearnedAllocator."""
+    """Write the policy for decolla.allocators.LearnedAllocator."""
     p = unflatten(theta.detach().reshape(1, -1).double(), hidden)
     arrays = {k: v[0].cpu().numpy() for k, v in p.items()}
     np.savez(path, m_c=np.int64(m_c), feature_version=np.int64(FEATURE_VERSION),

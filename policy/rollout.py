@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from decolla.learned import Planner
+from decolla.allocators.learned import SlotFeatures
 from .net import scores
 from .scenarios import ScenarioConfig, sample_scenario
 from .simulator import Simulator
@@ -39,8 +39,8 @@ def play(theta: torch.Tensor, hidden: int, seeds: Sequence[int], cfg: ScenarioCo
     logps, rewards = [], []
     while not sim.done:
         obs = sim.observation()
-        plan = Planner(obs["speed"], obs["available"], obs["bandwidth"], obs["latency"], obs["busy"],
-                       obs["uplink"], obs["alive"], m_c)
+        plan = SlotFeatures(obs["speed"], obs["available"], obs["bandwidth"], obs["latency"], obs["busy"],
+                            obs["uplink"], obs["alive"], m_c)
         live = torch.from_numpy(plan.live)
         acts = np.zeros((B, K), dtype=np.int64)
         stage_logp = 0.0

@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from decolla.allocators import (KINDS, ChunkCost, DeviceState, StageInfo, _Plan, place_chunk)
-from decolla.learned import N_STAGE, stage_vector
+from decolla.allocators.learned import N_STAGE, stage_vector
+from decolla.cost import KINDS, ChunkCost, DeviceState, Placement, StageInfo, rates
 from .scenarios import Scenario, ScenarioConfig, model_layers, sample_scenario, stage_chunks
 
 PROFILE_FORMAT = "decolla-profile/1"
@@ -146,25 +146,11 @@ class Simulator:
         s = self.stage
         kind = self.kinds[:, s]
         speed = np.take_along_axis(self.speed, kind[:, None, None], axis=2)[..., 0]
-        rate = speed * np.maximum(self.avail, 1e-3)
-        link_free = np.zeros((self.B, self.M))
-        comp_free = self.busy.copy()
-        req_free = np.zeros((self.B, 1))
-        up = self.uplink[:, None]
+        plan = Placement(rates(speed, self.avail), self.bw, self.lat, self.busy, self.uplink[:, None], self.ovh)
         done = np.zeros((self.B, self.K))
-        rows = np.arange(self.B)
         for k in range(self.K):
-            a = actions[:, k]
-            m, bi, bo = (x[:, s, k:k + 1] for x in (self.macs, self.bytes_in, self.bytes_out))
-            sel = a[:, None]
-            pick = lambda x: np.take_along_axis(x, sel, axis=1)
-            send_end, comp_end, back = place_chunk(m, bi, bo, pick(rate), pick(self.bw), pick(self.lat),
-                                                   up, pick(link_free), pick(comp_free), req_free,
-                                                   pick(self.ovh))
-            link_free[rows, a] = send_end[:, 0]
-            comp_free[rows, a] = comp_end[:, 0]
-            req_free = np.maximum(req_free, send_end)
-            done[:, k] = back[:, 0]
+            done[:, k] = plan.place(actions[:, k], *(x[:, s, k:k + 1] for x in (self.macs, self.bytes_in,
+                                                                             self.bytes_out)))
         t_ref = self.macs[:, s] / np.take_along_axis(self.ref_speed, kind[:, None], axis=1)
         slowdown = done / t_ref
         reward = -slowdown.sum(axis=1)
@@ -295,14 +281,9 @@ def predict_stage_latency(devices: Sequence[DeviceState], stage: StageInfo,
                           chunks: Sequence[ChunkCost], assignment: Sequence[str]) -> float:
     """Predicted seconds from stage start until the last chunk result is back."""
     index = {d.name: i for i, d in enumerate(devices)}
-    plan = _Plan(devices, stage.uplink)
-    last = 0.0
-    for c, name in zip(chunks, assignment):
-        i = index[name]
-        send_end, comp_end, done = plan.times(c)
-        plan.commit(i, send_end, comp_end)
-        last = max(last, float(done[i]))
-    return last
+    plan = Placement.of(devices, stage.uplink)
+    return max((plan.place(index[name], c.macs, c.bytes_in, c.bytes_out)
+                for c, name in zip(chunks, assignment)), default=0.0)
 
 
 def validate_profile(profile, traces: Sequence[dict], tolerance: float = 0.2) -> dict:

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from decolla.allocators import (ALLOCATOR_NAMES, ChunkCost, DeviceState, EarliestFinishAllocator,
-                                NoLiveDevice, ScalarPlan, StageInfo, make_allocator, place_chunk)
-from decolla.learned import N_FEATURES, FEATURE_VERSION, LearnedAllocator
+from decolla.allocators import ALLOCATOR_NAMES, LearnedAllocator, NoLiveDevice, make_allocator
+from decolla.allocators.learned import N_FEATURES, FEATURE_VERSION
+from decolla.cost import ChunkCost, DeviceState, Placement, StageInfo
+from tests.policy_reference import reference_assign
 
 HEURISTICS = ("random", "average", "least", "proportional", "eft")
 
@@ -78,7 +79,7 @@ def test_learned_fast_path_matches_reference(policy_paths, devs, chunks, stage):
     assume(len(set(keys)) == len(keys))
     for p in policy_paths:
         alloc = LearnedAllocator(p)
-        assert alloc.assign(stage, chunks, devs) == alloc.assign_reference(stage, chunks, devs)
+        assert alloc.assign(stage, chunks, devs) == reference_assign(alloc, stage, chunks, devs)
 
 
 def test_anti_eft_policy_takes_the_latest_slot(policy_paths):
@@ -86,39 +87,60 @@ def test_anti_eft_policy_takes_the_latest_slot(policy_paths):
     chunks = [ChunkCost(10 ** 8, 10 ** 5, 10 ** 4)] * 6
     alloc = LearnedAllocator(policy_paths[3])
     names = alloc.assign(StageInfo(0, 1, "pwconv"), chunks, devs)
-    assert names == alloc.assign_reference(StageInfo(0, 1, "pwconv"), chunks, devs)
+    assert names == reference_assign(alloc, StageInfo(0, 1, "pwconv"), chunks, devs)
     assert names != make_allocator("eft").assign(StageInfo(0, 1, "pwconv"), chunks, devs)
     assert names[0] == "d0"                          # the slowest device finishes last
+
+
+def scalar_times(devs, uplink, link, comp, req, c):
+    """Send end, compute end and result time of chunk c on each device, in plain floats
+    (an independent statement of the Placement arithmetic)."""
+    out = []
+    for i, d in enumerate(devs):
+        local = math.isinf(d.bandwidth)
+        shared = math.isfinite(uplink) and not local
+        s = max(link[i], req if shared else 0.0) + c.bytes_in / (math.inf if local else min(d.bandwidth, uplink))
+        e = max(s + d.latency, comp[i]) + (c.macs / max(d.rate, 1e-30) + d.overhead_s)
+        out.append((s, e, e + d.latency + (0.0 if local else c.bytes_out / d.bandwidth)))
+    return out
 
 
 @settings(max_examples=100, deadline=None)
 @given(devs=device_sets, chunks=st.lists(chunk, min_size=1, max_size=8), stage=stage,
        picks=st.lists(st.integers(0, 11), min_size=8, max_size=8), ovh=st.floats(0.0, 0.01))
-def test_scalar_plan_equals_place_chunk(devs, chunks, stage, picks, ovh):
-    # Same arithmetic in plain Python floats: results must be bit-identical.
+def test_placement_arithmetic_is_exact(devs, chunks, stage, picks, ovh):
+    # The same arithmetic in plain Python floats: results must be bit-identical, for one
+    # device set and for a batch of two.
     devs = [DeviceState(**{**d.__dict__, "overhead_s": ovh * (i % 2)}) for i, d in enumerate(devs)]
-    rate = np.array([max(d.speed, 0.0) * max(d.available, 1e-3) for d in devs])
-    bw, lat = np.array([d.bandwidth for d in devs]), np.array([d.latency for d in devs])
-    ov = np.array([d.overhead_s for d in devs])
-    link, comp, req = np.zeros(len(devs)), np.array([d.busy_s for d in devs]), 0.0
-    plan = ScalarPlan(devs, stage.uplink)
+    link, comp, req = [0.0] * len(devs), [max(d.busy_s, 0.0) for d in devs], 0.0
+    plan = Placement.of(devs, stage.uplink)
+    arr = lambda f: np.array([[f(d) for d in devs]] * 2, dtype=float)
+    batch = Placement(arr(lambda d: d.rate), arr(lambda d: d.bandwidth), arr(lambda d: d.latency),
+                      arr(lambda d: d.busy_s), np.full((2, 1), stage.uplink), arr(lambda d: d.overhead_s))
     for c, i in zip(chunks, picks):
         i %= len(devs)
-        send_end, comp_end, done = place_chunk(c.macs, c.bytes_in, c.bytes_out, rate, bw, lat, stage.uplink,
-                                               link, comp, req, ov)
-        assert plan.times(c.macs, c.bytes_in, c.bytes_out) == done.tolist()
+        rows = scalar_times(devs, stage.uplink, link, comp, req, c)
+        assert plan.times(c.macs, c.bytes_in, c.bytes_out).tolist() == [r[2] for r in rows]
+        assert batch.place(np.array([i, i]), c.macs, c.bytes_in, c.bytes_out).tolist() == [rows[i][2]] * 2
         plan.commit(i)
-        link[i], comp[i], req = send_end[i], comp_end[i], max(req, float(send_end[i]))
-        assert (plan.link_free, plan.comp_free, plan.req_free) == (link.tolist(), comp.tolist(), req)
+        link[i], comp[i], req = rows[i][0], rows[i][1], max(req, rows[i][0])
+        assert (plan.link_free.tolist(), plan.comp_free.tolist(), float(plan.req_free[0])) == (link, comp, req)
+        assert batch.link_free.tolist() == [link] * 2 and batch.comp_free.tolist() == [comp] * 2
 
 
 @settings(max_examples=100, deadline=None)
 @given(devs=device_sets, chunks=st.lists(chunk, min_size=1, max_size=8), stage=stage)
-def test_eft_fast_path_matches_numpy_path(devs, chunks, stage):
+def test_eft_takes_the_earliest_result_for_each_chunk(devs, chunks, stage):
     live = [d for d in devs if d.alive]
-    assume(live)
-    assert (make_allocator("eft").assign(stage, chunks, devs)
-            == EarliestFinishAllocator._assign_numpy(stage, chunks, live))
+    assume(len(live) > 1)
+    link, comp, req, want = [0.0] * len(live), [max(d.busy_s, 0.0) for d in live], 0.0, []
+    for c in chunks:
+        rows = scalar_times(live, stage.uplink, link, comp, req, c)
+        done = [r[2] for r in rows]
+        i = done.index(min(done))
+        link[i], comp[i], req = rows[i][0], rows[i][1], max(req, rows[i][0])
+        want.append(live[i].name)
+    assert make_allocator("eft").assign(stage, chunks, devs) == want
 
 
 def test_learned_keeps_the_mc_devices_with_most_resource(policy_paths):
@@ -168,20 +190,19 @@ def test_random_is_seeded():
     assert a == b and set(a) == {"slow", "fast"}
 
 
-def test_place_chunk_arithmetic():
+def test_placement_arithmetic():
     # 1 MB at 1 MB/s = 1 s, +0.1 s latency, device busy until 2 s, 1e9 MACs at 1e9 MAC/s,
     # result 0.5 MB back at 1 MB/s + 0.1 s.
-    send_end, comp_end, done = place_chunk(1e9, 1e6, 5e5, np.array([1e9]), np.array([1e6]),
-                                           np.array([0.1]), math.inf, np.zeros(1), np.array([2.0]), 0.0)
-    assert send_end[0] == pytest.approx(1.0)
-    assert comp_end[0] == pytest.approx(3.0)
-    assert done[0] == pytest.approx(3.6)
+    plan = Placement([1e9], [1e6], [0.1], [2.0])
+    assert plan.times(1e9, 1e6, 5e5)[0] == pytest.approx(3.6)
+    plan.commit(0)
+    assert plan.link_free[0] == pytest.approx(1.0) and plan.comp_free[0] == pytest.approx(3.0)
     # a fixed per-chunk overhead lengthens the compute; zero overhead changes nothing
-    _, comp2, done2 = place_chunk(1e9, 1e6, 5e5, np.array([1e9]), np.array([1e6]), np.array([0.1]), math.inf,
-                                  np.zeros(1), np.array([2.0]), 0.0, np.array([0.25]))
-    assert comp2[0] == pytest.approx(3.25) and done2[0] == pytest.approx(3.85)
-    assert place_chunk(1e9, 1e6, 5e5, np.array([1e9]), np.array([1e6]), np.array([0.1]), math.inf,
-                       np.zeros(1), np.array([2.0]), 0.0, 0.0)[2][0] == done[0]
+    slow = Placement([1e9], [1e6], [0.1], [2.0], overhead=[0.25])
+    assert slow.place(0, 1e9, 1e6, 5e5) == pytest.approx(3.85)
+    assert slow.comp_free[0] == pytest.approx(3.25)
+    assert Placement([1e9], [1e6], [0.1], [2.0], overhead=0.0).place(0, 1e9, 1e6, 5e5) == \
+        Placement([1e9], [1e6], [0.1], [2.0]).place(0, 1e9, 1e6, 5e5)
 
 
 def test_registry():

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from decolla.allocators import ChunkCost, StageInfo, make_allocator
+from decolla.allocators import make_allocator
+from decolla.cost import ChunkCost, StageInfo
 
 try:
     from decolla.policy import scenarios, simulator
@@ -172,7 +173,7 @@ def test_export_load_same_decisions_in_torch_and_numpy(tmp_path):
         from decolla.policy import net, rollout
     except ImportError:
         from policy import net, rollout
-    from decolla.learned import LearnedAllocator
+    from decolla.allocators import LearnedAllocator
     seeds = scenarios.heldout_seeds(16)
     cfg = scenarios.ScenarioConfig()
     for seed in (0, 1):
@@ -196,7 +197,7 @@ def test_short_drl_es_training_beats_random(tmp_path):
         from decolla.policy import train
     except ImportError:
         from policy import train
-    from decolla.learned import LearnedAllocator
+    from decolla.allocators import LearnedAllocator
     cfg = train.TrainConfig(algo="drl-es", iterations=10, lr=0.02, episodes=3, repeats=2,
                             eval_every=1000, eval_episodes=4, checkpoint_every=1000, seed=3,
                             scenario=scenarios.ScenarioConfig(stages=8))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from decolla import learned
-from decolla.allocators import ChunkCost, DeviceState, StageInfo
-from decolla.learned import (FEATURE_VERSION, N_FEATURES, LearnedAllocator, Planner, masked_argmax,
-                             mlp_scores, stage_vector)
+from decolla.allocators import LearnedAllocator, learned
+from decolla.allocators.learned import FEATURE_VERSION, N_FEATURES
+from decolla.cost import ChunkCost, DeviceState, StageInfo
+from tests.policy_reference import reference_assign, reference_margins
 
 pytestmark = pytest.mark.skipif(learned._KERNEL is None, reason="decolla.kernels.policy is not built")
 
@@ -49,26 +49,6 @@ def random_policies(tmp_path_factory):
                                                       (100, 32, 3.0)])]
 
 
-def reference_margins(alloc, stage, chunks, devices):
-    """assign_reference's decisions and, per chunk, best minus second-best slot score."""
-    devs = alloc.slots(devices)
-    plan = Planner(np.array([[d.speed for d in devs]]), np.array([[d.available for d in devs]]),
-                   np.array([[d.bandwidth for d in devs]], dtype=float), np.array([[d.latency for d in devs]]),
-                   np.array([[d.busy_s for d in devs]]), np.array([stage.uplink]),
-                   np.ones((1, len(devs)), bool), alloc.m_c)
-    sv = stage_vector(stage.kind, stage.index, stage.num_stages, float(sum(c.macs for c in chunks)),
-                      float(sum(c.bytes_in for c in chunks)))
-    names, margins = [], []
-    for k, c in enumerate(chunks):
-        s = mlp_scores(alloc.params, plan.features(c.macs, c.bytes_in, c.bytes_out, sv[None], k, len(chunks)))
-        i = masked_argmax(s, plan.live)
-        plan.commit(i)
-        names.append(devs[int(i[0])].name)
-        top2 = np.sort(s[0])[-2:] if len(devs) > 1 else np.array([-np.inf, s[0, 0]])
-        margins.append(float(top2[1] - top2[0]) / max(1.0, abs(float(top2[1]))))
-    return names, margins
-
-
 def check_agreement(alloc, stage, chunks, devs) -> bool:
     """True when the compiled path equals the reference; a difference is only allowed
     at a chunk whose reference margin is a near-tie (with the same placement before it)."""
@@ -88,7 +68,7 @@ def test_compiled_matches_numpy_on_random_states(random_policies, devs, chunks, 
     for alloc in random_policies:
         fast = alloc.assign_compiled(stage, chunks, devs)
         assert len(fast) == len(chunks) and set(fast) <= live
-        if fast != alloc.assign_numpy(stage, chunks, devs) or fast != alloc.assign_reference(stage, chunks, devs):
+        if fast != alloc.assign_numpy(stage, chunks, devs) or fast != reference_assign(alloc, stage, chunks, devs):
             check_agreement(alloc, stage, chunks, devs)    # raises unless it is a near-tie
 
 
@@ -101,7 +81,7 @@ def test_compiled_matches_numpy_on_heldout_scenarios():
     for path in COMMITTED:
         alloc = LearnedAllocator(path)
         same = sum(alloc.assign_compiled(*c) == alloc.assign_numpy(*c) for c in cases)
-        flips = [c for c in cases if alloc.assign_compiled(*c) != alloc.assign_reference(*c)]
+        flips = [c for c in cases if alloc.assign_compiled(*c) != reference_assign(alloc, *c)]
         for c in flips:                     # only near-ties may flip
             assert not check_agreement(alloc, *c)
         assert same >= 0.999 * len(cases) and len(cases) - len(flips) >= 0.999 * len(cases), path

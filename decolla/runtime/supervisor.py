@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from decolla.allocators import DeviceState
+from decolla.cost import DeviceState, round_trip_s
 
 UNQUEUED_KEEP = 1024
 PRIOR_WORK_S = 0.05     # the start-up speed counts as this much computing time
@@ -140,8 +140,8 @@ class Supervisor:
     def predict(self, name: str, macs: float, nbytes: float) -> float:
         """Predicted seconds until a chunk sent now returns (queue ahead included)."""
         d = self.devices[name]
-        spb = max(d.sec_per_byte, self.min_spb)
-        return d.overhead + nbytes * spb + (d.queued_macs + macs) / d.rate
+        return round_trip_s(macs, nbytes, d.rate, max(d.sec_per_byte, self.min_spb), d.overhead,
+                            d.queued_macs)
 
     def timeout(self, name: str, macs: float, nbytes: float,
                 predicted: float | None = None) -> float:
