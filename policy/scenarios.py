@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from decolla import model
 from decolla.cost import KIND_SPEED, KINDS
 
 HELDOUT_BASE = 1_000_000_000
@@ -42,7 +43,6 @@ class ScenarioConfig:
 @functools.lru_cache(maxsize=None)
 def model_layers(arch: str, width: float, input_size: int) -> tuple:
     """Layer specs of a MobileNet from decolla.model (cached)."""
-    from decolla import model
     build = {"v1": model.mobilenet_v1_layers, "v2": model.mobilenet_v2_layers}[arch]
     layers = build(width=width, input_size=input_size)
     if isinstance(layers, tuple):  # (layers, torchvision key map)
