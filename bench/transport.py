@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
 from bench.report import write_json_md
-from decolla.runtime import dataplane
+from decolla.runtime import channels, dataplane
 from decolla.runtime.messages import Message
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -42,13 +42,12 @@ class Payload(Message):
 class Echo(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Answers every Payload with its first 2 KB, on the transport it came by."""
 
-    DATA_TYPES = (Payload,)
+    CHANNELS = channels.table(channels.Channel(Payload, "echo", channels.Path.DATA))
+    RECEIVER = "echo"
 
     def receiveMsg_str(self, msg, sender):
         if msg == "listen":
-            self.listener = dataplane.open_listener(self.myAddress)
-            self.inbox = self.listener.inbox
-            self.send(sender, self.listener.address)
+            self.send(sender, self.listen())
         elif msg == "start":
             self.cpu0 = _cpu()
             self.send(sender, "ok")

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from thespian.actors import ActorTypeDispatcher
 
 from decolla import reference
-from decolla.runtime import dataplane
+from decolla.runtime import channels, dataplane
 from decolla.actors.worker import Worker
 from decolla.runtime.messages import InferReply, InferRequest
 from decolla.loader import load_model
@@ -154,14 +154,13 @@ def test_transport_benchmark_measures_both_transports():
 class _FlakyEcho(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Echoes bytes on the data plane; the actor message "boom" makes its handler raise."""
 
-    DATA_TYPES = (bytes,)
+    CHANNELS = channels.table(channels.Channel(bytes, "echo", channels.Path.DATA))
+    RECEIVER = "echo"
 
     def receiveMsg_str(self, msg, sender):
         if msg == "boom":
             raise ValueError("boom")
-        self.listener = dataplane.open_listener(self.myAddress)
-        self.inbox = self.listener.inbox
-        self.send(sender, self.listener.address)
+        self.send(sender, self.listen())
 
     def receiveMsg_bytes(self, msg, conn):
         conn.send(msg)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from decolla.actors import worker
+from decolla.actors import speed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,12 @@ class CfsClock:
 @pytest.mark.parametrize("quota,period", [(0.0015, 0.01), (0.015, 0.1), (0.004, 0.02)])
 def test_measured_speed_follows_the_quota_not_the_burst(monkeypatch, quota, period):
     clock = CfsClock(quota, period)
-    monkeypatch.setattr(worker.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(speed.time, "perf_counter", clock.perf_counter)
     cost, macs = 0.0002, 1e6                     # 0.2 ms chunks: 5 GMAC/s unthrottled
-    speed = worker.measure_speed(lambda: clock.work(cost), macs, window_s=5 * period)
+    mac_s = speed.measure_speed(lambda: clock.work(cost), macs, window_s=5 * period)
     host = macs / cost
     share = quota / period
-    assert speed == pytest.approx(host * share, rel=0.25)
+    assert mac_s == pytest.approx(host * share, rel=0.25)
     # the old check (fastest of 3 single runs) saw the host's speed
     t = []
     for _ in range(3):
@@ -57,9 +57,9 @@ def test_measured_speed_follows_the_quota_not_the_burst(monkeypatch, quota, peri
 
 def test_unthrottled_speed_is_the_run_rate(monkeypatch):
     clock = CfsClock(1.0, 1.0)
-    monkeypatch.setattr(worker.time, "perf_counter", clock.perf_counter)
-    speed = worker.measure_speed(lambda: clock.work(0.001), 2e6, window_s=0.05)
-    assert speed == pytest.approx(2e9, rel=1e-6)
+    monkeypatch.setattr(speed.time, "perf_counter", clock.perf_counter)
+    mac_s = speed.measure_speed(lambda: clock.work(0.001), 2e6, window_s=0.05)
+    assert mac_s == pytest.approx(2e9, rel=1e-6)
 
 
 def _tree(tmp_path, proc: str, files: dict) -> tuple[str, str]:
@@ -74,7 +74,7 @@ def _tree(tmp_path, proc: str, files: dict) -> tuple[str, str]:
 def test_period_from_a_v2_ancestor(tmp_path):
     root, proc = _tree(tmp_path, "0::/a/b\n", {"a/cpu.max": "15000 100000\n",
                                                "a/b/cpu.max": "max 100000\n"})
-    assert worker.cfs_period_s(root, proc) == (0.1, False)
+    assert speed.cfs_period_s(root, proc) == (0.1, False)
 
 
 def test_period_v1_and_unlimited(tmp_path):
@@ -83,35 +83,34 @@ def test_period_v1_and_unlimited(tmp_path):
                         "cpu,cpuacct/dev/cpu.cfs_period_us": "10000\n",
                         "cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
                         "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
-    assert worker.cfs_period_s(root, proc) == (0.01, False)
+    assert speed.cfs_period_s(root, proc) == (0.01, False)
     root, proc = _tree(tmp_path / "u", "1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n",
                                                       "cpu/cpu.cfs_period_us": "100000\n"})
-    assert worker.cfs_period_s(root, proc) == (None, False)
+    assert speed.cfs_period_s(root, proc) == (None, False)
 
 
 def test_unreadable_cgroup_gets_the_long_window(tmp_path, monkeypatch):
     # `ip netns exec` mounts a fresh /sys: the cgroup named in /proc/self/cgroup is not there
     root, proc = _tree(tmp_path, "1:cpu:/dcl-1/dev1/main\n", {})
-    assert worker.cfs_period_s(root, proc) == (None, True)
-    monkeypatch.setattr(worker, "cfs_period_s", lambda: (None, True))
-    assert worker.calibration_window() == worker.UNKNOWN_QUOTA_WINDOW_S >= 0.3
-    monkeypatch.setattr(worker, "cfs_period_s", lambda: (0.01, False))
-    assert worker.calibration_window() == pytest.approx(0.05)
-    monkeypatch.setattr(worker, "cfs_period_s", lambda: (0.1, False))
-    assert worker.calibration_window() == pytest.approx(0.5)
+    assert speed.cfs_period_s(root, proc) == (None, True)
+    monkeypatch.setattr(speed, "cfs_period_s", lambda: (None, True))
+    assert speed.calibration_window() == speed.UNKNOWN_QUOTA_WINDOW_S >= 0.3
+    monkeypatch.setattr(speed, "cfs_period_s", lambda: (0.01, False))
+    assert speed.calibration_window() == pytest.approx(0.05)
+    monkeypatch.setattr(speed, "cfs_period_s", lambda: (0.1, False))
+    assert speed.calibration_window() == pytest.approx(0.5)
     monkeypatch.setenv("DECOLLA_SPEED_CHECK_S", "0.2")
-    assert worker.calibration_window() == 0.2
+    assert speed.calibration_window() == 0.2
 
 
 PROBE = textwrap.dedent("""
-    import json, sys, time, types
-    from decolla.actors import worker
+    import json, sys, time
+    from decolla.actors import speed
     from decolla.loader import load_model
     m = load_model("mobilenet_v2:seed=0,width=0.35,input_size=96")
-    fake = types.SimpleNamespace(model=m)
     t0 = time.perf_counter()
-    speed = worker.Worker._calibrate(fake)
-    print(json.dumps({"gmacs": speed / 1e9, "took_s": time.perf_counter() - t0}))
+    mac_s = speed.calibrate(m)
+    print(json.dumps({"gmacs": mac_s / 1e9, "took_s": time.perf_counter() - t0}))
 """)
 
 

@@ -1,143 +1,38 @@
 """Worker: one per device; holds the model and computes the chunks it is sent.
 
-Work on the data plane is taken on its connection's reader thread and computed on the
-worker's compute thread, results sent straight back: Thespian's message loop costs a
-device ≈ 0.3 ms of host CPU per message (≈ 2.5 ms on a Pi-class core), and the actor stays
-free for heartbeats while a chunk computes or waits for halos. Work sent as actor messages
-goes into the actor's own queue; the actor computes for a short slice of time, then sends
-itself `Continue`, so heartbeats, cancellations and new work interleave with computation.
+Every job, whether it came on a data-plane connection or as an actor message, goes into one
+queue that one compute thread works through, so the actor stays free for heartbeats and
+cancellations while a chunk computes or waits for halos. Work on the data plane is taken on
+its connection's reader thread and its results go straight back on the connection:
+Thespian's message loop costs a device ≈ 0.3 ms of host CPU per message (≈ 2.5 ms on a
+Pi-class core). Results of work that came as actor messages go back as actor messages, sent
+from the actor's thread (Thespian's send is not thread-safe): the compute thread hands them
+over through the inbox.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import socket
 import threading
 import time
 
-import numpy as np
 from thespian.actors import ActorTypeDispatcher, WakeupMessage
 
-from decolla.plans import build_plan
-from decolla.plans.compute import compute_chunk
-from decolla.plans.exchange import HaloBox, HaloMissing, StripExchange, run_lockstep
-from decolla.runtime import dataplane, wire
-from decolla.actors import system
+from decolla import ops
+from decolla.actors import speed, system
 from decolla.actors.preload import ModelRefused, leader_model
 from decolla.log import get_logger
-from decolla.runtime.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Continue,
-                              Halo, Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork,
-                              WorkerReady, WorkerRefused)
+from decolla.plans.compute import compute_chunk
+from decolla.plans.exchange import HaloBox, HaloMissing, StripExchange, run_lockstep
+from decolla.runtime import channels, dataplane, wire
+from decolla.runtime.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Halo,
+                                      Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork,
+                                      WorkerReady, WorkerRefused)
 
 log = get_logger("worker")
-SLICE_S = 0.02          # compute at most this long before letting other messages in
-
-
-class _CpuMeter:
-    """Free CPU fraction of the host between two calls (from /proc/stat)."""
-
-    def __init__(self):
-        self.prev = self._read()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as fh:
-                vals = [int(v) for v in fh.readline().split()[1:]]
-            return vals[3] + (vals[4] if len(vals) > 4 else 0), sum(vals)
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def available(self) -> float:
-        cur = self._read()
-        if cur is None or self.prev is None:
-            load = os.getloadavg()[0] / max(1, os.cpu_count() or 1)
-            return float(min(1.0, max(0.0, 1.0 - load)))
-        (idle0, tot0), (idle1, tot1) = self.prev, cur
-        self.prev = cur
-        return float((idle1 - idle0) / (tot1 - tot0)) if tot1 > tot0 else 1.0
-
-
-UNKNOWN_QUOTA_WINDOW_S = 0.3    # 3 periods of the kernel's default 100 ms CFS period
-
-
-def _cpu_cgroups(cgroup_root: str, proc_cgroup: str) -> list[tuple[str, bool, list[str]]]:
-    """(hierarchy dir, is v2, path parts) of this process's CPU cgroups, from /proc/self/cgroup."""
-    try:
-        with open(proc_cgroup) as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        if line.count(":") < 2:
-            continue
-        _, controllers, path = line.split(":", 2)
-        parts = [p for p in path.split("/") if p]
-        if controllers == "":
-            out.append((cgroup_root, True, parts))
-        elif "cpu" in controllers.split(","):
-            out.append((os.path.join(cgroup_root, controllers), False, parts))
-    return out
-
-
-def _quota_period(d: str, v2: bool) -> float | None:
-    """The CFS period (s) of the quota set on cgroup dir `d`; None when unlimited.
-    Raises OSError when the directory cannot be read."""
-    def read(name: str) -> str:
-        with open(os.path.join(d, name)) as fh:
-            return fh.read().strip()
-    if v2:
-        quota, period = read("cpu.max").split()
-        return None if quota == "max" else int(period) / 1e6
-    quota, period = read("cpu.cfs_quota_us"), read("cpu.cfs_period_us")
-    return None if quota.startswith("-") else int(period) / 1e6
-
-
-def cfs_period_s(cgroup_root: str = "/sys/fs/cgroup",
-                 proc_cgroup: str = "/proc/self/cgroup") -> tuple[float | None, bool]:
-    """(longest CFS period in s of a CPU quota on this process's cgroup or its ancestors, or
-    None; whether some cgroup of ours could not be read, e.g. under `ip netns exec`, which
-    mounts a fresh /sys without the cgroup hierarchies)."""
-    periods, unreadable = [], False
-    for base, v2, parts in _cpu_cgroups(cgroup_root, proc_cgroup):
-        for depth in range(len(parts), -1, -1):
-            try:
-                period = _quota_period(os.path.join(base, *parts[:depth]), v2)
-            except (OSError, ValueError):
-                unreadable = unreadable or depth > 0
-                continue
-            if period:
-                periods.append(period)
-    return (max(periods) if periods else None), unreadable
-
-
-def calibration_window(min_s: float = 0.05, periods: int = 5, max_s: float = 2.0) -> float:
-    """Seconds of wall time the start-up speed check must span: under a CFS quota a burst
-    shorter than one period runs at full host speed, so at least `periods` periods (a
-    fixed 0.3 s when our cgroup exists but cannot be read). DECOLLA_SPEED_CHECK_S overrides."""
-    env = os.environ.get("DECOLLA_SPEED_CHECK_S")
-    if env:
-        return float(env)
-    period, unreadable = cfs_period_s()
-    if period:
-        return min(max_s, max(min_s, periods * period))
-    return UNKNOWN_QUOTA_WINDOW_S if unreadable else min_s
-
-
-def measure_speed(run, macs: float, window_s: float, min_runs: int = 3) -> float:
-    """MAC/s of `run()` (doing `macs` MACs) as total work over total wall time across at least
-    `window_s` seconds and `min_runs` runs, after one warm-up run. Averaging (not the
-    fastest run) is what makes CPU-quota throttling visible."""
-    run()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        run()
-        n += 1
-        elapsed = time.perf_counter() - t0
-        if n >= min_runs and elapsed >= window_s:
-            return n * macs / max(elapsed, 1e-9)
+BATCH_S = 0.02          # results computed back to back within this long go back in one message
+POLL_S = 0.002          # how often an actor whose inbox is not watched hands results over
 
 
 def _by_target(pairs: list) -> list:
@@ -194,7 +89,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes chunks on one device. Work arrives as actor messages or on the data plane
     (decolla.runtime.dataplane); results go back the way their work came."""
 
-    DATA_TYPES = (StageWork, Cancel, LinkProbe, dataplane.Closed)
+    RECEIVER = channels.WORKER
 
     @staticmethod
     def actorSystemCapabilityCheck(capabilities, requirements):
@@ -204,21 +99,16 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.name = None
-        self.queue: collections.deque[_Job] = collections.deque()
-        self.continuing = False
         self.seq = 0
         self.cache: dict = {}
-        self.cpu = _CpuMeter()
+        self.cpu = speed.FreeCpuMeter()
         self.halos = HaloBox()
-        self.fast: collections.deque = collections.deque()   # data-plane jobs
-        self.fast_cv = threading.Condition()
-        self.compute_lock = threading.Lock()    # one computation at a time: shared buffers
+        self.jobs: collections.deque = collections.deque()
+        self.jobs_cv = threading.Condition()
+        self.computing = False    # the compute thread holds a job or results not yet sent
+        self.polling = False
         self.stopping = False
-        # data-plane traffic is handled on the reader threads, past the actor's queue (halos
-        # are taken while a strip waits for them)
-        self.inbox = dataplane.Inbox(route={Halo: lambda halo, conn: self.halos.put(halo),
-                                            StageWork: self._take_work, Cancel: self._take_cancel,
-                                            LinkProbe: self.receiveMsg_LinkProbe})
+        self.open_inbox()         # results for actor addresses come back through it
 
     def receiveMsg_InitWorker(self, msg: InitWorker, sender):
         self.name, self.registrar, self.hb = msg.name, sender, msg.heartbeat_s
@@ -229,21 +119,25 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             return
         self.layers = {l.name: l for l in self.model.layers}
         try:
-            from decolla import ops
             ops.set_threads(max(1, int(msg.threads)))
         except Exception as exc:
             log.warning("could not set kernel threads", error=str(exc))
-        speed = self._calibrate()
+        mac_s = self._calibrate()
         threading.Thread(target=self._compute_loop, daemon=True, name="worker-compute").start()
         info = system.proc_info()
-        self.send(sender, WorkerReady(msg.name, speed, info["pid"], info["pgid"],
+        self.send(sender, WorkerReady(msg.name, mac_s, info["pid"], info["pgid"],
                                       socket.gethostname(), int(msg.threads),
                                       self.listen(dataplane.env_port())))
-        log.info("worker ready", node=msg.name, pid=info["pid"], speed_gmacs=round(speed / 1e9, 2))
+        log.info("worker ready", node=msg.name, pid=info["pid"], speed_gmacs=round(mac_s / 1e9, 2))
         self.wakeupAfter(self.hb, payload="beat")
 
+    def _calibrate(self) -> float:
+        """This device's speed in MAC/s."""
+        return speed.calibrate(self.model)
+
     def _reply(self, to, msg) -> None:
-        """Send `msg` back the way the work came: a data connection or an actor address."""
+        """Send `msg` back the way the work came: a data connection (from any thread) or an
+        actor address (from the actor's thread)."""
         if isinstance(to, dataplane.Connection):
             try:
                 to.send(msg)
@@ -252,57 +146,25 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         else:
             self.send(to, msg)
 
-    def _calibrate(self) -> float:
-        """MAC/s on a representative chunk (the heaviest pointwise layer, 1/6 of its channels)."""
-        pw = [l for l in self.model.layers if l.kind == "pwconv"] or self.model.layers
-        layer = dataclasses.replace(max(pw, key=lambda l: l.macs), residual=None)
-        p = build_plan([layer.spec()], 6)
-        stage, chunk = p.stages[0], p.stages[0].chunks[0]
-        x = np.random.default_rng(0).random(layer.in_shape, dtype=np.float32)
-        inputs = {n: (n.select(x) if n.tensor == "input" else
-                      np.zeros(n.shape(layer.out_shape), np.float32)) for n in chunk.needs}
-        cache: dict = {}     # as real chunks run: sliced (and packed) weights kept
-        return measure_speed(lambda: compute_chunk({layer.name: layer}, stage, chunk, inputs,
-                                                   cache=cache),
-                             chunk.cost.macs, calibration_window())
+    def _send_back(self, to, msg) -> None:
+        """`_reply` from the compute thread: an actor message goes through the inbox."""
+        if isinstance(to, dataplane.Connection):
+            self._reply(to, msg)
+        else:
+            self.send_from_thread(to, msg)
 
     # ------------------------------------------------------------ work
     def receiveMsg_StageWork(self, msg: StageWork, sender):
-        self.queue.extend(self._jobs(msg, sender))
-        if not self.continuing:       # otherwise a Continue is already on its way
-            self._work()
+        self._queue(self._jobs(msg, sender))
+        self._poll_results()
 
-    def _take_work(self, msg: StageWork, conn) -> None:
-        """Data-plane work (on the connection's reader thread): queued for the compute thread."""
-        jobs = self._jobs(msg, conn)
-        with self.fast_cv:
-            self.fast.extend(jobs)
-            self.fast_cv.notify()
+    def takeMsg_StageWork(self, msg: StageWork, conn) -> None:
+        self._queue(self._jobs(msg, conn))
 
-    def _compute_loop(self) -> None:
-        """The compute thread: data-plane jobs one at a time; results computed back to back
-        (within SLICE_S) go back in one message per requester."""
-        out: list = []
-        flush_at = 0.0
-        while True:
-            with self.fast_cv:
-                flush = bool(out) and (not self.fast or time.perf_counter() > flush_at)
-                if not flush:
-                    while not self.fast and not self.stopping:
-                        self.fast_cv.wait()
-                    if self.stopping:
-                        return
-                    job = self.fast.popleft()
-            if flush:
-                self._send_results(out)
-                out = []
-                continue
-            if not out:
-                flush_at = time.perf_counter() + SLICE_S
-            try:
-                self._run(job, out)
-            except Exception as exc:      # never let the thread die: the deadline retries it
-                log.error("compute thread", error=repr(exc))
+    def _queue(self, jobs: list) -> None:
+        with self.jobs_cv:
+            self.jobs.extend(jobs)
+            self.jobs_cv.notify()
 
     def _jobs(self, msg: StageWork, sender) -> list:
         """The jobs of `msg`, inputs decoded; a chunk whose input is damaged fails at once."""
@@ -319,7 +181,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
                     inputs[need] = decoded[key]
             except (wire.WireError, KeyError) as exc:
                 self._reply(sender, ChunkFailed(msg.request, job.chunk.stage, job.chunk.index,
-                                              job.attempt, self.name, f"bad input: {exc}"))
+                                                job.attempt, self.name, f"bad input: {exc}"))
                 continue
             if msg.swap:
                 strips.append((job.chunk, job.attempt, inputs))
@@ -331,38 +193,47 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
                                  sender, now, msg.wire_dtype))
         return jobs
 
-    def receiveMsg_Continue(self, msg, sender):
-        self.continuing = False
-        self._work()
-
-    def _work(self) -> None:
-        # Results computed in one slice go back in one message per requester: one
-        # Thespian hop instead of one per chunk.
-        t_end = time.perf_counter() + SLICE_S
+    def _compute_loop(self) -> None:
+        """The compute thread: jobs one at a time; results computed back to back (within
+        BATCH_S) go back in one message per requester."""
         out: list = []
-        while self.queue and time.perf_counter() < t_end:
-            self._run(self.queue.popleft(), out)
-        self._send_results(out)
-        self._kick()
+        flush_at = 0.0
+        while True:
+            with self.jobs_cv:
+                flush = bool(out) and (not self.jobs or time.perf_counter() > flush_at)
+                if not flush:
+                    while not self.jobs and not self.stopping:
+                        self.computing = False
+                        self.jobs_cv.wait()
+                    if self.stopping:
+                        return
+                    job = self.jobs.popleft()
+                    self.computing = True
+            if flush:
+                for reply_to, results in _by_target(out):
+                    self._send_back(reply_to, results[0] if len(results) == 1
+                                    else ChunkResults(results))
+                out = []
+                continue
+            if not out:
+                flush_at = time.perf_counter() + BATCH_S
+            try:
+                if isinstance(job, _SwapJob):
+                    self._run_swap(job, out)
+                else:
+                    self._run_alone(job, out)
+            except Exception as exc:      # never let the thread die: the deadline retries it
+                log.error("compute thread", error=repr(exc))
 
-    def _send_results(self, out: list) -> None:
-        """Results computed back to back: one message per requester."""
-        for reply_to, results in _by_target(out):
-            self._reply(reply_to, results[0] if len(results) == 1 else ChunkResults(results))
-
-    def _kick(self) -> None:
-        if self.queue and not self.continuing:
-            self.continuing = True
-            self.send(self.myAddress, Continue())
-
-    def _run(self, job: _Job, out: list) -> None:
-        with self.compute_lock:
-            if isinstance(job, _SwapJob):
-                self._run_swap(job, out)
-            else:
-                self._run_alone(job, out)
+    def _poll_results(self) -> None:
+        """Where the actor system does not watch the inbox, drain it on wake-ups while the
+        compute thread has work whose results it hands over."""
+        if not self.polling and not self.inbox_watched():
+            self.polling = True
+            self.wakeupAfter(POLL_S, payload="results")
 
     def _run_alone(self, job: _Job, out: list) -> None:
+        """Compute one chunk; its result goes to `out`, a failure back at once."""
         c = job.chunk
         try:
             start = time.time()
@@ -372,16 +243,16 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         except Exception as exc:
             log.warning("chunk failed", request=job.request, stage=c.stage, chunk=c.index,
                         error=repr(exc))
-            self._reply(job.reply_to, ChunkFailed(job.request, c.stage, c.index, job.attempt,
-                                                self.name, repr(exc)))
+            self._send_back(job.reply_to, ChunkFailed(job.request, c.stage, c.index,
+                                                      job.attempt, self.name, repr(exc)))
             return
         out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, job.attempt,
                                               self.name, payload, job.received, start, end)))
 
     def _run_swap(self, job: _SwapJob, out: list) -> None:
         """Compute strips of an exchange stage, swapping halo rows with the strips on other
-        devices (this blocks the actor until done or a halo is `wait_s` late: then every
-        strip fails and the requester sends each alone elsewhere)."""
+        devices (this holds the compute thread until done or a halo is `wait_s` late: then
+        every strip fails and the requester sends each alone elsewhere)."""
         deadline = time.monotonic() + job.wait_s
         mine = {c.index for c, _, _ in job.strips}
         local: dict = {}
@@ -409,8 +280,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
 
         start = time.time()
         try:
-            strips = {c.index: StripExchange(self.layers, job.stage, c, inputs,
-                                             cache=self.cache)
+            strips = {c.index: StripExchange(self.layers, job.stage, c, inputs, cache=self.cache)
                       for c, _, inputs in job.strips}
             results = run_lockstep(strips, send, take)
             end = time.time()
@@ -420,8 +290,8 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
                         chunks=sorted(c.index for c, _, _ in job.strips), error=repr(exc))
             self.halos.forget(job.request)
             for c, attempt, _ in job.strips:
-                self._reply(job.reply_to, ChunkFailed(job.request, c.stage, c.index, attempt,
-                                                      self.name, f"exchange: {exc}"))
+                self._send_back(job.reply_to, ChunkFailed(job.request, c.stage, c.index,
+                                                          attempt, self.name, f"exchange: {exc}"))
             return
         for c, attempt, _ in job.strips:
             out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, attempt,
@@ -433,37 +303,47 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         self._drop(lambda j: j.reply_to is conn)
 
     def receiveMsg_Cancel(self, msg: Cancel, sender):
+        """Drop queued jobs (from the actor's thread or a connection's reader thread)."""
         self._drop(lambda j: _cancelled(j, msg))
 
-    def _take_cancel(self, msg: Cancel, conn) -> None:
-        """A data-plane Cancel (on the reader thread: the actor's own queue is not ours)."""
-        self._drop(lambda j: _cancelled(j, msg), actor_queue=False)
+    takeMsg_Cancel = receiveMsg_Cancel
 
-    def _drop(self, gone, actor_queue: bool = True) -> None:
-        """Remove the queued jobs `gone` picks: the compute thread's, and the actor's."""
-        if actor_queue:
-            self.queue = collections.deque(j for j in self.queue if not gone(j))
-        with self.fast_cv:
-            self.fast = collections.deque(j for j in self.fast if not gone(j))
+    def _drop(self, gone) -> None:
+        """Remove the queued jobs `gone` picks."""
+        with self.jobs_cv:
+            self.jobs = collections.deque(j for j in self.jobs if not gone(j))
 
     def receiveMsg_LinkProbe(self, msg: LinkProbe, sender):
         self._reply(sender, LinkEcho(msg.seq, self.name))
 
+    takeMsg_LinkProbe = receiveMsg_LinkProbe
+
+    def takeMsg_Halo(self, msg: Halo, conn) -> None:
+        self.halos.put(msg)       # taken at once: a computing strip may be waiting for it
+
     # ------------------------------------------------------------ liveness
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender):
+        if msg.payload == "results":
+            self.polling = False
+            with self.jobs_cv:
+                busy = bool(self.jobs) or self.computing
+            self.drain_inbox()     # after the check: what the thread handed over by then is in
+            if busy:
+                self._poll_results()
+            return
         if msg.payload != "beat" or self.name is None:
             return
         self.seq += 1
-        self.send(self.registrar, Heartbeat(self.name, self.seq, self.cpu.available(),
-                                            len(self.queue) + len(self.fast)))
+        with self.jobs_cv:
+            queued = len(self.jobs)
+        self.send(self.registrar, Heartbeat(self.name, self.seq, self.cpu.available(), queued))
         self.wakeupAfter(self.hb, payload="beat")
 
     def receiveMsg_ActorExitRequest(self, msg, sender):
-        self.queue.clear()
-        with self.fast_cv:
+        with self.jobs_cv:
             self.stopping = True
-            self.fast.clear()
-            self.fast_cv.notify()
+            self.jobs.clear()
+            self.jobs_cv.notify()
         self.close_data_plane()
 
     def receiveUnrecognizedMessage(self, msg, sender):

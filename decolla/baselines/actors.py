@@ -24,7 +24,8 @@ from decolla.runtime import dataplane, wire
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
-from decolla.baselines.messages import (ConfigurePipeline, Forget, HopReport,
+from decolla.baselines.messages import (PIPELINE_CHANNELS, PIPELINE_REQUESTER, SEGMENT_WORKER,
+                                        ConfigurePipeline, Forget, HopReport,
                                         InitSegmentWorker, Prepare, Profiles, Reprofile, Resend, RunPipeline,
                                         RunSegment, SegmentDone, SegmentWorkerReady)
 from decolla.log import get_logger
@@ -78,7 +79,7 @@ def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
 class SegmentWorker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes route segments on one host and forwards their output."""
 
-    DATA_TYPES = (RunSegment,)
+    CHANNELS, RECEIVER = PIPELINE_CHANNELS, SEGMENT_WORKER
 
     @staticmethod
     def actorSystemCapabilityCheck(capabilities, requirements):
@@ -203,7 +204,7 @@ def segment_t1(seg: part.Segment, weights, cut_bytes, bandwidth_bps: float, slac
 class PipelineRequester(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Runs baseline inferences along routes of segment workers (lives in the client)."""
 
-    DATA_TYPES = (SegmentDone,)
+    CHANNELS, RECEIVER = PIPELINE_CHANNELS, PIPELINE_REQUESTER
 
     actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from decolla.runtime import channels
+from decolla.runtime.channels import Channel, Path
 from decolla.runtime.messages import Message
 
 
@@ -138,3 +140,22 @@ class RunPipeline(Message):
     candidates: list = field(default_factory=list)   # devices a re-plan may use (ordered)
     timeout_s: float = 600.0
     _show = ("request",)
+
+
+SEGMENT_WORKER, PIPELINE_REQUESTER = "segment-worker", "pipeline-requester"
+
+# the runtime's channels and the baselines' own
+PIPELINE_CHANNELS = channels.table(
+    *channels.CHANNELS.values(),
+    Channel(RunSegment, SEGMENT_WORKER, Path.DATA, tensors=("blobs",)),
+    Channel(SegmentDone, PIPELINE_REQUESTER, Path.DATA, tensors=("logits",)),
+    Channel(InitSegmentWorker, SEGMENT_WORKER),
+    Channel(Reprofile, SEGMENT_WORKER),
+    Channel(Resend, SEGMENT_WORKER),
+    Channel(Forget, SEGMENT_WORKER),
+    Channel(SegmentWorkerReady, PIPELINE_REQUESTER),
+    Channel(ConfigurePipeline, PIPELINE_REQUESTER),
+    Channel(Prepare, PIPELINE_REQUESTER),
+    Channel(RunPipeline, PIPELINE_REQUESTER),
+    Channel(Profiles, channels.CLIENT),
+)

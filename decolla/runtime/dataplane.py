@@ -7,8 +7,9 @@ several ms per chunk.
 
 One reader and one writer thread per connection do the blocking socket work (a frame that
 fits the socket buffer is sent by the caller's thread); what a reader decodes goes into an
-`Inbox`, whose pipe the owning actor watches through Thespian's `ThespianWatch`, so every
-message is still handled on the actor's own thread. A connection that breaks stops and
+`Inbox`, whose pipe the owning actor watches through Thespian's `ThespianWatch`, so a
+message is handled on the actor's own thread unless its channel (decolla.runtime.channels)
+says the reader takes it. A connection that breaks stops and
 leaves a `Closed` notice in the inbox: what was in flight on it is lost, like a message to
 a dead device, and its owner sends it again (or its deadlines do). Frames are pickles, so
 (as with Thespian itself) only peers of the same trusted cluster may connect.
@@ -26,6 +27,7 @@ import time
 from thespian.actors import ThespianWatch
 
 from decolla.log import get_logger
+from decolla.runtime import channels
 
 log = get_logger("dataplane")
 HEADER = struct.Struct("!Q")
@@ -280,20 +282,15 @@ def env_port() -> int:
     return int(os.environ.get(PORT_ENV, "0") or 0)
 
 
-def open_listener(actor_address, port: int = 0, inbox: Inbox | None = None) -> Listener | None:
-    """A Listener into `inbox` (a new one if None) on the IP of a Thespian TCP actor address;
-    None when that address has no IP (an in-process actor system), `port` < 0, or the port
-    is taken."""
+def open_listener(actor_address, inbox: Inbox, port: int = 0) -> Listener | None:
+    """A Listener into `inbox` on the IP of a Thespian TCP actor address; None when that
+    address has no IP (an in-process actor system), `port` < 0, or the port is taken."""
     ip = own_ip(actor_address)
     if not ip or port < 0:
         return None
-    own = inbox is None
-    inbox = Inbox() if own else inbox
     try:
         return Listener(inbox, ip, port)
     except OSError as exc:
-        if own:
-            inbox.close()
         log.warning("no data plane; using actor messages", address=(ip, port), error=str(exc))
         return None
 
@@ -306,42 +303,66 @@ def own_ip(address) -> str:
         return ""
 
 
+class _Send:
+    """In an inbox as (address, _Send(msg)): an actor message for the actor's thread to send."""
+
+    def __init__(self, msg):
+        self.msg = msg
+
+
 class WatchesInbox:
     """Mixin for actors on the data plane. `listen` accepts connections, `dial` lets the
     actor open them, `send_data` sends on one (made on first use) or falls back to an
-    actor message; while the actor has an
-    `Inbox`, every message handled keeps its pipe watched, and objects arriving on it are
-    dispatched to `receiveMsg_<Type>(obj, connection)` for the types in `DATA_TYPES` (add
-    `Closed` to hear of connections ending)."""
+    actor message, as the message's channel allows. While the actor has an `Inbox`, every
+    message handled keeps its pipe watched. A data-plane message that `CHANNELS` gives to
+    this actor's `RECEIVER` goes to `takeMsg_<Type>(obj, connection)` on the reader's
+    thread or to `receiveMsg_<Type>(obj, connection)` on the actor's, as its channel says;
+    a connection's end to `receiveMsg_Closed(Closed(), connection)` if the actor has it."""
 
     inbox: Inbox | None = None
     listener: Listener | None = None
     peers: Peers | None = None
-    DATA_TYPES: tuple = ()
+    CHANNELS: dict = channels.CHANNELS
+    RECEIVER: str = ""
+
+    def open_inbox(self) -> Inbox:
+        """The actor's inbox (made on first use)."""
+        if self.inbox is None:
+            taken = channels.received_by(self.CHANNELS, self.RECEIVER, channels.Taken.READER)
+            self.inbox = Inbox(route={t: getattr(self, "takeMsg_" + t.__name__) for t in taken})
+        return self.inbox
+
+    def inbox_watched(self) -> bool:
+        """Whether the actor system watches the inbox's pipe: Thespian's TCP bases do; the
+        in-process simpleSystemBase does not (an owner there drains it on wake-ups)."""
+        return bool(own_ip(self.myAddress))
 
     def listen(self, port: int = 0) -> tuple:
         """Accept data-plane connections and open them (once); our (ip, port), or () when we
         cannot listen (then we do not dial either)."""
         if self.listener is None:
-            self.listener = open_listener(self.myAddress, port, self.inbox)
+            self.listener = open_listener(self.myAddress, self.open_inbox(), port)
             if self.listener is None:
                 return ()
-            self.inbox = self.listener.inbox
             self.dial()
         return self.listener.address
 
     def dial(self) -> None:
         """Be able to open data-plane connections to others' listeners."""
         if self.peers is None:
-            if self.inbox is None:
-                self.inbox = Inbox()
-            self.peers = Peers(self.inbox)
+            self.peers = Peers(self.open_inbox())
 
     def send_data(self, data_addr, actor_addr, msg) -> None:
-        """Send `msg` on the data plane to `data_addr` if we dial, it is given and reachable;
-        else as an actor message to `actor_addr`."""
-        if self.peers is None or not self.peers.send(data_addr, msg):
+        """Send `msg` on the data plane to `data_addr` if its channel takes the data plane, we
+        dial, and `data_addr` is given and reachable; else as an actor message to `actor_addr`."""
+        data = self.CHANNELS[type(msg)].path is channels.Path.DATA
+        if not data or self.peers is None or not self.peers.send(data_addr, msg):
             self.send(actor_addr, msg)
+
+    def send_from_thread(self, actor_addr, msg) -> None:
+        """Send actor message `msg` from a thread other than the actor's: the inbox hands it
+        to the actor's thread (Thespian's send is not thread-safe)."""
+        self.open_inbox().put((actor_addr, _Send(msg)))
 
     def close_data_plane(self) -> None:
         if self.peers is not None:
@@ -363,10 +384,24 @@ class WatchesInbox:
         return None
 
     def receiveMsg_WatchMessage(self, msg, sender):
+        self.drain_inbox()
+
+    def drain_inbox(self) -> None:
+        """Handle what the inbox holds, on the actor's thread."""
         if self.inbox is None:
             return
         for conn, obj in self.inbox.drain():
-            if isinstance(obj, self.DATA_TYPES):
+            if isinstance(obj, _Send):
+                self.send(conn, obj.msg)
+            elif isinstance(obj, Closed):
+                handler = getattr(self, "receiveMsg_Closed", None)
+                if handler is not None:
+                    handler(obj, conn)
+            elif self._receives(type(obj)):
                 getattr(self, "receiveMsg_" + type(obj).__name__)(obj, conn)
-            elif not isinstance(obj, Closed):
+            else:
                 log.warning("unexpected object on the data plane", type=type(obj).__name__)
+
+    def _receives(self, kind: type) -> bool:
+        channel = self.CHANNELS.get(kind)
+        return channel is not None and channel.receiver == self.RECEIVER

@@ -244,12 +244,6 @@ class LinkEcho(Message):
     _show = ("seq", "device")
 
 
-@dataclass(repr=False)
-class Continue(Message):
-    """A worker's note to itself: keep working through its queue."""
-    _show = ()
-
-
 # ---------------------------------------------------------------- requester
 
 @dataclass(repr=False)
