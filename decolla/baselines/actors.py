@@ -20,15 +20,16 @@ import time
 import numpy as np
 from thespian.actors import ActorExitRequest, ActorTypeDispatcher, PoisonMessage, WakeupMessage
 
-from decolla.runtime import dataplane, wire
+from decolla import ops
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
 from decolla.baselines.messages import (PIPELINE_CHANNELS, PIPELINE_REQUESTER, SEGMENT_WORKER,
-                                        ConfigurePipeline, Forget, HopReport,
-                                        InitSegmentWorker, Prepare, Profiles, Reprofile, Resend, RunPipeline,
+                                        ConfigurePipeline, Forget, HopReport, InitSegmentWorker,
+                                        Prepare, Profiles, Reprofile, Resend, RunPipeline,
                                         RunSegment, SegmentDone, SegmentWorkerReady)
 from decolla.log import get_logger
+from decolla.runtime import dataplane, wire
 from decolla.runtime.messages import (InferError, InferReply, Membership, Ready, Subscribe,
                                       Unsubscribe)
 from decolla.runtime.trace import ChunkRecord
@@ -56,8 +57,7 @@ def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
     CPU quota a layer timed on its own runs as a burst at full speed when it is short and is
     throttled when it is long, which skews the shares towards the long layers.
     """
-    if run_layer is None:
-        from decolla.ops import run_layer
+    run_layer = run_layer or ops.run_layer
     index = {l.name: i for i, l in enumerate(layers)}
     total = np.zeros(len(layers))
 

@@ -19,6 +19,7 @@ import numpy as np
 from decolla.actors import system
 from decolla.api import ClusterError, ClusterMember, InferenceError, Result, top_k
 from decolla.baselines import partition as part
+from decolla.baselines.actors import PipelineRequester
 from decolla.baselines.messages import ConfigurePipeline, Prepare, Profiles, RunPipeline
 from decolla.forward import check_image
 from decolla.runtime.messages import InferError, InferReply
@@ -78,7 +79,6 @@ class BaselineClient(ClusterMember):
         self._join(leader, name or f"baselines-{uuid.uuid4().hex[:8]}", port, bind,
                    connect_timeout)
         try:
-            from decolla.baselines.actors import PipelineRequester
             self._requester = self._asys.createActor(
                 PipelineRequester, targetActorRequirements={system.CAP_NODE: self.name})
             ready = self._asys.ask(self._requester, ConfigurePipeline(self._registrar, self.name,

@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from decolla import ops
+
 
 class RouteError(ValueError):
     """A route or split that cannot be built."""
@@ -179,8 +181,7 @@ def run_segment(layers: Sequence, tensors: Mapping[str, np.ndarray], start: int,
     Returns the tensors crossing cut `end` (for the last segment: the logits under the last
     layer's name). `layers` are decolla.model.Layer objects of the whole model.
     """
-    if run_layer is None:
-        from decolla.ops import run_layer
+    run_layer = run_layer or ops.run_layer
     specs = [l.spec() for l in layers]
     env = dict(tensors)
     prev = "input" if start == 0 else layers[start - 1].name

@@ -18,6 +18,8 @@ import zlib
 import lz4.block
 import numpy as np
 
+from decolla import kernels
+
 MAGIC = b"DCW1"
 _HEAD = struct.Struct("<4sBBBxI")
 _CRC = struct.Struct("<I")
@@ -36,8 +38,7 @@ def _half_kernel():
     """decolla.kernels' float16 conversion when this CPU's build has F16C, else None
     (numpy's conversion, ≈ 25x slower on x86: 0.5 ms for a 224x224x3 image)."""
     try:
-        from decolla.kernels import load
-        mod = load("half")
+        mod = kernels.load("half")
     except ImportError:
         return None
     return mod if mod.F16C else None
