@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import threading
+import time
 
 from decolla.gateway.catalog import SEEDED_SPEC, default_catalog
 from decolla.gateway.service import DEFAULT_MAX_BYTES, Gateway
@@ -53,7 +55,7 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
-    import uvicorn
+    import uvicorn  # uvicorn and Starlette load only to serve: `decolla status` needs neither
 
     from decolla.gateway.app import create_app
     configure(json=args.log_json, component="gateway")
@@ -77,8 +79,6 @@ class ServerThread:
     """The gateway served by uvicorn in a background thread (tests, embedding); port 0 = any free."""
 
     def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0):
-        import threading
-
         import uvicorn
 
         from decolla.gateway.app import create_app
@@ -90,7 +90,6 @@ class ServerThread:
         self.host = host
 
     def __enter__(self) -> "ServerThread":
-        import time
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
