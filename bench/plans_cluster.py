@@ -20,12 +20,13 @@ def device_gmacs(model: str, forward_s: float) -> float:
     """The planner's `gmacs` making its one-device prediction equal the calibrated device's
     measured whole-model time."""
     from decolla.plans import build_plan
-    from decolla.plans.auto import PI_CORE, Profile, stage_seconds
+    from decolla.cost import KIND_SPEED
+    from decolla.plans.auto import Profile, stage_seconds
     from decolla.loader import load_model
     specs = load_model(model).layer_specs()
     one = build_plan(specs, 1, "single")
     pred = stage_seconds(one.stages[0], {s["name"]: s for s in specs}, Profile(local=True))
-    return PI_CORE["pwconv"] / 1e9 * pred / forward_s
+    return KIND_SPEED["pwconv"].core / 1e9 * pred / forward_s
 
 
 def ask(proc, timeout: float, **cmd) -> dict:

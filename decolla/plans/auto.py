@@ -1,6 +1,7 @@
 """The `auto` planner: a cost model of stage time and a dynamic programme over stage cuts.
 
-Cost model (star network around the requester, full duplex):
+Cost model (star network around the requester, full duplex; the arithmetic is
+`decolla.cost.layer_seconds` and `decolla.cost.star_stage_seconds`):
   a chunk's input is sent after the previous chunk's (bytes x wire itemsize / 4 / bandwidth
   + a per-message overhead); its device computes it (MACs / MAC/s of each layer kind)
   once the input has arrived and the device is free; results come back one after the
@@ -20,27 +21,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from decolla.cost import (CALL_MACS_PER_WEIGHT, DEFAULT_CORE_SPEED, core_speeds, layer_seconds,
+                          star_stage_seconds)
 from decolla.plans.data import (ROWWISE, Chunk, Plan, PlanError, Stage, as_spec, split_rows,
                                 stage_bytes, tensor_shapes)
 from decolla.plans.stages import (Group, channel_groups, clean_cuts, group_stage, spatial_stage,
                                   split_tail, strip_rows)
 
-# Pi-4-class core (Cortex-A72, one thread, numpy/Cython kernels), MAC/s per layer kind.
-PI_CORE = {"conv3x3": 1.2e9, "pwconv": 1.6e9, "dwconv3x3": 0.45e9, "gap": 0.5e9, "linear": 1.0e9}
-# What one kernel call costs whatever its rows, in MACs per weight of the layer (measured
-# on the host with `decolla.ops`, one row per call over MobileNetV2-224, minus that row's
-# MACs: weight traffic and per-call set-up; pointwise is cheap because its kernel packs
-# a layer's weight once, not per call). A strip pays it for every layer it computes: the
-# part of a layer's time that splitting by rows does not divide.
-CALL_MACS_PER_WEIGHT = {"conv3x3": 25.0, "pwconv": 11.0, "dwconv3x3": 47.0}
-
-
-def layer_weights(spec: dict) -> int:
-    """Weights of a layer (kernel taps x input x output channels; depthwise: taps x channels)."""
-    cin, cout = spec["in_shape"][-1], spec["out_shape"][-1]
-    return {"conv3x3": 9 * cin * cout, "dwconv3x3": 9 * cout, "pwconv": cin * cout,
-            "linear": cin * cout}.get(spec["kind"], 0)
-ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}   # bytes per value on the wire
 
 
 @dataclass
@@ -55,7 +43,7 @@ class Profile:
     # loopback, x 7-8 on a Pi-class core
     device_overhead_s: float = 0.0035
     min_gain: float = 1.1                # split only if predicted >= this much faster than one device
-    macs_per_s: dict = field(default_factory=lambda: dict(PI_CORE))
+    macs_per_s: dict = field(default_factory=core_speeds)
     wire_dtype: str = "float16"
     compression: float = 1.0             # expected lz4 ratio on the wire (1 = none)
     local: bool = False
@@ -82,8 +70,8 @@ class Profile:
             if key in ("overhead_ms", "device_overhead_ms", "halo_overhead_ms"):
                 setattr(p, key[:-3] + "_s", float(val) / 1e3)
             elif key == "gmacs":          # scale all kinds so pwconv runs at `gmacs` GMAC/s
-                f = float(val) * 1e9 / PI_CORE["pwconv"]
-                p.macs_per_s = {kk: v * f for kk, v in PI_CORE.items()}
+                f = float(val) * 1e9 / core_speeds()["pwconv"]
+                p.macs_per_s = {kk: v * f for kk, v in core_speeds().items()}
             elif key in ("bandwidth_mbit", "compression", "min_gain", "max_mb"):
                 setattr(p, key, float(val))
             elif key in ("devices", "max_span"):
@@ -124,7 +112,6 @@ def chunk_seconds(stage: Stage, chunk: Chunk, specs: dict, prof: Profile) -> flo
             t += prof.halo_seconds(hi - lo, specs[stage.layers[j]]["in_shape"])
     for j, name in enumerate(stage.layers):
         s = specs[name]
-        rate = prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
         if stage.split == "spatial":
             a, b = rows[j]
             if s["kind"] in ROWWISE:
@@ -136,8 +123,8 @@ def chunk_seconds(stage: Stage, chunk: Chunk, specs: dict, prof: Profile) -> flo
         else:                  # a channel chunk: its share of the first layer's outputs
             frac = (chunk.c1 - chunk.c0) / specs[stage.layers[0]]["out_shape"][-1]
         # a strip calls the kernel with the whole weight, a channel chunk with its slice
-        fixed = prof.call_macs_per_weight.get(s["kind"], 0.0) * layer_weights(s)
-        t += (s["macs"] * frac + fixed * (1.0 if stage.split == "spatial" else frac)) / rate
+        t += layer_seconds(s, frac, prof.macs_per_s, prof.call_macs_per_weight,
+                           whole_weights=stage.split == "spatial")
     return t
 
 
@@ -146,31 +133,10 @@ def stage_seconds(stage: Stage, specs: dict, prof: Profile) -> float:
     comps = [chunk_seconds(stage, c, specs, prof) for c in stage.chunks]
     if len(stage.chunks) == 1 and (prof.local or stage.local):
         return comps[0]
-    o, n = prof.overhead_s, prof.devices
-    t, link, free, finish = 0.0, [0.0] * n, [0.0] * n, []
     costs = [c.run_as(stage.exchange)[1] for c in stage.chunks]
-    for i, (cost, comp) in enumerate(zip(costs, comps)):
-        d = i % n
-        if prof.shared_link:          # one requester link: transfers one after the other
-            t += o + prof.seconds(cost.bytes_in)
-            arrive = t
-        else:                         # the requester's messages in turn, links in parallel
-            t += o
-            link[d] = max(t, link[d]) + prof.seconds(cost.bytes_in)
-            arrive = link[d]
-        free[d] = max(arrive, free[d]) + prof.device_overhead_s + comp
-        finish.append((free[d], cost.bytes_out, d))
-    if stage.exchange:               # strips advance in lockstep: all end with the slowest
-        last = max(f for f, _, _ in finish)
-        finish = [(last, out, d) for _, out, d in finish]
-    down = 0.0
-    for f, out, d in sorted(finish):
-        if prof.shared_link:
-            down = max(down, f) + o + prof.seconds(out)
-        else:
-            link[d] = max(link[d], f) + prof.seconds(out)
-            down = max(down, link[d]) + o
-    return down
+    # exchange strips advance in lockstep: all end with the slowest
+    return star_stage_seconds(comps, costs, prof.devices, prof.seconds, prof.overhead_s,
+                              prof.device_overhead_s, prof.shared_link, lockstep=stage.exchange)
 
 
 def swap_points(seg: list[dict], k: int, prof: Profile, memo: dict | None = None) -> tuple:
@@ -208,7 +174,7 @@ def _stretch_seconds(layers: list[dict], k: int, prof: Profile, swapped: bool) -
     for i, (r0, r1) in enumerate(split_rows(height, k)):
         rows, need = strip_rows(layers, r0, r1, "<in>")
         t = sum(s["macs"] * (b - a) / s["out_shape"][0] /
-                prof.macs_per_s.get(s["kind"], PI_CORE["pwconv"])
+                prof.macs_per_s.get(s["kind"], DEFAULT_CORE_SPEED)
                 for s, (a, b) in zip(layers, rows))
         if swapped:
             lo, hi = need["<in>"]
