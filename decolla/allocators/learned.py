@@ -156,6 +156,13 @@ class LearnedAllocator:
             return self.assign_compiled(stage, chunks, devices)
         return self.assign_numpy(stage, chunks, devices)
 
+    def _slots_or_answer(self, chunks, devices) -> tuple[list[DeviceState], list[str] | None]:
+        """The slots, and the answer when there is no choice to make (one slot, no chunk)."""
+        devs = self.slots(devices)
+        if len(devs) == 1:
+            return devs, [devs[0].name] * len(chunks)
+        return devs, (None if chunks else [])
+
     @staticmethod
     def _stage(stage: StageInfo, chunks: Sequence[ChunkCost]) -> tuple:
         return stage_values(stage.kind, stage.index, stage.num_stages, float(sum(c.macs for c in chunks)),
@@ -164,11 +171,9 @@ class LearnedAllocator:
     def assign_compiled(self, stage: StageInfo, chunks: Sequence[ChunkCost],
                         devices: Sequence[DeviceState]) -> list[str]:
         """`assign` through the Cython kernel: the whole sequential decision loop in C."""
-        devs = self.slots(devices)
-        if len(devs) == 1:          # no choice to make
-            return [devs[0].name] * len(chunks)
-        if not chunks:
-            return []
+        devs, trivial = self._slots_or_answer(chunks, devices)
+        if trivial is not None:
+            return trivial
         n = len(devs)
         ref = max(max(d.speed for d in devs), 1e-30)
         uplink = float(stage.uplink)
@@ -197,11 +202,9 @@ class LearnedAllocator:
         # with) in one batch of matmuls; guesses are accepted up to the first chunk where
         # the policy chose differently (that choice is right too), and the rest is guessed
         # again from there.
-        devs = self.slots(devices)
-        if len(devs) == 1:          # no choice to make
-            return [devs[0].name] * len(chunks)
-        if not chunks:
-            return []
+        devs, trivial = self._slots_or_answer(chunks, devices)
+        if trivial is not None:
+            return trivial
         n, n_k = len(devs), len(chunks)
         ref = max(max(d.speed for d in devs), 1e-30)
         plan = Placement.of(devs, stage.uplink, overhead=False)
