@@ -12,7 +12,7 @@ from decolla import reference
 from decolla.runtime import dataplane
 from decolla.plans import PlanError, build_plan
 from decolla.plans.auto import Profile, swap_points
-from decolla.plans.compute import merge
+from decolla.plans.compute import chunk_inputs, merge
 from decolla.plans.data import stage_bytes
 from decolla.plans.exchange import HaloBox, HaloMissing, StripExchange, run_lockstep
 from decolla.plans.run import run_plan
@@ -85,8 +85,7 @@ def test_lockstep_strips_of_one_device_need_no_network():
     plan = build_plan(m.layer_specs(), 3, "exchange")
     stage = plan.stages[0]
     layers = {l.name: l for l in m.layers}
-    strips = {c.index: StripExchange(layers, stage, c,
-                                              {n: n.select(img) for n in c.swap.needs})
+    strips = {c.index: StripExchange(layers, stage, c, chunk_inputs(c, {"input": img}, True))
               for c in stage.chunks}
     box: dict = {}
     out = run_lockstep(strips, lambda i, to, j, rows: box.__setitem__((i, to, j), rows),

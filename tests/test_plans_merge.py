@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from decolla.plans import PLANS, PlanError, build_plan
-from decolla.plans.compute import chunk_output_shape, compute_chunk, merge
+from decolla.plans.compute import chunk_inputs, chunk_output_shape, compute_chunk, merge
 from decolla.plans.data import CHANNELWISE, split_bounds
 from decolla import reference
 from decolla.loader import load_model
@@ -33,8 +33,7 @@ def run_plan(m, p, img):
         done = {}
         for i in order:
             c = stage.chunks[i]
-            done[i] = compute_chunk(layers, stage, c,
-                                            {n: n.select(tensors[n.tensor]) for n in c.needs})
+            done[i] = compute_chunk(layers, stage, c, chunk_inputs(c, tensors))
             assert done[i].shape == chunk_output_shape(stage, c)
         parts = [done[i] for i in range(len(stage.chunks))]
         tensors[stage.output] = merge(stage, parts)

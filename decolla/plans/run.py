@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from decolla.model import Model
-from decolla.plans.compute import compute_chunk, merge
+from decolla.plans.compute import chunk_inputs, compute_chunk, merge
 from decolla.plans.data import Plan
 from decolla.plans.exchange import StripExchange, run_lockstep
 from decolla.runtime import wire
@@ -53,9 +53,9 @@ def run_plan(model: Model, plan: Plan, image: np.ndarray, wire_dtype: str | None
         swapped = stage.exchange and swap
         strips, halos = {}, {}
         for c in stage.chunks:
-            inputs = {}
-            for n in c.run_as(swapped)[0]:
-                inputs[n], nb = wire_pass(n.select(tensors[n.tensor]))
+            inputs = chunk_inputs(c, tensors, swapped)
+            for n, x in inputs.items():
+                inputs[n], nb = wire_pass(x)
                 s_in += nb
             if swapped:
                 strips[c.index] = StripExchange(layers, stage, c, inputs, cache=cache)
