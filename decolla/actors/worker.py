@@ -12,7 +12,6 @@ over through the inbox.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import socket
 import threading
 import time
@@ -20,15 +19,14 @@ import time
 from thespian.actors import ActorTypeDispatcher, WakeupMessage
 
 from decolla import ops
-from decolla.actors import speed, system
+from decolla.actors import jobs, speed, system
 from decolla.actors.preload import ModelRefused, leader_model
 from decolla.log import get_logger
-from decolla.plans.compute import compute_chunk
-from decolla.plans.exchange import HaloBox, HaloMissing, StripExchange, run_lockstep
-from decolla.runtime import channels, dataplane, wire
-from decolla.runtime.messages import (Cancel, ChunkFailed, ChunkResult, ChunkResults, Halo,
-                                      Heartbeat, InitWorker, LinkEcho, LinkProbe, StageWork,
-                                      WorkerReady, WorkerRefused)
+from decolla.plans.exchange import HaloBox
+from decolla.runtime import channels, dataplane
+from decolla.runtime.messages import (Cancel, ChunkFailed, ChunkResults, Halo, Heartbeat,
+                                      InitWorker, LinkEcho, LinkProbe, StageWork, WorkerReady,
+                                      WorkerRefused)
 
 log = get_logger("worker")
 BATCH_S = 0.02          # results computed back to back within this long go back in one message
@@ -46,43 +44,6 @@ def _by_target(pairs: list) -> list:
         else:
             groups.append((addr, [msg]))
     return groups
-
-
-@dataclasses.dataclass(slots=True)
-class _Job:
-    """One chunk to compute alone."""
-    request: str
-    stage: object
-    chunk: object
-    attempt: int
-    inputs: dict
-    reply_to: object
-    received: float
-    dtype: str
-
-    def keys(self) -> set:
-        return {self.chunk.key}
-
-
-@dataclasses.dataclass(slots=True)
-class _SwapJob:
-    """The strips of one exchange stage this device computes together (StageWork.swap)."""
-    request: str
-    stage: object
-    strips: list                  # (chunk, attempt, inputs)
-    swap: dict
-    wait_s: float
-    reply_to: object
-    received: float
-    dtype: str
-
-    def keys(self) -> set:
-        return {c.key for c, _, _ in self.strips}
-
-
-def _cancelled(job, msg: Cancel) -> bool:
-    """Whether `msg` drops queued `job` (a group of strips only once all of them are dropped)."""
-    return job.request == msg.request and (not msg.keys or job.keys() <= set(msg.keys))
 
 
 class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
@@ -103,8 +64,8 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.cache: dict = {}
         self.cpu = speed.FreeCpuMeter()
         self.halos = HaloBox()
-        self.jobs: collections.deque = collections.deque()
-        self.jobs_cv = threading.Condition()
+        self.queue: collections.deque = collections.deque()
+        self.queue_cv = threading.Condition()
         self.computing = False    # the compute thread holds a job or results not yet sent
         self.polling = False
         self.stopping = False
@@ -155,43 +116,21 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
 
     # ------------------------------------------------------------ work
     def receiveMsg_StageWork(self, msg: StageWork, sender):
-        self._queue(self._jobs(msg, sender))
+        self._take_work(msg, sender)
         self._poll_results()
 
     def takeMsg_StageWork(self, msg: StageWork, conn) -> None:
-        self._queue(self._jobs(msg, conn))
+        self._take_work(msg, conn)
 
-    def _queue(self, jobs: list) -> None:
-        with self.jobs_cv:
-            self.jobs.extend(jobs)
-            self.jobs_cv.notify()
-
-    def _jobs(self, msg: StageWork, sender) -> list:
-        """The jobs of `msg`, inputs decoded; a chunk whose input is damaged fails at once."""
-        now = time.time()
-        decoded: dict = {}
-        strips, jobs = [], []
-        for job in msg.jobs:
-            inputs = {}
-            needs = job.chunk.run_as(msg.swap is not None)[0]
-            try:
-                for need, key in zip(needs, job.blob_keys):
-                    if key not in decoded:
-                        decoded[key] = wire.decode(msg.blobs[key])
-                    inputs[need] = decoded[key]
-            except (wire.WireError, KeyError) as exc:
-                self._reply(sender, ChunkFailed(msg.request, job.chunk.stage, job.chunk.index,
-                                                job.attempt, self.name, f"bad input: {exc}"))
-                continue
-            if msg.swap:
-                strips.append((job.chunk, job.attempt, inputs))
-            else:
-                jobs.append(_Job(msg.request, msg.stage, job.chunk, job.attempt, inputs,
-                                 sender, now, msg.wire_dtype))
-        if strips:
-            jobs.append(_SwapJob(msg.request, msg.stage, strips, msg.swap, msg.wait_s,
-                                 sender, now, msg.wire_dtype))
-        return jobs
+    def _take_work(self, msg: StageWork, reply_to) -> None:
+        """Queue the jobs of `msg` for the compute thread (a chunk whose input is damaged
+        fails at once)."""
+        queued, failed = jobs.jobs_of(msg, reply_to, self.name)
+        for f in failed:
+            self._reply(reply_to, f)
+        with self.queue_cv:
+            self.queue.extend(queued)
+            self.queue_cv.notify()
 
     def _compute_loop(self) -> None:
         """The compute thread: jobs one at a time; results computed back to back (within
@@ -199,15 +138,15 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         out: list = []
         flush_at = 0.0
         while True:
-            with self.jobs_cv:
-                flush = bool(out) and (not self.jobs or time.perf_counter() > flush_at)
+            with self.queue_cv:
+                flush = bool(out) and (not self.queue or time.perf_counter() > flush_at)
                 if not flush:
-                    while not self.jobs and not self.stopping:
+                    while not self.queue and not self.stopping:
                         self.computing = False
-                        self.jobs_cv.wait()
+                        self.queue_cv.wait()
                     if self.stopping:
                         return
-                    job = self.jobs.popleft()
+                    job = self.queue.popleft()
                     self.computing = True
             if flush:
                 for reply_to, results in _by_target(out):
@@ -218,10 +157,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             if not out:
                 flush_at = time.perf_counter() + BATCH_S
             try:
-                if isinstance(job, _SwapJob):
-                    self._run_swap(job, out)
-                else:
-                    self._run_alone(job, out)
+                self._run(job, out)
             except Exception as exc:      # never let the thread die: the deadline retries it
                 log.error("compute thread", error=repr(exc))
 
@@ -232,71 +168,21 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.polling = True
             self.wakeupAfter(POLL_S, payload="results")
 
-    def _run_alone(self, job: _Job, out: list) -> None:
-        """Compute one chunk; its result goes to `out`, a failure back at once."""
-        c = job.chunk
-        try:
-            start = time.time()
-            y = compute_chunk(self.layers, job.stage, c, job.inputs, cache=self.cache)
-            end = time.time()
-            payload = wire.encode(y, job.dtype)
-        except Exception as exc:
-            log.warning("chunk failed", request=job.request, stage=c.stage, chunk=c.index,
-                        error=repr(exc))
-            self._send_back(job.reply_to, ChunkFailed(job.request, c.stage, c.index,
-                                                      job.attempt, self.name, repr(exc)))
-            return
-        out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, job.attempt,
-                                              self.name, payload, job.received, start, end)))
+    def _run(self, job, out: list) -> None:
+        """Compute `job`: results go to `out`, failures back at once."""
+        if isinstance(job, jobs.SwapJob):
+            done = jobs.run_swap(job, self.layers, self.cache, self.name, self._send_halo,
+                                 self.halos)
+        else:
+            done = [jobs.run_alone(job, self.layers, self.cache, self.name)]
+        for msg in done:
+            if isinstance(msg, ChunkFailed):
+                self._send_back(job.reply_to, msg)
+            else:
+                out.append((job.reply_to, msg))
 
-    def _run_swap(self, job: _SwapJob, out: list) -> None:
-        """Compute strips of an exchange stage, swapping halo rows with the strips on other
-        devices (this holds the compute thread until done or a halo is `wait_s` late: then
-        every strip fails and the requester sends each alone elsewhere)."""
-        deadline = time.monotonic() + job.wait_s
-        mine = {c.index for c, _, _ in job.strips}
-        local: dict = {}
-        received = collections.Counter()       # strip -> halo bytes from other devices
-        waited = 0.0
-
-        def send(src, dst, layer, rows):
-            if dst in mine:
-                local[(src, dst, layer)] = rows
-                return
-            dev, addr = job.swap[dst]
-            halo = Halo(job.request, job.stage.index, src, dst, layer, wire.encode(rows, job.dtype))
-            if self.peers is None or not self.peers.send(addr, halo):
-                raise HaloMissing(f"cannot reach strip {dst} on {dev}")
-
-        def take(src, dst, layer):
-            nonlocal waited
-            if (src, dst, layer) in local:
-                return local.pop((src, dst, layer))
-            t = time.perf_counter()
-            blob = self.halos.take((job.request, job.stage.index, src, dst, layer), deadline)
-            waited += time.perf_counter() - t
-            received[dst] += len(blob)
-            return wire.decode(blob)
-
-        start = time.time()
-        try:
-            strips = {c.index: StripExchange(self.layers, job.stage, c, inputs, cache=self.cache)
-                      for c, _, inputs in job.strips}
-            results = run_lockstep(strips, send, take)
-            end = time.time()
-            payloads = {i: wire.encode(y, job.dtype) for i, y in results.items()}
-        except Exception as exc:
-            log.warning("strips failed", request=job.request, stage=job.stage.index,
-                        chunks=sorted(c.index for c, _, _ in job.strips), error=repr(exc))
-            self.halos.forget(job.request)
-            for c, attempt, _ in job.strips:
-                self._send_back(job.reply_to, ChunkFailed(job.request, c.stage, c.index,
-                                                          attempt, self.name, f"exchange: {exc}"))
-            return
-        for c, attempt, _ in job.strips:
-            out.append((job.reply_to, ChunkResult(job.request, c.stage, c.index, attempt,
-                                                  self.name, payloads[c.index], job.received,
-                                                  start, end, received[c.index], waited)))
+    def _send_halo(self, addr, halo: Halo) -> bool:
+        return self.peers is not None and self.peers.send(addr, halo)
 
     def receiveMsg_Closed(self, msg, conn):
         # nobody is left to read these results
@@ -304,14 +190,14 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
 
     def receiveMsg_Cancel(self, msg: Cancel, sender):
         """Drop queued jobs (from the actor's thread or a connection's reader thread)."""
-        self._drop(lambda j: _cancelled(j, msg))
+        self._drop(lambda j: jobs.cancelled(j, msg))
 
     takeMsg_Cancel = receiveMsg_Cancel
 
     def _drop(self, gone) -> None:
         """Remove the queued jobs `gone` picks."""
-        with self.jobs_cv:
-            self.jobs = collections.deque(j for j in self.jobs if not gone(j))
+        with self.queue_cv:
+            self.queue = collections.deque(j for j in self.queue if not gone(j))
 
     def receiveMsg_LinkProbe(self, msg: LinkProbe, sender):
         self._reply(sender, LinkEcho(msg.seq, self.name))
@@ -325,8 +211,8 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender):
         if msg.payload == "results":
             self.polling = False
-            with self.jobs_cv:
-                busy = bool(self.jobs) or self.computing
+            with self.queue_cv:
+                busy = bool(self.queue) or self.computing
             self.drain_inbox()     # after the check: what the thread handed over by then is in
             if busy:
                 self._poll_results()
@@ -334,16 +220,16 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
         if msg.payload != "beat" or self.name is None:
             return
         self.seq += 1
-        with self.jobs_cv:
-            queued = len(self.jobs)
+        with self.queue_cv:
+            queued = len(self.queue)
         self.send(self.registrar, Heartbeat(self.name, self.seq, self.cpu.available(), queued))
         self.wakeupAfter(self.hb, payload="beat")
 
     def receiveMsg_ActorExitRequest(self, msg, sender):
-        with self.jobs_cv:
+        with self.queue_cv:
             self.stopping = True
-            self.jobs.clear()
-            self.jobs_cv.notify()
+            self.queue.clear()
+            self.queue_cv.notify()
         self.close_data_plane()
 
     def receiveUnrecognizedMessage(self, msg, sender):
