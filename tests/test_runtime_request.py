@@ -41,9 +41,8 @@ def devices(*names, status="ready"):
 def make_request(model, image, names=("a", "b"), k=2, kind="layer", t=0.0, events=False,
                  timeout=120.0, plan=None):
     cfg = ConfigureRequester(None, "me", k=k, plan=kind, request_timeout=timeout)
-    sup = Supervisor(floor=0.5)
-    sup.update_membership(devices(*names))
-    ctx = Context(cfg, sup, make_allocator("average"), workers=set(names))
+    ctx = Context(cfg, Supervisor(floor=0.5), make_allocator("average"))
+    ctx.update(devices(*names))
     plan = plan or build_plan(model.layer_specs(), k, kind, model.input_shape)
     return Request("r", plan, image, ctx, Time(t, 1000.0 + t), events=events)
 
@@ -179,7 +178,7 @@ def test_chunks_of_an_unusable_device_move_once_late_not_at_once(model, image):
     req = make_request(model, image)
     sent = work(req.start(at(0)))
     held = [req.index[(0, j.chunk.index, 0)] for d, j, _ in sent if d == "a"]
-    req.ctx.sup.update_membership(devices("a", status="unresponsive") + devices("b"))
+    req.ctx.update(devices("a", status="unresponsive") + devices("b"))
     assert req.membership(at(0.001)) == []
     due = min(a.due for a in held)
     assert work(req.tick(at(due - 1e-4))) == []
@@ -200,8 +199,7 @@ def test_a_request_waits_for_devices_and_times_out(model, image):
 def test_a_waiting_request_starts_when_a_device_joins(model, image):
     req = make_request(model, image, names=())
     req.start(at(0))
-    req.ctx.sup.update_membership(devices("c"))
-    req.ctx.workers = {"c"}
+    req.ctx.update(devices("c"))
     assert {d for d, _, _ in work(req.membership(at(1)))} == {"c"}
     assert not req.waiting
 

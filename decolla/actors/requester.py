@@ -86,13 +86,9 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.local_layers, self.local_cache = None, {}
         self.membership = msg
         self.workers = {d.name: d.worker for d in msg.devices}
-        ctx = self.ctx
-        ctx.workers = {n for n, w in self.workers.items() if w is not None}
-        ctx.data_addrs = {d.name: tuple(d.data_addr) for d in msg.devices
-                          if d.data_addr and self.cfg.data_plane}
+        lost = self.ctx.update(msg.devices, self.cfg.data_plane)
         if self.peers is not None:
-            self.peers.forget(set(ctx.data_addrs.values()))
-        lost = ctx.sup.update_membership(msg.devices)
+            self.peers.forget(set(self.ctx.data_addrs.values()))
         if self.plans.measures_links:
             # a device that misses heartbeats or check-ins keeps its figure: no re-probing
             # a slow link each time it flaps
@@ -136,7 +132,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.send(sender, InferError(msg.request, f"bad plan: {exc}", "input"))
             return
         t = _now()
-        req = Request(msg.request, plan, image, self.ctx, t, getattr(msg, "events", False), sender)
+        req = Request(msg.request, plan, image, self.ctx, t, msg.events, sender)
         self.requests[req.id] = req
         self._report_in_flight()
         self._do(req, req.start(t))

@@ -1,21 +1,19 @@
 """One inference request as a state machine: events in, actions out.
 
-A request walks its plan stage by stage. A stage's chunks are allocated to usable
-devices and sent (chunks for the same device share one message and one copy of their
-common input); their results fill the stage's slots, and when every slot holds one
-they are merged in order and the next stage starts. The `Supervisor` predicts every
-chunk's return time; a chunk not back by its deadline (t2), or late while its device
-is not usable, goes to another device. Results are keyed by (stage, chunk, attempt):
-the first one wins, later duplicates are dropped, so a reassignment can never
-corrupt an output.
+A request walks its plan stage by stage: a stage's chunks go to usable devices (those
+for one device in one message, sharing one copy of their common input), their results
+fill the stage's slots, and once all are in they are merged in order and the next stage
+starts. A chunk not back by its deadline (t2, from the `Supervisor`'s prediction), or
+late while its device is not usable, goes to another device. Results are keyed by
+(stage, chunk, attempt): the first one wins, later ones are dropped, so a reassignment
+can never corrupt an output.
 
-Why a state machine apart from the actor: which chunk goes where, when an attempt
-counts as lost and which result wins are the decisions worth testing, in any order of
-results, failures, deadlines and membership changes. Here they read no clock (time
-comes in as `Time`), open no socket and send nothing: each event method returns the
-actions to carry out, so tests drive a request in microseconds, as they drive the
-supervisor. The requester actor (decolla.actors.requester) feeds the events and
-carries out the actions.
+Why apart from the actor: which chunk goes where, when an attempt counts as lost and
+which result wins are the decisions worth testing, in any order of results, failures,
+deadlines and membership changes. Here they read no clock (time comes in as `Time`),
+open no socket and send nothing: each event returns the actions to carry out, so tests
+drive a request in microseconds, as they drive the supervisor. The requester actor
+(decolla.actors.requester) feeds the events and carries out the actions.
 
 Events: `start`, `result`, `failed`, `local_done`, `local_failed`, `tick`,
 `membership`, `connection_lost`, `cancel`. Actions: `Deliver` (a message for a
@@ -81,6 +79,14 @@ class Context:
     allocator: Any
     workers: Collection[str] = ()
     data_addrs: dict = dataclasses.field(default_factory=dict)
+
+    def update(self, devices: list, data_plane: bool = True) -> list[str]:
+        """Take the registrar's devices (DeviceInfo; their data planes unless `data_plane`
+        is off); returns those that just stopped being usable."""
+        self.workers = {d.name for d in devices if d.worker is not None}
+        self.data_addrs = {d.name: tuple(d.data_addr) for d in devices
+                           if d.data_addr and data_plane}
+        return self.sup.update_membership(devices)
 
     def pool(self, holding: Collection[str] = ()) -> list[str]:
         """Devices with a worker that work may go to, usable ones if any, minus `holding`."""
