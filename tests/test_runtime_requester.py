@@ -1,4 +1,4 @@
-"""Requester state machine in one process (Thespian simpleSystemBase, real Workers).
+"""The Requester actor in one process (Thespian simpleSystemBase, real Workers).
 
 A worker that corrupts some results: the requester detects it, recomputes the
 chunk elsewhere, never merges the damaged payload, and the logits stay exact.
