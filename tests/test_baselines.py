@@ -283,10 +283,9 @@ def test_hierarchical_over_actor_messages_only(cluster, model, image):
 def test_profile_times_each_layer_inside_whole_passes_and_averages(model, monkeypatch):
     """With a fake clock: every layer's time is its mean over the passes run (no layer is
     timed on its own, where a CPU quota would let a short one run as a full-speed burst)."""
-    from decolla.baselines import actors
     clock = [0.0]
     calls = []
-    monkeypatch.setattr(actors.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(part.time, "perf_counter", lambda: clock[0])
     weights = {l.name: 0.001 * (i + 1) for i, l in enumerate(model.layers)}
 
     def fake_layer(layer, x, res):
@@ -295,7 +294,7 @@ def test_profile_times_each_layer_inside_whole_passes_and_averages(model, monkey
         clock[0] += weights[layer.name] * (1 + passes_done)     # each pass slower than the last
         return np.zeros(layer.out_shape, np.float32)
 
-    prof = actors.profile_layers(list(model.layers), repeats=3, min_total_s=0.0,
-                                 run_layer=fake_layer)
+    prof = part.profile_layers(list(model.layers), repeats=3, min_total_s=0.0,
+                               run_layer=fake_layer)
     assert len(calls) == 3 * len(model.layers)
     np.testing.assert_allclose(prof, [weights[l.name] * 2 for l in model.layers])

@@ -20,7 +20,6 @@ import time
 import numpy as np
 from thespian.actors import ActorExitRequest, ActorTypeDispatcher, PoisonMessage, WakeupMessage
 
-from decolla import ops
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
@@ -48,34 +47,6 @@ def decode_tensors(blobs: dict) -> dict:
     return {k: wire.decode(v) for k, v in blobs.items()}
 
 
-def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
-                   max_passes: int = 20, run_layer=None) -> list[float]:
-    """Seconds per layer on this host, as the host experiences them on average.
-
-    Every layer is timed inside whole passes over the model (at least `repeats` passes, and
-    as many as fit `min_total_s`, at most `max_passes`), and its times are averaged. Under a
-    CPU quota a layer timed on its own runs as a burst at full speed when it is short and is
-    throttled when it is long, which skews the shares towards the long layers.
-    """
-    run_layer = run_layer or ops.run_layer
-    index = {l.name: i for i, l in enumerate(layers)}
-    total = np.zeros(len(layers))
-
-    def timed(layer, x, res):
-        t0 = time.perf_counter()
-        y = run_layer(layer, x, res)
-        total[index[layer.name]] += time.perf_counter() - t0
-        return y
-
-    image = np.random.default_rng(0).random(layers[0].in_shape, dtype=np.float32)
-    passes, t0 = 0, time.perf_counter()
-    while passes < max(1, repeats) or (passes < max_passes
-                                       and time.perf_counter() - t0 < min_total_s):
-        part.run_segment(layers, {"input": image}, 0, len(layers), timed)
-        passes += 1
-    return list(total / passes)
-
-
 class SegmentWorker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes route segments on one host and forwards their output."""
 
@@ -96,11 +67,12 @@ class SegmentWorker(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.layers = list(self.model.layers)
         # any free port: a fixed --data-port belongs to the node's DeColla worker
         addr = self.listen(min(0, dataplane.env_port()))
-        self.send(sender, SegmentWorkerReady(msg.name, profile_layers(self.layers,
-                                                                      msg.profile_repeats), addr))
+        profile = part.profile_layers(self.layers, msg.profile_repeats)
+        self.send(sender, SegmentWorkerReady(msg.name, profile, addr))
 
     def receiveMsg_Reprofile(self, msg: Reprofile, sender):
-        self.send(sender, SegmentWorkerReady(self.name, profile_layers(self.layers, msg.repeats),
+        profile = part.profile_layers(self.layers, msg.repeats)
+        self.send(sender, SegmentWorkerReady(self.name, profile,
                                              self.listener.address if self.listener else ()))
 
     def receiveMsg_RunSegment(self, msg: RunSegment, sender):

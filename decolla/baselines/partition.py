@@ -1,4 +1,5 @@
-"""Pure logic of the baselines: contiguous layer segments, what crosses a cut, split points.
+"""The baselines' routes: contiguous layer segments, what crosses a cut, split points,
+running a segment, and the per-layer times on this host that splits are planned with.
 
 A *route* is a list of `Segment(device, start, end)`: layers [start, end) of the model run on
 `device`, in order; each segment hands its output (plus any tensor a later residual still
@@ -7,6 +8,7 @@ segment followed by an edge segment, hierarchical one segment per device.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -191,3 +193,31 @@ def run_segment(layers: Sequence, tensors: Mapping[str, np.ndarray], start: int,
         env[layer.name] = run_layer(layer, env[prev], res)
         prev = layer.name
     return {t: env[t] for t in crossing(specs, end)}
+
+
+def profile_layers(layers, repeats: int = 2, min_total_s: float = 0.3,
+                   max_passes: int = 20, run_layer=None) -> list[float]:
+    """Seconds per layer on this host, as the host experiences them on average.
+
+    Every layer is timed inside whole passes over the model (at least `repeats` passes, and
+    as many as fit `min_total_s`, at most `max_passes`), and its times are averaged. Under a
+    CPU quota a layer timed on its own runs as a burst at full speed when it is short and is
+    throttled when it is long, which skews the shares towards the long layers.
+    """
+    run_layer = run_layer or ops.run_layer
+    index = {l.name: i for i, l in enumerate(layers)}
+    total = np.zeros(len(layers))
+
+    def timed(layer, x, res):
+        t0 = time.perf_counter()
+        y = run_layer(layer, x, res)
+        total[index[layer.name]] += time.perf_counter() - t0
+        return y
+
+    image = np.random.default_rng(0).random(layers[0].in_shape, dtype=np.float32)
+    passes, t0 = 0, time.perf_counter()
+    while passes < max(1, repeats) or (passes < max_passes
+                                       and time.perf_counter() - t0 < min_total_s):
+        run_segment(layers, {"input": image}, 0, len(layers), timed)
+        passes += 1
+    return list(total / passes)
