@@ -1,6 +1,8 @@
 """The runtime: what the actors and the data plane share.
 
-messages (actor messages), dataplane (framed pickles over TCP beside the actor
-system), wire (the tensor codec), links (link probes), supervisor (chunk
-assignment and reassignment), trace (one record per chunk attempt).
+messages (actor messages), channels (which message takes which path, taken on which
+thread), dataplane (framed pickles over TCP beside the actor system), wire (the tensor
+codec), links (link probes), supervisor (deadlines and device rates), request (one
+request as a state machine), plan_choice (the plan a new request gets), trace (one
+record per chunk attempt).
 """
