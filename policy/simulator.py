@@ -149,8 +149,8 @@ class Simulator:
         plan = Placement(rates(speed, self.avail), self.bw, self.lat, self.busy, self.uplink[:, None], self.ovh)
         done = np.zeros((self.B, self.K))
         for k in range(self.K):
-            done[:, k] = plan.place(actions[:, k], *(x[:, s, k:k + 1] for x in (self.macs, self.bytes_in,
-                                                                             self.bytes_out)))
+            macs, b_in, b_out = (x[:, s, k:k + 1] for x in (self.macs, self.bytes_in, self.bytes_out))
+            done[:, k] = plan.place(actions[:, k], macs, b_in, b_out)
         t_ref = self.macs[:, s] / np.take_along_axis(self.ref_speed, kind[:, None], axis=1)
         slowdown = done / t_ref
         reward = -slowdown.sum(axis=1)
