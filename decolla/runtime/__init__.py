@@ -2,7 +2,7 @@
 
 messages (actor messages), channels (which message takes which path, taken on which
 thread), dataplane (framed pickles over TCP beside the actor system), wire (the tensor
-codec), links (link probes), supervisor (deadlines and device rates), request (one
+codec), links (link probes), supervisor (deadlines, device speeds, health), request (one
 request as a state machine), plan_choice (the plan a new request gets), trace (one
 record per chunk attempt).
 """
