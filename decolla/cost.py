@@ -104,7 +104,8 @@ class Placement:
     device with infinite bandwidth is the requester itself: no transfer, no uplink). The
     device computes its chunks in arrival order, after the work it already had (`busy`),
     at `rate` MAC/s plus a fixed `overhead` seconds per chunk; the result comes back after
-    `latency` plus bytes_out / bandwidth.
+    `latency` plus bytes_out / bandwidth. The learned policy's kernel (kernels/policy.pyx)
+    does the same arithmetic in C; the tests hold both to the same bits.
     """
 
     def __init__(self, rate, bandwidth, latency, busy, uplink=math.inf, overhead=0.0):
@@ -135,6 +136,7 @@ class Placement:
                    [d.overhead_s for d in devices] if overhead else 0.0)
 
     def copy(self) -> "Placement":
+        """A copy to place chunks on without changing this one (the constants are shared)."""
         new = object.__new__(Placement)
         new.__dict__.update(self.__dict__)
         for k in ("link_free", "comp_free", "req_free", "count"):
