@@ -105,7 +105,7 @@ class Placement:
     device computes its chunks in arrival order, after the work it already had (`busy`),
     at `rate` MAC/s plus a fixed `overhead` seconds per chunk; the result comes back after
     `latency` plus bytes_out / bandwidth. The learned policy's kernel (kernels/policy.pyx)
-    does the same arithmetic in C; the tests hold both to the same bits.
+    does the same arithmetic in C; the tests hold both to the same decisions.
     """
 
     def __init__(self, rate, bandwidth, latency, busy, uplink=math.inf, overhead=0.0):
