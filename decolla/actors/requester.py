@@ -54,7 +54,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.ctx: Context | None = None
         self.membership: Membership | None = None
         self.requests: dict[str, Request] = {}
-        self.workers: dict = {}
         self.plans: PlanChooser | None = None
         self.ticking = False
         self.waiting_ready: list = []
@@ -85,7 +84,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.plans.forget()
             self.local_layers, self.local_cache = None, {}
         self.membership = msg
-        self.workers = {d.name: d.worker for d in msg.devices}
         lost = self.ctx.update(msg.devices, self.cfg.data_plane)
         if self.peers is not None:
             self.peers.forget(set(self.ctx.data_addrs.values()))
@@ -181,7 +179,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         """Send `msg` to `dev`'s worker: on its data plane if it has one, else as a message."""
         if self.peers is None and self.ctx.data_addrs:
             self.dial()
-        self.send_data(self.ctx.data_addrs.get(dev), self.workers[dev], msg)
+        self.send_data(self.ctx.data_addrs.get(dev), self.ctx.workers[dev], msg)
 
     def _report_in_flight(self) -> None:
         """Tell the registrar how many requests are in flight here: other requesters'

@@ -73,17 +73,18 @@ class RunLocal:
 @dataclasses.dataclass
 class Context:
     """What requests share, kept by their requester: its configuration, the supervisor,
-    the allocator, the devices that have a worker, and their data-plane addresses."""
+    the allocator, the devices' workers (name -> actor address, for those that have one)
+    and their data-plane addresses."""
     cfg: ConfigureRequester
     sup: Supervisor
     allocator: Any
-    workers: Collection[str] = ()
+    workers: dict = dataclasses.field(default_factory=dict)
     data_addrs: dict = dataclasses.field(default_factory=dict)
 
     def update(self, devices: list, data_plane: bool = True) -> list[str]:
         """Take the registrar's devices (DeviceInfo; their data planes unless `data_plane`
         is off); returns those that just stopped being usable."""
-        self.workers = {d.name for d in devices if d.worker is not None}
+        self.workers = {d.name: d.worker for d in devices if d.worker is not None}
         self.data_addrs = {d.name: tuple(d.data_addr) for d in devices
                            if d.data_addr and data_plane}
         return self.sup.update_membership(devices)
