@@ -97,10 +97,10 @@ def build_groups(specs: list[dict], k: int, kind: str, opts: dict) -> tuple[list
     if kind == "spatial":
         until = int(opts.get("spatial_until", max(1, round(specs[0]["in_shape"][0] / 8))))
         n = spatial_prefix(specs, until)
-        head = [Group(specs[:n], "spatial", k, exchange=_every(opts, "exchange", 0))] if n else []
+        head = [Group(specs[:n], "spatial", k, swap_every=_every(opts, "exchange", 0))] if n else []
         return head + channel_groups(specs[n:], "block", k), {}
     if kind == "exchange":
-        return [Group(specs, "spatial", k, exchange=_every(opts, "every", 1))], {}
+        return [Group(specs, "spatial", k, swap_every=_every(opts, "every", 1))], {}
     if kind == "single":
         return [Group(specs, "spatial", 1)], {}
     if kind == "auto":

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from decolla.allocators import ChunkCost
+from decolla.cost import ChunkCost
 from decolla.model import Layer
 
 CHANNELWISE = ("dwconv3x3", "gap")   # output channel c depends only on input channel c
@@ -25,7 +25,7 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Need:
-    """A slice of a tensor a chunk needs: rows [r0, r1) (None: all) x channels [c0, c1) (None: all)."""
+    """A slice of a tensor a chunk needs: rows [r0, r1) x channels [c0, c1) (None: all of them)."""
     tensor: str
     channels: tuple[int, int] | None = None
     rows: tuple[int, int] | None = None
@@ -108,7 +108,7 @@ class Stage:
     reduce: str = "concat"
     relu6: bool = False
     local: bool = False           # one chunk the requester may compute itself (no bytes moved)
-    exchange: bool = False        # spatial strips that swap halo rows (Chunk.swap) when run together
+    exchange: bool = False        # strips that swap halo rows (Chunk.swap) when run together
 
     @property
     def output(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from decolla.allocators import ChunkCost
+from decolla.cost import ChunkCost
 from decolla.plans.data import (CHANNELWISE, ROWWISE, Chunk, Need, Stage, Swap, nbytes,
                                 split_bounds, split_rows)
 
@@ -25,7 +25,7 @@ class Group:
     k: int = 1
     psum: bool = False            # channel split whose last (pointwise) layer is a partial sum
     local: bool = False           # a one-chunk stage for the requester's own device
-    exchange: int = 0             # spatial strips that swap halo rows every this many 3x3 layers (Swap)
+    swap_every: int = 0           # strips swap halo rows every this many 3x3 layers (Swap)
     swap_at: tuple | None = None  # ... or exactly at the inputs of these layers (overrides)
 
 
@@ -34,7 +34,7 @@ def group_stage(g: Group, index: int, prev: str, shapes: dict, k: int | None = N
     (default `g.k`)."""
     k = g.k if k is None else k
     if g.split == "spatial":
-        return spatial_stage(index, g.layers, k, prev, shapes, g.exchange, g.swap_at)
+        return spatial_stage(index, g.layers, k, prev, shapes, g.swap_every, g.swap_at)
     return channel_stage(index, g.layers, k, prev, shapes, g.psum)
 
 
@@ -178,9 +178,9 @@ def strip_cost(group: Sequence[dict], rows: Sequence[tuple[int, int]], needs, sh
 
 
 def spatial_stage(si: int, group: list[dict], k: int, prev: str, shapes: dict,
-                  exchange: int = 0, swap_at=None) -> Stage:
+                  swap_every: int = 0, swap_at=None) -> Stage:
     """Stage `si` of `group` split into k output-row strips, each computing its halos; with
-    `exchange` (every N 3x3 layers) or `swap_at` (at these layers) the strips also know how
+    `swap_every` (every N 3x3 layers) or `swap_at` (at these layers) the strips also know how
     to swap halo rows when they run together (`swaps`). A group strips cannot compute (a
     classifier without its pool) is one whole chunk."""
     parts = split_tail(group)
@@ -207,8 +207,8 @@ def spatial_stage(si: int, group: list[dict], k: int, prev: str, shapes: dict,
         cost = strip_cost(group, rows, needs, shapes, height, bool(tail))
         chunks.append(Chunk(si, ci, 0, group[-1]["out_shape"][-1], tuple(needs), cost,
                             rows=None if whole else (r0, r1), layer_rows=tuple(rows)))
-    strips = swaps(group, len(chunks), prev, shapes, exchange, swap_at) \
-        if (exchange or swap_at is not None) and parts else None
+    strips = swaps(group, len(chunks), prev, shapes, swap_every, swap_at) \
+        if (swap_every or swap_at is not None) and parts else None
     if strips:
         chunks = [replace(c, swap=w) for c, w in zip(chunks, strips)]
     kind = group[0]["kind"] if len(group) == 1 else "fused"
