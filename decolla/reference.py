@@ -13,30 +13,26 @@ def _pad(x: np.ndarray) -> np.ndarray:
     return np.pad(x, ((1, 1), (1, 1), (0, 0)))
 
 
-def conv3x3(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
-    """Full 3x3 convolution, pad 1. x (H, W, Cin), w (3, 3, Cin, Cout)."""
+def _taps(x: np.ndarray, stride: int):
+    """The 9 shifted views of x (pad 1) that a 3x3 window of this stride reads, with their
+    (dy, dx): a 3x3 convolution is the sum over taps of view x weight[dy, dx]."""
     h, wd, _ = x.shape
     ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
     xp = _pad(x.astype(np.float64))
-    out = np.zeros((ho, wo, w.shape[3]))
+    rows, cols = stride * (ho - 1) + 1, stride * (wo - 1) + 1
     for dy in range(3):
         for dx in range(3):
-            patch = xp[dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
-            out += patch @ w[dy, dx].astype(np.float64)
-    return out + b
+            yield dy, dx, xp[dy:dy + rows:stride, dx:dx + cols:stride]
+
+
+def conv3x3(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
+    """Full 3x3 convolution, pad 1. x (H, W, Cin), w (3, 3, Cin, Cout)."""
+    return sum(patch @ w[dy, dx].astype(np.float64) for dy, dx, patch in _taps(x, stride)) + b
 
 
 def dwconv3x3(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
     """Depthwise 3x3 convolution, pad 1. x (H, W, C), w (3, 3, C)."""
-    h, wd, _ = x.shape
-    ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
-    xp = _pad(x.astype(np.float64))
-    out = np.zeros((ho, wo, x.shape[2]))
-    for dy in range(3):
-        for dx in range(3):
-            patch = xp[dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
-            out += patch * w[dy, dx]
-    return out + b
+    return sum(patch * w[dy, dx] for dy, dx, patch in _taps(x, stride)) + b
 
 
 def pwconv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
