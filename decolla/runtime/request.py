@@ -31,7 +31,7 @@ from decolla.allocators import NoLiveDevice
 from decolla.cost import StageInfo
 from decolla.log import get_logger
 from decolla.plans import PlanError
-from decolla.plans.compute import chunk_output_shape, merge
+from decolla.plans.compute import chunk_inputs, chunk_output_shape, merge
 from decolla.runtime import wire
 from decolla.runtime.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult,
                                       ConfigureRequester, InferError, InferReply, StageWork)
@@ -290,7 +290,7 @@ class Request:
         self.blobs = {}
         if stage.local:
             c = stage.chunks[0]
-            out.append(RunLocal(stage, c, {n: n.select(self.tensors[n.tensor]) for n in c.needs}))
+            out.append(RunLocal(stage, c, chunk_inputs(c, self.tensors)))
         else:
             self._dispatch(stage, t, out)
 
