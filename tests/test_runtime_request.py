@@ -103,16 +103,16 @@ def test_a_request_runs_to_the_exact_logits(model, image):
 def test_the_first_result_wins_and_a_later_attempt_is_late(model, image):
     req = make_request(model, image)
     dev, job, msg = work(req.start(at(0)))[0]
-    deadline = req.index[(0, job.chunk.index, 0)].deadline
+    deadline = req.ledger.index[(0, job.chunk.index, 0)].deadline
     ((dev2, job2, msg2),) = [w for w in work(req.tick(at(deadline + 1e-3)))
                              if w[1].chunk.index == job.chunk.index]
     assert dev2 != dev and job2.attempt == 1
     req.result(compute(model, dev2, job2, msg2), at(deadline + 0.1))
-    won = req.slots[job.chunk.index]
+    won = req.ledger.slots[job.chunk.index]
     assert req.result(compute(model, dev, job, msg), at(deadline + 0.2)) == []
-    assert req.slots[job.chunk.index] is won
-    assert req.index[(0, job.chunk.index, 1)].record.status == "won"
-    assert req.index[(0, job.chunk.index, 0)].record.status == "late"
+    assert req.ledger.slots[job.chunk.index] is won
+    assert req.ledger.index[(0, job.chunk.index, 1)].record.status == "won"
+    assert req.ledger.index[(0, job.chunk.index, 0)].record.status == "late"
     other = compute(model, dev, job, msg)
     other.device = "stranger"          # not who was asked: ignored
     assert req.result(other, at(0.3)) == []
@@ -122,7 +122,7 @@ def test_a_missed_deadline_moves_the_chunk_and_the_late_first_result_still_wins(
     req = make_request(model, image)
     sent = work(req.start(at(0)))
     dev, job, msg = sent[0]
-    att = req.index[(0, job.chunk.index, 0)]
+    att = req.ledger.index[(0, job.chunk.index, 0)]
     assert att.deadline >= 0.5 and att.due <= att.deadline
     assert req.tick(at(att.deadline - 1e-3)) == []
     moved = work(req.tick(at(att.deadline + 1e-3)))
@@ -132,7 +132,7 @@ def test_a_missed_deadline_moves_the_chunk_and_the_late_first_result_still_wins(
     actions = req.result(compute(model, dev, job, msg), at(att.deadline + 0.1))
     cancels = [a for a in actions if isinstance(a, Deliver) and isinstance(a.msg, Cancel)]
     assert cancels and cancels[0].msg.keys == ((0, job.chunk.index),)
-    retry = req.index[(0, job.chunk.index, 1)].record
+    retry = req.ledger.index[(0, job.chunk.index, 1)].record
     assert att.record.status == "won" and retry.status == "cancelled"
     assert retry.reason == "deadline"
 
@@ -141,12 +141,12 @@ def test_a_corrupt_result_is_recomputed_never_merged(model, image):
     req = make_request(model, image, events=True)
     dev, job, msg = work(req.start(at(0)))[0]
     actions = req.result(compute(model, dev, job, msg, corrupt=True), at(0.1))
-    rec = req.index[(0, job.chunk.index, 0)].record
+    rec = req.ledger.index[(0, job.chunk.index, 0)].record
     assert rec.status == "failed" and "corrupt" in rec.reason
     kinds = [a.msg.kind for a in actions if isinstance(a, Tell)]
     assert kinds == ["failed", "reassigned"]
     assert [(j.chunk.index, j.attempt) for _, j, _ in work(actions)] == [(job.chunk.index, 1)]
-    assert req.slots[job.chunk.index] is None
+    assert req.ledger.slots[job.chunk.index] is None
 
 
 def test_a_chunk_failing_everywhere_fails_the_request(model, image):
@@ -154,14 +154,14 @@ def test_a_chunk_failing_everywhere_fails_the_request(model, image):
     dev, job, msg = work(req.start(at(0)))[0]
     i = job.chunk.index
     for attempt in range(MAX_ATTEMPTS):
-        d = req.index[(0, i, attempt)].record.device
+        d = req.ledger.index[(0, i, attempt)].record.device
         actions = req.failed(ChunkFailed("r", 0, i, attempt, d, "boom"), at(attempt))
     reply = reply_of(actions)
     assert isinstance(reply, InferError) and "failed 6 times" in reply.error and req.done
     cancelled = {a.device for a in actions if isinstance(a, Deliver)}
     assert cancelled and all(isinstance(a.msg, Cancel) for a in actions
                              if isinstance(a, Deliver))
-    assert not any(r.status == "pending" for r in req.records)
+    assert not any(r.status == "pending" for r in req.ledger.records)
 
 
 def test_a_lost_connection_resends_elsewhere(model, image):
@@ -171,20 +171,20 @@ def test_a_lost_connection_resends_elsewhere(model, image):
     moved = work(req.connection_lost("a", at(0.1)))
     assert sorted(j.chunk.index for _, j, _ in moved) == sorted(on_a)
     assert all(d == "b" for d, _, _ in moved)
-    assert all(req.index[(0, i, 0)].record.status == "lost" for i in on_a)
+    assert all(req.ledger.index[(0, i, 0)].record.status == "lost" for i in on_a)
 
 
 def test_chunks_of_an_unusable_device_move_once_late_not_at_once(model, image):
     req = make_request(model, image)
     sent = work(req.start(at(0)))
-    held = [req.index[(0, j.chunk.index, 0)] for d, j, _ in sent if d == "a"]
+    held = [req.ledger.index[(0, j.chunk.index, 0)] for d, j, _ in sent if d == "a"]
     req.ctx.update(devices("a", status="unresponsive") + devices("b"))
     assert req.membership(at(0.001)) == []
     due = min(a.due for a in held)
     assert work(req.tick(at(due - 1e-4))) == []
     moved = work(req.tick(at(max(a.due for a in held) + 1e-4)))
     assert {d for d, _, _ in moved} == {"b"} and len(moved) == len(held)
-    assert all(req.index[(0, j.chunk.index, 1)].record.reason == "device-lost"
+    assert all(req.ledger.index[(0, j.chunk.index, 1)].record.reason == "device-lost"
                for _, j, _ in moved)
 
 
@@ -213,8 +213,8 @@ def test_a_local_stage_runs_here_or_goes_out(model, image):
     layers = {l.name: l for l in model.layers}
     y = compute_chunk(layers, local.stage, local.chunk, local.inputs)
     actions = req.local_done(y, at(0.1), at(0.2))
-    assert req.stage == 1 and req.records[0].device == "local:me"
-    assert req.records[0].status == "won" and work(actions)
+    assert req.stage == 1 and req.ledger.records[0].device == "local:me"
+    assert req.ledger.records[0].status == "won" and work(actions)
 
     req = make_request(model, image, k=1, plan=plan)
     req.start(at(0))
@@ -269,7 +269,7 @@ def test_any_order_of_results_failures_and_deadlines_gives_the_exact_logits(mode
         won = [(r.stage, r.chunk) for r in reply.records if r.status == "won"]
         assert len(won) == len(set(won)) == req.plan.num_chunks
     if req.done:
-        assert not any(r.status == "pending" for r in req.records)
+        assert not any(r.status == "pending" for r in req.ledger.records)
         assert not any(d.outstanding for d in req.ctx.sup.devices.values())
 
 

@@ -13,7 +13,9 @@ which result wins are the decisions worth testing, in any order of results, fail
 deadlines and membership changes. Here they read no clock (time comes in as `Time`),
 open no socket and send nothing: each event returns the actions to carry out, so tests
 drive a request in microseconds, as they drive the supervisor. The requester actor
-(decolla.actors.requester) feeds the events and carries out the actions.
+(decolla.actors.requester) feeds the events and carries out the actions. Each attempt's
+bookkeeping (its record, the supervisor's count of it, its deadline) is
+decolla.runtime.attempts'; what to do when one ends is decided here.
 
 Events: `start`, `result`, `failed`, `local_done`, `local_failed`, `tick`,
 `membership`, `connection_lost`, `cancel`. Actions: `Deliver` (a message for a
@@ -23,7 +25,7 @@ this node, then report `local_done` or `local_failed` before any other event).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection
 
 import numpy as np
 
@@ -33,20 +35,13 @@ from decolla.log import get_logger
 from decolla.plans import PlanError
 from decolla.plans.compute import chunk_inputs, chunk_output_shape, merge
 from decolla.runtime import wire
+from decolla.runtime.attempts import Ledger, Time
 from decolla.runtime.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult,
                                       ConfigureRequester, InferError, InferReply, StageWork)
 from decolla.runtime.supervisor import Supervisor
-from decolla.runtime.trace import ChunkRecord
 
 log = get_logger("requester")
 MAX_ATTEMPTS = 6
-
-
-class Time(NamedTuple):
-    """The present on both clocks: `mono` for deadlines, `wall` for records and events
-    (comparable with the workers' clocks)."""
-    mono: float
-    wall: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,23 +91,6 @@ class Context:
         return [n for n in names if n in self.workers]
 
 
-class Attempt:
-    """One attempt at a chunk: its trace record, when the supervisor expects it back
-    (`due`) and when it gives up on it (`deadline`)."""
-    __slots__ = ("record", "deadline", "due", "expired")
-
-    def __init__(self, record: ChunkRecord, deadline: float, due: float):
-        self.record, self.deadline, self.due, self.expired = record, deadline, due, False
-
-    @property
-    def pending(self) -> bool:
-        return self.record.status == "pending"
-
-    @property
-    def active(self) -> bool:
-        return self.pending and not self.expired
-
-
 class Request:
     """One inference in flight. `done` once it replied or failed."""
 
@@ -122,11 +100,8 @@ class Request:
         self.caller = caller      # where `Tell` goes (the actor's business, not ours)
         self.tensors = {"input": image}
         self.stage = 0
-        self.slots: list = []
-        self.attempts: dict[int, list[Attempt]] = {}     # current stage: chunk -> attempts
-        self.index: dict[tuple, Attempt] = {}             # (stage, chunk, attempt) -> attempt
-        self.blobs: dict = {}
-        self.records: list[ChunkRecord] = []
+        self.ledger = Ledger(rid, ctx.sup)
+        self.blobs: dict = {}     # current stage: input slices encoded, by blob key
         self.started = t.wall
         self.timeout_at = t.mono + ctx.cfg.request_timeout
         self.waiting = False      # no device to send the current stage to yet
@@ -140,22 +115,16 @@ class Request:
 
     def result(self, msg: ChunkResult, t: Time) -> list:
         """A chunk's result came back (possibly a late duplicate, possibly damaged)."""
-        att = self.index.get((msg.stage, msg.chunk, msg.attempt))
+        ledger = self.ledger
+        att = ledger.index.get((msg.stage, msg.chunk, msg.attempt))
         if self.done or att is None or att.record.device != msg.device:
             return []      # a stage already finished: late duplicate
         out: list = []
-        rec, sup = att.record, self.ctx.sup
-        rec.returned, rec.received, rec.start, rec.end = t.wall, msg.received, msg.start, msg.end
-        rec.bytes_out = len(msg.payload)
-        rec.halo_bytes, rec.halo_wait_s = msg.halo_bytes, msg.halo_wait_s
-        key = (self.id, msg.stage, msg.chunk, msg.attempt)
-        stage = self.plan.stages[msg.stage]
-        compute = msg.end - msg.start
-        comm = (t.wall - rec.sent) - (msg.end - msg.received - compute)  # minus queueing there
-        if msg.stage != self.stage or self.slots[msg.chunk] is not None:
-            rec.status = "late"    # the first result already won
-            sup.completed(msg.device, key, rec.macs, rec.bytes_in + rec.bytes_out, compute, comm)
+        ledger.arrived(att, msg, t)
+        if msg.stage != self.stage or ledger.slots[msg.chunk] is not None:
+            ledger.late(att)    # the first result already won
             return out
+        stage = self.plan.stages[msg.stage]
         try:
             y = wire.decode(msg.payload)
             want = chunk_output_shape(stage, stage.chunks[msg.chunk])
@@ -164,33 +133,29 @@ class Request:
         except wire.WireError as exc:
             log.warning("corrupt result; recomputing", request=self.id, stage=msg.stage,
                         chunk=msg.chunk, device=msg.device, error=str(exc))
-            rec.status, rec.reason = "failed", rec.reason + f"; corrupt result: {exc}"
-            sup.released(msg.device, key)
+            ledger.failed(att, f"corrupt result: {exc}")
             self._event("failed", msg.stage, msg.chunk, msg.device, t, out, "corrupt")
             self._reassign(msg.chunk, "corrupt", t, out)
             return out
-        rec.status = "won"
-        sup.completed(msg.device, key, rec.macs, rec.bytes_in + rec.bytes_out, compute, comm)
+        others = ledger.won(att, y)
         self._event("won", msg.stage, msg.chunk, msg.device, t, out)
-        self.slots[msg.chunk] = y
-        self._cancel_others(msg.chunk, out)
-        if all(s is not None for s in self.slots):
+        out.extend(Deliver(dev, Cancel(self.id, ((msg.stage, msg.chunk),))) for dev in others
+                   if dev in self.ctx.workers)
+        if ledger.complete:
             self._stage_done(stage, t, out)
         return out
 
     def failed(self, msg: ChunkFailed, t: Time) -> list:
         """A worker could not compute a chunk."""
-        att = self.index.get((msg.stage, msg.chunk, msg.attempt))
+        att = self.ledger.index.get((msg.stage, msg.chunk, msg.attempt))
         if self.done or att is None or not att.pending or msg.stage != self.stage:
             return []
         out: list = []
-        att.record.status = "failed"
-        att.record.reason += f"; {msg.error}"
+        self.ledger.failed(att, msg.error)
         self._event("failed", msg.stage, msg.chunk, msg.device, t, out, msg.error)
-        self.ctx.sup.released(msg.device, (self.id, msg.stage, msg.chunk, msg.attempt))
         log.warning("chunk failed on device", request=self.id, stage=msg.stage, chunk=msg.chunk,
                     device=msg.device, error=msg.error)
-        if self.slots[msg.chunk] is None:
+        if self.ledger.slots[msg.chunk] is None:
             self._reassign(msg.chunk, "failed", t, out)
         return out
 
@@ -198,13 +163,7 @@ class Request:
         """This node computed the `RunLocal` chunk between `start` and `end`."""
         out: list = []
         stage = self.plan.stages[self.stage]
-        c = stage.chunks[0]
-        rec = ChunkRecord(self.id, stage.index, c.index, 0, f"local:{self.ctx.cfg.node}",
-                          ",".join(stage.layers), c.cost.macs, start.wall, 0, reason="local")
-        rec.returned, rec.received, rec.start, rec.end = end.wall, start.wall, start.wall, end.wall
-        rec.status = "won"
-        self.records.append(rec)
-        self.slots[c.index] = y
+        self.ledger.local(stage, f"local:{self.ctx.cfg.node}", y, start, end)
         self._stage_done(stage, end, out)
         return out
 
@@ -226,24 +185,9 @@ class Request:
         if self.waiting:
             self._start_stage(t, out)
             return out
-        sup = self.ctx.sup
-        usable = set(sup.usable())
-        for i, attempts in list(self.attempts.items()):
-            if self.slots[i] is not None:
-                continue
-            reason = None
-            for a in attempts:
-                if not a.active:
-                    continue
-                key = (self.id, self.stage, i, a.record.attempt)
-                if t.mono >= a.deadline:
-                    a.expired, reason = True, "deadline"
-                    state = sup.missed(a.record.device, key)
-                    log.info("chunk deadline missed", request=self.id, stage=self.stage,
-                             chunk=i, device=a.record.device, device_state=state)
-                elif t.mono >= a.due and a.record.device not in usable:
-                    a.expired, reason = True, reason or "device-lost"
-                    sup.released(a.record.device, key)
+        usable = set(self.ctx.sup.usable())
+        for i in list(self.ledger.attempts):
+            reason = self.ledger.expire(i, t.mono, usable)
             if reason:
                 self._reassign(i, reason, t, out)
                 if self.done:
@@ -264,12 +208,8 @@ class Request:
         """The data connection to `device` ended: what it held is lost; send it again (to
         another device if there is one; the same one may be fine on a new connection)."""
         out: list = []
-        for i, attempts in list(self.attempts.items()):
-            lost = [a for a in attempts if a.pending and a.record.device == device]
-            for a in lost:
-                a.record.status, a.expired = "lost", True
-                self.ctx.sup.released(device, (self.id, self.stage, i, a.record.attempt))
-            if lost and self.slots[i] is None:
+        for i in list(self.ledger.attempts):
+            if self.ledger.lose(i, device) and self.ledger.slots[i] is None:
                 self._reassign(i, "connection-lost", t, out, avoid=device)
                 if self.done:
                     break
@@ -285,8 +225,7 @@ class Request:
     def _start_stage(self, t: Time, out: list) -> None:
         stage = self.plan.stages[self.stage]
         self.waiting = False
-        self.slots = [None] * len(stage.chunks)
-        self.attempts = {c.index: [] for c in stage.chunks}
+        self.ledger.begin(stage)
         self.blobs = {}
         if stage.local:
             c = stage.chunks[0]
@@ -334,7 +273,7 @@ class Request:
     def _send(self, stage, chunks, dev: str, reason: str, t: Time, out: list,
               swap: dict | None = None) -> None:
         """Send `chunks` of `stage` to `dev` (as strips swapping halos when `swap` is given)."""
-        cfg, sup = self.ctx.cfg, self.ctx.sup
+        cfg = self.ctx.cfg
         blobs, jobs, counted = {}, [], set()
         wait_s = 0.0
         for c in chunks:
@@ -342,7 +281,7 @@ class Request:
             needs, cost = c.run_as(swap is not None)
             for need in needs:
                 key = need.key
-                if key not in self.blobs:
+                if key not in self.blobs:     # encoded once per stage, whoever needs it
                     self.blobs[key] = wire.encode(need.select(self.tensors[need.tensor]),
                                                   cfg.wire_dtype, cfg.compress)
                 blobs[key] = self.blobs[key]
@@ -350,41 +289,19 @@ class Request:
                 if key not in counted:
                     counted.add(key)
                     nbytes += len(self.blobs[key])
-            attempt = len(self.attempts[c.index])
-            jobs.append(ChunkJob(c, tuple(keys), attempt))
-            rec = ChunkRecord(self.id, stage.index, c.index, attempt, dev, ",".join(stage.layers),
-                              cost.macs, t.wall, nbytes, reason=reason + ("+swap" if swap else ""))
-            moved = nbytes + cost.bytes_out
-            predicted = sup.predict(dev, cost.macs, moved)
-            left = sup.timeout(dev, cost.macs, moved, predicted)
-            sup.dispatched(dev, (self.id, stage.index, c.index, attempt), cost.macs, moved,
-                           predicted)
+            att, left = self.ledger.open(stage, c.index, dev, cost, nbytes,
+                                         reason + ("+swap" if swap else ""), t)
+            jobs.append(ChunkJob(c, tuple(keys), att.record.attempt))
             wait_s = max(wait_s, left)
-            rec.deadline = t.wall + left
-            att = Attempt(rec, t.mono + left, t.mono + predicted)
-            self.attempts[c.index].append(att)
-            self.index[(stage.index, c.index, attempt)] = att
-            self.records.append(rec)
-            self._event("reassigned" if attempt else "sent", stage.index, c.index, dev, t, out,
-                        reason)
+            self._event("reassigned" if att.record.attempt else "sent", stage.index, c.index,
+                        dev, t, out, reason)
         stub = dataclasses.replace(stage, chunks=())
         out.append(Deliver(dev, StageWork(self.id, stub, jobs, blobs, cfg.wire_dtype, swap,
                                           wait_s)))
 
-    def _cancel_others(self, chunk: int, out: list) -> None:
-        for a in self.attempts[chunk]:
-            if a.pending:
-                # an attempt past its deadline never came back in time: it was lost
-                a.record.status = "lost" if a.expired else "cancelled"
-                self.ctx.sup.released(a.record.device, (self.id, a.record.stage, chunk,
-                                                        a.record.attempt))
-                if a.record.device in self.ctx.workers:
-                    out.append(Deliver(a.record.device, Cancel(self.id, ((a.record.stage,
-                                                                            chunk),))))
-
     def _stage_done(self, stage, t: Time, out: list) -> None:
         try:
-            self.tensors[stage.output] = merge(stage, self.slots)
+            self.tensors[stage.output] = merge(stage, self.ledger.slots)
         except PlanError as exc:
             self._fail(f"merge failed: {exc}", out)
             return
@@ -398,7 +315,8 @@ class Request:
             self._start_stage(t, out)
 
     def _finish(self, logits, t: Time, out: list) -> None:
-        for rec in self.records:
+        records = self.ledger.records
+        for rec in records:
             if rec.status == "pending":
                 rec.status = "lost"
         self.done = True
@@ -407,20 +325,16 @@ class Request:
         stats = {"plan": plan.name, "k": max(len(s.chunks) for s in plan.stages),
                  "stages": len(plan.stages), "allocator": cfg.allocator,
                  "wire_dtype": cfg.wire_dtype,
-                 "retries": sum(1 for r in self.records if r.attempt > 0),
+                 "retries": sum(1 for r in records if r.attempt > 0),
                  # the links an auto plan assumed (stated, measured or the defaults)
                  "bandwidth_mbit": profile.get("bandwidth_mbit"),
                  "shared_link": profile.get("shared_link")}
-        out.append(Tell(InferReply(self.id, np.asarray(logits), self.records, self.started,
+        out.append(Tell(InferReply(self.id, np.asarray(logits), records, self.started,
                                    t.wall, stats)))
 
     def _fail(self, error: str, out: list) -> None:
         log.warning("request failed", request=self.id, error=error)
-        devices = {r.device for r in self.records if r.status == "pending"}
-        for rec in self.records:
-            if rec.status == "pending":
-                rec.status = "lost"
-                self.ctx.sup.released(rec.device, (self.id, rec.stage, rec.chunk, rec.attempt))
+        devices = {rec.device for rec in self.ledger.abandon()}
         out.extend(Deliver(dev, Cancel(self.id)) for dev in sorted(devices)
                    if dev in self.ctx.workers)
         self.done = True
@@ -431,7 +345,7 @@ class Request:
                   avoid: str | None = None) -> None:
         """Send a chunk that has no active attempt to the best device not already holding it
         (nor `avoid`, unless no other is left)."""
-        attempts = self.attempts[chunk_index]
+        attempts = self.ledger.attempts[chunk_index]
         if any(a.active for a in attempts):
             return
         if len(attempts) >= MAX_ATTEMPTS:
@@ -451,11 +365,10 @@ class Request:
         self._send(stage, [chunk], dev, reason, t, out)
 
     def _retry_orphans(self, t: Time, out: list) -> None:
-        for i, slot in enumerate(self.slots):
-            if slot is None and not any(a.active for a in self.attempts.get(i, [])):
-                self._reassign(i, "retry", t, out)
-                if self.done:
-                    return
+        for i in self.ledger.orphans():
+            self._reassign(i, "retry", t, out)
+            if self.done:
+                return
 
     def _event(self, kind: str, stage: int, chunk: int, device: str, t: Time, out: list,
                reason: str = "") -> None:
