@@ -69,7 +69,7 @@ class RunLocal:
 class Context:
     """What requests share, kept by their requester: its configuration, the supervisor,
     the allocator, the devices' workers (name -> actor address, for those that have one)
-    and their data-plane addresses."""
+    and their data-plane addresses; from them, which devices get a stage's chunks."""
     cfg: ConfigureRequester
     sup: Supervisor
     allocator: Any
@@ -89,6 +89,42 @@ class Context:
         names = [n for n in self.sup.usable() if n not in holding] or \
             [n for n in self.sup.members() if n not in holding]
         return [n for n in names if n in self.workers]
+
+    def assign(self, stage, stages: int, names: list[str]) -> list[str] | None:
+        """The device of `names` for each chunk of `stage` (of `stages`), as the allocator
+        decides; None if it finds no live device."""
+        info = StageInfo(stage.index, stages, stage.kind)
+        costs = [c.cost for c in stage.chunks]
+        try:
+            assignment = self.allocator.assign(info, costs, self.sup.device_states(names))
+            if len(assignment) != len(costs) or any(a not in names for a in assignment):
+                raise ValueError(f"allocator returned {assignment!r} for devices {names}")
+        except NoLiveDevice:
+            return None
+        except Exception as exc:  # a broken policy must not stop inference
+            log.warning("allocator failed; using round-robin", error=repr(exc))
+            assignment = [names[i % len(names)] for i in range(len(costs))]
+        return assignment
+
+    def resend_to(self, chunk, holding: Collection[str], avoid: str | None) -> str | None:
+        """The best device to send `chunk` to again, of those not `holding` it (nor
+        `avoid`, unless no other is left); None if there is none."""
+        pool = self.pool(holding)
+        pool = [n for n in pool if n != avoid] or pool
+        if not pool:
+            return None
+        return self.sup.best(pool, chunk.cost.macs, chunk.cost.bytes_in + chunk.cost.bytes_out)
+
+    def swap_map(self, stage, assignment: list[str]) -> dict | None:
+        """For an exchange stage whose strips can reach each other (all on one device, or
+        every device on the data plane): chunk index -> (device, data address)."""
+        if not stage.exchange:
+            return None
+        devices = set(assignment)
+        if len(devices) > 1 and not all(self.data_addrs.get(d) for d in devices):
+            return None
+        return {c.index: (dev, self.data_addrs.get(dev))
+                for c, dev in zip(stage.chunks, assignment)}
 
 
 class Request:
@@ -235,40 +271,17 @@ class Request:
 
     def _dispatch(self, stage, t: Time, out: list) -> None:
         """Allocate the stage's chunks to devices and send them (one message per device)."""
-        ctx = self.ctx
-        names = ctx.pool()
-        if not names:
+        names = self.ctx.pool()
+        assignment = self.ctx.assign(stage, len(self.plan.stages), names) if names else None
+        if assignment is None:
             self.waiting = True
             return
-        info = StageInfo(stage.index, len(self.plan.stages), stage.kind)
-        costs = [c.cost for c in stage.chunks]
-        try:
-            assignment = ctx.allocator.assign(info, costs, ctx.sup.device_states(names))
-            if len(assignment) != len(costs) or any(a not in names for a in assignment):
-                raise ValueError(f"allocator returned {assignment!r} for devices {names}")
-        except NoLiveDevice:
-            self.waiting = True
-            return
-        except Exception as exc:  # a broken policy must not stop inference
-            log.warning("allocator failed; using round-robin", error=repr(exc))
-            assignment = [names[i % len(names)] for i in range(len(costs))]
         groups: dict[str, list] = {}
         for chunk, dev in zip(stage.chunks, assignment):
             groups.setdefault(dev, []).append(chunk)
-        swap = self._swap_map(stage, assignment)
+        swap = self.ctx.swap_map(stage, assignment)
         for dev, chunks in groups.items():
             self._send(stage, chunks, dev, "first", t, out, swap)
-
-    def _swap_map(self, stage, assignment: list) -> dict | None:
-        """For an exchange stage whose strips can reach each other (all on one device, or
-        every device on the data plane): chunk index -> (device, data address)."""
-        if not stage.exchange:
-            return None
-        addrs = self.ctx.data_addrs
-        devices = set(assignment)
-        if len(devices) > 1 and not all(addrs.get(d) for d in devices):
-            return None
-        return {c.index: (dev, addrs.get(dev)) for c, dev in zip(stage.chunks, assignment)}
 
     def _send(self, stage, chunks, dev: str, reason: str, t: Time, out: list,
               swap: dict | None = None) -> None:
@@ -353,13 +366,11 @@ class Request:
             self._fail(f"chunk {self.stage}/{chunk_index} failed {len(attempts)} times "
                        f"({last.strip('; ')})", out)
             return
-        pool = self.ctx.pool(holding={a.record.device for a in attempts if a.pending})
-        pool = [n for n in pool if n != avoid] or pool
-        if not pool:
-            return      # nobody to ask now; retried at a tick or membership change
         stage = self.plan.stages[self.stage]
         chunk = stage.chunks[chunk_index]
-        dev = self.ctx.sup.best(pool, chunk.cost.macs, chunk.cost.bytes_in + chunk.cost.bytes_out)
+        dev = self.ctx.resend_to(chunk, {a.record.device for a in attempts if a.pending}, avoid)
+        if dev is None:
+            return      # nobody to ask now; retried at a tick or membership change
         log.info("chunk reassigned", request=self.id, stage=self.stage, chunk=chunk_index,
                  to=dev, reason=reason, previous=[a.record.device for a in attempts])
         self._send(stage, [chunk], dev, reason, t, out)
