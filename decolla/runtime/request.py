@@ -39,6 +39,7 @@ from decolla.runtime.attempts import Ledger, Time
 from decolla.runtime.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkJob, ChunkResult,
                                       ConfigureRequester, InferError, InferReply, StageWork)
 from decolla.runtime.supervisor import Supervisor
+from decolla.runtime.trace import ChunkRecord
 
 log = get_logger("requester")
 MAX_ATTEMPTS = 6
@@ -127,6 +128,26 @@ class Context:
                 for c, dev in zip(stage.chunks, assignment)}
 
 
+def decode_result(stage, msg: ChunkResult) -> np.ndarray:
+    """The chunk result `msg` carries, if it has the shape its chunk's must (WireError if not)."""
+    y = wire.decode(msg.payload)
+    want = chunk_output_shape(stage, stage.chunks[msg.chunk])
+    if tuple(y.shape) != want:
+        raise wire.WireError(f"result shape {y.shape}, expected {want}")
+    return y
+
+
+def reply_stats(plan, cfg: ConfigureRequester, records: list[ChunkRecord]) -> dict:
+    """What a reply says about how its request ran."""
+    profile = plan.notes.get("profile", {})
+    return {"plan": plan.name, "k": max(len(s.chunks) for s in plan.stages),
+            "stages": len(plan.stages), "allocator": cfg.allocator, "wire_dtype": cfg.wire_dtype,
+            "retries": sum(1 for r in records if r.attempt > 0),
+            # the links an auto plan assumed (stated, measured or the defaults)
+            "bandwidth_mbit": profile.get("bandwidth_mbit"),
+            "shared_link": profile.get("shared_link")}
+
+
 class Request:
     """One inference in flight. `done` once it replied or failed."""
 
@@ -162,10 +183,7 @@ class Request:
             return out
         stage = self.plan.stages[msg.stage]
         try:
-            y = wire.decode(msg.payload)
-            want = chunk_output_shape(stage, stage.chunks[msg.chunk])
-            if tuple(y.shape) != want:
-                raise wire.WireError(f"result shape {y.shape}, expected {want}")
+            y = decode_result(stage, msg)
         except wire.WireError as exc:
             log.warning("corrupt result; recomputing", request=self.id, stage=msg.stage,
                         chunk=msg.chunk, device=msg.device, error=str(exc))
@@ -333,17 +351,8 @@ class Request:
             if rec.status == "pending":
                 rec.status = "lost"
         self.done = True
-        cfg, plan = self.ctx.cfg, self.plan
-        profile = plan.notes.get("profile", {})
-        stats = {"plan": plan.name, "k": max(len(s.chunks) for s in plan.stages),
-                 "stages": len(plan.stages), "allocator": cfg.allocator,
-                 "wire_dtype": cfg.wire_dtype,
-                 "retries": sum(1 for r in records if r.attempt > 0),
-                 # the links an auto plan assumed (stated, measured or the defaults)
-                 "bandwidth_mbit": profile.get("bandwidth_mbit"),
-                 "shared_link": profile.get("shared_link")}
-        out.append(Tell(InferReply(self.id, np.asarray(logits), records, self.started,
-                                   t.wall, stats)))
+        out.append(Tell(InferReply(self.id, np.asarray(logits), records, self.started, t.wall,
+                                   reply_stats(self.plan, self.ctx.cfg, records))))
 
     def _fail(self, error: str, out: list) -> None:
         log.warning("request failed", request=self.id, error=error)
