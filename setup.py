@@ -4,12 +4,14 @@ Environment switches:
   DECOLLA_OPENMP=auto|1|0   auto (default): use OpenMP when the compiler has it;
                             1: require it and fail loudly when missing; 0: never.
   DECOLLA_NATIVE=1          add -march=native (only for builds made on the device itself).
-  DECOLLA_X86_V3=0          on x86-64, skip the second AVX2/FMA build of every kernel.
+  DECOLLA_X86_V3=0          on x86-64, skip the AVX2/FMA build of every kernel.
+  DECOLLA_X86_V4=0          on x86-64, skip the AVX-512 build of every kernel.
 
-On x86-64 every kernel is built twice: `<name>` for the baseline ISA (SSE2, runs
-anywhere) and `<name>_v3` with -march=x86-64-v3 (AVX2 + FMA, 2-4x faster loops);
-decolla.kernels picks the v3 build at import time only when the CPU has those
-features, so no build ever raises SIGILL on an older CPU.
+On x86-64 every kernel is built three times: `<name>` for the baseline ISA (SSE2, runs
+anywhere), `<name>_v3` with -march=x86-64-v3 (AVX2 + FMA, 2-4x faster loops) and
+`<name>_v4` with -march=x86-64-v4 -mprefer-vector-width=512 (AVX-512 F/BW/CD/DQ/VL:
+16-float vectors, 32 vector registers). decolla.kernels picks the best build at import
+time that the CPU has the features for, so no build ever raises SIGILL on an older CPU.
 """
 import platform
 import shutil
@@ -53,8 +55,8 @@ def _openmp_flags() -> list[str]:
     return []
 
 
-def _x86_v3_wanted() -> bool:
-    if os.environ.get("DECOLLA_X86_V3", "1").lower() in ("0", "no", "off"):
+def _x86_variant_wanted(level: str) -> bool:
+    if os.environ.get(f"DECOLLA_X86_{level}", "1").lower() in ("0", "no", "off"):
         return False
     return platform.machine().lower() in ("x86_64", "amd64") and sys.platform == "linux"
 
@@ -62,7 +64,7 @@ def _x86_v3_wanted() -> bool:
 def _variant_source(pyx: str, name: str) -> str:
     """A copy of `pyx` under another module name (Cython names PyInit_ after the file)."""
     os.makedirs(os.path.join("build", "kernels_v3"), exist_ok=True)
-    dst = os.path.join("build", "kernels_v3", name + ".pyx")
+    dst = os.path.join("build", "kernels_v3", name + ".pyx")   # every variant's copy
     if not os.path.exists(dst) or open(dst).read() != open(pyx).read():
         shutil.copyfile(pyx, dst)
     return dst
@@ -75,8 +77,13 @@ def _extensions():
     if os.environ.get("DECOLLA_NATIVE") == "1":
         compile_args.append("-march=native")
     variants = [("", compile_args)]
-    if _x86_v3_wanted():
+    if _x86_variant_wanted("V3"):
         variants.append(("_v3", compile_args + ["-march=x86-64-v3"]))
+    if _x86_variant_wanted("V4"):
+        # gcc's x86-64-v4 tuning prefers 256-bit vectors; the kernels' channel loops
+        # (multiples of 16 channels) want zmm.
+        variants.append(("_v4", compile_args + ["-march=x86-64-v4",
+                                                "-mprefer-vector-width=512"]))
     exts = []
     for pyx in sorted(glob("kernels/*.pyx")):
         mod = os.path.splitext(os.path.basename(pyx))[0]

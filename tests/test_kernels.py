@@ -8,8 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decolla import ops, reference
-from decolla.kernels import ISA
+from decolla import kernels, ops, reference
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -216,10 +215,11 @@ def _variant(name):
         pytest.skip(f"kernel build {name} not present")
 
 
-@pytest.mark.parametrize("suffix", ["", "_v3"])
+@pytest.mark.parametrize("suffix", ["", "_v3", "_v4"])
 def test_every_isa_build_matches_reference(suffix):
-    if suffix == "_v3" and ISA != "v3":
-        pytest.skip("CPU lacks x86-64-v3")
+    isa = suffix[1:] or "baseline"
+    if not kernels.supports(isa):
+        pytest.skip(f"CPU lacks x86-64-{isa} ({'AVX2/FMA' if isa == 'v3' else 'AVX-512'})")
     dw, conv, gemm = (_variant(n + suffix) for n in ("dwconv", "conv", "gemm"))
     rng = np.random.default_rng(3)
     x, wd, bd = rand(rng, 9, 7, 37), rand(rng, 3, 3, 37), rand(rng, 37)

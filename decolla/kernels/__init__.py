@@ -1,8 +1,10 @@
 """Compiled Cython kernels (built from kernels/*.pyx), with run-time ISA dispatch.
 
-On x86-64 every kernel exists twice: `<name>` (baseline SSE2) and `<name>_v3`
-(AVX2 + FMA). `load(name)` returns the v3 build when the CPU supports it.
-DECOLLA_KERNELS=baseline|v3|auto (default auto) overrides the choice.
+On x86-64 every kernel exists three times: `<name>` (baseline SSE2), `<name>_v3`
+(x86-64-v3: AVX2 + FMA) and `<name>_v4` (x86-64-v4: AVX-512 F/BW/CD/DQ/VL). `load(name)`
+returns the best build the CPU supports (v4, else v3, else baseline).
+DECOLLA_KERNELS=baseline|v3|v4|auto (default auto) overrides the choice; forcing a
+level the CPU lacks is an ImportError.
 """
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ import platform
 
 # x86-64-v3 features as /proc/cpuinfo names them (lzcnt is reported as abm).
 _V3_FLAGS = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "xsave"}
+# x86-64-v4 adds AVX-512 F, BW, CD, DQ and VL.
+_V4_FLAGS = _V3_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+# Levels from the most capable down; each one's module suffix.
+_LEVELS = ("v4", "v3", "baseline")
+_SUFFIX = {"v4": "_v4", "v3": "_v3", "baseline": ""}
 
 
 def _cpu_flags() -> set[str]:
@@ -25,29 +33,53 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _choose_isa() -> str:
+def _supported() -> tuple[str, ...]:
+    """The ISA levels this CPU can run, most capable first."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ("baseline",)
+    flags = _cpu_flags()
+    have = [lvl for lvl, need in (("v4", _V4_FLAGS), ("v3", _V3_FLAGS)) if need <= flags]
+    return tuple(have) + ("baseline",)
+
+
+SUPPORTED = _supported()
+
+
+def supports(isa: str) -> bool:
+    """Whether this CPU can run the `isa` build (baseline, v3 or v4)."""
+    return isa in SUPPORTED
+
+
+def _wanted() -> str:
     wanted = os.environ.get("DECOLLA_KERNELS", "auto").lower()
-    if wanted not in ("auto", "baseline", "v3"):
-        raise ImportError(f"DECOLLA_KERNELS={wanted!r}: use auto, baseline or v3")
-    if wanted == "baseline":
-        return "baseline"
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    has_v3 = is_x86 and _V3_FLAGS <= _cpu_flags()
-    if wanted == "v3" and not has_v3:
-        raise ImportError("DECOLLA_KERNELS=v3 but this CPU lacks AVX2/FMA (x86-64-v3)")
-    return "v3" if has_v3 else "baseline"
+    if wanted not in ("auto",) + _LEVELS:
+        raise ImportError(f"DECOLLA_KERNELS={wanted!r}: use auto, baseline, v3 or v4")
+    return wanted
+
+
+def _choose_isa() -> str:
+    wanted = _wanted()
+    if wanted == "auto":
+        return SUPPORTED[0]
+    if wanted not in SUPPORTED:
+        what = {"v3": "AVX2/FMA (x86-64-v3)", "v4": "AVX-512 (x86-64-v4)"}[wanted]
+        raise ImportError(f"DECOLLA_KERNELS={wanted} but this CPU lacks {what}")
+    return wanted
 
 
 ISA = _choose_isa()
 
 
 def load(name: str):
-    """The compiled kernel module `name` for this CPU."""
-    if ISA == "v3":
+    """The compiled kernel module `name` for this CPU: the build of level ISA, or (when
+    that build is missing and the level was not forced) the next level down."""
+    forced = _wanted() != "auto"
+    levels = _LEVELS[_LEVELS.index(ISA):]
+    for lvl in levels[:-1]:
         try:
-            return importlib.import_module(f"decolla.kernels.{name}_v3")
+            return importlib.import_module(f"decolla.kernels.{name}{_SUFFIX[lvl]}")
         except ImportError:
-            if os.environ.get("DECOLLA_KERNELS", "auto").lower() == "v3":
+            if forced:
                 raise
     try:
         return importlib.import_module(f"decolla.kernels.{name}")
