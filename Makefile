@@ -15,11 +15,11 @@ $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (DeColla needs Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-# Runtime + dev + train extras; torch pinned to the local CPU build (never let pip choose a newer one).
+# Runtime + dev + train + gateway + bench extras; torch pinned to the local CPU build (never let pip choose a newer one).
 $(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard kernels/*.pyx)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "Cython>=3.0" "numpy>=1.26" "scipy>=1.11" "torch==2.13.0"
-	$(PIP) install -q --no-build-isolation -e ".[dev,train,gateway]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,train,gateway,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)

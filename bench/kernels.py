@@ -11,6 +11,14 @@ to_mkldnn of the input + half a round trip of the output), i.e. an estimate of t
 layer's time inside torch's optimized network; for the network both torch variants
 are reported and the faster one gives the ratio. Times are medians over
 interleaved repeats. Writes bench/results/kernels.json and bench/results/kernels.md.
+
+onnxruntime (the optional `bench` extra: onnx, onnxruntime) runs the same torch network
+exported to ONNX (torch.onnx.export, TorchScript exporter), CPU provider, one intra-op
+and one inter-op thread, all graph optimisations: timed in the same interleaved loop
+for the whole network, and per layer type from onnxruntime's own profiler (per-node
+kernel times, mapped back to our layers by node name; onnxruntime fuses the bias,
+ReLU6 and residual add into its convolutions and adds layout reorders of its own,
+counted apart). Without onnxruntime installed those columns are left out.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import tempfile
 import time
 from collections import defaultdict
 
@@ -135,6 +145,75 @@ def _nchw(x: np.ndarray):
     return t[None]
 
 
+# --------------------------------------------------------------------------- onnxruntime side
+
+def _ort_session(onnx_path: str, profile_prefix: str | None = None):
+    """An onnxruntime CPU session on one thread (profiling into profile_prefix if given)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(net, image: np.ndarray, path: str) -> None:
+    """The torch network (folded weights) as ONNX, input 'image' (1, 3, H, W) NCHW."""
+    import warnings
+
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the TorchScript exporter is deprecated
+        torch.onnx.export(net, (x,), path, input_names=["image"], output_names=["logits"],
+                          opset_version=17, dynamo=False)
+
+
+_ORT_LAYER = re.compile(r"/mods\.(\d+)/")
+
+
+def ort_node_times(onnx_path: str, feed: dict, repeats: int, workdir: str) -> dict[str, float]:
+    """Mean kernel time (ms) of each onnxruntime node over `repeats` profiled runs (after
+    3 unprofiled-equivalent warm-up runs, which are dropped)."""
+    sess = _ort_session(onnx_path, os.path.join(workdir, "ort_profile"))
+    warm = 3
+    for _ in range(warm + repeats):
+        sess.run(None, feed)
+    with open(sess.end_profiling()) as fh:
+        events = json.load(fh)
+    runs: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            runs[e["name"][:-len("_kernel_time")]].append(e["dur"] * 1e-3)
+    return {name: float(np.mean(d[warm:] if len(d) > warm else d)) for name, d in runs.items()}
+
+
+def ort_per_layer(node_ms: dict[str, float], n_layers: int) -> tuple[list[float], float]:
+    """onnxruntime's node times summed per decolla layer (nodes are named after the torch
+    module, /mods.<i>/...), and the time of nodes of no layer (layout reorders)."""
+    per = [0.0] * n_layers
+    other = 0.0
+    for name, ms in node_ms.items():
+        m = _ORT_LAYER.search(name)
+        if m and int(m.group(1)) < n_layers:
+            per[int(m.group(1))] += ms
+        else:
+            other += ms
+    return per, other
+
+
+def _onnxruntime_version():
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
 # --------------------------------------------------------------------------- measurements
 
 def _layer_group(layer) -> str:
@@ -222,22 +301,50 @@ def run(arch: str, width: float, size: int, repeats: int) -> dict:
     net = torch_model(model)
     tx = _nchw(image)
     frozen = _freeze(net, tx)
-    with torch.no_grad():
-        opt = _optimized(net, tx)
-        (t_ours, c_ours), (t_frozen, c_frozen), (t_opt, c_opt) = _interleaved_many(
-            [lambda: f(image), lambda: frozen(tx), lambda: opt(tx)], repeats)
-        err = float(np.abs(f(image) - frozen(tx).numpy()[0]).max())
+    ort_version = _onnxruntime_version()
+    ort_net = None
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = [lambda: f(image)]
+        if ort_version is not None:
+            onnx_path = os.path.join(tmp, "model.onnx")
+            export_onnx(net, image, onnx_path)
+            feed = {"image": np.ascontiguousarray(image.transpose(2, 0, 1)[None])}
+            sess = _ort_session(onnx_path)
+            fns.append(lambda: sess.run(None, feed))
+        with torch.no_grad():
+            opt = _optimized(net, tx)
+            timed = _interleaved_many(fns + [lambda: frozen(tx), lambda: opt(tx)], repeats)
+            (t_ours, c_ours), (t_frozen, c_frozen), (t_opt, c_opt) = timed[:1] + timed[-2:]
+            err = float(np.abs(f(image) - frozen(tx).numpy()[0]).max())
+        if ort_version is not None:
+            (t_ort, c_ort) = timed[1]
+            ort_err = float(np.abs(f(image) - sess.run(None, feed)[0][0]).max())
+            node_ms = ort_node_times(onnx_path, feed, repeats, tmp)
+            per_layer, other = ort_per_layer(node_ms, len(model.layers))
+            for layer, row, ms in zip(model.layers, rows, per_layer):
+                row["onnxruntime_ms"] = ms
+                g = per_type[_layer_group(layer)]
+                g["onnxruntime_ms"] = g.get("onnxruntime_ms", 0.0) + ms
+            ort_net = {"ms": t_ort, "cpu_ms": c_ort, "ratio": t_ours / t_ort,
+                       "cpu_ratio": c_ours / c_ort, "max_abs_diff_logits": ort_err,
+                       "profiled_nodes_ms": sum(node_ms.values()),
+                       "profiled_other_ms": other,
+                       "gflops": 2 * model.macs / (t_ort * 1e-3) / 1e9}
     peak_measured = measure_peak_sgemm()
     for g in per_type.values():
         g["ratio"] = g["ours_ms"] / g["torch_ms"]
         g["cpu_ratio"] = g["ours_cpu_ms"] / g["torch_cpu_ms"]
         g["ours_gflops"] = 2 * g["macs"] / (g["ours_ms"] * 1e-3) / 1e9
         g["torch_gflops"] = 2 * g["macs"] / (g["torch_ms"] * 1e-3) / 1e9
+        if g.get("onnxruntime_ms"):
+            g["ratio_vs_onnxruntime"] = g["ours_ms"] / g["onnxruntime_ms"]
+            g["onnxruntime_gflops"] = 2 * g["macs"] / (g["onnxruntime_ms"] * 1e-3) / 1e9
     flops = 2 * model.macs
     return {
         "model": {"arch": arch, "width": width, "input_size": size, "macs": model.macs},
         "machine": {"platform": platform.platform(), "processor": _cpu_name(),
                     "kernel_isa": ISA, "threads": 1, "torch": torch.__version__,
+                    "onnxruntime": ort_version,
                     "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
                     "blas": _blas_info()},
         "repeats": repeats,
@@ -250,7 +357,8 @@ def run(arch: str, width: float, size: int, repeats: int) -> dict:
                     "cpu_ratio_vs_best_torch": c_ours / min(c_frozen, c_opt),
                     "max_abs_diff_logits": err,
                     "ours_gflops": flops / (t_ours * 1e-3) / 1e9,
-                    "torch_gflops": flops / (min(t_frozen, t_opt) * 1e-3) / 1e9},
+                    "torch_gflops": flops / (min(t_frozen, t_opt) * 1e-3) / 1e9,
+                    "onnxruntime": ort_net},
         "peak": {"nominal_gflops": NOMINAL_PEAK / 1e9,
                  "measured_sgemm_gflops": peak_measured / 1e9,
                  "ours_fraction_of_nominal": flops / (t_ours * 1e-3) / NOMINAL_PEAK,
@@ -279,31 +387,54 @@ def _blas_info() -> list:
 
 def markdown(r: dict) -> str:
     n = r["network"]
+    o = n.get("onnxruntime")
+    ort_cols = o is not None
     lines = [f"# Kernel benchmark: {r['model']['arch']} width {r['model']['width']} "
              f"{r['model']['input_size']}² ({r['model']['macs'] / 1e6:.1f} M MACs)", "",
              f"1 thread, kernel ISA `{r['machine']['kernel_isa']}`, torch {r['machine']['torch']}"
-             f" (BN folded, channels-last, traced + frozen), medians of {r['repeats']} "
+             f" (BN folded, channels-last, traced + frozen)"
+             + (f", onnxruntime {r['machine']['onnxruntime']} (the same weights exported to "
+                "ONNX, CPU provider, 1 thread, all graph optimisations)" if ort_cols else
+                ", onnxruntime not installed (`pip install -e .[bench]`)")
+             + f", medians of {r['repeats']} "
              f"interleaved repeats. CPU: {r['machine']['processor']}. "
              f"OPENBLAS_CORETYPE={r['machine']['OPENBLAS_CORETYPE']}.", "",
              "| layer type | layers | MMACs | ours ms | torch ms | ratio | CPU-time ratio | "
-             "ours GFLOP/s | torch GFLOP/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "ours GFLOP/s | torch GFLOP/s |"
+             + (" onnxruntime ms | ours / onnxruntime |" if ort_cols else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+             + (" ---: | ---: |" if ort_cols else "")]
     for name, g in sorted(r["per_type"].items()):
-        lines.append(f"| {name} | {g['layers']} | {g['macs'] / 1e6:.1f} | {g['ours_ms']:.3f} | "
-                     f"{g['torch_ms']:.3f} | {g['ratio']:.2f} | {g['cpu_ratio']:.2f} | "
-                     f"{g['ours_gflops']:.1f} | "
-                     f"{g['torch_gflops']:.1f} |")
+        row = (f"| {name} | {g['layers']} | {g['macs'] / 1e6:.1f} | {g['ours_ms']:.3f} | "
+               f"{g['torch_ms']:.3f} | {g['ratio']:.2f} | {g['cpu_ratio']:.2f} | "
+               f"{g['ours_gflops']:.1f} | "
+               f"{g['torch_gflops']:.1f} |")
+        if ort_cols:
+            row += (f" {g['onnxruntime_ms']:.3f} | {g['ratio_vs_onnxruntime']:.2f} |"
+                    if g.get("onnxruntime_ms") else " – | – |")
+        lines.append(row)
+    if ort_cols:
+        lines += ["", f"onnxruntime per layer type: mean kernel time of its nodes from its "
+                  f"profiler (bias, ReLU6 and residual add fused into its convolutions); its "
+                  f"nodes sum to {o['profiled_nodes_ms']:.2f} ms, of which "
+                  f"{o['profiled_other_ms']:.3f} ms in nodes of no layer (layout reorders)."]
     c = n["cpu_ms"]
     lines += ["", "| whole network | wall ms | CPU ms | GFLOP/s (wall) |",
               "| --- | ---: | ---: | ---: |",
               f"| DeColla Forward | {n['ours_ms']:.2f} | {c['ours']:.2f} | {n['ours_gflops']:.1f} |",
               f"| torch jit.freeze | {n['torch_frozen_ms']:.2f} | {c['torch_frozen']:.2f} | |",
               f"| torch optimize_for_inference | {n['torch_optimize_for_inference_ms']:.2f} | "
-              f"{c['torch_optimize_for_inference']:.2f} | |",
-              "", f"Ratio ours / torch frozen: **{n['ratio_vs_frozen']:.2f}**; "
+              f"{c['torch_optimize_for_inference']:.2f} | |"]
+    if ort_cols:
+        lines.append(f"| onnxruntime | {o['ms']:.2f} | {o['cpu_ms']:.2f} | {o['gflops']:.1f} |")
+    lines += ["", f"Ratio ours / torch frozen: **{n['ratio_vs_frozen']:.2f}**; "
               f"ours / best torch: **{n['ratio_vs_best_torch']:.2f}** (wall time; in CPU time "
-              f"of this process {n['cpu_ratio_vs_best_torch']:.2f}). "
-              f"Max |logit difference|: {n['max_abs_diff_logits']:.2e}.", "",
+              f"of this process {n['cpu_ratio_vs_best_torch']:.2f})"
+              + (f"; ours / onnxruntime: **{o['ratio']:.2f}** (CPU time {o['cpu_ratio']:.2f})"
+                 if ort_cols else "")
+              + f". Max |logit difference|: {n['max_abs_diff_logits']:.2e} vs torch"
+              + (f", {o['max_abs_diff_logits']:.2e} vs onnxruntime" if ort_cols else "")
+              + ".", "",
               f"Peak: nominal {r['peak']['nominal_gflops']:.0f} GFLOP/s/core (DESIGN.md §5, not "
               f"measured); a large single-thread sgemm reaches "
               f"{r['peak']['measured_sgemm_gflops']:.1f} GFLOP/s per CPU second; the whole network "
