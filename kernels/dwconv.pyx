@@ -18,6 +18,84 @@ cdef extern from *:
     """
 
 
+# The AVX-512 build (x86-64-v4) computes the interior of a row with intrinsics
+# (dw5_run): per 16 channels, the 9 weights stay in zmm registers while the whole run of
+# pixels passes, each pixel 9 loads and 9 FMAs through 3 moving row pointers.
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    #define DW_AVX512 1
+    /* One block of 16 channels (m: the channels present) of npix pixels. Per pixel the
+       taps are summed in the order of _pixel (b + tap 0 + ... + tap 8, each an FMA), so
+       both paths give the same bits; max/min keep _clamp6's NaN and -0 results. */
+    static inline __attribute__((always_inline)) void
+    dw5_block(float *o, ptrdiff_t on, const float *a, const float *e, const float *g,
+              ptrdiff_t sa, ptrdiff_t se, ptrdiff_t sg, ptrdiff_t cx, const float *w,
+              ptrdiff_t wc, const float *b, ptrdiff_t npix, int relu6, __mmask16 m,
+              const int masked) {
+    #define DW5_LD(p) (masked ? _mm512_maskz_loadu_ps(m, (p)) : _mm512_loadu_ps(p))
+        const __m512 w0 = DW5_LD(w), w1 = DW5_LD(w + wc), w2 = DW5_LD(w + 2 * wc);
+        const __m512 w3 = DW5_LD(w + 3 * wc), w4 = DW5_LD(w + 4 * wc), w5 = DW5_LD(w + 5 * wc);
+        const __m512 w6 = DW5_LD(w + 6 * wc), w7 = DW5_LD(w + 7 * wc), w8 = DW5_LD(w + 8 * wc);
+        const __m512 bv = DW5_LD(b), zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
+        for (ptrdiff_t i = 0; i < npix; i++) {
+            __m512 acc = _mm512_fmadd_ps(DW5_LD(a), w0, bv);
+            acc = _mm512_fmadd_ps(DW5_LD(a + cx), w1, acc);
+            acc = _mm512_fmadd_ps(DW5_LD(a + 2 * cx), w2, acc);
+            acc = _mm512_fmadd_ps(DW5_LD(e), w3, acc);
+            acc = _mm512_fmadd_ps(DW5_LD(e + cx), w4, acc);
+            acc = _mm512_fmadd_ps(DW5_LD(e + 2 * cx), w5, acc);
+            acc = _mm512_fmadd_ps(DW5_LD(g), w6, acc);
+            acc = _mm512_fmadd_ps(DW5_LD(g + cx), w7, acc);
+            acc = _mm512_fmadd_ps(DW5_LD(g + 2 * cx), w8, acc);
+            if (relu6)
+                acc = _mm512_min_ps(_mm512_max_ps(acc, zero), six);
+            if (masked)
+                _mm512_mask_storeu_ps(o, m, acc);
+            else
+                _mm512_storeu_ps(o, acc);
+            a += sa; e += se; g += sg; o += on;
+        }
+    #undef DW5_LD
+    }
+
+    /* npix adjacent output pixels (on floats apart) of n channels; r0..r2 point at the
+       first input column the first pixel reads in each of the 3 input rows, s0..s2 are
+       the floats from one pixel's columns to the next's (0 for a row of zeros). */
+    static void dw5_run(float *o, ptrdiff_t on, const float *r0, const float *r1,
+                        const float *r2, ptrdiff_t s0, ptrdiff_t s1, ptrdiff_t s2,
+                        ptrdiff_t cx, const float *w, ptrdiff_t wc, const float *b,
+                        ptrdiff_t n, ptrdiff_t npix, int relu6) {
+        ptrdiff_t c = 0;
+        for (; c + 16 <= n; c += 16)
+            dw5_block(o + c, on, r0 + c, r1 + c, r2 + c, s0, s1, s2, cx, w + c, wc, b + c,
+                      npix, relu6, (__mmask16)0xFFFF, 0);
+        if (c < n)
+            dw5_block(o + c, on, r0 + c, r1 + c, r2 + c, s0, s1, s2, cx, w + c, wc, b + c,
+                      npix, relu6, (__mmask16)((1u << (n - c)) - 1u), 1);
+    }
+    #else
+    #define DW_AVX512 0
+    static void dw5_run(float *o, ptrdiff_t on, const float *r0, const float *r1,
+                        const float *r2, ptrdiff_t s0, ptrdiff_t s1, ptrdiff_t s2,
+                        ptrdiff_t cx, const float *w, ptrdiff_t wc, const float *b,
+                        ptrdiff_t n, ptrdiff_t npix, int relu6) {
+        (void)o; (void)on; (void)r0; (void)r1; (void)r2; (void)s0; (void)s1; (void)s2;
+        (void)cx; (void)w; (void)wc; (void)b; (void)n; (void)npix; (void)relu6;
+        /* never called: DW_AVX512 is 0 */
+    }
+    #endif
+    """
+    enum:
+        DW_AVX512
+    void dw5_run(float* o, Py_ssize_t on, const float* r0, const float* r1, const float* r2,
+                 Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t cx, const float* w,
+                 Py_ssize_t wc, const float* b, Py_ssize_t n, Py_ssize_t npix,
+                 bint relu6) noexcept nogil
+
+
 cdef inline float _clamp6(float s) noexcept nogil:
     s = s if s > <float>0.0 else <float>0.0
     return s if s < <float>6.0 else <float>6.0
@@ -75,7 +153,8 @@ cdef void _row(float* orow, const float* x, const float* zero, Py_ssize_t oy,
                Py_ssize_t stride, Py_ssize_t in_row0, Py_ssize_t in_height,
                Py_ssize_t W, Py_ssize_t Wo, Py_ssize_t cx, const float* w, Py_ssize_t wc,
                const float* b, Py_ssize_t n, bint relu6, bint quad) noexcept nogil:
-    """One output row: interior pixels four at a time (if quad), the others one by one."""
+    """One output row: interior pixels all in one run (AVX-512 build) or four at a time
+    (if quad), the others one by one."""
     cdef const float* rows[3]
     cdef const float* q[3]
     cdef const float* p[9]
@@ -89,6 +168,17 @@ cdef void _row(float* orow, const float* x, const float* zero, Py_ssize_t oy,
         ox_hi = Wo
     ox = 0
     while ox < Wo:
+        if DW_AVX512 and quad and ox >= 1 and ox < ox_hi:
+            for dy in range(3):
+                # a missing row reads the same 3 columns of zeros for every pixel
+                q[dy] = rows[dy] + (ox * stride - 1) * cx if rows[dy] != NULL else zero
+            dw5_run(orow + ox * n, n, q[0], q[1], q[2],
+                    stride * cx if rows[0] != NULL else 0,
+                    stride * cx if rows[1] != NULL else 0,
+                    stride * cx if rows[2] != NULL else 0,
+                    cx, w, wc, b, n, ox_hi - ox, relu6)
+            ox = ox_hi
+            continue
         if quad and ox >= 1 and ox + 4 <= ox_hi:
             for dy in range(3):
                 # a missing row reads zeros: `zero` holds 9 * cx of them
@@ -137,3 +227,6 @@ def dwconv3x3(const float[:, :, ::1] x, const float[:, :, ::1] w, const float[::
                  wp, wc, bp, n, relu6, quad)
     finally:
         free(zero)
+
+
+AVX512 = bool(DW_AVX512)   # interior pixels on the AVX-512 path (dw5_run)

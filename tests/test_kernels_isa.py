@@ -107,11 +107,13 @@ def test_packed_pwconv_layer_shapes(isa, suffix):
         close(got, reference.pwconv(x, wt, b) + r)
 
 
-def test_v4_packs_32_channel_panels():
+def test_v4_builds_use_the_avx512_kernels():
     gemm = build("v4", "_v4", "gemm")
     assert gemm.AVX512 and gemm.PACK_NR == 32 and gemm.PACK_MR == 12
+    assert build("v4", "_v4", "dwconv").AVX512
     v3 = build("v3", "_v3", "gemm")
     assert not v3.AVX512 and v3.PACK_NR == 16
+    assert not build("v3", "_v3", "dwconv").AVX512
 
 
 # --------------------------------------------------------------------------- depthwise
@@ -121,7 +123,8 @@ def test_v4_packs_32_channel_panels():
 @given(h=st.integers(1, 12), w=st.integers(1, 30), c=st.integers(1, 70),
        stride=st.sampled_from([1, 2]), data=st.data())
 def test_dwconv_matches_reference(isa, suffix, h, w, c, stride, data):
-    """Row and channel windows of the input and output; the 4-pixel path equals the
+    """Row and channel windows of the input and output (rows of zero padding, channel
+    tails of 1..15); the 4-pixel path (AVX-512: the run of interior pixels) equals the
     one-pixel path bit for bit."""
     dw = build(isa, suffix, "dwconv")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
