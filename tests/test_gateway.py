@@ -1,6 +1,7 @@
 """API tests of the gateway (decolla.gateway) with Starlette's in-process test client."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -17,14 +18,18 @@ from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from decolla.gateway import preprocess as pp  # noqa: E402
+from decolla.gateway import service  # noqa: E402
+from decolla.gateway.access import TOKEN_ENV, resolve_token  # noqa: E402
 from decolla.gateway.app import create_app  # noqa: E402
 from decolla.gateway.backends import BackendUnavailable, LocalReferenceBackend  # noqa: E402
 from decolla.gateway.catalog import (default_catalog, digits_model_path,  # noqa: E402
                                      entry_from_spec)
 from decolla.gateway.labels import imagenet_labels, labels_for  # noqa: E402
-from decolla.gateway.service import Gateway, top_k  # noqa: E402
+from decolla.gateway.server import _is_loopback  # noqa: E402
+from decolla.gateway.service import Gateway, GatewayError, top_k  # noqa: E402
 from decolla.model import mobilenet_v2  # noqa: E402
 from decolla.reference import forward as reference_forward  # noqa: E402
+from tests.images import one_colour_png  # noqa: E402
 
 SMALL_SPEC = "mobilenet_v2:seed=1,width=0.35,input_size=32,num_classes=1000"
 
@@ -115,6 +120,36 @@ def test_decode_applies_transparency_as_white():
     assert pp.decode(png_bytes(img)).getpixel((5, 5)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_decode_reduces_to_the_working_side_and_probe_reads_the_header(fmt):
+    data = png_bytes(Image.new("RGB", (5000, 1000), (200, 10, 10)), fmt)
+    assert pp.probe(data) == (5000, 1000)
+    img = pp.decode(data)
+    assert img.size == (pp.WORKING_SIDE, round(pp.WORKING_SIDE / 5)) and img.mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [(7000, 7000), (20000, 20000)])
+def test_pixel_limit_is_checked_from_the_header(size):
+    """Over the limit (7000² px: ours; 20000² px: Pillow's own guard too), refused before a
+    pixel is decoded: quickly, whatever the image would take decoded."""
+    data = one_colour_png(*size, bit_depth=1, colour_type=0)
+    t0 = time.perf_counter()
+    for fn in (pp.probe, pp.decode):
+        with pytest.raises(pp.ImageTooLarge, match="pixels"):
+            fn(data)
+    assert time.perf_counter() - t0 < 1.0
+    assert Image.MAX_IMAGE_PIXELS == pp.MAX_PIXELS
+
+
+def test_truncated_and_foreign_bytes_are_bad_images():
+    buf = io.BytesIO()
+    photo(1, (400, 300)).save(buf, "JPEG")
+    with pytest.raises(pp.BadImage, match="truncated"):
+        pp.decode(buf.getvalue()[:2000])
+    with pytest.raises(pp.BadImage, match="not an image"):
+        pp.probe(b"%PDF-1.4 not a picture")
+
+
 # ----------------------------------------------------------------------------- the API
 
 def test_models_and_backend_are_labelled(client):
@@ -173,6 +208,10 @@ def test_infer_raw_body_and_trace_json(client):
     (dict(files={"image": ("a.png", b"\x89PNG\r\n\x1a\n broken", "image/png")}), 400,
      "not_an_image"),
     (dict(content=b"", headers={"content-type": "image/png"}), 400, "not_an_image"),
+    (dict(content=png_bytes(photo(2), "JPEG")[:300], headers={"content-type": "image/jpeg"}), 400,
+     "not_an_image"),
+    (dict(content=one_colour_png(20000, 20000, 1, 0), headers={"content-type": "image/png"}), 413,
+     "too_large"),
     (dict(data={"note": "no file"}, files={"other": ("", b"", "")}), 400, None),
     (dict(content=b"x" * 400_000, headers={"content-type": "image/png"}), 413, "too_large"),
     (dict(files={"image": ("big.png", b"x" * 400_000, "image/png")}), 413, "too_large"),
@@ -202,6 +241,100 @@ def test_too_many_pixels_is_413(client, monkeypatch):
     monkeypatch.setattr(pp, "MAX_PIXELS", 1000)
     r = client.post("/api/infer", files={"image": ("p.png", png_bytes(photo(1)), "image/png")})
     assert r.status_code == 413 and "pixels" in r.json()["message"]
+
+
+def test_admission_comes_before_reading_and_decoding(catalog, monkeypatch):
+    """With every slot taken, a request is refused 503 busy without its upload read or
+    decoded; the admitted decode one at a time."""
+    decoding, most, reads = [0], [0], []
+
+    def counting_decode(data, *a, **kw):
+        decoding[0] += 1
+        most[0] = max(most[0], decoding[0])
+        time.sleep(0.05)
+        decoding[0] -= 1
+        return pp.decode(data, *a, **kw)
+    monkeypatch.setattr(service, "decode", counting_decode)
+    gw = Gateway(catalog, max_active=3, decode_slots=1)
+    data = png_bytes(photo(5))
+
+    async def main():
+        release = asyncio.Event()
+
+        async def slow_read():
+            reads.append("slow")
+            await release.wait()
+            return data
+
+        async def read():
+            reads.append("fast")
+            return data
+        held = [asyncio.create_task(gw.infer(slow_read)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(GatewayError) as refused:
+            await gw.infer(read)
+        release.set()
+        answers = await asyncio.gather(*held)
+        after = await gw.infer(read)  # slots are given back
+        await gw.stop()
+        return refused.value, answers, after
+    refused, answers, after = asyncio.run(main())
+    assert refused.status == 503 and refused.code == "busy" and refused.retry_after
+    assert reads == ["slow"] * 3 + ["fast"]  # the refused request's upload was never read
+    assert [a["image"] for a in answers] == [{"width": 80, "height": 60}] * 3
+    assert after["top"] == answers[0]["top"]
+    assert most[0] == 1
+
+
+def test_unknown_model_is_refused_before_admission(catalog):
+    gw = Gateway(catalog, max_active=0)  # any admission would be refused as busy
+
+    async def read():
+        raise AssertionError("the upload must not be read")
+    with pytest.raises(GatewayError) as err:
+        asyncio.run(gw.infer(read, "nope"))
+    assert err.value.status == 404
+
+
+def test_busy_answer_over_http_comes_before_the_body_is_read(catalog):
+    gw = Gateway(catalog, max_active=0)
+    with TestClient(create_app(gw)) as c:
+        r = c.post("/api/infer", content=png_bytes(photo(1)), headers={"content-type": "image/png"})
+        assert r.status_code == 503 and r.json()["error"] == "busy" and r.headers["retry-after"]
+        # the cheap refusals from the headers still come first
+        assert c.post("/api/infer", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+        r = c.post("/api/infer", content=b"x" * 10, headers={"content-type": "image/png",
+                                                             "content-length": str(10**9)})
+        assert r.status_code == 413
+
+
+# ----------------------------------------------------------------------------- access token
+
+def test_token_guards_pages_and_api_but_not_static(catalog):
+    gw = Gateway(catalog)
+    with TestClient(create_app(gw, token="t0k")) as c:
+        for path in ("/", "/cluster", "/api/models", "/api/status", "/api/requests"):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer t0k"}).status_code == 200
+            assert c.get(path + "?token=t0k").status_code == 200
+        r = c.post("/api/infer", files={"image": ("ok.png", png_bytes(photo(5)), "image/png")})
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        r = c.post("/api/infer", files={"image": ("ok.png", png_bytes(photo(5)), "image/png")},
+                   headers={"Authorization": "Bearer t0k"})
+        assert r.status_code == 200
+        assert "text/plain" in c.get("/").headers["content-type"]  # a page gets words, not JSON
+        assert c.get("/static/access.js").status_code == 200 and c.get("/healthz").status_code == 200
+
+
+def test_token_from_the_environment_and_loopback_hosts(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert resolve_token(None) is None and resolve_token("a") == "a"
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert resolve_token(None) == "from-env" and resolve_token("a") == "a"
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.0.0.2")
+    assert not _is_loopback("myhost.lan")
 
 
 class _DownBackend:

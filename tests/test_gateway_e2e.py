@@ -119,3 +119,22 @@ def test_page_shows_an_error_for_a_file_that_is_not_an_image(browser, server, tm
     browser.find_element(By.ID, "file-input").send_keys(str(bogus))
     wait.until(EC.visibility_of_element_located((By.ID, "error")))
     assert "400" in browser.find_element(By.ID, "error").text
+
+
+def test_page_opened_with_the_token_passes_it_on(browser, tmp_path):
+    """A gateway with an access token: the page opened as /?token=T loads its models, gets an
+    answer, links to the live view, whose event stream connects; without it, 401."""
+    gw = Gateway(default_catalog(seeded_spec=""), status_interval=0.3)
+    with ServerThread(gw, token="e2e-token") as srv:
+        browser.get(srv.url + "/")
+        assert "access token" in browser.find_element(By.TAG_NAME, "body").text
+        browser.get(srv.url + "/?token=e2e-token")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        browser.find_element(By.ID, "file-input").send_keys(render_digit(4, str(tmp_path / "4.png")))
+        wait.until(EC.visibility_of_element_located((By.ID, "result")))
+        assert browser.find_element(By.CSS_SELECTOR, "#top li .label").text == "4"
+        assert "token=e2e-token" in browser.find_element(By.ID, "trace-link").get_attribute("href")
+        browser.find_element(By.LINK_TEXT, "live cluster view →").click()
+        wait.until(lambda d: d.find_element(By.ID, "conn").text == "live")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#requests svg rect.chunk"))

@@ -19,15 +19,17 @@ from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from decolla.gateway.access import TokenGate
 from decolla.gateway.service import Gateway, GatewayError
+from decolla.gateway.uploads import check_declared_size, content_kind, read_image
 
 STATIC = resources.files("decolla.gateway").joinpath("static")
-RAW_TYPES = ("image/", "application/octet-stream")
 SSE_HEARTBEAT_S = 15.0
 
 
@@ -36,49 +38,9 @@ def _error(exc: GatewayError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise GatewayError(413, "too_large", f"request is {declared} bytes; the limit is {limit}")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit + 64 * 1024:  # multipart framing is allowed a little room
-            raise GatewayError(413, "too_large", f"request exceeds the limit of {limit} bytes")
-    return bytes(body)
-
-
-async def _image_bytes(request: Request, limit: int) -> bytes:
-    """Image bytes from a multipart form (field 'image', or the only file) or a raw image body."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        body = await _read_limited(request, limit)
-
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
-        try:
-            form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
-        except HTTPException as exc:
-            raise GatewayError(400, "bad_form", f"cannot parse the form: {exc.detail}") from exc
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            files = [v for _, v in form.multi_items() if not isinstance(v, str)]
-            if not files:
-                raise GatewayError(400, "no_image", "the form has no file; send it as field 'image'")
-            upload = files[0]
-        ptype = (upload.content_type or "").lower()
-        if ptype and not ptype.startswith(RAW_TYPES):
-            raise GatewayError(415, "wrong_type", f"the uploaded file is {ptype!r}, not an image")
-        return await upload.read()
-    if ctype.startswith(RAW_TYPES):
-        return await _read_limited(request, limit)
-    raise GatewayError(415, "wrong_type", f"content type {ctype or 'missing'!r}: send "
-                                          "multipart/form-data with an 'image' file, or image/* bytes")
-
-
-def create_app(gateway: Gateway) -> Starlette:
-    """The Starlette application serving `gateway`."""
+def create_app(gateway: Gateway, token: str | None = None) -> Starlette:
+    """The Starlette application serving `gateway`; with `token`, every page and API call
+    must present it (decolla.gateway.access)."""
 
     async def index(_):
         return FileResponse(str(STATIC.joinpath("index.html")))
@@ -94,8 +56,12 @@ def create_app(gateway: Gateway) -> Starlette:
             k = request.query_params.get("k", "5")
             if not k.isdigit():
                 raise GatewayError(400, "bad_parameter", f"k must be a positive integer, got {k!r}")
-            data = await _image_bytes(request, gateway.max_bytes)
-            return JSONResponse(await gateway.infer(data, request.query_params.get("model"), int(k)))
+            # Refusals from the headers come first; the body is read only once admitted.
+            content_kind(request)
+            check_declared_size(request, gateway.max_bytes)
+            result = await gateway.infer(lambda: read_image(request, gateway.max_bytes),
+                                         request.query_params.get("model"), int(k))
+            return JSONResponse(result)
         except GatewayError as exc:
             return _error(exc)
 
@@ -163,6 +129,7 @@ def create_app(gateway: Gateway) -> Starlette:
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(TokenGate, token=token)] if token else None,
                     exception_handlers={HTTPException: not_found, 500: server_error})
     app.state.gateway = gateway
     return app

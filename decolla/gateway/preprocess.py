@@ -10,6 +10,7 @@ Two pipelines, chosen by the model's `meta["preprocess"]`:
 """
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -18,6 +19,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 MAX_PIXELS = 40_000_000  # decompression-bomb guard, well above any phone photo
+WORKING_SIDE = 2048      # decoded images are reduced to fit this square: both pipelines shrink
+                         # far below it, and it bounds the memory an admitted request holds
+# Pillow's own guard at the same figure (a warning above it, an error at twice it), for any
+# path that opens an image before the header check below.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class BadImage(ValueError):
@@ -25,11 +31,13 @@ class BadImage(ValueError):
 
 
 class ImageTooLarge(BadImage):
-    """The image decodes to more pixels than MAX_PIXELS."""
+    """The image's header announces more pixels than MAX_PIXELS."""
 
 
-def decode(data: bytes) -> Image.Image:
-    """Decode image bytes (any format Pillow reads) to an RGB image, EXIF orientation applied."""
+@contextlib.contextmanager
+def _opened(data: bytes):
+    """The image opened from `data` with only its header read, the pixel limit checked;
+    Pillow's errors become BadImage / ImageTooLarge."""
     if not data:
         raise BadImage("empty upload")
     try:
@@ -37,22 +45,39 @@ def decode(data: bytes) -> Image.Image:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageTooLarge(f"image too large: {img.width}x{img.height} pixels "
                                     f"(limit {MAX_PIXELS})")
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                # Transparent areas become white, as a page would show them.
-                rgba = img.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(bg, rgba)
-            return img.convert("RGB")
+            yield img
     except BadImage:
         raise
     except UnidentifiedImageError as exc:
         raise BadImage("not an image: Pillow recognises no image format in the upload") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image too large: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice MAX_IMAGE_PIXELS
+        raise ImageTooLarge(f"image too large: its header announces more than twice the limit of "
+                            f"{MAX_PIXELS} pixels") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"broken or unsupported image ({exc.__class__.__name__}: {exc})") from exc
+
+
+def probe(data: bytes) -> tuple[int, int]:
+    """Width and height from the image's header, no pixel decoded; refuses what decode would
+    refuse for its header (not an image, over MAX_PIXELS)."""
+    with _opened(data) as img:
+        return img.size
+
+
+def decode(data: bytes, max_side: int = WORKING_SIDE) -> Image.Image:
+    """Decode image bytes (any format Pillow reads) to an RGB image that fits max_side x max_side,
+    EXIF orientation applied. The pixel limit is checked from the header before decoding; a
+    JPEG is decoded at a reduced scale when it is larger than needed."""
+    with _opened(data) as img:
+        img.thumbnail((max_side, max_side))  # loads; reduces while decoding (JPEG draft)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent areas become white, as a page would show them.
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, rgba)
+        return img.convert("RGB")
 
 
 def imagenet_input(img: Image.Image, size: int) -> np.ndarray:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import threading
 import time
 
+from decolla.gateway.access import TOKEN_ENV, resolve_token
 from decolla.gateway.catalog import SEEDED_SPEC, default_catalog
 from decolla.gateway.service import DEFAULT_MAX_BYTES, Gateway
 from decolla.log import configure, get_logger
+from decolla.runtime import keys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -31,8 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seeded-spec", default=SEEDED_SPEC,
                    help="spec of the ImageNet-shaped seeded model ('' to leave it out)")
     p.add_argument("--no-digits", action="store_true", help="do not offer the digits model")
-    p.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
-                   help="largest accepted upload in MiB")
+    p.add_argument("--max-upload-mb", "--max-mb", dest="max_upload_mb", type=float,
+                   default=DEFAULT_MAX_BYTES / 2**20, help="largest accepted upload in MiB")
+    p.add_argument("--token", default=None,
+                   help=f"access token the page and the API require (default: ${TOKEN_ENV}; "
+                        "none: anyone who reaches the port may use the gateway)")
+    p.add_argument("--key-file", default=None,
+                   help=f"the cluster's key file (default: ${keys.KEY_ENV}), for a cluster "
+                        "started with one")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
     return p
 
@@ -49,7 +58,7 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
                               include_digits=not args.no_digits)
     backend = args.backend or ("cluster" if args.leader else "reference")
     return Gateway(catalog, backend=backend, leader=args.leader, devices=args.devices,
-                   max_bytes=int(args.max_mb * 2**20), request_timeout=args.request_timeout,
+                   max_bytes=int(args.max_upload_mb * 2**20), request_timeout=args.request_timeout,
                    connect_timeout=args.connect_timeout)
 
 
@@ -59,12 +68,33 @@ def run(args: argparse.Namespace) -> int:
 
     from decolla.gateway.app import create_app
     configure(json=args.log_json, component="gateway")
+    log = get_logger("gateway")
+    try:
+        key = keys.load_key(args.key_file)
+    except keys.ClusterKeyError as exc:
+        raise SystemExit(f"decolla serve: {exc}") from None
+    if key is not None:
+        keys.install(key)  # before any backend reaches the cluster
+    token = resolve_token(args.token)
+    if token is None and not _is_loopback(args.host):
+        log.warning("the gateway listens beyond this machine WITHOUT an access token: anyone who "
+                    f"reaches {args.host}:{args.port} can use it; set --token or ${TOKEN_ENV}")
     gateway = build_gateway(args)
-    get_logger("gateway").info("serving", url=f"http://{args.host}:{args.port}/",
-                               backend=gateway.backend_kind, models=list(gateway.catalog))
-    uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning",
+    log.info("serving", url=f"http://{args.host}:{args.port}/", backend=gateway.backend_kind,
+             models=list(gateway.catalog), token=token is not None,
+             cluster_key=keys.installed() is not None)
+    uvicorn.run(create_app(gateway, token), host=args.host, port=args.port, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=2)
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 class ServerThread:
     """The gateway served by uvicorn in a background thread (tests, embedding); port 0 = any free."""
 
-    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0,
+                 token: str | None = None):
         import uvicorn
 
         from decolla.gateway.app import create_app
-        config = uvicorn.Config(create_app(gateway), host=host, port=port, log_level="warning",
+        config = uvicorn.Config(create_app(gateway, token), host=host, port=port, log_level="warning",
                                 access_log=False, timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.gateway = gateway

@@ -4,7 +4,7 @@ const $ = id => document.getElementById(id);
 let MODELS = {};
 
 async function loadModels() {
-  const r = await fetch("/api/models");
+  const r = await apiFetch("/api/models");
   const info = await r.json();
   const b = $("backend");
   b.textContent = info.backend.label;
@@ -40,7 +40,7 @@ async function send(file) {
   const url = `/api/infer?model=${encodeURIComponent($("model").value)}&k=5`;
   let body;
   try {
-    const r = await fetch(url, {method: "POST", body: form});
+    const r = await apiFetch(url, {method: "POST", body: form});
     body = await r.json();
     if (!r.ok) throw new Error(`${r.status} ${body.error}: ${body.message}`);
   } catch (e) {
@@ -72,7 +72,7 @@ function render(res) {
   $("timings").textContent = `inference on ${res.trace.devices.length} device(s); ` +
     `decode ${fmtMs(tm.decode)}, preprocess ${fmtMs(tm.preprocess)}, total at gateway ${fmtMs(tm.total)}`;
   $("rid").textContent = `(${res.id}, ${res.trace.chunks.length} chunks)`;
-  $("trace-link").href = res.trace_url;
+  $("trace-link").href = withToken(res.trace_url);
   drawTimeline($("timeline"), res.trace);
   $("result").hidden = false;
   $("result").dataset.rid = res.id;

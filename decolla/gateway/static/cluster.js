@@ -125,7 +125,7 @@ const handlers = {
 };
 
 function connect() {
-  const es = new EventSource("/api/events");
+  const es = new EventSource(withToken("/api/events"));
   es.onopen = () => { $("conn").textContent = "live"; };
   es.onerror = () => { $("conn").textContent = "reconnecting…"; };
   for (const [type, fn] of Object.entries(handlers)) {
