@@ -308,6 +308,37 @@ def test_busy_answer_over_http_comes_before_the_body_is_read(catalog):
         assert r.status_code == 413
 
 
+def test_an_upload_that_stalls_is_408_and_frees_its_slot(catalog):
+    """A sender that stops halfway is cut off after upload_timeout; its slot is given back."""
+    gw = Gateway(catalog, max_active=1, upload_timeout=0.3)
+    app = create_app(gw)
+    sent: list[dict] = []
+
+    async def main():
+        chunks = [{"type": "http.request", "body": png_bytes(photo(1))[:100], "more_body": True}]
+
+        async def receive():
+            if chunks:
+                return chunks.pop()
+            await asyncio.sleep(3600)  # the rest never comes
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/api/infer", "raw_path": b"/api/infer",
+                 "query_string": b"", "root_path": "", "server": ("127.0.0.1", 80),
+                 "client": ("127.0.0.1", 1), "headers": [(b"content-type", b"image/png")]}
+        t0 = time.monotonic()
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return time.monotonic() - t0
+    took = asyncio.run(main())
+    assert sent[0]["status"] == 408 and took < 5
+    assert json.loads(sent[1]["body"])["error"] == "upload_timeout"
+    with TestClient(app) as c:  # the slot it held is free again
+        ok = c.post("/api/infer", files={"image": ("ok.png", png_bytes(photo(5)), "image/png")})
+        assert ok.status_code == 200
+
+
 # ----------------------------------------------------------------------------- access token
 
 def test_token_guards_pages_and_api_but_not_static(catalog):

@@ -280,7 +280,6 @@ def test_uploads_are_refused_before_they_are_buffered(expected_top):
         srv.stop()
 
 
-@pytest.mark.slow
 def test_30_concurrent_large_uploads_are_admitted_before_decoding(expected_top):
     """30 clients at once, each a 6300x6300 PNG (under the pixel limit, about 120 MB decoded):
     each is answered or refused 503 busy; the gateway's peak memory stays bounded because it

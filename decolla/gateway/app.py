@@ -59,7 +59,8 @@ def create_app(gateway: Gateway, token: str | None = None) -> Starlette:
             # Refusals from the headers come first; the body is read only once admitted.
             content_kind(request)
             check_declared_size(request, gateway.max_bytes)
-            result = await gateway.infer(lambda: read_image(request, gateway.max_bytes),
+            result = await gateway.infer(lambda: read_image(request, gateway.max_bytes,
+                                                            gateway.upload_timeout),
                                          request.query_params.get("model"), int(k))
             return JSONResponse(result)
         except GatewayError as exc:

@@ -54,14 +54,14 @@ class Gateway:
 
     def __init__(self, catalog: dict[str, ModelEntry], backend: str = "reference",
                  leader: str | None = None, devices: int = 3, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_active: int = 4, decode_slots: int = 1, keep_requests: int = 10,
-                 status_interval: float = 1.0, **cluster_options):
+                 max_active: int = 4, decode_slots: int = 1, upload_timeout: float = 60.0,
+                 keep_requests: int = 10, status_interval: float = 1.0, **cluster_options):
         make_backend(backend, next(iter(catalog.values())), EventHub(), leader, devices,
                      **cluster_options)  # fail now on a bad backend kind or option
         self.catalog, self.backend_kind, self.leader, self.devices = catalog, backend, leader, devices
         self.cluster_options = cluster_options
         self.max_bytes, self.max_active, self.status_interval = max_bytes, max_active, status_interval
-        self.decode_slots = decode_slots
+        self.decode_slots, self.upload_timeout = decode_slots, upload_timeout
         self.hub = EventHub(keep_requests)
         self.backends: dict[str, Backend] = {}
         self._ids = itertools.count(1)

@@ -17,7 +17,6 @@ from decolla.gateway.service import GatewayError
 
 RAW_TYPES = ("image/", "application/octet-stream")
 FORM_SLACK = 64 * 1024        # multipart framing around the file is allowed this much
-UPLOAD_TIMEOUT_S = 60.0       # a phone on a poor link sends 10 MB in well under a minute
 
 
 def content_kind(request: Request) -> str:
@@ -39,48 +38,55 @@ def check_declared_size(request: Request, limit: int) -> None:
                                              f"bytes ({limit / 2**20:g} MiB)")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds the limit."""
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit + FORM_SLACK:
+def _counted(request: Request, limit: int):
+    """The request's ASGI receive, refusing (413) as soon as the body passes the limit."""
+    seen = 0
+
+    async def receive():
+        nonlocal seen
+        message = await request.receive()
+        seen += len(message.get("body", b""))
+        if seen > limit + FORM_SLACK:
             raise GatewayError(413, "too_large", f"the upload exceeds the limit of {limit} bytes "
                                                  f"({limit / 2**20:g} MiB)")
-    return bytes(body)
+        return message
+    return receive
 
 
-async def _from_form(request: Request, body: bytes) -> bytes:
-    """The file in field 'image' (or the form's only file) of a multipart body."""
-    async def replay():
-        return {"type": "http.request", "body": body, "more_body": False}
+async def _from_form(request: Request) -> bytes:
+    """The file in field 'image' (or the form's only file) of a multipart body; the parser
+    keeps a file's bytes past 1 MiB on disk, so the body is held once, as the file read."""
     try:
-        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        form = await request.form(max_files=4, max_fields=16)
     except HTTPException as exc:
         raise GatewayError(400, "bad_form", f"cannot parse the form: {exc.detail}") from exc
-    upload = form.get("image")
-    if upload is None or isinstance(upload, str):
-        files = [v for _, v in form.multi_items() if not isinstance(v, str)]
-        if not files:
-            raise GatewayError(400, "no_image", "the form has no file; send it as field 'image'")
-        upload = files[0]
-    ptype = (upload.content_type or "").lower()
-    if ptype and not ptype.startswith(RAW_TYPES):
-        raise GatewayError(415, "wrong_type", f"the uploaded file is {ptype!r}, not an image")
     try:
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            files = [v for _, v in form.multi_items() if not isinstance(v, str)]
+            if not files:
+                raise GatewayError(400, "no_image", "the form has no file; send it as field 'image'")
+            upload = files[0]
+        ptype = (upload.content_type or "").lower()
+        if ptype and not ptype.startswith(RAW_TYPES):
+            raise GatewayError(415, "wrong_type", f"the uploaded file is {ptype!r}, not an image")
         return await upload.read()
     finally:
         await form.close()
 
 
-async def read_image(request: Request, limit: int, timeout: float = UPLOAD_TIMEOUT_S) -> bytes:
-    """Image bytes from a multipart form or a raw image body (content kind checked already)."""
+async def _from_body(request: Request) -> bytes:
+    return b"".join([part async for part in request.stream()])
+
+
+async def read_image(request: Request, limit: int, timeout: float) -> bytes:
+    """Image bytes from a multipart form or a raw image body (content kind checked already),
+    within `timeout` seconds."""
+    counted = Request(request.scope, _counted(request, limit))
+    read = _from_form if content_kind(request) == "multipart" else _from_body
     try:
         async with asyncio.timeout(timeout):
-            body = await _read_body(request, limit)
+            return await read(counted)
     except TimeoutError:
         raise GatewayError(408, "upload_timeout",
                            f"the upload did not arrive within {timeout:g} s") from None
-    if content_kind(request) == "multipart":
-        return await _from_form(request, body)
-    return body
