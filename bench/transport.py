@@ -1,13 +1,17 @@
-"""Transport benchmark: what one message costs an actor, Thespian messages vs the data plane.
+"""Transport benchmark: what one message costs an actor, Thespian messages vs the data plane,
+and what the data plane's protection costs.
 
     python -m bench.transport [--round-trips 300]
 
 An echo actor (its own process, multiprocTCPBase on loopback) receives a payload and sends
-2 KB back, `--round-trips` times per payload size, once as Thespian actor messages and once
-on the data plane (decolla.runtime.dataplane). Reported per round trip: the mean wall time seen
-by the caller and the echo actor's CPU time (user + system, from getrusage in the
-actor's process), which is what a Pi-class device pays for every chunk it receives and
-answers. Writes bench/results/transport.json and .md.
+2 KB back, `--round-trips` times per payload size: as Thespian actor messages, then on the
+data plane (decolla.runtime.dataplane) with each protection of decolla.runtime.session:
+`plain` (the same binary frames without a tag: what authentication costs), `auth` (HMAC-
+SHA256, the default) and `encrypt` (ChaCha20-Poly1305, when `cryptography` is installed).
+Reported per round trip: the mean wall time seen by the caller, the echo actor's CPU time
+(user + system, from getrusage in the actor's process), which is what a Pi-class device
+pays for every chunk it receives and answers, and the bytes it moves per second of its
+CPU. Writes bench/results/transport.json and .md.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
 from bench.report import write_json_md
-from decolla.runtime import channels, dataplane
+from decolla.runtime import channels, dataplane, frames, session
 from decolla.runtime.messages import Message
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -39,16 +43,30 @@ class Payload(Message):
     data: bytes
 
 
+FRAMES = frames.Codec({1: Payload})
+
+
+def protections() -> list[str]:
+    """The data plane's protections this machine can run (`encrypt` needs cryptography)."""
+    return [session.PLAIN, session.AUTH] + [session.ENCRYPT] * session.can_encrypt()
+
+
 class Echo(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Answers every Payload with its first 2 KB, on the transport it came by."""
 
     CHANNELS = channels.table(channels.Channel(Payload, "echo", channels.Path.DATA))
+    FRAMES = FRAMES
     RECEIVER = "echo"
 
+    def receiveMsg_tuple(self, msg, sender):
+        """("listen", protection): a listener of its own for that protection."""
+        listener = dataplane.Listener(self.open_inbox(), dataplane.own_ip(self.myAddress),
+                                      codec=FRAMES, protection=msg[1])
+        self.listeners = getattr(self, "listeners", []) + [listener]
+        self.send(sender, listener.address)
+
     def receiveMsg_str(self, msg, sender):
-        if msg == "listen":
-            self.send(sender, self.listen())
-        elif msg == "start":
+        if msg == "start":
             self.cpu0 = _cpu()
             self.send(sender, "ok")
         elif msg == "cpu":
@@ -85,25 +103,31 @@ def run(round_trips: int) -> dict:
     try:
         echo, driver = asys.createActor(Echo), asys.createActor(Driver)
         inbox = dataplane.Inbox()
-        conn = dataplane.Connection.connect(inbox, asys.ask(echo, "listen", 10))
-        conn.connected.wait(5)
+        conns = {}
+        for p in protections():
+            conns[f"data plane, {p}"] = conn = dataplane.Connection.connect(
+                inbox, asys.ask(echo, ("listen", p), 10), FRAMES, p)
+            if not conn.connected.wait(5) or conn.session.protection != p:
+                raise RuntimeError(f"no {p} data-plane connection to the echo actor")
         for size in SIZES:
             data = b"x" * size
-            for transport in ("actor messages", "data plane"):
+            for transport in ("actor messages", *conns):
                 asys.ask(echo, "start", 10)
                 t0 = time.perf_counter()
                 if transport == "actor messages":
                     asys.ask(driver, (echo, round_trips, data), 120)
                 else:
                     for _ in range(round_trips):
-                        conn.send(Payload(data))
+                        conns[transport].send(Payload(data))
                         while not any(isinstance(o, Payload) for _, o in inbox.drain()):
                             time.sleep(0)
                 wall = (time.perf_counter() - t0) / round_trips
                 cpu = asys.ask(echo, "cpu", 10) / round_trips
                 rows.append({"payload_bytes": size, "transport": transport,
-                             "wall_ms": wall * 1e3, "echo_cpu_ms": cpu * 1e3})
-        conn.close()
+                             "wall_ms": wall * 1e3, "echo_cpu_ms": cpu * 1e3,
+                             "mb_per_cpu_s": (size + min(size, 2000)) / max(cpu, 1e-9) / 1e6})
+        for conn in conns.values():
+            conn.close()
     finally:
         asys.shutdown()
     return {"round_trips": round_trips, "rows": rows,
@@ -116,13 +140,15 @@ def table(res: dict) -> str:
              f"Echo actor on loopback, {res['round_trips']} round trips per row (payload in, "
              f"2 KB back); {res['machine']['cpus']} CPUs, load average at the end "
              f"{res['machine']['loadavg'][0]:.2f}. CPU = the echo actor's user + system time.",
-             "", "| payload | transport | wall ms per round trip | echo actor CPU ms |",
-             "|---|---|---|---|"]
+             "", "| payload | transport | wall ms per round trip | echo actor CPU ms | "
+             "MB/s per echo core |", "|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['payload_bytes']:,} B | {r['transport']} | {r['wall_ms']:.3f} | "
-                     f"{r['echo_cpu_ms']:.3f} |")
+                     f"{r['echo_cpu_ms']:.3f} | {r['mb_per_cpu_s']:.0f} |")
     lines += ["", "On a device k times slower than a host core, a chunk pays about k × the CPU "
-              "column (≈ 8× on the testbed)."]
+              "column (≈ 8× on the testbed). `plain` is the data plane's framing without a "
+              "tag (benchmark only), `auth` the default (HMAC-SHA256), `encrypt` "
+              "ChaCha20-Poly1305 (DECOLLA_ENCRYPT=1)."]
     return "\n".join(lines) + "\n"
 
 

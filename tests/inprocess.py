@@ -37,17 +37,19 @@ def start_requester(asys, model, spec: str, worker_kinds, node: str = "test",
                     data_addrs: dict | None = None, ready_addrs: bool = False,
                     membership_out: list | None = None, **config):
     """Workers of `worker_kinds` (w0, w1, ...) holding `model`, a FakeRegistrar listing them
-    (with the data-plane addresses `data_addrs` by worker name, or with the ones the workers
-    announced if `ready_addrs`), and a Requester configured with `config`
-    (ConfigureRequester fields); its address. The Membership goes into `membership_out`."""
+    (with the data-plane addresses `data_addrs` by worker name, each an address or a function
+    of the one the worker announced, or with the announced ones if `ready_addrs`), and a
+    Requester configured with `config` (ConfigureRequester fields); its address. The
+    Membership goes into `membership_out`."""
     devices = []
     for i, kind in enumerate(worker_kinds):
         addr = asys.createActor(kind)
         ready = asys.ask(addr, InitWorker(f"w{i}", spec, model.digest(), 60.0), 30)
         assert isinstance(ready, WorkerReady)
-        devices.append(DeviceInfo(f"w{i}", addr, "ready", speed=ready.speed,
-                                  data_addr=ready.data_addr if ready_addrs
-                                  else (data_addrs or {}).get(f"w{i}", ())))
+        data_addr = ready.data_addr if ready_addrs else (data_addrs or {}).get(f"w{i}", ())
+        if callable(data_addr):
+            data_addr = data_addr(ready.data_addr)
+        devices.append(DeviceInfo(f"w{i}", addr, "ready", speed=ready.speed, data_addr=data_addr))
     reg = asys.createActor(FakeRegistrar)
     membership = Membership(devices, model.digest(), spec, model.layer_specs(),
                             tuple(model.input_shape))

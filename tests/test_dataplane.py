@@ -1,7 +1,8 @@
-"""The data plane (decolla.runtime.dataplane): framed pickles over TCP, in order, broken peers
-dropped, and a requester that cannot reach a worker's data plane falls back to actor
-messages and still returns the reference output."""
+"""The data plane (decolla.runtime.dataplane): authenticated binary frames over TCP, in
+order, broken peers dropped, and a requester that cannot reach a worker's data plane falls
+back to actor messages and still returns the reference output."""
 import socket
+import struct
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ from thespian.actors import ActorTypeDispatcher
 from decolla import reference
 from decolla.runtime import channels, dataplane
 from decolla.actors.worker import Worker
-from decolla.runtime.messages import InferReply, InferRequest
+from decolla.runtime.messages import InferReply, InferRequest, LinkEcho, LinkProbe
 from decolla.loader import load_model
 from tests.inprocess import start_requester
 
@@ -35,6 +36,16 @@ def _collect(inbox, n, timeout=20.0):
         return len(got) >= n
     assert _wait(more, timeout), f"{len(got)}/{n}"
     return got
+
+
+def _ended(sock) -> bool:
+    """Whether the peer closed `sock` (what it sent before, e.g. its hello, is skipped)."""
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
 
 
 def _dead_address():
@@ -67,15 +78,16 @@ def test_objects_arrive_whole_and_in_order_both_ways(sizes):
     conn = dataplane.Connection.connect(client_inbox, listener.address)
     try:
         # sent before the connection is up, and big ones that cannot go out at once
-        msgs = [(i, np.full(n, i % 251, np.uint8).tobytes()) for i, n in enumerate(sizes)]
+        msgs = [LinkProbe(i, np.full(n, i % 251, np.uint8).tobytes()) for i, n in enumerate(sizes)]
         for m in msgs:
             conn.send(m)
         got = _collect(server_inbox, len(msgs))
         assert [obj for _, obj in got] == msgs
         back = got[0][0]                       # the server side's connection object
         for m in msgs:
-            back.send(m[0])
-        assert [obj for c, obj in _collect(client_inbox, len(msgs))] == [m[0] for m in msgs]
+            back.send(LinkEcho(m.seq, "d"))
+        assert [obj for c, obj in _collect(client_inbox, len(msgs))] == [
+            LinkEcho(m.seq, "d") for m in msgs]
     finally:
         conn.close()
         listener.close()
@@ -84,15 +96,15 @@ def test_objects_arrive_whole_and_in_order_both_ways(sizes):
 def test_garbage_on_the_wire_drops_that_connection_only(pair):
     conn, _, server_inbox, listener = pair
     raw = socket.create_connection(listener.address)
-    raw.sendall(dataplane.HEADER.pack(5) + b"\x00junk")           # not a pickle
+    raw.sendall(struct.pack("!Q", 5) + b"\x00junk" * 10)          # not a hello
     raw2 = socket.create_connection(listener.address)
-    raw2.sendall(dataplane.HEADER.pack(dataplane.MAX_FRAME + 1))  # absurd length
-    assert _wait(lambda: raw.recv(1) == b"") and _wait(lambda: raw2.recv(1) == b"")
-    conn.send("still fine")
+    raw2.sendall(struct.pack("!Q", 1 << 62))                      # absurd length, then silence
+    assert _wait(lambda: _ended(raw)) and _wait(lambda: _ended(raw2), timeout=15)
+    conn.send(LinkProbe(1))
     got = []
     assert _wait(lambda: got.extend(server_inbox.drain()) or len(got) >= 3)
     ended = [c for c, obj in got if isinstance(obj, dataplane.Closed)]
-    assert [obj for _, obj in got if not isinstance(obj, dataplane.Closed)] == ["still fine"]
+    assert [obj for _, obj in got if not isinstance(obj, dataplane.Closed)] == [LinkProbe(1)]
     assert len(set(map(id, ended))) == 2 and conn not in ended   # one notice per dropped one
 
 
@@ -100,7 +112,7 @@ def test_a_closed_connection_refuses_to_send(pair):
     conn, *_ = pair
     conn.close()
     with pytest.raises(ConnectionError):
-        conn.send("x")
+        conn.send(LinkProbe(1))
 
 
 def test_unreachable_address_closes_without_connecting():
@@ -145,16 +157,18 @@ def test_requester_reaches_its_only_device_whatever_its_data_plane_does(tcp_asys
 def test_transport_benchmark_measures_both_transports():
     from bench import transport
     res = transport.run(round_trips=5)
+    planes = [f"data plane, {p}" for p in transport.protections()]
+    assert "data plane, plain" in planes and "data plane, auth" in planes
     assert {(r["payload_bytes"], r["transport"]) for r in res["rows"]} == {
-        (s, t) for s in transport.SIZES for t in ("actor messages", "data plane")}
+        (s, t) for s in transport.SIZES for t in ("actor messages", *planes)}
     assert all(r["wall_ms"] > 0 and r["echo_cpu_ms"] >= 0 for r in res["rows"])
     assert "| payload |" in transport.table(res)
 
 
 class _FlakyEcho(dataplane.WatchesInbox, ActorTypeDispatcher):
-    """Echoes bytes on the data plane; the actor message "boom" makes its handler raise."""
+    """Echoes link probes on the data plane; the actor message "boom" makes its handler raise."""
 
-    CHANNELS = channels.table(channels.Channel(bytes, "echo", channels.Path.DATA))
+    CHANNELS = channels.table(channels.Channel(LinkProbe, "echo", channels.Path.DATA))
     RECEIVER = "echo"
 
     def receiveMsg_str(self, msg, sender):
@@ -162,7 +176,7 @@ class _FlakyEcho(dataplane.WatchesInbox, ActorTypeDispatcher):
             raise ValueError("boom")
         self.send(sender, self.listen())
 
-    def receiveMsg_bytes(self, msg, conn):
+    def receiveMsg_LinkProbe(self, msg, conn):
         conn.send(msg)
 
 
@@ -170,11 +184,11 @@ def test_a_failing_handler_does_not_leave_the_data_plane_unwatched(tcp_asys):
     actor = tcp_asys.createActor(_FlakyEcho)
     inbox = dataplane.Inbox()
     conn = dataplane.Connection.connect(inbox, tcp_asys.ask(actor, "listen", 10))
-    conn.send(b"before")
-    assert [o for _, o in _collect(inbox, 1)] == [b"before"]
+    conn.send(LinkProbe(1, b"before"))
+    assert [o for _, o in _collect(inbox, 1)] == [LinkProbe(1, b"before")]
     tcp_asys.ask(actor, "boom", 5)          # Thespian answers with a PoisonMessage
-    conn.send(b"after")                     # nothing else will come to wake the actor
-    assert [o for _, o in _collect(inbox, 1, timeout=5)] == [b"after"]
+    conn.send(LinkProbe(2, b"after"))       # nothing else will come to wake the actor
+    assert [o for _, o in _collect(inbox, 1, timeout=5)] == [LinkProbe(2, b"after")]
     conn.close()
 
 

@@ -23,10 +23,10 @@ from thespian.actors import ActorExitRequest, ActorTypeDispatcher, PoisonMessage
 from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.baselines import partition as part
-from decolla.baselines.messages import (PIPELINE_CHANNELS, PIPELINE_REQUESTER, SEGMENT_WORKER,
-                                        ConfigurePipeline, Forget, HopReport, InitSegmentWorker,
-                                        Prepare, Profiles, Reprofile, Resend, RunPipeline,
-                                        RunSegment, SegmentDone, SegmentWorkerReady)
+from decolla.baselines.messages import (PIPELINE_CHANNELS, PIPELINE_FRAMES, PIPELINE_REQUESTER,
+                                        SEGMENT_WORKER, ConfigurePipeline, Forget, HopReport,
+                                        InitSegmentWorker, Prepare, Profiles, Reprofile, Resend,
+                                        RunPipeline, RunSegment, SegmentDone, SegmentWorkerReady)
 from decolla.log import get_logger
 from decolla.runtime import dataplane, wire
 from decolla.runtime.messages import (InferError, InferReply, Membership, Ready, Subscribe,
@@ -50,7 +50,7 @@ def decode_tensors(blobs: dict) -> dict:
 class SegmentWorker(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Computes route segments on one host and forwards their output."""
 
-    CHANNELS, RECEIVER = PIPELINE_CHANNELS, SEGMENT_WORKER
+    CHANNELS, RECEIVER, FRAMES = PIPELINE_CHANNELS, SEGMENT_WORKER, PIPELINE_FRAMES
 
     @staticmethod
     def actorSystemCapabilityCheck(capabilities, requirements):
@@ -176,7 +176,7 @@ def segment_t1(seg: part.Segment, weights, cut_bytes, bandwidth_bps: float, slac
 class PipelineRequester(dataplane.WatchesInbox, ActorTypeDispatcher):
     """Runs baseline inferences along routes of segment workers (lives in the client)."""
 
-    CHANNELS, RECEIVER = PIPELINE_CHANNELS, PIPELINE_REQUESTER
+    CHANNELS, RECEIVER, FRAMES = PIPELINE_CHANNELS, PIPELINE_REQUESTER, PIPELINE_FRAMES
 
     actorSystemCapabilityCheck = staticmethod(system.on_named_node)
 

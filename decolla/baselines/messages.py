@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from decolla.runtime import channels
+from decolla.baselines.partition import Segment
+from decolla.runtime import channels, frames
 from decolla.runtime.channels import Channel, Path
 from decolla.runtime.messages import Message
 
@@ -159,3 +160,7 @@ PIPELINE_CHANNELS = channels.table(
     Channel(RunPipeline, PIPELINE_REQUESTER),
     Channel(Profiles, channels.CLIENT),
 )
+
+# the runtime's data-plane frames and the baselines' own (ids from 64 on)
+PIPELINE_FRAMES = frames.RUNTIME.extend(messages={64: RunSegment, 65: SegmentDone},
+                                        nested={80: Segment, 81: HopReport})

@@ -14,8 +14,13 @@ Taken: READER the connection's reader thread, past the actor's queue: work for t
               thread, halos a computing strip waits for, cancellations of queued work, link
               probes answered at once;
        ACTOR  the actor's own thread (a data-plane message through the inbox's pipe).
-Codec: a message is a pickle (a Thespian envelope or a data-plane frame); the tensors in it
-       are decolla.runtime.wire bytes, in the fields `tensors` names.
+Codec: on the data plane a message is an authenticated binary frame (decolla.runtime.frames:
+       msgpack control fields of a closed set of types under fixed ids, tensors as raw
+       buffers; decolla.runtime.session: handshake, counter, tag), never a pickle; every
+       DATA row's type needs an id in the codec of its table (frames.RUNTIME, or the
+       baselines' PIPELINE_FRAMES). As an actor message it is a Thespian envelope (a pickle
+       behind decolla.runtime.thespian_auth's tag). The tensors in it are decolla.runtime.wire
+       bytes, in the fields `tensors` names.
 """
 from __future__ import annotations
 

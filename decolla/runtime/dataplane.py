@@ -11,27 +11,30 @@ fits the socket buffer is sent by the caller's thread); what a reader decodes go
 message is handled on the actor's own thread unless its channel (decolla.runtime.channels)
 says the reader takes it. A connection that breaks stops and
 leaves a `Closed` notice in the inbox: what was in flight on it is lost, like a message to
-a dead device, and its owner sends it again (or its deadlines do). Frames are pickles, so
-(as with Thespian itself) only peers of the same trusted cluster may connect.
+a dead device, and its owner sends it again (or its deadlines do).
+
+Nothing from a socket is unpickled. A connection starts with a handshake in which both
+sides prove they hold the cluster key; then every frame is binary (decolla.runtime.frames:
+msgpack control fields of an allowlist of types, raw tensor buffers), counted and
+authenticated (decolla.runtime.session) before anything parses it. A frame that fails is
+logged with its peer and ends its connection (the `Closed` notice above); the node keeps
+serving.
 """
 from __future__ import annotations
 
 import collections
 import os
-import pickle
 import socket
-import struct
 import threading
 import time
 
 from thespian.actors import ThespianWatch
 
 from decolla.log import get_logger
-from decolla.runtime import channels
+from decolla.runtime import channels, frames, session
+from decolla.runtime.frames import FrameError
 
 log = get_logger("dataplane")
-HEADER = struct.Struct("!Q")
-MAX_FRAME = 1 << 30          # a longer length prefix is garbage, not a message
 CONNECT_TIMEOUT_S = 3.0
 RETRY_UNREACHABLE_S = 30.0   # an address that refused us is tried again after this long
 PORT_ENV = "DECOLLA_DATA_PORT"   # a worker's listening port: 0 any free one, < 0 no data plane
@@ -92,44 +95,55 @@ class Closed:
 
 
 class Connection:
-    """One TCP connection carrying pickled objects both ways; received ones go to `inbox`
-    as (connection, object), then (connection, Closed()) when it ends. `send` never blocks
-    the caller."""
+    """One TCP connection carrying data-plane messages both ways; received ones go to
+    `inbox` as (connection, object), then (connection, Closed()) when it ends. `send` never
+    blocks the caller; what is sent before the handshake is over waits for it. `codec`:
+    the message types allowed on it; `protection`: what we ask the peer for
+    (decolla.runtime.session; default from DECOLLA_ENCRYPT)."""
 
     def __init__(self, inbox: Inbox, sock: socket.socket | None = None,
-                 address: tuple | None = None):
+                 address: tuple | None = None, codec: frames.Codec = frames.RUNTIME,
+                 protection: str | None = None):
         self.inbox, self.sock, self.address = inbox, sock, address
-        self.connected = threading.Event()
+        self.codec, self.protection = codec, protection
+        self.session: session.Session | None = None
+        self.connected = threading.Event()        # set once the handshake succeeded
         self.closed = False
         self._ended = False
-        self._pending: collections.deque = collections.deque()   # frames (or their tails) unsent
+        # Frames to send, in order: encoded messages not yet sealed (a counter is taken
+        # when a frame goes out), or the unsent pieces of a sealed one.
+        self._pending: collections.deque = collections.deque()
         self._cv = threading.Condition()
         threading.Thread(target=self._write, daemon=True, name="dataplane-tx").start()
 
     @classmethod
-    def connect(cls, inbox: Inbox, address: tuple) -> "Connection":
+    def connect(cls, inbox: Inbox, address: tuple, codec: frames.Codec = frames.RUNTIME,
+                protection: str | None = None) -> "Connection":
         """A connection to `address` (host, port), established in the background."""
-        return cls(inbox, address=tuple(address))
+        return cls(inbox, address=tuple(address), codec=codec, protection=protection)
 
     def send(self, obj) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = HEADER.pack(len(data)) + data
+        encoded = self.codec.encode(obj)         # FrameError for a type the codec lacks
         with self._cv:
             if self.closed:
                 raise ConnectionError(f"data connection {self.address} is closed")
-            sent = 0
-            if not self._pending and self.connected.is_set():
-                # Most frames fit the socket buffer: send them from this thread. Waking the
-                # writer instead costs a thread hand-off, which under a CPU quota can wait
-                # for the next quota period.
-                try:
-                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError:
-                    self._cv.notify()          # the writer notices the broken socket
-            if sent < len(frame):
-                self._pending.append(memoryview(frame)[sent:])
+            if self._pending or not self.connected.is_set():
+                self._pending.append(encoded)
+                self._cv.notify()
+                return
+            # Most frames fit the socket buffer: send them from this thread. Waking the
+            # writer instead costs a thread hand-off, which under a CPU quota can wait
+            # for the next quota period.
+            pieces = self.session.seal(*encoded)
+            try:
+                sent = self.sock.sendmsg(pieces, (), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0                       # the writer notices the broken socket
+            rest = _unsent(pieces, sent)
+            if rest:
+                self._pending.append(rest)
                 self._cv.notify()
 
     def close(self) -> None:
@@ -145,11 +159,14 @@ class Connection:
     # ---------------------------------------------------------------- threads
     def _write(self) -> None:
         try:
-            if self.sock is None:
+            dialer = self.sock is None
+            if dialer:
                 sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
                 sock.settimeout(None)
                 self.sock = sock
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.session = session.handshake(
+                self.sock, session.DIALER if dialer else session.LISTENER, self.protection)
             self.connected.set()
             threading.Thread(target=self._read, daemon=True, name="dataplane-rx").start()
             while True:
@@ -158,11 +175,17 @@ class Connection:
                         self._cv.wait()
                     if self.closed:
                         return
+                    if isinstance(self._pending[0], tuple):    # sealed in sending order
+                        self._pending[0] = self.session.seal(*self._pending[0])
                     head = self._pending[0]
                 # Sent outside the lock; it stays queued until done, so `send` keeps order.
-                self.sock.sendall(head)
+                for piece in head:
+                    self.sock.sendall(piece)
                 with self._cv:
                     self._pending.popleft()
+        except (FrameError, EOFError) as exc:
+            if not self.closed:
+                log.warning("data-plane handshake failed", peer=self.address, error=str(exc))
         except OSError as exc:
             if not self.closed:
                 log.info("data connection ended", peer=self.address, error=str(exc))
@@ -172,27 +195,19 @@ class Connection:
     def _read(self) -> None:
         try:
             while True:
-                (n,) = HEADER.unpack(self._exact(HEADER.size))
-                if n > MAX_FRAME:
-                    raise ValueError(f"frame of {n} bytes")
-                self.inbox.put((self, pickle.loads(self._exact(n))))
+                tid, control, buffers = self.session.receive(self.sock)
+                self.inbox.put((self, self.codec.decode(tid, control, buffers)))
         except EOFError:
             pass
-        except Exception as exc:    # a broken peer or garbage on the wire: drop the connection
+        except FrameError as exc:      # unauthenticated, replayed or malformed: not parsed further
+            if not self.closed:
+                log.warning("data frame rejected; connection closed", peer=self.address,
+                            error=str(exc))
+        except Exception as exc:       # a broken peer: drop the connection
             if not self.closed:
                 log.warning("data connection dropped", peer=self.address, error=repr(exc))
         finally:
             self._finish()
-
-    def _exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise EOFError
-            got += k
-        return buf
 
     def _finish(self) -> None:
         with self._cv:
@@ -208,11 +223,25 @@ class Connection:
                 pass
 
 
-class Listener:
-    """Accepts connections on (host, any free port); each becomes a Connection into `inbox`."""
+def _unsent(pieces: list, sent: int) -> list:
+    """What of `pieces` is left after the first `sent` bytes went out."""
+    rest = []
+    for p in pieces:
+        if sent >= len(p):
+            sent -= len(p)
+        else:
+            rest.append(memoryview(p)[sent:])
+            sent = 0
+    return rest
 
-    def __init__(self, inbox: Inbox, host: str, port: int = 0):
-        self.inbox = inbox
+
+class Listener:
+    """Accepts connections on (host, any free port); each becomes a Connection into `inbox`
+    (with `codec` and `protection`, as Connection's)."""
+
+    def __init__(self, inbox: Inbox, host: str, port: int = 0, codec: frames.Codec = frames.RUNTIME,
+                 protection: str | None = None):
+        self.inbox, self.codec, self.protection = inbox, codec, protection
         self.sock = socket.create_server((host, port))
         self.address = (host, self.sock.getsockname()[1])
         self.connections: list[Connection] = []
@@ -225,7 +254,8 @@ class Listener:
             except OSError:
                 return
             self.connections = [c for c in self.connections if not c.closed]
-            self.connections.append(Connection(self.inbox, sock=sock, address=peer))
+            self.connections.append(Connection(self.inbox, sock=sock, address=peer,
+                                               codec=self.codec, protection=self.protection))
 
     def close(self) -> None:
         try:
@@ -241,8 +271,8 @@ class Peers:
     break. `send` returns False when `addr` is empty or could not be reached: the caller
     then sends an actor message instead."""
 
-    def __init__(self, inbox: Inbox):
-        self.inbox = inbox
+    def __init__(self, inbox: Inbox, codec: frames.Codec = frames.RUNTIME):
+        self.inbox, self.codec = inbox, codec
         self.conns: dict[tuple, Connection] = {}
         self.retry_at: dict[tuple, float] = {}    # address that refused us -> when to try again
 
@@ -261,11 +291,14 @@ class Peers:
                 return False
             conn = None      # it broke: what was on it is recovered by its owner's deadlines
         if conn is None:
-            conn = self.conns[addr] = Connection.connect(self.inbox, addr)
+            conn = self.conns[addr] = Connection.connect(self.inbox, addr, self.codec)
         try:
             conn.send(msg)
             return True
         except ConnectionError:
+            return False
+        except FrameError as exc:      # a value the codec cannot carry: the actor message can
+            log.warning("not sendable on the data plane", type=type(msg).__name__, error=str(exc))
             return False
 
     def forget(self, keep) -> None:
@@ -282,14 +315,15 @@ def env_port() -> int:
     return int(os.environ.get(PORT_ENV, "0") or 0)
 
 
-def open_listener(actor_address, inbox: Inbox, port: int = 0) -> Listener | None:
+def open_listener(actor_address, inbox: Inbox, port: int = 0,
+                  codec: frames.Codec = frames.RUNTIME) -> Listener | None:
     """A Listener into `inbox` on the IP of a Thespian TCP actor address; None when that
     address has no IP (an in-process actor system), `port` < 0, or the port is taken."""
     ip = own_ip(actor_address)
     if not ip or port < 0:
         return None
     try:
-        return Listener(inbox, ip, port)
+        return Listener(inbox, ip, port, codec)
     except OSError as exc:
         log.warning("no data plane; using actor messages", address=(ip, port), error=str(exc))
         return None
@@ -323,6 +357,7 @@ class WatchesInbox:
     listener: Listener | None = None
     peers: Peers | None = None
     CHANNELS: dict = channels.CHANNELS
+    FRAMES: frames.Codec = frames.RUNTIME     # the types its data-plane frames may carry
     RECEIVER: str = ""
 
     def open_inbox(self) -> Inbox:
@@ -341,7 +376,7 @@ class WatchesInbox:
         """Accept data-plane connections and open them (once); our (ip, port), or () when we
         cannot listen (then we do not dial either)."""
         if self.listener is None:
-            self.listener = open_listener(self.myAddress, self.open_inbox(), port)
+            self.listener = open_listener(self.myAddress, self.open_inbox(), port, self.FRAMES)
             if self.listener is None:
                 return ()
             self.dial()
@@ -350,7 +385,7 @@ class WatchesInbox:
     def dial(self) -> None:
         """Be able to open data-plane connections to others' listeners."""
         if self.peers is None:
-            self.peers = Peers(self.open_inbox())
+            self.peers = Peers(self.open_inbox(), self.FRAMES)
 
     def send_data(self, data_addr, actor_addr, msg) -> None:
         """Send `msg` on the data plane to `data_addr` if its channel takes the data plane, we

@@ -3,7 +3,9 @@
 Thespian formats `str(message)` for its own logging even when logging is off, so
 every class here has a short, constant-time `__str__`/`__repr__` (no payload in it):
 a 1 MiB payload inside a tuple costs ~15x more per hop than inside one of these.
-Messages are pickled; only exchange them inside the trusted collaboration network.
+As actor messages they are pickled by Thespian (behind its authenticated serializer); on
+the data plane the DATA-path ones travel as binary frames (decolla.runtime.frames), so a
+field added to one of those must be a value the frame codec carries.
 """
 from __future__ import annotations
 
