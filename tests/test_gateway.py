@@ -358,6 +358,15 @@ def test_token_guards_pages_and_api_but_not_static(catalog):
         assert c.get("/static/access.js").status_code == 200 and c.get("/healthz").status_code == 200
 
 
+def test_live_views_are_capped(catalog, monkeypatch):
+    from decolla.gateway import app as app_module
+    monkeypatch.setattr(app_module, "MAX_EVENT_STREAMS", 0)
+    with TestClient(create_app(Gateway(catalog))) as c:
+        r = c.get("/api/events")
+        assert r.status_code == 503 and r.json()["error"] == "busy" and r.headers["retry-after"]
+        assert 'name="referrer" content="no-referrer"' in c.get("/").text
+
+
 def test_token_from_the_environment_and_loopback_hosts(monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     assert resolve_token(None) is None and resolve_token("a") == "a"

@@ -31,6 +31,7 @@ from decolla.gateway.uploads import check_declared_size, content_kind, read_imag
 
 STATIC = resources.files("decolla.gateway").joinpath("static")
 SSE_HEARTBEAT_S = 15.0
+MAX_EVENT_STREAMS = 32   # open live views; each holds a queue of up to QUEUE_SIZE events
 
 
 def _error(exc: GatewayError) -> JSONResponse:
@@ -81,6 +82,9 @@ def create_app(gateway: Gateway, token: str | None = None) -> Starlette:
             "Content-Disposition": f'attachment; filename="{ev["id"]}.trace.json"'})
 
     async def events(request: Request):
+        if gateway.hub.subscribers() >= MAX_EVENT_STREAMS:
+            return _error(GatewayError(503, "busy", f"{MAX_EVENT_STREAMS} live views are already "
+                                                    "open; try again later", retry_after=10))
         handle = gateway.hub.subscribe()
 
         async def stream():

@@ -47,6 +47,10 @@ class EventHub:
             self._subs.add(handle)
         return handle
 
+    def subscribers(self) -> int:
+        with self._lock:
+            return len(self._subs)
+
     def unsubscribe(self, handle) -> None:
         with self._lock:
             self._subs.discard(handle)
