@@ -239,16 +239,20 @@ def test_the_page_passes_the_token_to_its_own_calls(server):
 
 # ----------------------------------------------------------------------------- cluster key
 
-def test_key_file_is_installed_before_serving(tmp_path):
-    """`--key-file` reaches the process's cluster key before the server (and any backend)
-    starts; a bad key file stops it with a one-line error."""
-    from decolla.runtime import keys
-    missing = subprocess.run([sys.executable, "-m", "decolla.gateway", "--no-digits",
+@pytest.mark.parametrize("command", [["decolla.gateway"], ["decolla.cli", "serve"]])
+def test_a_bad_key_file_stops_the_gateway_with_one_line(tmp_path, command):
+    missing = subprocess.run([sys.executable, "-m", *command, "--no-digits",
                               "--seeded-spec", SMALL_SPEC, "--key-file", str(tmp_path / "no.key"),
                               "--port", str(free_port())],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_key_file_is_installed_before_serving(tmp_path):
+    """`--key-file` reaches the process's cluster key before the server (and any backend)
+    starts."""
+    from decolla.runtime import keys
     path = str(tmp_path / "cluster.key")
     keys.write_key(path)
     srv = GatewayProcess("--key-file", path, "--log-json")
