@@ -7,6 +7,10 @@
         result.trace.save_chrome("trace.json")
 
 `infer` is thread-safe and several requests may be in flight at once.
+
+The cluster key: `key_file=` (default: the file DECOLLA_KEY_FILE names) is installed for
+the whole process, since Thespian's serializer is process-wide; with neither, a Client
+keeps the key the process already has (e.g. a LocalCluster's). One key per process.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from decolla.actors import system
 from decolla.actors.registrar import wait_for_registrar
 from decolla.actors.requester import Requester
 from decolla.forward import check_image
+from decolla.runtime import keys
 from decolla.runtime.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
 from decolla.runtime.trace import Trace
@@ -63,6 +68,16 @@ class Result:
     def save_trace(self, path: str) -> None:
         """Chrome trace JSON (open in https://ui.perfetto.dev or chrome://tracing)."""
         self.trace.save_chrome(path)
+
+
+def use_key(key_file: str | None = None) -> bytes | None:
+    """Install the key in `key_file` (or DECOLLA_KEY_FILE) for this process and return
+    the process's key; with neither, the key already installed stays (ClusterKeyError
+    for a bad file)."""
+    key = keys.load_key(key_file)
+    if key is not None:
+        keys.install(key)
+    return keys.installed()
 
 
 def top_k(logits: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
@@ -146,8 +161,10 @@ class Client(ClusterMember):
                  allocator: str = "average", wire_dtype: str = "float32", compress: bool = True,
                  deadline_slack: float = 4.0, deadline_floor: float = 0.5,
                  request_timeout: float = 120.0, connect_timeout: float = 30.0,
-                 min_devices: int = 1, min_chunk_macs: int = 0, data_plane: bool = True):
+                 min_devices: int = 1, min_chunk_macs: int = 0, data_plane: bool = True,
+                 key_file: str | None = None):
         self.request_timeout = request_timeout
+        use_key(key_file)
         self._join(leader, name or f"requester-{uuid.uuid4().hex[:8]}", port, bind,
                    connect_timeout)
         try:
@@ -246,18 +263,26 @@ class LocalCluster:
     """A leader and N device processes on this machine, plus a Client to them.
 
     Each device is a real `python -m decolla.node` process with its own actor
-    system; `kill(name, sig)` signals a device's whole actor system (fault tests).
+    system, listening on `host` only; `kill(name, sig)` signals a device's whole actor
+    system (fault tests). The cluster key is `key_file`'s, else the process's, else a
+    new one: written to a temporary file (0600) its nodes read, removed on close.
     """
 
     def __init__(self, devices: int = 3, model: str = "mobilenet_v2:seed=0", threads: int = 1,
                  host: str = "127.0.0.1", log_dir: str | None = None,
-                 start_timeout: float = 60.0, heartbeat: float = 0.5, **client_kw):
+                 start_timeout: float = 60.0, heartbeat: float = 0.5,
+                 key_file: str | None = None, **client_kw):
         self.model, self.threads, self.host = model, threads, host
         self.start_timeout = start_timeout
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="decolla-cluster-")
         os.makedirs(self.log_dir, exist_ok=True)
         self.nodes: dict[str, NodeProcess] = {}
         self.client: Client | None = None
+        key = use_key(key_file) or keys.generate()
+        keys.install(key)
+        fd, self.key_path = tempfile.mkstemp(prefix="decolla-", suffix=".key")
+        os.close(fd)
+        keys.write_key(self.key_path, key, overwrite=True)
         try:
             leader = self._spawn("leader", "leader", extra=["--heartbeat", str(heartbeat)])
             self.leader = f"{host}:{leader.port}"
@@ -266,7 +291,7 @@ class LocalCluster:
             for node in list(self.nodes.values()):
                 self._wait_started(node)
             self.client = Client(self.leader, min_devices=devices, connect_timeout=start_timeout,
-                                 bind=None, **client_kw)
+                                 bind=host, **client_kw)
         except BaseException:
             self.close()
             raise
@@ -277,14 +302,17 @@ class LocalCluster:
         if name in self.nodes:
             raise ValueError(f"node {name!r} exists")
         port = system.free_port(self.host)
+        while port in {n.port for n in self.nodes.values()}:   # free until its node binds it
+            port = system.free_port(self.host)
         cmd = [sys.executable, "-m", "decolla.node", "--role", role, "--name", name,
-               "--port", str(port), "--model", model or self.model,
+               "--port", str(port), "--host", self.host, "--model", model or self.model,
                "--threads", str(self.threads), "--log-json"]
         if role != "leader":
             cmd += ["--leader", self.leader]
         cmd += extra or []
         log_path = os.path.join(self.log_dir, f"{name}.log")
-        env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1",
+                   **{keys.KEY_ENV: self.key_path})
         with open(log_path, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
@@ -401,6 +429,8 @@ class LocalCluster:
             leaders = [n for n in self.nodes.values() if n.role == "leader"]
             self._terminate(members, 15.0)
             self._terminate(leaders, 15.0)
+            if os.path.exists(self.key_path):
+                os.unlink(self.key_path)
 
     def __enter__(self):
         return self

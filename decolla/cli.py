@@ -1,4 +1,4 @@
-"""`decolla` command line: infer, status, demo, plan, serve."""
+"""`decolla` command line: infer, status, demo, plan, serve, keygen."""
 from __future__ import annotations
 
 import argparse
@@ -9,18 +9,21 @@ import time
 import numpy as np
 
 from decolla import log, reference
-from decolla.api import Client, LocalCluster
+from decolla.api import Client, LocalCluster, use_key
 from decolla.forward import forward
 from decolla.gateway import server as gateway
 from decolla.loader import load_model
 from decolla.plans import build_plan, parse_plan_name
 from decolla.plans.auto import Profile, explain
+from decolla.runtime import keys
 from decolla.runtime.trace import merge_chrome
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leader", required=True, help="HOST:PORT of the cluster's leader")
     p.add_argument("--bind", default=None, help="local interface address to bind")
+    p.add_argument("--key-file", default=None,
+                   help=f"the cluster key (made by `decolla keygen`; default: ${keys.KEY_ENV})")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -72,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each device has its own link of that bandwidth (default: one shared)")
     pp.add_argument("--json", action="store_true", help="print the planner's notes as JSON")
     pg = sub.add_parser("serve", help="requester web page, JSON API and live cluster view")
-    gateway.add_arguments(pg)
+    gateway.add_arguments(pg)          # its --key-file too
     pg.set_defaults(func=gateway.run)
+    pk = sub.add_parser("keygen", help="write a new cluster key (mode 0600)")
+    pk.add_argument("path", nargs="?", default="cluster.key")
+    pk.add_argument("--force", action="store_true", help="replace an existing key file")
     return p
 
 
@@ -81,13 +87,26 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log.configure(json=args.log_json, level=args.log_level, node="cli")
     try:
-        handlers = {"infer": _infer, "status": _status, "demo": _demo, "plan": _plan}
+        handlers = {"infer": _infer, "status": _status, "demo": _demo, "plan": _plan,
+                    "keygen": _keygen}
+        if hasattr(args, "key_file"):
+            use_key(args.key_file)
         return handlers[args.cmd](args) if args.cmd in handlers else args.func(args)
     except KeyboardInterrupt:
         return 130
+    except keys.ClusterKeyError as exc:
+        print(f"decolla {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         print(f"decolla {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _keygen(args) -> int:
+    keys.write_key(args.path, overwrite=args.force)
+    print(f"wrote a new cluster key to {args.path} (mode 0600); copy it to every node, "
+          f"client and gateway of the cluster and pass --key-file {args.path}")
+    return 0
 
 
 def _plan(args) -> int:

@@ -4,6 +4,12 @@
   device     joins the leader's convention; the leader places a Worker on it
   requester  joins, runs inferences on --image files (or seeded images) and exits
 
+Every socket of the node listens on --host only (default: loopback, or this machine's
+address toward --leader). Beyond loopback it needs the cluster key (--key-file or
+DECOLLA_KEY_FILE, made by `decolla keygen`) unless --insecure. A device or requester that
+the leader does not answer within --join-timeout (not running, unreachable, or another
+cluster key) exits with an error.
+
 Shuts down cleanly on SIGINT/SIGTERM (stop members before the leader).
 """
 from __future__ import annotations
@@ -20,6 +26,7 @@ from thespian.actors import ActorExitRequest
 
 from decolla import log as dlog
 from decolla.actors import system
+from decolla.runtime import keys
 from decolla.runtime.dataplane import PORT_ENV
 from decolla.runtime.messages import ConfigureRegistrar
 from decolla.runtime.trace import merge_chrome
@@ -36,7 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=None,
                    help="this node's admin port (default: leader 1900, others a free port)")
     p.add_argument("--host", default=None,
-                   help="interface address to bind (sets THESPIAN_BASE_IPADDR)")
+                   help="the one interface every socket listens on and the address advertised "
+                        "(default: 127.0.0.1, or this machine's address toward --leader)")
+    p.add_argument("--key-file", default=None,
+                   help=f"the cluster key (made by `decolla keygen`; default: ${keys.KEY_ENV})")
+    p.add_argument("--insecure", action="store_true",
+                   help="listen beyond loopback without a cluster key: anyone who can reach "
+                        "the node can run code on it")
+    p.add_argument("--join-timeout", type=float, default=60.0,
+                   help="device/requester: seconds to wait for the leader to answer")
     p.add_argument("--name", default=None, help="node name (default: hostname:port)")
     p.add_argument("--model", default="mobilenet_v2:seed=0",
                    help="model spec ('mobilenet_v2:seed=0,width=0.5') or a model file")
@@ -80,13 +95,35 @@ def main(argv=None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     os.environ[PORT_ENV] = str(args.data_port)      # read by this node's worker
-    port = args.port or (1900 if args.role == "leader" else system.free_port(args.host or ""))
+    args.host = system.system_host(args.host, args.leader)
+    port = args.port or (1900 if args.role == "leader" else system.free_port(args.host))
     name = args.name or f"{socket.gethostname()}:{port}"
     dlog.configure(json=args.log_json, level=args.log_level, node=name, role=args.role)
     logger = dlog.get_logger("node")
+    if not _use_key(args, logger):
+        return 2
     if args.role == "requester":
         return _run_requester(args, name, port, logger)
     return _run_member(args, name, port, logger)
+
+
+def _use_key(args, logger) -> bool:
+    """Install the cluster key; False (after saying why) when the node must not start."""
+    try:
+        key = keys.load_key(args.key_file)
+    except keys.ClusterKeyError as exc:
+        logger.error("bad cluster key", error=str(exc))
+        return False
+    keys.install(key)
+    if key is None and not system.is_loopback(args.host):
+        if not args.insecure:
+            logger.error(f"refusing to listen on {args.host} without a cluster key: make one "
+                         "with `decolla keygen cluster.key`, copy it to every node and pass "
+                         "--key-file (or --insecure on a network you trust)", host=args.host)
+            return False
+        logger.warning(f"INSECURE: listening on {args.host} without a cluster key; anyone who "
+                       "can reach this node can run code on it", host=args.host)
+    return True
 
 
 def _run_member(args, name, port, logger) -> int:
@@ -116,6 +153,12 @@ def _run_member(args, name, port, logger) -> int:
         probe = asys.createActor(system.ProcessInfoActor)
         info = asys.ask(probe, "who", 10) or {}
         asys.tell(probe, ActorExitRequest())
+        if args.role == "device":
+            try:
+                system.wait_joined(asys, leader, args.join_timeout)
+            except TimeoutError as exc:
+                logger.error("cannot join the cluster", error=str(exc))
+                return 5
         if args.role == "leader":
             reg = asys.createActor(Registrar, globalName=system.REGISTRAR_NAME)
             reply = asys.ask(reg, ConfigureRegistrar(args.model, name, args.heartbeat,
@@ -138,10 +181,16 @@ def _run_member(args, name, port, logger) -> int:
 
 def _run_requester(args, name, port, logger) -> int:
     import numpy as np
-    from decolla.api import Client
+    from decolla.api import Client, ClusterError
     stop = _Stop()
-    with Client(args.leader, name=name, port=port, bind=args.host, allocator=args.allocator,
-                plan=args.plan, k=args.k) as client:
+    try:
+        client = Client(args.leader, name=name, port=port, bind=args.host,
+                        allocator=args.allocator, plan=args.plan, k=args.k,
+                        connect_timeout=args.join_timeout)
+    except ClusterError as exc:
+        logger.error("cannot join the cluster", error=str(exc))
+        return 5
+    with client:
         st = client.status()
         logger.info("node started", name=name, role="requester", port=port, leader=args.leader,
                     digest=st["digest"][:12], devices=[d["name"] for d in st["devices"]])

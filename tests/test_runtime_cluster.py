@@ -6,6 +6,7 @@ client actor system; fixtures close them (members before leader) even on failure
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -215,20 +216,21 @@ def test_cli_status_and_infer_against_running_cluster(cluster, tmp_path):
     import sys
     np.save(tmp_path / "img.npy", image(2))
     run = dict(capture_output=True, text=True, timeout=120)
+    key = ["--key-file", cluster.key_path]       # the table below finds it in DECOLLA_KEY_FILE
     st = subprocess.run([sys.executable, "-m", "decolla", "status", "--leader", cluster.leader,
-                         "--json"], **run)
+                         "--json", *key], **run)
     assert st.returncode == 0, st.stderr
     status = json.loads(st.stdout)
     assert status["digest"] == _model.digest()
     assert {d["name"] for d in status["devices"] if d["status"] == "ready"} >= {"dev1", "dev3"}
     table = subprocess.run([sys.executable, "-m", "decolla", "status", "--leader", cluster.leader],
-                           **run)
+                           env=dict(os.environ, DECOLLA_KEY_FILE=cluster.key_path), **run)
     plane = next(d["data_plane"] for d in status["devices"] if d["name"] == "dev1")
     assert table.returncode == 0 and "data plane" in table.stdout and plane in table.stdout
     trace = tmp_path / "t.json"
     inf = subprocess.run([sys.executable, "-m", "decolla", "infer", "--leader", cluster.leader,
-                          "--image", str(tmp_path / "img.npy"), "--json", "--trace", str(trace)],
-                         **run)
+                          "--image", str(tmp_path / "img.npy"), "--json", "--trace", str(trace),
+                          *key], **run)
     assert inf.returncode == 0, inf.stderr
     out = json.loads(inf.stdout)
     assert out["top"][0][0] == int(np.argmax(ref(2)))

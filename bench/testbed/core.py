@@ -25,6 +25,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import structlog
+
+from decolla.runtime import keys
 
 from . import cgroup, janitor, netns
 from .calibrate import Calibration, calibrate_quota
@@ -133,6 +136,8 @@ class Host:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
+        if self.tb.key_path:        # the nodes listen beyond loopback: they need the cluster key
+            full_env.setdefault(keys.KEY_ENV, self.tb.key_path)
         full_env.update(env or {})
         out = err = None
         if log is not None:
@@ -212,6 +217,7 @@ class Testbed:
         self._reaper: subprocess.Popen | None = None
         self._old_handlers: dict[int, object] = {}
         self._t0 = 0.0
+        self.key_path: str | None = None   # this run's cluster key, given to every process spawned
         self.started = self.closed = False
 
     @property
@@ -228,6 +234,9 @@ class Testbed:
         if reason:
             raise NotRootError(reason) if os.geteuid() != 0 else TestbedError(reason)
         self.started = True
+        fd, self.key_path = tempfile.mkstemp(prefix=f"{self.tag}-", suffix=".key")
+        os.close(fd)
+        keys.write_key(self.key_path, overwrite=True)
         if not self.persist:
             atexit.register(self.close)
             self._install_signal_handlers()
@@ -287,6 +296,8 @@ class Testbed:
                 except (OSError, subprocess.TimeoutExpired):
                     pass
         finally:
+            if self.key_path and not self.persist and os.path.exists(self.key_path):
+                os.unlink(self.key_path)
             for sig, old in held.items():
                 signal.signal(sig, old)
             self._restore_signal_handlers()

@@ -263,8 +263,14 @@ def find_registrar(asys):
 
 
 def wait_for_registrar(asys, leader: str, timeout: float, error=TimeoutError):
-    """Address of the leader's registrar once it answers a status request; `error` after `timeout`."""
+    """Address of the leader's registrar once it answers a status request; `error` after
+    `timeout`. Waits to be in the leader's convention first: asking for the registrar
+    before that blocks ~50 s in Thespian."""
     deadline = time.monotonic() + timeout
+    try:
+        system.wait_joined(asys, leader, timeout)
+    except TimeoutError as exc:
+        raise error(str(exc)) from None
     last = None
     while time.monotonic() < deadline:
         try:
@@ -275,5 +281,4 @@ def wait_for_registrar(asys, leader: str, timeout: float, error=TimeoutError):
         except Exception as exc:  # not yet in the convention, or leader not up yet
             last = exc
         time.sleep(0.2)
-    raise error(f"no DeColla leader answered at {leader} within {timeout:.0f} s"
-                + (f" ({last})" if last else ""))
+    raise error(system.no_leader(leader, timeout) + (f" ({last})" if last else ""))

@@ -5,19 +5,28 @@ dropped within seconds (Thespian's default is ~22 minutes); both the
 re-registration and restart periods must be short, or healthy members get
 dropped. These are module-level settings read by the admin process, which is
 forked from the process that starts the system.
+
+Every system starts in `start_system`, which first makes this process's Thespian speak
+with the cluster key (decolla.runtime.thespian_auth) and bind where it advertises: the
+admin and actor processes are forked (never spawned) so that they inherit both.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
+import time
 import uuid
 from datetime import timedelta
 
 from thespian.actors import Actor, ActorSystem, InvalidActorAddress
 from thespian.system.admin import convention
+from thespian.system.messages.status import Thespian_StatusReq
+from thespian.system.transport.IPBase import IPActorAddress
 
 from decolla.log import get_logger
+from decolla.runtime import thespian_auth
 
 log = get_logger("system")
 SYSTEM_BASE = "multiprocTCPBase"
@@ -74,20 +83,63 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is this machine's loopback interface."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def route_ip(host: str) -> str:
+    """This machine's address on the route to `host` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def system_host(bind: str | None, leader: str | None = None) -> str:
+    """The one address a system listens on and advertises: `bind`, else this machine's
+    address toward the `leader` (HOST:PORT), else loopback."""
+    if bind:
+        return bind
+    return route_ip(parse_hostport(leader)[0]) if leader else "127.0.0.1"
+
+
+def _advertised_bind_args(self):
+    return (self.sockname,)
+
+
+def bind_where_advertised() -> None:
+    """Make Thespian bind each listening socket to the address it advertises.
+
+    Thespian binds an address meant for others ("external") to ('', port), every
+    interface, whatever THESPIAN_BASE_IPADDR says; its advertised `sockname` is the
+    interface asked for, so binding that keeps every socket of a node on --host."""
+    IPActorAddress.bindArgs = property(_advertised_bind_args)
+
+
 def start_system(caps: dict, bind: str | None = None):
-    """Start this node's actor system with `caps` (a new, unique admin on its port).
+    """Start this node's actor system with `caps` (a new, unique admin on its port), on
+    the one interface `system_host` names, its frames tagged with the installed key.
 
     An "Admin Port" of 0 means a free port, picked again, up to 3 tries, when it was taken
     before the admin bound it (e.g. as the local end of another connection): that raises
     InvalidActorAddress."""
-    if bind:
-        os.environ["THESPIAN_BASE_IPADDR"] = bind
+    bind = system_host(bind, caps.get("Convention Address.IPv4"))
+    os.environ["THESPIAN_BASE_IPADDR"] = bind
+    thespian_auth.install()
+    bind_where_advertised()
+    caps = {**caps, "Process Startup Method": "fork"}
     tune_convention()
     pick = not caps.get("Admin Port")
     tries = 3 if pick else 1
     for attempt in range(tries):
         if pick:
-            caps = {**caps, "Admin Port": free_port(bind or "127.0.0.1")}
+            caps = {**caps, "Admin Port": free_port(bind)}
         try:
             return ActorSystem(SYSTEM_BASE, caps, logDefs=thespian_log_defs(),
                                transientUnique=True)
@@ -95,6 +147,29 @@ def start_system(caps: dict, bind: str | None = None):
             if attempt == tries - 1:
                 raise
             log.warning("actor system port taken; trying another", port=caps["Admin Port"])
+
+
+def no_leader(leader: str, timeout: float) -> str:
+    """What it means when a leader does not answer (an error message)."""
+    return (f"no DeColla leader answered at {leader} within {timeout:.0f} s: is it running "
+            "and reachable, and does it use the same cluster key (--key-file)?")
+
+
+def in_convention(asys) -> bool:
+    """Whether this system's admin has heard back from its convention leader; a member the
+    leader cannot hear (another cluster key) never has. Asks the admin, so unlike a
+    createActor it cannot block while the leader is away."""
+    status = asys.ask(asys._systemBase.adminAddr, Thespian_StatusReq(), 5)
+    return bool(getattr(status, "conventionAttendees", None))
+
+
+def wait_joined(asys, leader: str, timeout: float) -> None:
+    """Block until this system has joined `leader`'s convention; TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not in_convention(asys):
+        if time.monotonic() > deadline:
+            raise TimeoutError(no_leader(leader, timeout))
+        time.sleep(0.2)
 
 
 def on_named_node(capabilities: dict, requirements: dict) -> bool:
