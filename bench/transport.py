@@ -144,7 +144,7 @@ def table(res: dict) -> str:
              "MB/s per echo core |", "|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['payload_bytes']:,} B | {r['transport']} | {r['wall_ms']:.3f} | "
-                     f"{r['echo_cpu_ms']:.3f} | {r['mb_per_cpu_s']:.0f} |")
+                     f"{r['echo_cpu_ms']:.3f} | {r['mb_per_cpu_s']:.1f} |")
     lines += ["", "On a device k times slower than a host core, a chunk pays about k × the CPU "
               "column (≈ 8× on the testbed). `plain` is the data plane's framing without a "
               "tag (benchmark only), `auth` the default (HMAC-SHA256), `encrypt` "

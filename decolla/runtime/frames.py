@@ -16,6 +16,7 @@ Frames themselves (header, counter, authentication) are decolla.runtime.session'
 from __future__ import annotations
 
 import dataclasses
+import operator
 import socket
 import struct
 
@@ -55,6 +56,7 @@ class Codec:
             if not dataclasses.is_dataclass(cls):
                 raise ValueError(f"{cls.__name__} is not a dataclass")
         self._fields = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in self.ids}
+        self._get = {cls: _getter(names) for cls, names in self._fields.items()}
 
     def extend(self, messages: dict[int, type], nested: dict[int, type] | None = None) -> "Codec":
         """This codec plus more types (ids must not collide)."""
@@ -91,14 +93,15 @@ class Codec:
     def _values(self, obj, pack, buffers: list) -> list:
         """The fields of dataclass `obj` in order: a list as a list (every other sequence
         comes back a tuple), big bytes values (also a dict's) lifted into `buffers`."""
-        out = []
-        for name in self._fields[type(obj)]:
-            v = getattr(obj, name)
-            if type(v) is list:
-                v = msgpack.ExtType(EXT_LIST, pack([_lift(x, buffers) for x in v]))
-            elif type(v) is dict:
-                v = {k: _lift(x, buffers) for k, x in v.items()}
-            out.append(_lift(v, buffers))
+        out = self._get[type(obj)](obj)
+        for i, v in enumerate(out):
+            kind = type(v)
+            if kind is bytes:
+                out[i] = _lift(v, buffers)
+            elif kind is list:
+                out[i] = msgpack.ExtType(EXT_LIST, pack([_lift(x, buffers) for x in v]))
+            elif kind is dict:
+                out[i] = {k: _lift(x, buffers) for k, x in v.items()}
         return out
 
     # ---------------------------------------------------------------- decode
@@ -143,6 +146,12 @@ class Codec:
         if len(values) != want:
             raise FrameError(f"{cls.__name__} with {len(values)} fields, not {want}")
         return cls(*values)
+
+
+def _getter(names: tuple):
+    """A function giving an object's `names` attributes as a new list."""
+    get = operator.attrgetter(*names)
+    return (lambda obj: [get(obj)]) if len(names) == 1 else (lambda obj: list(get(obj)))
 
 
 def _lift(v, buffers: list):
