@@ -34,7 +34,7 @@ from decolla.runtime import keys
 PURPOSE = "thespian"
 TAG_BYTES = hashlib.sha256().digest_size
 NO_KEY = bytes(keys.KEY_BYTES)       # the key of a cluster without one: loopback only
-LOG_EVERY_S = 5.0                    # one line per peer per period: a flood cannot flood the log
+LOG_EVERY_S = 5.0                    # one line per peer host per period: a flood cannot flood the log
 
 
 def _body(frame: bytes) -> bytes:
@@ -70,9 +70,9 @@ class AuthSerializer:
         return pickle.loads(body)
 
     def _log_drop(self, peer: str, size: int) -> None:
-        now = time.monotonic()
-        if now - self._logged.get(peer, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._logged[peer] = now
+        now, host = time.monotonic(), peer.rsplit(":", 1)[0]   # each connection has its own port
+        if now - self._logged.get(host, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[host] = now
             # a logger made now: one bound at import would keep the set-up of that moment
             get_logger("thespian_auth").warning(
                 "dropped an unauthenticated actor frame (wrong or no cluster key)",
