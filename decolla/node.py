@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--leader HOST:PORT is required for devices and requesters")
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.host in ("0.0.0.0", "::", ""):
+        p.error("--host is the address other nodes reach this one at: one interface, not "
+                f"{args.host!r}")
     return args
 
 

@@ -295,6 +295,11 @@ def test_keygen_writes_a_private_key_and_keeps_an_existing_one(tmp_path):
     assert forced.returncode == 0 and keys.read_key(str(path)) != key
 
 
+def test_a_wildcard_host_is_refused_it_cannot_be_advertised():
+    out = run(node_cmd("--role", "leader", "--host", "0.0.0.0"))
+    assert out.returncode == 2 and "one interface" in out.stderr
+
+
 def _lan_address() -> str:
     ip = system.route_ip("192.0.2.1")             # TEST-NET: only the route is looked up
     if system.is_loopback(ip):
