@@ -12,8 +12,9 @@ Frame: a header (type id, buffer count, counter, control length, buffers length)
 (buffer lengths, the msgpack control bytes and the raw buffers, see decolla.runtime.frames)
 and a tag over header and body. The counter starts at 0 in each direction and must be
 exactly the next one: a frame cannot be replayed, reordered or dropped unnoticed, and a
-frame from another connection or direction fails its tag (other keys). A frame whose tag
-fails is never parsed.
+frame from another connection or direction fails its tag (other keys). Before the tag
+only the fixed-size header is read (the counter must be the next, the length at most
+MAX_FRAME); the body is parsed only once the tag holds.
 
 Protection (the strongest either side asks for wins; `plain` only if both ask):
   auth     HMAC-SHA256 tag (32 bytes); the default
