@@ -30,6 +30,6 @@ def test_bench_runs_on_a_tiny_network(tmp_path):
     assert o["profiled_nodes_ms"] > 0
     for g in r["per_type"].values():
         assert g["onnxruntime_ms"] > 0, g      # every layer type has onnxruntime nodes
-    assert all("onnxruntime_ms" in row for row in r["layers"])
+    assert all("onnxruntime_ms" in row and row["ours_in_network_ms"] > 0 for row in r["layers"])
     md = bk.markdown(r)
     assert "| onnxruntime |" in md and "ours / onnxruntime" in md
