@@ -225,3 +225,24 @@ def test_a_request_survives_a_tampered_or_replayed_frame(tcp_asys, attack):
     np.testing.assert_allclose(reply.logits, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     lost = [r for r in reply.records if r.device == "w0" and r.status == "lost"]
     assert lost, [(r.device, r.stage, r.chunk, r.status) for r in reply.records]
+
+
+def test_a_dialer_with_another_key_never_connects_and_falls_back(worker_addr):
+    """The worker holds the key this process had when it forked; we dial with a new one:
+    the handshake fails, the connection never counts as connected, and Peers tells the
+    sender to use an actor message instead."""
+    from decolla.runtime import keys
+    old = keys.installed()
+    keys.install(keys.generate())
+    try:
+        peers = dataplane.Peers(dataplane.Inbox())
+        assert peers.send(worker_addr, LinkProbe(1))          # queued until the handshake
+        conn = peers.conns[worker_addr]
+        t_end = time.monotonic() + 10
+        while time.monotonic() < t_end and not conn.closed:
+            time.sleep(0.01)
+        assert conn.closed and not conn.connected.is_set()
+        assert not peers.send(worker_addr, LinkProbe(2))      # unreachable: actor messages
+    finally:
+        keys.install(old)
+    _still_serves(worker_addr)
