@@ -17,7 +17,7 @@ from decolla.plans.data import stage_bytes
 from decolla.plans.exchange import HaloBox, HaloMissing, StripExchange, run_lockstep
 from decolla.plans.run import run_plan
 from decolla.plans.stages import clean_cuts, split_tail
-from decolla.runtime.messages import Halo
+from decolla.runtime.messages import Halo, LinkEcho
 from decolla.loader import load_model
 
 
@@ -119,14 +119,14 @@ def test_data_plane_routes_halos_past_the_actor():
     peer = dataplane.Connection.connect(dataplane.Inbox(), listener.address)
     try:
         peer.send(Halo("r", 0, 0, 1, 2, b"abc"))
-        peer.send("for the actor")
+        peer.send(LinkEcho(1, "for the actor"))
         deadline = time.monotonic() + 5
         items = []
         while (not got or not items) and time.monotonic() < deadline:
             items += inbox.drain()
             time.sleep(0.01)
         assert [h.key for h in got] == [("r", 0, 0, 1, 2)]
-        assert [obj for _, obj in items] == ["for the actor"]
+        assert [obj for _, obj in items] == [LinkEcho(1, "for the actor")]
     finally:
         peer.close()
         listener.close()
