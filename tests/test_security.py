@@ -223,6 +223,7 @@ def test_no_socket_of_the_cluster_listens_beyond_loopback(cluster):
     assert {host for host, _ in socks} == {"127.0.0.1"}, sorted(socks)
     planes = [d["data_plane"] for d in cluster.status()["devices"]]
     assert planes and all(p.startswith("127.0.0.1:") for p in planes)
+    assert {int(p.rsplit(":", 1)[1]) for p in planes} <= {port for _, port in socks}
 
 
 @integration
