@@ -1,0 +1,294 @@
+# The packed-weight pointwise kernel (included by gemm.pyx and fused.pyx; each module
+# compiles it with its own ISA flags). Needs _common.pxi included first.
+
+# Packed-weight path for few pixels: OpenBLAS repacks the whole weight matrix on
+# every sgemm call, which dominates when there are only a few dozen pixels.
+#
+# Two micro-kernels, one per build: the AVX-512 build (x86-64-v4) multiplies 12 pixels
+# by a 32-channel panel in 24 zmm accumulators (pw5_*, C intrinsics below); every other
+# build 6 pixels by a 16-channel panel in 12 ymm accumulators (_pw_block, GCC vector
+# extensions). PW_NR / PW_MR are this build's panel width and block height.
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #define PW3_NR 16   /* channels per weight panel: two AVX2 vectors */
+    #define PW3_MR 6    /* pixels per block: 6 x 16 accumulators = 12 ymm registers */
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    #define PW_AVX512 1
+    #define PW_NR 32    /* two zmm vectors */
+    #define PW_MR 12    /* 12 x 32 accumulators = 24 of the 32 zmm registers */
+    #else
+    #define PW_AVX512 0
+    #define PW_NR PW3_NR
+    #define PW_MR PW3_MR
+    #endif
+
+    #if PW_AVX512
+    #define PW5_INLINE static inline __attribute__((always_inline))
+    #define PW5_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+    /* o[0:16] = act(acc + bias) (+ r) on the channels of mask m: the epilogue of
+       bias_act_rows, in registers. max/min keep its NaN and -0 results (s > 0 ? s : 0). */
+    PW5_INLINE void pw5_out(float *o, const float *r, __m512 acc, __m512 bias, __mmask16 m,
+                            int relu6) {
+        __m512 s = _mm512_add_ps(acc, bias);
+        if (relu6)
+            s = _mm512_min_ps(_mm512_max_ps(s, _mm512_setzero_ps()), _mm512_set1_ps(6.0f));
+        if (r)
+            s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, r));
+        _mm512_mask_storeu_ps(o, m, s);
+    }
+
+    /* mr (<= 12, a literal after inlining) pixels x nt (<= 32) channels from one
+       K x 32 weight panel; only its first 16 channels unless `wide`. */
+    PW5_INLINE void pw5_block(const float *__restrict__ a, ptrdiff_t K,
+                              const float *__restrict__ w, const float *__restrict__ b,
+                              float *o, ptrdiff_t ldo, const float *r, ptrdiff_t rs,
+                              ptrdiff_t nt, int relu6, const int mr, const int wide) {
+    #define PW5_DECL(i) __m512 c##i##a = _mm512_setzero_ps(), c##i##b = _mm512_setzero_ps();
+        PW5_ROWS(PW5_DECL)
+        /* One moving pointer into the pixels' rows and one into the panel: row i is at
+           ak[i * K], so the loop needs 11 offset registers and no spilled row pointer. */
+        const float *ak = a, *wk = w, *wend = w + K * 32;
+        if (wide) {
+            for (; wk != wend; wk += 32, ak++) {
+                __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
+    #define PW5_FMA2(i) if (mr > i) { __m512 x = _mm512_set1_ps(ak[i * K]); \
+                c##i##a = _mm512_fmadd_ps(x, w0, c##i##a); \
+                c##i##b = _mm512_fmadd_ps(x, w1, c##i##b); }
+                PW5_ROWS(PW5_FMA2)
+            }
+        } else {
+            for (; wk != wend; wk += 32, ak++) {
+                __m512 w0 = _mm512_loadu_ps(wk);
+    #define PW5_FMA1(i) if (mr > i) \
+                c##i##a = _mm512_fmadd_ps(_mm512_set1_ps(ak[i * K]), w0, c##i##a);
+                PW5_ROWS(PW5_FMA1)
+            }
+        }
+        __mmask16 m0 = nt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1u);
+        __mmask16 m1 = nt >= 32 ? (__mmask16)0xFFFF
+                     : nt <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nt - 16)) - 1u);
+        __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+    #define PW5_OUT(i) if (mr > i) { \
+            pw5_out(o + i * ldo, r ? r + i * rs : NULL, c##i##a, b0, m0, relu6); \
+            if (wide) pw5_out(o + i * ldo + 16, r ? r + i * rs + 16 : NULL, c##i##b, b1, m1, \
+                              relu6); }
+        PW5_ROWS(PW5_OUT)
+    }
+
+    /* All M pixels against one panel, 12 at a time; each block height is a literal,
+       so every call is a specialised copy with its row loop unrolled. */
+    static void pw5_panel(const float *a, ptrdiff_t M, ptrdiff_t K, const float *w,
+                          const float *b, float *o, ptrdiff_t ldo, const float *r,
+                          ptrdiff_t rs, ptrdiff_t nt, int relu6) {
+        ptrdiff_t p = 0;
+        int wide = nt > 16;
+        while (p < M) {
+            ptrdiff_t mr = M - p < PW_MR ? M - p : PW_MR;
+            const float *ap = a + p * K, *rp = r ? r + p * rs : NULL;
+            float *op = o + p * ldo;
+            switch (mr) {
+    #define PW5_CASE(n) case n: if (wide) \
+                pw5_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 1); \
+                else pw5_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 0); break;
+            PW5_CASE(12) PW5_CASE(11) PW5_CASE(10) PW5_CASE(9) PW5_CASE(8) PW5_CASE(7)
+            PW5_CASE(6) PW5_CASE(5) PW5_CASE(4) PW5_CASE(3) PW5_CASE(2) PW5_CASE(1)
+            }
+            p += mr;
+        }
+    }
+    #else
+    static void pw5_panel(const float *a, ptrdiff_t M, ptrdiff_t K, const float *w,
+                          const float *b, float *o, ptrdiff_t ldo, const float *r,
+                          ptrdiff_t rs, ptrdiff_t nt, int relu6) {
+        (void)a; (void)M; (void)K; (void)w; (void)b; (void)o; (void)ldo; (void)r;
+        (void)rs; (void)nt; (void)relu6;   /* never called: PW_AVX512 is 0 */
+    }
+    #endif
+    """
+    enum:
+        PW3_NR
+        PW3_MR
+        PW_NR
+        PW_MR
+        PW_AVX512
+    void pw5_panel(const float* a, Py_ssize_t M, Py_ssize_t K, const float* w,
+                   const float* b, float* o, Py_ssize_t ldo, const float* r, Py_ssize_t rs,
+                   Py_ssize_t nt, bint relu6) noexcept nogil
+
+
+cdef extern from *:
+    """
+    /* 8 floats of any alignment (GCC/Clang vector extensions). */
+    #if defined(__AVX__)
+    typedef float pw_v8 __attribute__((vector_size(32), aligned(4)));
+    #define PW_LOAD(p) (*(const pw_v8 *)(p))
+    #define PW_STORE(p, v) (*(pw_v8 *)(p) = (v))
+    #define PW_ZERO() ((pw_v8){0})
+    #define PW_FMA(acc, a, w) ((acc) + (a) * (w))
+    #else
+    /* Two 4-float halves: gcc lowers a 32-byte vector on a 16-byte ISA through the
+       stack, where every scalar broadcast stalls (50x slower). */
+    typedef float pw_v4 __attribute__((vector_size(16), aligned(4)));
+    typedef struct { pw_v4 lo, hi; } pw_v8;
+    static inline pw_v8 PW_LOAD(const float *p) {
+        pw_v8 v = {*(const pw_v4 *)p, *(const pw_v4 *)(p + 4)}; return v; }
+    static inline void PW_STORE(float *p, pw_v8 v) {
+        *(pw_v4 *)p = v.lo; *(pw_v4 *)(p + 4) = v.hi; }
+    static inline pw_v8 PW_ZERO(void) { pw_v8 v = {{0}, {0}}; return v; }
+    static inline pw_v8 PW_FMA(pw_v8 acc, float a, pw_v8 w) {
+        acc.lo += a * w.lo; acc.hi += a * w.hi; return acc; }
+    #endif
+    """
+    ctypedef struct pw_v8:
+        pass
+    pw_v8 PW_LOAD(const float* p) noexcept nogil
+    void PW_STORE(float* p, pw_v8 v) noexcept nogil
+    pw_v8 PW_ZERO() noexcept nogil
+    pw_v8 PW_FMA(pw_v8 acc, float a, pw_v8 w) noexcept nogil
+
+
+cdef inline void _pw_block(cfloat_rp a, Py_ssize_t K, cfloat_rp wp, cfloat_rp bp,
+                           float* op, Py_ssize_t ldo, const float* rp, Py_ssize_t rs,
+                           Py_ssize_t nt, bint relu6, const int mr, const bint wide) noexcept nogil:
+    """mr (<= PW3_MR) pixels x nt (<= PW3_NR) channels from one K x PW3_NR weight panel
+    (only its first 8 channels unless `wide`)."""
+    # Explicit vectors: left to itself gcc vectorizes the K loop (emulated gathers)
+    # instead of keeping the 6 x 16 accumulators in registers.
+    cdef pw_v8 c00 = PW_ZERO(), c01 = PW_ZERO(), c10 = PW_ZERO(), c11 = PW_ZERO()
+    cdef pw_v8 c20 = PW_ZERO(), c21 = PW_ZERO(), c30 = PW_ZERO(), c31 = PW_ZERO()
+    cdef pw_v8 c40 = PW_ZERO(), c41 = PW_ZERO(), c50 = PW_ZERO(), c51 = PW_ZERO()
+    cdef pw_v8 w0, w1
+    cdef float acc[PW3_MR][PW3_NR]
+    cdef Py_ssize_t i, k
+    # Two loops rather than a test inside one: gcc does not unswitch it.
+    if wide:
+        for k in range(K):
+            w0 = PW_LOAD(wp + k * PW3_NR)
+            w1 = PW_LOAD(wp + k * PW3_NR + 8)
+            c00 = PW_FMA(c00, a[k], w0)
+            c01 = PW_FMA(c01, a[k], w1)
+            if mr > 1:
+                c10 = PW_FMA(c10, a[K + k], w0)
+                c11 = PW_FMA(c11, a[K + k], w1)
+            if mr > 2:
+                c20 = PW_FMA(c20, a[2 * K + k], w0)
+                c21 = PW_FMA(c21, a[2 * K + k], w1)
+            if mr > 3:
+                c30 = PW_FMA(c30, a[3 * K + k], w0)
+                c31 = PW_FMA(c31, a[3 * K + k], w1)
+            if mr > 4:
+                c40 = PW_FMA(c40, a[4 * K + k], w0)
+                c41 = PW_FMA(c41, a[4 * K + k], w1)
+            if mr > 5:
+                c50 = PW_FMA(c50, a[5 * K + k], w0)
+                c51 = PW_FMA(c51, a[5 * K + k], w1)
+    else:
+        for k in range(K):
+            w0 = PW_LOAD(wp + k * PW3_NR)
+            c00 = PW_FMA(c00, a[k], w0)
+            if mr > 1:
+                c10 = PW_FMA(c10, a[K + k], w0)
+            if mr > 2:
+                c20 = PW_FMA(c20, a[2 * K + k], w0)
+            if mr > 3:
+                c30 = PW_FMA(c30, a[3 * K + k], w0)
+            if mr > 4:
+                c40 = PW_FMA(c40, a[4 * K + k], w0)
+            if mr > 5:
+                c50 = PW_FMA(c50, a[5 * K + k], w0)
+    PW_STORE(acc[0], c00); PW_STORE(acc[0] + 8, c01)
+    PW_STORE(acc[1], c10); PW_STORE(acc[1] + 8, c11)
+    PW_STORE(acc[2], c20); PW_STORE(acc[2] + 8, c21)
+    PW_STORE(acc[3], c30); PW_STORE(acc[3] + 8, c31)
+    PW_STORE(acc[4], c40); PW_STORE(acc[4] + 8, c41)
+    PW_STORE(acc[5], c50); PW_STORE(acc[5] + 8, c51)
+    for i in range(mr):
+        if rp == NULL:
+            _pw_store(op + i * ldo, acc[i], <const float*>NULL, bp, nt, relu6)
+        else:
+            _pw_store(op + i * ldo, acc[i], rp + i * rs, bp, nt, relu6)
+
+
+cdef inline void _pw_store(float_rp o, cfloat_rp acc, cfloat_rp r, cfloat_rp b, Py_ssize_t n,
+                           bint relu6) noexcept nogil:
+    """o = act(acc + b) (+ r): the epilogue of `pwconv` (bias_act_rows) from registers."""
+    cdef Py_ssize_t c
+    cdef float s
+    for c in range(n):
+        s = acc[c] + b[c]
+        if relu6:
+            s = s if s > <float>0.0 else <float>0.0
+            s = s if s < <float>6.0 else <float>6.0
+        o[c] = s + r[c] if r != NULL else s
+
+
+cdef inline void _pw_panel(const float* ap, Py_ssize_t M, Py_ssize_t K, const float* wp,
+                           const float* bp, float* op, Py_ssize_t ldo, const float* rp,
+                           Py_ssize_t rs, Py_ssize_t nt, bint relu6,
+                           const bint wide) noexcept nogil:
+    """All M pixels against one weight panel, PW3_MR pixels at a time."""
+    cdef Py_ssize_t p = 0, mr
+    cdef const float* r
+    while p < M:
+        r = NULL if rp == NULL else rp + p * rs
+        mr = M - p if M - p < PW3_MR else PW3_MR
+        # Literal block heights: each call is specialised with its loops unrolled.
+        if mr == 6:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 6, wide)
+        elif mr == 5:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 5, wide)
+        elif mr == 4:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 4, wide)
+        elif mr == 3:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 3, wide)
+        elif mr == 2:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 2, wide)
+        else:
+            _pw_block(ap + p * K, K, wp, bp, op + p * ldo, ldo, r, rs, nt, relu6, 1, wide)
+        p += mr
+
+
+# Input floats per pixel chunk of pwconv_packed (128 KiB: half of a small L2).
+cdef Py_ssize_t PW_CHUNK_FLOATS = 32768
+
+
+cdef inline void _pw_packed_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t mc,
+                                 const float* ap, Py_ssize_t M, Py_ssize_t K,
+                                 const float* wp, const float* bp, float* op, Py_ssize_t n,
+                                 const float* rp, Py_ssize_t rs, bint relu6) noexcept nogil:
+    cdef Py_ssize_t p0 = (t // npan) * mc, q = t % npan, q0 = q * PW_NR
+    cdef Py_ssize_t m = M - p0 if M - p0 < mc else mc
+    cdef Py_ssize_t nt = n - q0 if n - q0 < PW_NR else PW_NR
+    cdef const float* r = NULL if rp == NULL else rp + p0 * rs + q0
+    if PW_AVX512:
+        pw5_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+                  nt, relu6)
+    # A last panel of at most 8 channels (e.g. 24 outputs) skips its zero half.
+    elif nt > PW_NR // 2:
+        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+                  nt, relu6, True)
+    else:
+        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+                  nt, relu6, False)
+
+
+cdef inline Py_ssize_t pw_chunk(Py_ssize_t K, Py_ssize_t M) noexcept nogil:
+    """Pixels per chunk: inputs that stay in L2 while every panel passes over them."""
+    cdef Py_ssize_t mc = (PW_CHUNK_FLOATS // K if K > 0 else M) // PW_MR * PW_MR
+    return mc if mc >= PW_MR else PW_MR
+
+
+cdef inline void pw_packed_serial(const float* ap, Py_ssize_t M, Py_ssize_t K,
+                                  const float* wp, const float* bp, float* op, Py_ssize_t n,
+                                  const float* rp, Py_ssize_t rs, bint relu6) noexcept nogil:
+    """op[p, c] = act(ap[p] . w[:, c] + bp[c]) (+ rp[p * rs + c]) for M pixels (K inputs,
+    n outputs, rows n floats apart) on one thread; wp packed by pack_pw for exactly n
+    channels."""
+    cdef Py_ssize_t npan = (n + PW_NR - 1) // PW_NR, mc = pw_chunk(K, M), t
+    if M <= 0 or n <= 0:
+        return
+    for t in range((M + mc - 1) // mc * npan):
+        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
