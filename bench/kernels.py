@@ -19,6 +19,9 @@ for the whole network, and per layer type from onnxruntime's own profiler (per-n
 kernel times, mapped back to our layers by node name; onnxruntime fuses the bias,
 ReLU6 and residual add into its convolutions and adds layout reorders of its own,
 counted apart). Without onnxruntime installed those columns are left out.
+
+Each inverted-residual block is also timed through kernels.fused (the block by tiles of
+output rows) against its three layers, with a check that both give the same bits.
 """
 from __future__ import annotations
 
@@ -224,6 +227,70 @@ def _layer_group(layer) -> str:
     return layer.kind
 
 
+def inverted_residual_blocks(model: M.Model) -> list[tuple]:
+    """(name, expand layer or None, depthwise layer, project layer) of every block that
+    kernels.fused can compute: layers named <block>.<part>, an optional pwconv + ReLU6,
+    a dwconv3x3 + ReLU6 and a pwconv without activation, each reading the one before."""
+    groups: dict[str, list] = defaultdict(list)
+    for layer in model.layers:
+        groups[layer.name.split(".")[0]].append(layer)
+    blocks = []
+    for name, ls in groups.items():
+        kinds = [l.kind for l in ls]
+        if kinds == ["pwconv", "dwconv3x3", "pwconv"]:
+            ex, dw, pj = ls
+        elif kinds == ["dwconv3x3", "pwconv"]:
+            ex, (dw, pj) = None, ls
+        else:
+            continue
+        if (ex is None or ex.relu6 and ex.residual is None) and dw.relu6 and not pj.relu6 \
+                and dw.residual is None and (pj.residual is None or dw.stride == 1):
+            blocks.append((name, ex, dw, pj))
+    return blocks
+
+
+def fused_blocks(model: M.Model, tensors: dict, repeats: int) -> list[dict]:
+    """Each inverted-residual block through kernels.fused against its three layers through
+    the same build's kernels (interleaved medians, ms); the outputs must be equal."""
+    from decolla.kernels import load
+    fused = load("fused")
+    rows = []
+    for name, ex, dw, pj in inverted_residual_blocks(model):
+        first = ex or dw
+        prev = model.layers[model.layers.index(first) - 1].name if model.layers.index(first) \
+            else "input"
+        x = np.ascontiguousarray(tensors[prev], np.float32)
+        res = pj.residual is not None
+        if res and tensors[pj.residual] is not tensors[prev] and not np.array_equal(
+                tensors[pj.residual], x):
+            continue   # the residual is not the block's input: not this kernel's block
+        outs = {l.name: np.empty(l.out_shape, np.float32) for l in (ex, dw, pj) if l}
+        wex = None if ex is None else ops.packed_weight(ex.weight, 0, ex.out_shape[2])
+        wpj = ops.packed_weight(pj.weight, 0, pj.out_shape[2])
+        got = np.empty(pj.out_shape, np.float32)
+
+        def one():
+            fused.inverted_residual(x, wex, None if ex is None else ex.bias, dw.weight, dw.bias,
+                                    wpj, pj.bias, got, dw.stride, res)
+
+        def three():
+            src = x
+            for layer in (ex, dw, pj):
+                if layer is not None:
+                    fwd._run(layer, layer.weight, layer.bias, src,
+                             x if layer is pj and res else None, outs[layer.name], 1)
+                    src = outs[layer.name]
+
+        one()
+        three()
+        (t_one, _), (t_three, _) = _interleaved_many([one, three], repeats)
+        rows.append({"block": name, "in_shape": list(x.shape), "out_shape": list(pj.out_shape),
+                     "expand": ex is not None, "stride": dw.stride, "residual": res,
+                     "fused_ms": t_one, "separate_ms": t_three,
+                     "equal": bool(np.array_equal(got, outs[pj.name]))})
+    return rows
+
+
 def in_network_times(f: fwd.Forward, image: np.ndarray, repeats: int) -> list[float]:
     """Median wall time (ms) of each layer of f's plan, run in order as in f(image)."""
     f(image)
@@ -348,6 +415,7 @@ def run(arch: str, width: float, size: int, repeats: int) -> dict:
         row["ours_in_network_ms"] = ms
         g = per_type[_layer_group(layer)]
         g["ours_in_network_ms"] = g.get("ours_in_network_ms", 0.0) + ms
+    blocks = fused_blocks(model, tensors, repeats)
     peak_measured = measure_peak_sgemm()
     for g in per_type.values():
         g["ratio"] = g["ours_ms"] / g["torch_ms"]
@@ -383,6 +451,7 @@ def run(arch: str, width: float, size: int, repeats: int) -> dict:
                  "ours_fraction_of_nominal": flops / (t_ours * 1e-3) / NOMINAL_PEAK,
                  "ours_cpu_fraction_of_nominal": flops / (c_ours * 1e-3) / NOMINAL_PEAK},
         "per_type": dict(per_type),
+        "fused_blocks": blocks,
         "layers": rows,
     }
 
@@ -466,6 +535,19 @@ def markdown(r: dict) -> str:
               f"runs at "
               f"{100 * r['peak']['ours_fraction_of_nominal']:.0f} % of nominal peak in wall time, "
               f"{100 * r['peak']['ours_cpu_fraction_of_nominal']:.0f} % in CPU time.", ""]
+    fb = r.get("fused_blocks") or []
+    if fb:
+        big = [b for b in fb if b["fused_ms"] < b["separate_ms"]]
+        lines += ["| inverted-residual block | input | stride | fused ms | three layers ms | "
+                  "speed-up | same bits |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        lines += [f"| {b['block']} | {'×'.join(map(str, b['in_shape']))} | {b['stride']} | "
+                  f"{b['fused_ms']:.3f} | {b['separate_ms']:.3f} | "
+                  f"{b['separate_ms'] / b['fused_ms']:.2f} | {'yes' if b['equal'] else 'NO'} |"
+                  for b in fb]
+        lines += ["", f"kernels.fused (one block by tiles of output rows, not yet used by "
+                  f"decolla.forward): all blocks {sum(b['fused_ms'] for b in fb):.2f} ms fused "
+                  f"vs {sum(b['separate_ms'] for b in fb):.2f} ms as three layers; "
+                  f"{len(big)} of {len(fb)} blocks faster fused.", ""]
     return "\n".join(lines)
 
 

@@ -31,5 +31,7 @@ def test_bench_runs_on_a_tiny_network(tmp_path):
     for g in r["per_type"].values():
         assert g["onnxruntime_ms"] > 0, g      # every layer type has onnxruntime nodes
     assert all("onnxruntime_ms" in row and row["ours_in_network_ms"] > 0 for row in r["layers"])
+    assert r["fused_blocks"] and all(b["equal"] for b in r["fused_blocks"])
     md = bk.markdown(r)
     assert "| onnxruntime |" in md and "ours / onnxruntime" in md
+    assert "inverted-residual block" in md
