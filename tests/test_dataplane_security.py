@@ -3,7 +3,6 @@ pickle that would create a file, in the old framing and as a fake frame, runs no
 peer with the wrong key fails the handshake; a replayed or tampered frame closes its
 connection; the listener keeps serving; and a request whose frame is tampered with or
 replayed on the way is still answered correctly (the lost chunk is recomputed)."""
-import os
 import pickle
 import socket
 import struct
@@ -154,6 +153,7 @@ class _Proxy:
 
     def __init__(self, attack: str):
         self.attack, self.target, self.attacked = attack, None, threading.Event()
+        self.dropped = threading.Event()      # the target ended the attacked connection
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.address = self.sock.getsockname()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -172,10 +172,11 @@ class _Proxy:
 
     def _serve(self, client):
         up = socket.create_connection(self.target)
-        threading.Thread(target=_pipe, args=(up, client), daemon=True).start()
+        first = not self.attacked.is_set()
+        self.attacked.set()
+        threading.Thread(target=self._back, args=(up, client, first), daemon=True).start()
         try:
-            if not self.attacked.is_set():
-                self.attacked.set()
+            if first:
                 up.sendall(session.recv_exact(client, session.HELLO.size + session.MAC_BYTES))
                 header = session.recv_exact(client, session.HEADER.size)
                 _, nbuf, _, ncontrol, nbuffers = session.HEADER.unpack(header)
@@ -187,6 +188,11 @@ class _Proxy:
         except (OSError, EOFError):
             pass
         _pipe(client, up)
+
+    def _back(self, up, client, first):
+        _pipe(up, client)
+        if first:
+            self.dropped.set()
 
     def close(self):
         self.sock.close()
@@ -208,8 +214,9 @@ def _pipe(src, dst):
 @pytest.mark.parametrize("attack", ["tamper", "replay"])
 def test_a_request_survives_a_tampered_or_replayed_frame(tcp_asys, attack):
     """Worker w0's data plane is reached through a proxy that attacks the first frame: the
-    worker drops that connection, the requester recomputes what was on it, and the answer
-    is the reference output."""
+    worker drops that connection, the requester recomputes what was lost on it (a tampered
+    frame's chunks always; a replayed one's results may have come back before the replay
+    was read), and the answer is the reference output."""
     model = load_model(SPEC)
     img = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     proxy = _Proxy(attack)
@@ -220,11 +227,12 @@ def test_a_request_survives_a_tampered_or_replayed_frame(tcp_asys, attack):
     finally:
         proxy.close()
     assert isinstance(reply, InferReply), reply
-    assert proxy.attacked.is_set()
+    assert proxy.attacked.is_set() and proxy.dropped.is_set()
     want = reference.forward(model, img)
     np.testing.assert_allclose(reply.logits, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
-    lost = [r for r in reply.records if r.device == "w0" and r.status == "lost"]
-    assert lost, [(r.device, r.stage, r.chunk, r.status) for r in reply.records]
+    if attack == "tamper":
+        lost = [r for r in reply.records if r.device == "w0" and r.status == "lost"]
+        assert lost, [(r.device, r.stage, r.chunk, r.status) for r in reply.records]
 
 
 def test_a_dialer_with_another_key_never_connects_and_falls_back(worker_addr):
