@@ -158,7 +158,9 @@ def _run_member(args, name, port, logger) -> int:
         asys.tell(probe, ActorExitRequest())
         if args.role == "device":
             try:
-                system.wait_joined(asys, leader, args.join_timeout)
+                if not system.wait_joined(asys, leader, args.join_timeout,
+                                          lambda: stop.signum is not None):
+                    return 0
             except TimeoutError as exc:
                 logger.error("cannot join the cluster", error=str(exc))
                 return 5

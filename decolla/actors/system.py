@@ -163,13 +163,18 @@ def in_convention(asys) -> bool:
     return bool(getattr(status, "conventionAttendees", None))
 
 
-def wait_joined(asys, leader: str, timeout: float) -> None:
-    """Block until this system has joined `leader`'s convention; TimeoutError after `timeout`."""
+def wait_joined(asys, leader: str, timeout: float, stopped=lambda: False) -> bool:
+    """Block until this system has joined `leader`'s convention (True) or `stopped()` says
+    to give up (False, so the caller still shuts its system down); TimeoutError after
+    `timeout`."""
     deadline = time.monotonic() + timeout
     while not in_convention(asys):
+        if stopped():
+            return False
         if time.monotonic() > deadline:
             raise TimeoutError(no_leader(leader, timeout))
         time.sleep(0.2)
+    return True
 
 
 def on_named_node(capabilities: dict, requirements: dict) -> bool:
