@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxi)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "Cython>=3.0" "numpy>=1.26" "scipy>=1.11" "torch==2.13.0"
-	$(PIP) install -q --no-build-isolation -e ".[dev,train,gateway,bench,crypto]"
+	$(PIP) install -q --no-build-isolation -e ".[dev,train,gateway,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)

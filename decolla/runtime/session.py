@@ -17,9 +17,11 @@ only the fixed-size header is read (the counter must be the next, the length at 
 MAX_FRAME); the body is parsed only once the tag holds.
 
 Protection (the strongest either side asks for wins; `plain` only if both ask):
-  auth     HMAC-SHA256 tag (32 bytes); the default
-  encrypt  ChaCha20-Poly1305 (the `cryptography` package, extra `crypto`): header as
-           associated data, body encrypted; asked for by DECOLLA_ENCRYPT=1
+  encrypt  ChaCha20-Poly1305 (the `cryptography` package): header as associated data,
+           body encrypted; the default. It costs the receiver less CPU than HMAC-SHA256
+           does (bench.transport: 0.19 against 0.27 ms per 150 KB round trip), so privacy
+           comes for free.
+  auth     HMAC-SHA256 tag (32 bytes), body in clear; DECOLLA_ENCRYPT=0 asks for it
   plain    no tag: only for bench.transport, to show what authentication costs
 Without a cluster key (a loopback-only cluster) the key is 32 zero bytes: the same code
 runs, frames are still never unpickled, but anyone who can connect can speak.
@@ -32,6 +34,8 @@ import os
 import secrets
 import socket
 import struct
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from decolla.runtime import keys
 from decolla.runtime.frames import FrameError
@@ -51,30 +55,12 @@ BAD_TAG = "frame fails its tag (tampered, or not from this connection)"
 
 
 def default_protection() -> str:
-    """`encrypt` when DECOLLA_ENCRYPT=1, else `auth`."""
-    return ENCRYPT if os.environ.get(ENCRYPT_ENV, "") == "1" else AUTH
+    """`auth` when DECOLLA_ENCRYPT=0, else `encrypt`."""
+    return AUTH if os.environ.get(ENCRYPT_ENV, "") == "0" else ENCRYPT
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
     return hmac.digest(key, b"".join(parts), "sha256")
-
-
-def _aead(key: bytes):
-    try:
-        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    except ImportError:
-        raise FrameError("encryption needs the cryptography package "
-                         "(pip install 'decolla[crypto]')") from None
-    return ChaCha20Poly1305(key)
-
-
-def can_encrypt() -> bool:
-    """Whether this process can run the `encrypt` protection (cryptography installed)."""
-    try:
-        _aead(NO_KEY)
-    except FrameError:
-        return False
-    return True
 
 
 def handshake(sock: socket.socket, role: bytes, protection: str | None = None,
@@ -133,7 +119,7 @@ class Session:
         self.sent = self.received = 0
         self.tag_bytes = {PLAIN: 0, AUTH: MAC_BYTES, ENCRYPT: AEAD_TAG}[protection]
         if protection == ENCRYPT:
-            self._tx, self._rx = _aead(send_key), _aead(recv_key)
+            self._tx, self._rx = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
         self._send_key, self._recv_key = send_key, recv_key
 
     def seal(self, tid: int, control: bytes, buffers: list[bytes]) -> list:
