@@ -23,9 +23,10 @@ import resource
 import time
 from dataclasses import dataclass
 
-from thespian.actors import ActorSystem, ActorTypeDispatcher
+from thespian.actors import ActorTypeDispatcher
 
 from bench.report import write_json_md
+from decolla.actors.system import start_system
 from decolla.runtime import channels, dataplane, frames, session
 from decolla.runtime.messages import Message
 
@@ -99,8 +100,8 @@ class Driver(ActorTypeDispatcher):
 
 
 def run(round_trips: int) -> dict:
-    from decolla.actors.system import free_port
-    asys = ActorSystem("multiprocTCPBase", {"Admin Port": free_port()}, transientUnique=True)
+    # the nodes' own start: loopback only, Thespian frames tagged as in a cluster
+    asys = start_system({"Admin Port": 0}, "127.0.0.1")
     rows = []
     try:
         echo, driver = asys.createActor(Echo), asys.createActor(Driver)
