@@ -34,7 +34,7 @@ from decolla.actors.registrar import wait_for_registrar
 from decolla.actors.requester import Requester
 from decolla.forward import check_image
 from decolla.runtime import keys
-from decolla.runtime.messages import (ChunkEvent, ConfigureRequester, InferError, InferReply, InferRequest,
+from decolla.runtime.messages import (ChunkEvents, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
 from decolla.runtime.trace import Trace
 
@@ -49,13 +49,24 @@ class ClusterError(RuntimeError):
 
 @dataclass
 class Result:
-    """Outcome of one inference."""
+    """Outcome of one inference.
+
+    `latency` is `trace.span()`: seconds from the caller sending the request to the reply
+    reaching it, on one clock, so it includes the wait before the plan ran (plan choice,
+    link measurement, earlier requests; `trace.phases()` splits it) and the reply's way
+    back, not the caller's own image checks. `bytes_moved`: bytes of every chunk attempt's
+    inputs, outputs and halos.
+    """
     request: str
     logits: np.ndarray
     top_k: list[tuple[int, float]]          # (class, probability) best first
-    latency: float                          # seconds, measured by the caller
+    latency: float                          # seconds: trace.span()
     trace: Trace
     stats: dict = field(default_factory=dict)
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.trace.bytes_moved()
 
     @property
     def devices_used(self) -> list[str]:
@@ -198,15 +209,16 @@ class Client(ClusterMember):
         with self._lock:
             rid = f"{self.name}/{next(self._ids)}"
         wait = timeout if timeout is not None else self.request_timeout + 15
-        t0 = time.perf_counter()
+        submitted = time.time()
         deadline = time.monotonic() + wait
         with self._asys.private() as ctx:
             reply = ctx.ask(self._requester, InferRequest(rid, image, top, on_event is not None),
                             wait)
-            while isinstance(reply, ChunkEvent):
-                on_event(reply.as_dict())
+            while isinstance(reply, ChunkEvents):
+                for event in reply.events:
+                    on_event(event.as_dict())
                 reply = ctx.listen(max(0.0, deadline - time.monotonic()))
-        latency = time.perf_counter() - t0
+        answered = time.time()
         if reply is None:
             raise InferenceError(f"request {rid}: no answer within {wait:.0f} s")
         if isinstance(reply, InferError):
@@ -215,8 +227,8 @@ class Client(ClusterMember):
             raise InferenceError(f"request {rid}: {reply.error}")
         if not isinstance(reply, InferReply):
             raise InferenceError(f"request {rid}: unexpected reply {reply!r}")
-        trace = Trace(rid, reply.started, reply.finished, list(reply.records))
-        return Result(rid, reply.logits, top_k(reply.logits, top), latency, trace, reply.stats)
+        trace = Trace(rid, reply.started, reply.finished, list(reply.records), submitted, answered)
+        return Result(rid, reply.logits, top_k(reply.logits, top), trace.span(), trace, reply.stats)
 
     # ------------------------------------------------------------ status
     def status(self, timeout: float = 10.0) -> dict:
@@ -241,6 +253,7 @@ class NodeProcess:
     log_path: str
     admin_pgid: int | None = None
     started: dict = field(default_factory=dict)
+    cmd: list = field(default_factory=list)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -310,14 +323,30 @@ class LocalCluster:
         if role != "leader":
             cmd += ["--leader", self.leader]
         cmd += extra or []
-        log_path = os.path.join(self.log_dir, f"{name}.log")
+        return self._popen(NodeProcess(name, role, port, None, "", cmd=cmd))
+
+    def _popen(self, node: NodeProcess) -> NodeProcess:
+        """Start `node.cmd`, its output in a log file (a restart's in a new one)."""
+        runs = sum(1 for n in os.listdir(self.log_dir) if n.startswith(f"{node.name}."))
+        node.log_path = os.path.join(self.log_dir, f"{node.name}." + (f"{runs}." if runs else "")
+                                     + "log")
         env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1",
                    **{keys.KEY_ENV: self.key_path})
-        with open(log_path, "wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-        node = NodeProcess(name, role, port, proc, log_path)
-        self.nodes[name] = node
+        with open(node.log_path, "wb") as fh:
+            node.proc = subprocess.Popen(node.cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        node.admin_pgid, node.started = None, {}
+        self.nodes[node.name] = node
+        return node
+
+    def restart(self, name: str) -> NodeProcess:
+        """Kill -9 a node's actor system and node process (if still running) and start it
+        again with the same name, port and arguments: a crash and a restart (fault tests)."""
+        node = self.nodes[name]
+        self.kill(name, signal.SIGKILL)
+        node.proc.wait(10)
+        self._popen(node)
+        self._wait_started(node)
         return node
 
     def _wait_started(self, node: NodeProcess) -> None:

@@ -14,6 +14,7 @@ class Info:
     beats: int = 0
     available: float = 1.0
     queue: int = 0
+    incarnation: str = ""
 
     @property
     def alive(self):
@@ -180,3 +181,20 @@ def test_a_short_fast_chunk_does_not_inflate_the_speed_estimate():
     sup.dispatched("a", 99, 4e7, 1e3)
     sup.completed("a", 99, 4e7, 1e3, compute_s=0.002, rtt_s=0.003)   # 2e10 MAC/s
     assert sup.devices["a"].rate < 1.1 * 3e9
+
+
+def test_a_new_incarnation_is_usable_at_once_whatever_its_beat_count():
+    """A restarted device's heartbeat count starts again at 0: its new worker (another
+    incarnation) is used as soon as the registrar reports it ready."""
+    sup, _ = make(dead_after=1, revive_beats=2)
+    sup.update_membership([Info("a", beats=40, incarnation="w1"), Info("b", incarnation="w2")])
+    sup.dispatched("a", "k1", 1e6, 100)
+    assert sup.missed("a", "k0") == "dead"
+    sup.update_membership([Info("a", status="gone", beats=40, incarnation="w1"),
+                           Info("b", incarnation="w2")])
+    sup.update_membership([Info("a", status="starting", beats=0, incarnation="w3"),
+                           Info("b", incarnation="w2")])
+    assert sup.usable() == ["b"]          # not ready yet
+    sup.update_membership([Info("a", beats=0, incarnation="w3"), Info("b", incarnation="w2")])
+    assert sup.usable() == ["a", "b"]
+    assert sup.devices["a"].outstanding == {}    # the old worker's attempt died with it

@@ -8,6 +8,7 @@ pushes `Membership` snapshots to subscribed requesters.
 from __future__ import annotations
 
 import time
+import uuid
 
 from thespian.actors import (ActorExitRequest, ActorSystemConventionUpdate,
                              ActorTypeDispatcher, ChildActorExited,
@@ -111,7 +112,8 @@ class Registrar(ActorTypeDispatcher):
             self.send(old.worker, ActorExitRequest())
         worker = self.createActor(Worker, targetActorRequirements={system.CAP_NODE: name})
         self.devices[name] = DeviceInfo(name=name, worker=worker, status="starting",
-                                        threads=int(caps.get(system.CAP_THREADS, 1)))
+                                        threads=int(caps.get(system.CAP_THREADS, 1)),
+                                        incarnation=uuid.uuid4().hex[:12])
         self.worker_started[name] = time.monotonic()
         self.send(worker, InitWorker(name, caps.get(system.CAP_MODEL, ""), self.digest,
                                      self.cfg.heartbeat_s, int(caps.get(system.CAP_THREADS, 1))))

@@ -41,6 +41,7 @@ class DeviceInfo(Message):
     host: str = ""
     threads: int = 1
     data_addr: tuple = ()         # (ip, port) of its worker's data plane; () = actor messages only
+    incarnation: str = ""         # unique per worker the registrar starts (a restart is a new one)
     _show = ("name", "status", "beats")
 
     @property

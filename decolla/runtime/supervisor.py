@@ -7,6 +7,10 @@ opinion (missed deadlines) combined with the registrar's (heartbeats, convention
   alive --miss--> suspect --(dead_after consecutive misses)--> dead
   any result from the device               -> alive
   dead + >= revive_beats new heartbeats    -> alive (a device can come back)
+  a new incarnation (another worker)       -> alive, its old attempts forgotten
+
+A device is known by its incarnation (the registrar names each worker it starts), not by
+its heartbeat count: a restarted device's count starts again at 0.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class DeviceEstimate:
     member: bool = True            # registrar says ready
     beats: int = 0
     beats_at_death: int = 0
+    incarnation: str = ""          # the registrar's id of the worker these figures are for
     available: float = 1.0
     reported_queue: int = 0
     outstanding: dict = field(default_factory=dict)   # attempt key -> macs
@@ -95,6 +100,7 @@ class Supervisor:
                 d = self.devices[info.name] = DeviceEstimate(
                     info.name, rate, self.prior_spb, self.prior_overhead, member=False)
             was = d.usable
+            self._reincarnate(d, getattr(info, "incarnation", ""))
             d.member = info.alive
             d.available = info.available
             d.reported_queue = info.queue
@@ -108,6 +114,18 @@ class Supervisor:
                 d.member = False
                 lost.append(name)
         return lost
+
+    @staticmethod
+    def _reincarnate(d: DeviceEstimate, incarnation: str) -> None:
+        """A device with another worker than before starts healthy: what the old worker
+        missed says nothing of the new one, and its attempts died with it."""
+        if incarnation == d.incarnation:
+            return
+        if d.incarnation:
+            d.state, d.misses, d.beats, d.beats_at_death = "alive", 0, 0, 0
+            d.outstanding.clear()
+            d.unqueued.clear()
+        d.incarnation = incarnation
 
     def usable(self) -> list[str]:
         """Devices chunks may be sent to, in a stable order."""

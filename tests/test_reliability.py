@@ -1,0 +1,85 @@
+"""Faults that heal, with real node processes on loopback: a restarted device is used again
+at once, a restarted leader leaves no orphan worker and its clients carry on."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from decolla import forward
+from decolla.loader import load_model
+
+pytestmark = pytest.mark.integration
+
+SPEC = "mobilenet_v2:width=0.35,input_size=96,seed=0"
+HEARTBEAT_S = 0.5
+_model = load_model(SPEC)
+
+
+def image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(_model.input_shape).astype(np.float32)
+
+
+_refs = {s: forward.forward(_model, image(s)) for s in (1, 2, 3)}
+
+
+class Sender:
+    """Sends inferences back to back from a thread; records (start, end, result | error)."""
+
+    def __init__(self, client):
+        self.client, self.done, self.stop = client, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        i = 0
+        while not self.stop.is_set():
+            seed = 1 + i % 3
+            t0 = time.monotonic()
+            try:
+                out = self.client.infer(image(seed), timeout=60)
+                assert np.abs(out.logits - _refs[seed]).max() <= 1e-4 * np.abs(_refs[seed]).max()
+            except Exception as exc:  # recorded, asserted on by the test
+                out = exc
+            self.done.append((t0, time.monotonic(), out))
+            i += 1
+
+    def finish(self) -> list:
+        self.stop.set()
+        self.thread.join(90)
+        assert not self.thread.is_alive(), "an inference hung"
+        return self.done
+
+
+def _status(cluster, name):
+    return {d["name"]: d for d in cluster.status()["devices"]}.get(name, {})
+
+
+def test_a_restarted_device_gets_work_within_two_heartbeats(make_cluster):
+    c = make_cluster(devices=3, model=SPEC, deadline_floor=0.5, heartbeat=HEARTBEAT_S)
+    sender = Sender(c.client)
+    try:
+        while len(sender.done) < 3:
+            time.sleep(0.05)
+        c.kill("dev3", signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while _status(c, "dev3").get("status") != "gone":    # the client has given up on it
+            assert time.monotonic() < deadline, "the killed device never left"
+            time.sleep(0.1)
+        c.restart("dev3")
+        while _status(c, "dev3").get("status") != "ready":
+            assert time.monotonic() < deadline + 30, "the restarted device never got ready"
+            time.sleep(0.05)
+        ready_at = time.monotonic()
+        while not any(t0 > ready_at and not isinstance(out, Exception)
+                      and "dev3" in out.devices_used for t0, _, out in sender.done):
+            assert time.monotonic() < ready_at + 15, "the restarted device got no work"
+            time.sleep(0.05)
+    finally:
+        done = sender.finish()
+    assert not [out for *_, out in done if isinstance(out, Exception)]
+    first = min(t0 for t0, _, out in done if t0 > ready_at and "dev3" in out.devices_used)
+    assert first - ready_at <= 2 * HEARTBEAT_S, f"used again only after {first - ready_at:.2f} s"
