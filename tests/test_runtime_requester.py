@@ -91,3 +91,26 @@ def test_chunks_of_a_device_that_stops_being_usable_move_once_late(asys):
     # not moved when the device stopped being usable (0.3 s), but once late (1.5 s)
     assert min(r.sent for r in moved) - min(r.sent for r in held) >= 0.8 * SilentWorker.DUE_S
     assert time.monotonic() - t0 < 20
+
+
+def test_live_events_come_in_batches_before_the_reply(asys):
+    """Following a request costs a few messages, not one per event: the reply no longer
+    waits behind hundreds of them."""
+    import time
+
+    from decolla.runtime.messages import ChunkEvents
+    model = load_model(SPEC)
+    img = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
+    req = start(asys, model, [Worker, Worker])
+    t0 = time.monotonic()
+    msg, batches = asys.ask(req, InferRequest("live", img, 5, True), 60), []
+    while isinstance(msg, ChunkEvents):
+        batches.append(msg)
+        msg = asys.listen(60)
+    elapsed = time.monotonic() - t0
+    assert isinstance(msg, InferReply)
+    events = [e for b in batches for e in b.events]
+    assert len(events) > 2 * len(model.layers)       # one per chunk sent and won, at least
+    assert len(batches) <= elapsed / 0.1 + 2
+    assert sum(e.kind in ("sent", "reassigned") for e in events) == len(msg.records)
+    assert [e.time for e in events] == sorted(e.time for e in events)

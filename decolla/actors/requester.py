@@ -25,10 +25,11 @@ from decolla.log import get_logger
 from decolla.plans import PlanError
 from decolla.plans.compute import compute_chunk
 from decolla.runtime import channels, dataplane
+from decolla.runtime.events import EventBatches
 from decolla.runtime.links import LinkProber
-from decolla.runtime.messages import (ChunkFailed, ChunkResult, ChunkResults, ConfigureRequester,
-                                      InferError, InferRequest, InFlight, LinkEcho, Membership,
-                                      Ready, Subscribe, Unsubscribe)
+from decolla.runtime.messages import (ChunkEvent, ChunkFailed, ChunkResult, ChunkResults,
+                                      ConfigureRequester, InferError, InferRequest, InFlight,
+                                      LinkEcho, Membership, Ready, Subscribe, Unsubscribe)
 from decolla.runtime.plan_choice import PlanChooser
 from decolla.runtime.request import Context, Deliver, Request, RunLocal, Tell, Time
 from decolla.runtime.supervisor import Supervisor
@@ -63,6 +64,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.reported_in_flight = 0
         self.local_layers: dict | None = None     # {} once this node cannot compute locally
         self.local_cache: dict = {}
+        self.events = EventBatches()
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_ConfigureRequester(self, msg: ConfigureRequester, sender):
@@ -141,13 +143,20 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         for a in actions:
             if isinstance(a, Deliver):
                 self._deliver(a.device, a.msg)
+            elif isinstance(a, Tell) and isinstance(a.msg, ChunkEvent):
+                self.events.add(req.id, req.caller, a.msg, time.monotonic())
             elif isinstance(a, Tell):
+                self._send_events(self.events.take(req.id))
                 self.send(req.caller, a.msg)
             elif isinstance(a, RunLocal):
                 self._do(req, self._run_local(req, a))
         if req.done and self.requests.get(req.id) is req:
             del self.requests[req.id]
             self._report_in_flight()
+
+    def _send_events(self, batch) -> None:
+        if batch is not None:
+            self.send(*batch)
 
     def _each(self, event, *args) -> None:
         """Feed `event(request, *args)` to every request in flight."""
@@ -262,6 +271,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         if msg.payload != "tick":
             return
         self.ticking = False
+        for batch in self.events.due(time.monotonic()):
+            self._send_events(batch)
         self._each(Request.tick, _now())
         self._ensure_tick()
 

@@ -1,7 +1,7 @@
 """The page's view of one request's trace: the JSON that static/timeline.js draws.
 
-One row per chunk attempt, times in ms since the request started on the requester's
-clock; worker times are shifted by the attempt's clock-offset estimate, so rows from
+One row per chunk attempt, times in ms since the caller submitted the request (the
+requester's clock, the span `Result.latency` reports); worker times are shifted by the attempt's clock-offset estimate, so rows from
 devices on other hosts line up.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ _STATUS = {"won": "ok", "lost": "failed"}
 def timeline(trace: Trace) -> dict:
     """{'devices': [name, ...], 'chunks': [row, ...]} for the page and the JSON API."""
     return {"devices": sorted({r.device for r in trace.records}),
-            "chunks": [timeline_row(r, trace.started) for r in trace.records]}
+            "span_ms": round(trace.span() * 1e3, 3),
+            "chunks": [timeline_row(r, trace.begin) for r in trace.records]}
 
 
 def timeline_row(r: ChunkRecord, t0: float) -> dict:

@@ -27,10 +27,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from decolla.runtime.messages import (Cancel, ChunkEvent, ChunkFailed, ChunkResult, ChunkResults,
-                                      ConfigureRegistrar, ConfigureRequester, Halo, Heartbeat,
-                                      InferError, InferReply, InferRequest, InFlight, InitWorker,
-                                      LinkEcho, LinkProbe, Membership, Ready, StageWork,
+from decolla.runtime.messages import (Cancel, ChunkEvent, ChunkEvents, ChunkFailed, ChunkResult,
+                                      ChunkResults, ConfigureRegistrar, ConfigureRequester, Halo,
+                                      Heartbeat, InferError, InferReply, InferRequest, InFlight,
+                                      InitWorker, LinkEcho, LinkProbe, Membership, Ready, StageWork,
                                       StatusRequest, Subscribe, Unsubscribe, WorkerReady,
                                       WorkerRefused)
 
@@ -102,6 +102,7 @@ CHANNELS = table(
     Channel(Ready, CLIENT),
     Channel(InferRequest, REQUESTER),
     Channel(ChunkEvent, CLIENT),
+    Channel(ChunkEvents, CLIENT),
     Channel(InferReply, CLIENT),
     Channel(InferError, CLIENT),
 )

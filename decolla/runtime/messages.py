@@ -301,6 +301,15 @@ class ChunkEvent(Message):
 
 
 @dataclass(repr=False)
+class ChunkEvents(Message):
+    """A request's ChunkEvents in one message: one per chunk would queue the reply behind
+    hundreds of actor messages (each its own round trip to the caller)."""
+    request: str
+    events: list                  # ChunkEvent, in order
+    _show = ("request",)
+
+
+@dataclass(repr=False)
 class InferReply(Message):
     request: str
     logits: Any

@@ -3,6 +3,12 @@
 Times `sent`/`returned` are the requester's clock (time.time()); `received`,
 `start`, `end` are the worker's clock. On one host they agree; across hosts the
 export shifts worker times by an NTP-style offset estimated per attempt.
+
+A trace spans the caller's whole wait: from `submitted` (the caller sent the request)
+to `answered` (the reply reached it), both on the caller's clock, which is the
+requester's (the requester actor runs on the caller's host). Inside it, `started` to
+`finished` is the requester running the plan; before it the request waited for a plan,
+link measurement or earlier requests; after it the reply travelled back.
 """
 from __future__ import annotations
 
@@ -44,9 +50,29 @@ class ChunkRecord:
 class Trace:
     """All chunk attempts of one inference."""
     request: str
-    started: float
-    finished: float
+    started: float                 # requester started the plan
+    finished: float                # requester had the logits
     records: list[ChunkRecord] = field(default_factory=list)
+    submitted: float | None = None  # caller sent the request (None: same as started)
+    answered: float | None = None   # reply reached the caller (None: same as finished)
+
+    @property
+    def begin(self) -> float:
+        return self.started if self.submitted is None else self.submitted
+
+    @property
+    def end(self) -> float:
+        return self.finished if self.answered is None else self.answered
+
+    def span(self) -> float:
+        """Seconds from submission to answer: what `Result.latency` reports."""
+        return self.end - self.begin
+
+    def phases(self) -> dict[str, float]:
+        """Where the span went, in seconds: waiting to start (plan choice, link
+        measurement, queue, request transit), running the plan, the reply's way back."""
+        return {"waiting": self.started - self.begin, "running": self.finished - self.started,
+                "reply": self.end - self.finished}
 
     def reassigned(self) -> list[ChunkRecord]:
         """Attempts made because an earlier one missed its deadline, was lost or failed."""
@@ -79,13 +105,18 @@ class Trace:
         for name, tid in tids.items():
             events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid,
                            "args": {"name": name}})
-        t0 = self.started
+        t0 = self.begin
 
         def us(t: float) -> float:
             return round((t - t0) * 1e6, 1)
 
         events.append({"ph": "X", "name": f"inference {self.request}", "cat": "request",
-                       "pid": 1, "tid": 0, "ts": 0.0, "dur": us(self.finished)})
+                       "pid": 1, "tid": 0, "ts": 0.0, "dur": us(self.end)})
+        for name, a, b in (("waiting (plan, links, queue)", self.begin, self.started),
+                           ("reply", self.finished, self.end)):
+            if b > a:
+                events.append({"ph": "X", "name": name, "cat": "request", "pid": 1, "tid": 0,
+                               "ts": us(a), "dur": round((b - a) * 1e6, 1)})
         for r in self.records:
             args = {"stage": r.stage, "chunk": r.chunk, "attempt": r.attempt, "status": r.status,
                     "reason": r.reason, "layers": r.layers, "macs": r.macs,
@@ -125,9 +156,9 @@ def merge_chrome(traces: list[Trace]) -> dict:
     events = []
     if not traces:
         return {"traceEvents": []}
-    t0 = min(t.started for t in traces)
+    t0 = min(t.begin for t in traces)
     for i, t in enumerate(traces):
-        shift = round((t.started - t0) * 1e6, 1)
+        shift = round((t.begin - t0) * 1e6, 1)
         for ev in t.to_chrome()["traceEvents"]:
             ev = dict(ev)
             ev["pid"] = ev.get("pid", 1) + 10 * i
