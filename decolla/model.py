@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,27 +118,53 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Model":
-        """Read a model written by `save`; raises ModelError on a file that is not one."""
+        """Read a model written by `save`; raises ModelError, naming the file and what is
+        wrong, on a file that is not one (truncated, no header, a weight missing...)."""
         try:
             with np.load(path, allow_pickle=False) as data:
+                if "__header__" not in data.files:
+                    raise ModelError("no DeColla header (an .npz, but not a DeColla model)")
                 header = json.loads(bytes(data["__header__"]).decode())
                 arrays = {k: data[k] for k in data.files if k != "__header__"}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path}: not a DeColla model file ({exc})") from exc
-        if header.get("format") != "decolla-model-1":
-            raise ModelError(f"{path}: unknown model format {header.get('format')!r}")
-        layers = []
-        for i, spec in enumerate(header["layers"]):
-            layer = Layer(name=spec["name"], kind=spec["kind"], in_shape=tuple(spec["in_shape"]),
-                          out_shape=tuple(spec["out_shape"]), stride=spec["stride"],
-                          relu6=spec["relu6"], residual=spec["residual"])
-            if f"w{i}" in arrays:
-                layer.weight = arrays[f"w{i}"].astype(np.float32, copy=False)
-                layer.bias = arrays[f"b{i}"].astype(np.float32, copy=False)
-            layers.append(layer)
-        model = cls(header["name"], tuple(header["input_shape"]), layers, header.get("meta", {}))
-        validate(model)
+            model = _from_header(cls, header, arrays)
+            validate(model)
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from None
+        except (OSError, EOFError, ValueError, TypeError, KeyError, zipfile.BadZipFile,
+                UnicodeDecodeError) as exc:
+            raise ModelError(f"{path}: not a DeColla model file, or truncated "
+                             f"({type(exc).__name__}: {exc})") from None
         return model
+
+
+_LAYER_KEYS = ("name", "kind", "in_shape", "out_shape", "stride", "relu6", "residual")
+
+
+def _from_header(cls, header, arrays: dict) -> Model:
+    """The model a file's header and arrays describe (ModelError saying what is missing)."""
+    if not isinstance(header, dict):
+        raise ModelError("the header is not a JSON object")
+    if header.get("format") != "decolla-model-1":
+        raise ModelError(f"unknown model format {header.get('format')!r}")
+    missing = [k for k in ("name", "input_shape", "layers") if k not in header]
+    if missing:
+        raise ModelError(f"the header has no {', '.join(map(repr, missing))}")
+    layers = []
+    for i, spec in enumerate(header["layers"]):
+        lacks = [k for k in _LAYER_KEYS if not isinstance(spec, dict) or k not in spec]
+        if lacks:
+            raise ModelError(f"layer {i} of the header has no {', '.join(map(repr, lacks))}")
+        layer = Layer(name=spec["name"], kind=spec["kind"], in_shape=tuple(spec["in_shape"]),
+                      out_shape=tuple(spec["out_shape"]), stride=spec["stride"],
+                      relu6=spec["relu6"], residual=spec["residual"])
+        if (f"w{i}" in arrays) != (f"b{i}" in arrays):
+            raise ModelError(f"layer {layer.name}: array {'b' if f'w{i}' in arrays else 'w'}{i} "
+                             "(its bias or weight) is missing")
+        if f"w{i}" in arrays:
+            layer.weight = arrays[f"w{i}"].astype(np.float32, copy=False)
+            layer.bias = arrays[f"b{i}"].astype(np.float32, copy=False)
+        layers.append(layer)
+    return cls(header["name"], tuple(header["input_shape"]), layers, header.get("meta", {}))
 
 
 def _jsonable(spec: dict) -> dict:
@@ -313,6 +340,10 @@ def build(arch: str, width: float = 1.0, input_size: int = 224, num_classes: int
         raise ModelError(f"unknown architecture {arch!r}; choose from {sorted(ARCHS)}")
     if input_size < 32:
         raise ModelError(f"input size {input_size} is too small (minimum 32)")
+    if not 0 < width <= 8:
+        raise ModelError(f"width {width} is impossible (a multiplier in (0, 8])")
+    if num_classes < 1:
+        raise ModelError(f"num_classes {num_classes} is impossible (at least 1)")
     layers, _ = ARCHS[arch](width, input_size, num_classes)
     _init_weights(layers, seed)
     meta = {"arch": arch, "width": width, "input_size": input_size,
