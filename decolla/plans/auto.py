@@ -305,14 +305,16 @@ def explain(plan: Plan, specs, prof: Profile | None = None) -> str:
         prof = Profile.from_options({k: v for k, v in plan.notes.get("profile", {}).items()
                                      if k in ("devices", "bandwidth_mbit", "wire_dtype")})
     lines = [f"plan {plan.name}: {len(plan.stages)} stages, {plan.num_chunks} chunks; "
-             f"{prof.devices} devices, {prof.bandwidth_mbit:g} Mb/s "
+             f"{prof.devices} devices at {prof.macs_per_s['pwconv'] / 1e9:.3g} GMAC/s "
+             f"(pointwise; other layer kinds in proportion), {prof.bandwidth_mbit:g} Mb/s "
              f"({'one shared link' if prof.shared_link else 'per device link'}), "
              f"wire {prof.wire_dtype}, {prof.overhead_s * 1e3:g} ms/message, "
              f"{prof.device_overhead_s * 1e3:g} ms/chunk on its device",
              f"{'#':>3} {'split':11} {'k':>2} {'bytes':>10} {'pred ms':>8}  layers"]
     total_t = total_b = 0.0
     for st in plan.stages:
-        b = prof.wire_bytes(stage_bytes(st))
+        on_requester = len(st.chunks) == 1 and (prof.local or st.local)
+        b = 0.0 if on_requester else prof.wire_bytes(stage_bytes(st))
         t = stage_seconds(st, by_name, prof)
         total_t += t
         total_b += b
@@ -321,10 +323,16 @@ def explain(plan: Plan, specs, prof: Profile | None = None) -> str:
         lines.append(f"{st.index:>3} {split:11} {len(st.chunks):>2} {b:>10,.0f} {t * 1e3:>8.1f}  "
                      f"{' '.join(names)} ({len(st.layers)} layers)")
     single = spatial_stage(0, specs, 1, "input", tensor_shapes(specs, plan.input_shape))
-    remote = stage_seconds(single, by_name, prof)
-    local = stage_seconds(single, by_name, Profile(**{**asdict(prof), "local": True}))
+    remote = stage_seconds(single, by_name, Profile(**{**asdict(prof), "local": False}))
+    # the requester's own device is an alternative only when the plan may use it: printing
+    # it otherwise showed a cheaper plan than the one chosen
+    local = (f", {stage_seconds(single, by_name, prof) * 1e3:.1f} ms on the requester itself"
+             if prof.local else "")
     lines.append(f"total: {total_b / 1e6:.3f} MB on the wire (uncompressed), predicted "
                  f"{total_t * 1e3:.1f} ms; the whole network on one device: {remote * 1e3:.1f} ms "
-                 f"with the image sent there (speed-up {remote / max(total_t, 1e-9):.2f}x), "
-                 f"{local * 1e3:.1f} ms on the requester itself")
+                 f"with the image sent there (speed-up {remote / max(total_t, 1e-9):.2f}x)"
+                 + local)
+    if not prof.local:
+        lines.append("the requester computes no stage itself (--local, or auto:local=1, "
+                     "lets it keep one-device stages)")
     return "\n".join(lines)
