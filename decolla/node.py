@@ -26,7 +26,7 @@ from thespian.actors import ActorExitRequest
 
 from decolla import log as dlog
 from decolla.actors import system
-from decolla.runtime import keys
+from decolla.runtime import discovery, keys
 from decolla.runtime.dataplane import PORT_ENV
 from decolla.runtime.messages import ConfigureRegistrar
 from decolla.runtime.trace import merge_chrome
@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m decolla.node", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", choices=("leader", "device", "requester"), default="device")
-    p.add_argument("--leader", help="HOST:PORT of the leader (required unless --role leader)")
+    p.add_argument("--leader", help="HOST:PORT of the leader (default: the one whose "
+                                    "announcement arrives on --host's network, see "
+                                    "--discovery-port)")
     p.add_argument("--port", type=int, default=None,
                    help="this node's admin port (default: leader 1900, others a free port)")
     p.add_argument("--host", default=None,
@@ -63,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
     p.add_argument("--log-level", default="info")
     p.add_argument("--heartbeat", type=float, default=0.5, help="leader: heartbeat period (s)")
+    p.add_argument("--discovery-port", type=int, default=discovery.DEFAULT_PORT,
+                   help="UDP port of the leader's announcements, broadcast on --host's network "
+                        "and signed with the cluster key; leader: 0 announces nothing "
+                        "(default: %(default)s)")
     # requester role
     p.add_argument("--image", action="append", default=[], help="requester: .npy image (repeat)")
     p.add_argument("--count", type=int, default=1, help="requester: seeded images when no --image")
@@ -71,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
     p.add_argument("--trace", default=None, help="requester: write a Chrome trace JSON here")
     args = p.parse_args(argv)
-    if args.role != "leader" and not args.leader:
-        p.error("--leader HOST:PORT is required for devices and requesters")
+    if args.role != "leader" and not args.leader and not args.discovery_port:
+        p.error("--leader HOST:PORT is required when --discovery-port is 0")
     if args.threads < 1:
         p.error("--threads must be >= 1")
     if args.host in ("0.0.0.0", "::", ""):
@@ -111,6 +117,17 @@ def main(argv=None) -> int:
 
 
 def _use_key(args, logger) -> bool:
+    if args.role != "leader" and not args.leader:
+        logger.info("waiting for the leader's announcement", port=args.discovery_port,
+                    timeout_s=args.join_timeout)
+        found = discovery.find_leader(args.host, args.discovery_port, args.join_timeout, logger)
+        if found is None:
+            logger.error("no leader announced itself on this network; start one, or pass "
+                         "--leader HOST:PORT", host=args.host, port=args.discovery_port)
+            return 5
+        logger.info("leader discovered", leader=found.leader, model=found.model,
+                    digest=found.digest[:12])
+        args.leader = found.leader
     """Install the cluster key; False (after saying why) when the node must not start."""
     try:
         key = keys.load_key(args.key_file)
@@ -153,6 +170,7 @@ def _run_member(args, name, port, logger) -> int:
         logger.error("cannot start actor system", port=port, error=str(exc))
         return 3
     try:
+    announcer = None
         probe = asys.createActor(system.ProcessInfoActor)
         info = asys.ask(probe, "who", 10) or {}
         asys.tell(probe, ActorExitRequest())
@@ -178,6 +196,9 @@ def _run_member(args, name, port, logger) -> int:
         while stop.signum is None:
             time.sleep(0.2)
         logger.info("shutting down", signal=signal.Signals(stop.signum).name)
+            if args.discovery_port:
+                announcer = discovery.Announcer(args.host, f"{args.host}:{port}", args.model,
+                                                digest, args.discovery_port, log=logger).start()
     finally:
         asys.shutdown()
     logger.info("node stopped")
@@ -188,6 +209,8 @@ def _run_requester(args, name, port, logger) -> int:
     import numpy as np
     from decolla.api import Client, ClusterError
     stop = _Stop()
+        if announcer is not None:
+            announcer.stop()
     try:
         client = Client(args.leader, name=name, port=port, bind=args.host,
                         allocator=args.allocator, plan=args.plan, k=args.k,
