@@ -303,11 +303,17 @@ def _forget(key, ref) -> None:
         del _packed[key]
 
 
+def uses_packed(pixels: int, cin: int, n: int) -> bool:
+    """Whether pwconv multiplies `pixels` pixels by `n` output channels of a weight with
+    `cin` rows through the packed-weight kernel (else BLAS)."""
+    return pixels > 0 and n > 0 and (pixels < PACKED_MAX_PIXELS or cin * n < PACKED_MAX_WEIGHTS)
+
+
 def pwconv_kernel(x, w, b, out, c0, xr0, relu6, res, rr0, rc0, threads) -> None:
     """The Cython pwconv (arguments as decolla.kernels gemm.pwconv, already validated):
     the packed-weight kernel for few pixels or small weights, BLAS otherwise."""
-    m, n = out.shape[0] * out.shape[1], out.shape[2]
-    if m > 0 and n > 0 and (m < PACKED_MAX_PIXELS or w.shape[0] * n < PACKED_MAX_WEIGHTS):
+    n = out.shape[2]
+    if uses_packed(out.shape[0] * out.shape[1], w.shape[0], n):
         wpk = packed_weight(w, c0, c0 + n)
         _gemm.pwconv_packed(x, wpk, b, out, c0, xr0, relu6, res, rr0, rc0, threads)
     else:

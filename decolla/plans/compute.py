@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from decolla import ops
+from decolla import fusion, ops
 from decolla.model import Layer
 from decolla.plans.data import CHANNELWISE, ROWWISE, Chunk, Need, PlanError, Stage
 
@@ -96,17 +96,23 @@ def compute_chunk(layers: Mapping[str, Layer], stage: Stage, chunk: Chunk,
     """Compute one chunk from the slices it needs; returns its part of the stage output.
 
     `run_layer` defaults to `decolla.ops.run_layer`; `cache` keeps sliced layers
-    between calls (worker-lifetime dict).
+    between calls (worker-lifetime dict). With the default, whole inverted-residual
+    blocks (and a `block` stage's partial sums of one) run as one `decolla.fusion` call
+    where fusion is active: the same bits.
     """
+    fuse = run_layer is None and fusion.active()
     run_layer = ops.run_layer if run_layer is None else run_layer
     missing = [n for n in chunk.needs if n not in inputs]
     if missing:
         raise PlanError(f"chunk {chunk.key} is missing inputs {missing}")
     if stage.split == "spatial":
-        return _compute_strip(layers, stage, chunk, inputs, run_layer, cache)
+        return _compute_strip(layers, stage, chunk, inputs, run_layer, cache, fuse)
     if stage.split != "channel":
         raise PlanError(f"split {stage.split!r} is not implemented")
     x = np.ascontiguousarray(inputs[chunk.needs[0]], dtype=np.float32)
+    blk = _psum_block(layers, stage, chunk, cache) if fuse else None
+    if blk is not None:
+        return blk(x)
     c0, c1 = chunk.c0, chunk.c1
     by_tensor = {n.tensor: n for n in chunk.needs[1:]}
     last = len(stage.layers) - 1
@@ -117,16 +123,42 @@ def compute_chunk(layers: Mapping[str, Layer], stage: Stage, chunk: Chunk,
             res = _residual(layer, inputs, chunk, by_tensor, (c0, c1))
             x = run_layer(layer, x, res, c0, c1)
             continue
-        first = chunk.index == 0
-        key = (name, c0, c1, "psum" if psum else "slice", first and psum)
-        sub = cache.get(key) if cache is not None else None
-        if sub is None:
-            sub = partial_layer(layer, c0, c1, first) if psum else slice_layer(layer, c0, c1)
-            if cache is not None:
-                cache[key] = sub
+        sub = _sliced(layer, c0, c1, psum, chunk.index == 0, cache)
         res = _residual(sub, inputs, chunk, by_tensor, None if psum else (c0, c1))
         x = run_layer(sub, x, res, 0, None)
     return x
+
+
+def _sliced(layer: Layer, c0: int, c1: int, psum: bool, first: bool, cache) -> Layer:
+    """The channel slice [c0, c1) of `layer`, or its partial sum over them, kept in `cache`."""
+    key = (layer.name, c0, c1, "psum" if psum else "slice", first and psum)
+    sub = cache.get(key) if cache is not None else None
+    if sub is None:
+        sub = partial_layer(layer, c0, c1, first) if psum else slice_layer(layer, c0, c1)
+        if cache is not None:
+            cache[key] = sub
+    return sub
+
+
+def _psum_block(layers, stage: Stage, chunk: Chunk, cache) -> "fusion.Block | None":
+    """A partial-sum chunk of a whole block (expand ->) depthwise -> project as one fused
+    call: its channels [c0, c1) of the expanded tensor, and its share of the projection
+    (with the bias and the residual in chunk 0's). None when it does not fuse."""
+    if stage.reduce != "sum" or len(stage.layers) not in (2, 3):
+        return None
+    c0, c1, first, src = chunk.c0, chunk.c1, chunk.index == 0, chunk.needs[0].tensor
+    key = ("fused-psum", stage.layers, c0, c1, first, src)
+    if cache is not None and key in cache:
+        return cache[key]
+    *head, dw, pj = (layers[n] for n in stage.layers)
+    blk = None
+    if dw.kind in CHANNELWISE and pj.kind == "pwconv" and all(l.kind == "pwconv" for l in head):
+        blk = fusion.block(head[0] if head else None, _sliced(dw, c0, c1, False, first, cache),
+                           _sliced(pj, c0, c1, True, first, cache), src,
+                           cols=(c0, c1) if head else None)
+    if cache is not None:
+        cache[key] = blk
+    return blk
 
 
 def _residual(layer, inputs, chunk, by_tensor, channels):
@@ -181,17 +213,29 @@ def strip_buffers(layers, names: tuple[str, ...], rows: tuple, cache: dict | Non
     return outs
 
 
-def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=None):
+def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=None,
+                   fuse=False):
     outs = strip_buffers(layers, stage.layers, chunk.layer_rows, cache)
     have = {}
     for n in chunk.needs:
         have[n.tensor] = (np.ascontiguousarray(inputs[n], dtype=np.float32),
                           n.rows[0] if n.rows else 0)
     src = chunk.needs[0].tensor
-    y = None
+    blocks = _stage_blocks(layers, stage, src, cache) if fuse else {}
+    y, skip = None, 0
     for j, (name, (a, b)) in enumerate(zip(stage.layers, chunk.layer_rows)):
-        layer = layers[name]
+        if j < skip:
+            continue
         x, x0 = have[src]
+        blk = blocks.get(j)
+        if blk is not None and _whole(blk, layers, chunk.layer_rows[j:j + len(blk.names)], x, x0):
+            skip = j + len(blk.names)
+            out = outs[skip - 1]
+            y = blk(x, None if out is None or np.may_share_memory(out, x) else out)
+            src = stage.layers[skip - 1]
+            have[src] = (y, 0)
+            continue
+        layer = layers[name]
         res = None
         if layer.residual:
             r, rr0 = have[layer.residual]
@@ -200,6 +244,24 @@ def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=
         have[name] = (y, a)
         src = name
     return y
+
+
+def _stage_blocks(layers, stage: Stage, src: str, cache) -> dict:
+    """`fusion.find` over a stage's layers, kept in `cache`."""
+    key = ("fused-blocks", stage.layers, src)
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        found = fusion.find([layers[n] for n in stage.layers], src)
+        if cache is not None:
+            cache[key] = found
+    return found
+
+
+def _whole(blk, layers, rows, x, x0: int) -> bool:
+    """Whether a strip computes all rows of every layer of `blk` from all rows of its input
+    (the fused kernel takes whole maps only)."""
+    return x0 == 0 and x.shape[0] == blk.in_shape[0] and all(
+        r == (0, layers[n].out_shape[0]) for n, r in zip(blk.names, rows))
 
 
 def strip_layer(layer: Layer, stage: Stage, index: int, x, x0: int, a: int, b: int, res,
