@@ -111,12 +111,6 @@ def main(argv=None) -> int:
     logger = dlog.get_logger("node")
     if not _use_key(args, logger):
         return 2
-    if args.role == "requester":
-        return _run_requester(args, name, port, logger)
-    return _run_member(args, name, port, logger)
-
-
-def _use_key(args, logger) -> bool:
     if args.role != "leader" and not args.leader:
         logger.info("waiting for the leader's announcement", port=args.discovery_port,
                     timeout_s=args.join_timeout)
@@ -128,6 +122,12 @@ def _use_key(args, logger) -> bool:
         logger.info("leader discovered", leader=found.leader, model=found.model,
                     digest=found.digest[:12])
         args.leader = found.leader
+    if args.role == "requester":
+        return _run_requester(args, name, port, logger)
+    return _run_member(args, name, port, logger)
+
+
+def _use_key(args, logger) -> bool:
     """Install the cluster key; False (after saying why) when the node must not start."""
     try:
         key = keys.load_key(args.key_file)
@@ -164,13 +164,13 @@ def _run_member(args, name, port, logger) -> int:
                                threads=args.threads,
                                compute=args.role == "device" or args.compute)
     stop = _Stop()
+    announcer = None
     try:
         asys = system.start_system(caps, args.host)
     except Exception as exc:
         logger.error("cannot start actor system", port=port, error=str(exc))
         return 3
     try:
-    announcer = None
         probe = asys.createActor(system.ProcessInfoActor)
         info = asys.ask(probe, "who", 10) or {}
         asys.tell(probe, ActorExitRequest())
@@ -190,16 +190,18 @@ def _run_member(args, name, port, logger) -> int:
             if reply is None:
                 logger.error("registrar did not start")
                 return 4
+            if args.discovery_port:
+                announcer = discovery.Announcer(args.host, f"{args.host}:{port}", args.model,
+                                                digest, args.discovery_port, log=logger).start()
         logger.info("node started", name=name, role=args.role, port=port, leader=leader,
                     model=args.model, digest=digest[:12], threads=args.threads,
                     pid=os.getpid(), admin_pgid=info.get("pgid"), admin_pid=info.get("ppid"))
         while stop.signum is None:
             time.sleep(0.2)
         logger.info("shutting down", signal=signal.Signals(stop.signum).name)
-            if args.discovery_port:
-                announcer = discovery.Announcer(args.host, f"{args.host}:{port}", args.model,
-                                                digest, args.discovery_port, log=logger).start()
     finally:
+        if announcer is not None:
+            announcer.stop()
         asys.shutdown()
     logger.info("node stopped")
     return 0
@@ -209,8 +211,6 @@ def _run_requester(args, name, port, logger) -> int:
     import numpy as np
     from decolla.api import Client, ClusterError
     stop = _Stop()
-        if announcer is not None:
-            announcer.stop()
     try:
         client = Client(args.leader, name=name, port=port, bind=args.host,
                         allocator=args.allocator, plan=args.plan, k=args.k,
