@@ -117,6 +117,14 @@ class LocalReferenceBackend:
 
 # ----------------------------------------------------------------------------- cluster client
 
+def cluster_model(leader: str, timeout: float) -> tuple[str, str]:
+    """(model spec, digest) the cluster led by `leader` runs, as its registrar says."""
+    _check_reachable(leader, min(timeout, 3.0))
+    with Client(leader=leader, connect_timeout=timeout, min_devices=0) as client:
+        st = client.status(timeout)
+    return st["model"], st["digest"]
+
+
 class ClusterBackend:
     """Client of decolla.api: `LocalCluster(devices=n, model=spec)` or `Client(leader=...)`."""
 

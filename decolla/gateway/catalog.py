@@ -80,3 +80,19 @@ def default_catalog(extra: dict[str, str] | None = None, seeded_spec: str = SEED
     if not entries:
         raise ModelError("no model to serve")
     return entries
+
+
+def cluster_first(catalog: dict[str, ModelEntry], spec: str,
+                  digest: str) -> dict[str, ModelEntry]:
+    """The catalogue with the cluster's model first (the default): the entry with its
+    digest, else a new entry "cluster" loaded from the leader's `spec`. Raises ModelError
+    when the spec cannot be loaded here or gives another digest."""
+    same = [k for k, e in catalog.items() if e.digest == digest]
+    if same:
+        return {same[0]: catalog[same[0]], **{k: e for k, e in catalog.items() if k != same[0]}}
+    entry = entry_from_spec("cluster", spec, f"The cluster's model ({spec})")
+    if entry.digest != digest:
+        raise ModelError(f"{spec!r} loads here with digest {entry.digest[:12]}, the cluster's "
+                         f"is {digest[:12]}")
+    return {"cluster": entry, **{k: e for k, e in catalog.items() if k != "cluster"}}
+

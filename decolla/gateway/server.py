@@ -7,7 +7,8 @@ import threading
 import time
 
 from decolla.gateway.access import TOKEN_ENV, resolve_token
-from decolla.gateway.catalog import SEEDED_SPEC, default_catalog
+from decolla.gateway.backends import cluster_model
+from decolla.gateway.catalog import SEEDED_SPEC, cluster_first, default_catalog
 from decolla.gateway.service import DEFAULT_MAX_BYTES, Gateway
 from decolla.log import configure, get_logger
 from decolla.runtime import keys
@@ -57,9 +58,27 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
     catalog = default_catalog(extra, seeded_spec=args.seeded_spec,
                               include_digits=not args.no_digits)
     backend = args.backend or ("cluster" if args.leader else "reference")
+    if backend == "cluster" and args.leader:
+        catalog = _cluster_model_first(catalog, args.leader, args.connect_timeout)
     return Gateway(catalog, backend=backend, leader=args.leader, devices=args.devices,
                    max_bytes=int(args.max_upload_mb * 2**20), request_timeout=args.request_timeout,
                    connect_timeout=args.connect_timeout)
+
+
+def _cluster_model_first(catalog: dict, leader: str, timeout: float) -> dict:
+    """The cluster's model as the default (asked of its leader); the catalogue unchanged,
+    with a warning, when the leader cannot be asked or its model cannot be loaded here."""
+    log = get_logger("gateway")
+    try:
+        spec, digest = cluster_model(leader, timeout)
+        catalog = cluster_first(catalog, spec, digest)
+    except Exception as exc:     # the gateway starts even when the cluster is down
+        log.warning("cannot use the cluster's model as the default", leader=leader,
+                    error=str(exc))
+        return catalog
+    log.info("the cluster's model is the default", model=next(iter(catalog)), spec=spec,
+             digest=digest[:12])
+    return catalog
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ async function send(file) {
 }
 
 function render(res) {
-  $("state").textContent = `Done: ${res.backend.label}.`;
+  $("state").textContent = `Done: ${res.model.title} (digest ${res.model.digest.slice(0, 12)}) ` +
+    `answered on ${res.backend.label}.`;
   const ol = $("top");
   ol.textContent = "";
   for (const t of res.top) {
