@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 
@@ -24,6 +26,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", default=None, help="local interface address to bind")
     p.add_argument("--key-file", default=None,
                    help=f"the cluster key (made by `decolla keygen`; default: ${keys.KEY_ENV})")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to reach the leader (and, for infer, a device) before giving "
+                        "up (default: %(default)s)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--seed", type=int, default=0)
     pi.add_argument("--top", type=int, default=5)
     pi.add_argument("--json", action="store_true", help="print the result as JSON")
+    pi.add_argument("--request-timeout", type=float, default=60.0,
+                    help="seconds the inference may take once sent (default: %(default)s)")
     ps = sub.add_parser("status", help="devices, load and model digest of a cluster")
     _client_args(ps)
     ps.add_argument("--json", action="store_true")
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log.configure(json=args.log_json, level=args.log_level, node="cli")
+    _sigterm_unwinds()
     try:
         handlers = {"infer": _infer, "status": _status, "demo": _demo, "plan": _plan,
                     "keygen": _keygen}
@@ -100,6 +108,21 @@ def main(argv=None) -> int:
     except Exception as exc:
         print(f"decolla {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _sigterm_unwinds() -> None:
+    """SIGTERM unwinds this process like Ctrl-C, so every Client and LocalCluster it holds
+    shuts its actor system down (killed outright, its admin and requester processes would
+    stay). Processes forked from this one later (Thespian's) keep the default action."""
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _keygen(args) -> int:
@@ -136,8 +159,10 @@ def _image(path, seed, shape):
 
 def _infer(args) -> int:
     with Client(args.leader, bind=args.bind, allocator=args.allocator, plan=args.plan, k=args.k,
-                wire_dtype=args.wire_dtype) as client:
-        r = client.infer(_image(args.image, args.seed, client.input_shape), top=args.top)
+                wire_dtype=args.wire_dtype, connect_timeout=args.timeout,
+                request_timeout=args.request_timeout) as client:
+        r = client.infer(_image(args.image, args.seed, client.input_shape), top=args.top,
+                         timeout=args.request_timeout + 5)
     if args.trace:
         r.save_trace(args.trace)
     out = {"request": r.request, "latency_ms": round(r.latency * 1e3, 2), "top": r.top_k,
@@ -153,8 +178,9 @@ def _infer(args) -> int:
 
 
 def _status(args) -> int:
-    with Client(args.leader, bind=args.bind, min_devices=0) as client:
-        st = client.status()
+    with Client(args.leader, bind=args.bind, min_devices=0,
+                connect_timeout=args.timeout) as client:
+        st = client.status(timeout=args.timeout)
     if args.json:
         print(json.dumps(st))
         return 0

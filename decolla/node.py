@@ -196,7 +196,10 @@ def _run_member(args, name, port, logger) -> int:
         logger.info("node started", name=name, role=args.role, port=port, leader=leader,
                     model=args.model, digest=digest[:12], threads=args.threads,
                     pid=os.getpid(), admin_pgid=info.get("pgid"), admin_pid=info.get("ppid"))
+        verdict = _Verdict(asys, name, logger) if args.role == "device" else None
         while stop.signum is None:
+            if verdict is not None:
+                verdict.check()
             time.sleep(0.2)
         logger.info("shutting down", signal=signal.Signals(stop.signum).name)
     finally:
@@ -205,6 +208,40 @@ def _run_member(args, name, port, logger) -> int:
         asys.shutdown()
     logger.info("node stopped")
     return 0
+
+
+class _Verdict:
+    """A device's own log says whether the leader accepted it: a refused device (another
+    model digest) logs the leader's reason and waits, saying so, for a leader that takes it."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self, asys, name: str, logger):
+        self.asys, self.name, self.logger = asys, name, logger
+        self.said, self.next = None, 0.0
+
+    def check(self) -> None:
+        if self.said == "accepted" or time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.PERIOD_S
+        from decolla.actors.registrar import find_registrar
+        from decolla.runtime.messages import Membership, StatusRequest
+        try:
+            with self.asys.private() as ctx:
+                m = ctx.ask(find_registrar(self.asys), StatusRequest(), 2)
+        except Exception:      # the leader is away; asked again later
+            return
+        if not isinstance(m, Membership):
+            return
+        reason = m.refused.get(self.name)
+        if reason and self.said != reason:
+            self.logger.error("refused by the leader; waiting for a leader that accepts this "
+                              "node (stop it and start it with the leader's model)",
+                              reason=reason)
+            self.said = reason
+        elif any(d.name == self.name for d in m.devices):
+            self.logger.info("accepted by the leader")
+            self.said = "accepted"
 
 
 def _run_requester(args, name, port, logger) -> int:

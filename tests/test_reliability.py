@@ -83,3 +83,15 @@ def test_a_restarted_device_gets_work_within_two_heartbeats(make_cluster):
     assert not [out for *_, out in done if isinstance(out, Exception)]
     first = min(t0 for t0, _, out in done if t0 > ready_at and "dev3" in out.devices_used)
     assert first - ready_at <= 2 * HEARTBEAT_S, f"used again only after {first - ready_at:.2f} s"
+
+
+def test_a_refused_device_says_why_in_its_own_log_and_waits(make_cluster):
+    c = make_cluster(devices=1, model=SPEC, heartbeat=HEARTBEAT_S)
+    node = c.add_device("intruder", model=SPEC.replace("seed=0", "seed=7"), wait=False)
+    deadline = time.monotonic() + 20
+    while "refused by the leader" not in node.log_text():
+        assert time.monotonic() < deadline, node.log_text()[-2000:]
+        time.sleep(0.2)
+    line = next(line for line in node.log_text().splitlines() if "refused by the leader" in line)
+    assert "digest" in line and "waiting" in line
+    assert node.alive()
