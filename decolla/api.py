@@ -32,6 +32,7 @@ from thespian.actors import ActorExitRequest
 from decolla.actors import system
 from decolla.actors.registrar import wait_for_registrar
 from decolla.actors.requester import Requester
+from decolla.allocators import make_allocator
 from decolla.forward import check_image
 from decolla.runtime import keys
 from decolla.runtime.messages import (ChunkEvents, ConfigureRequester, InferError, InferReply, InferRequest,
@@ -123,9 +124,12 @@ class ClusterMember:
             raise
 
     def membership(self, timeout: float = 10.0) -> Membership:
-        """The registrar's current membership snapshot."""
+        """The registrar's current membership snapshot: the one pushed to this member's
+        requester if it has one (it follows the leader across restarts), else the
+        registrar's answer."""
         with self._asys.private() as ctx:
-            m = ctx.ask(self._registrar, StatusRequest(), timeout)
+            m = ctx.ask(self._registrar if self._requester is None else self._requester,
+                       StatusRequest(), timeout)
         if not isinstance(m, Membership):
             raise ClusterError(f"leader {self.leader} did not answer a status request")
         return m
@@ -165,16 +169,23 @@ class ClusterMember:
 
 
 class Client(ClusterMember):
-    """Connection to a running cluster: joins its convention as a requester node."""
+    """Connection to a running cluster: joins its convention as a requester node.
+
+    `plan`: "auto" (the planner: bytes, links and device speeds decide), or a named plan
+    of decolla.plans ("layer" is the paper's per-layer split, "single" one device).
+    `allocator`: random, average, least, proportional, eft, "learned" (the shipped trained
+    policy) or "learned:path=FILE.npz".
+    """
 
     def __init__(self, leader: str, name: str | None = None, port: int | None = None,
-                 bind: str | None = None, plan: str = "layer", k: int | None = None,
+                 bind: str | None = None, plan: str = "auto", k: int | None = None,
                  allocator: str = "average", wire_dtype: str = "float32", compress: bool = True,
                  deadline_slack: float = 4.0, deadline_floor: float = 0.5,
                  request_timeout: float = 120.0, connect_timeout: float = 30.0,
                  min_devices: int = 1, min_chunk_macs: int = 0, data_plane: bool = True,
                  key_file: str | None = None):
         self.request_timeout = request_timeout
+        make_allocator(allocator)     # a bad name or policy file fails here, before joining
         use_key(key_file)
         self._join(leader, name or f"requester-{uuid.uuid4().hex[:8]}", port, bind,
                    connect_timeout)

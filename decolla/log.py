@@ -33,5 +33,6 @@ def configure(json: bool = False, level: str = "info", **context) -> None:
 
 
 def get_logger(name: str):
-    """A structlog logger tagged with the component name."""
-    return structlog.get_logger().bind(component=name)
+    """A structlog logger tagged with the component name; lazy, so a module-level logger
+    follows a `configure` made after its import (level, renderer, stream)."""
+    return structlog.get_logger(component=name)

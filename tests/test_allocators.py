@@ -211,6 +211,29 @@ def test_registry():
         make_allocator("nope")
 
 
+def test_learned_works_out_of_the_box_and_takes_a_path(policy_paths, tmp_path):
+    from decolla.allocators.learned import default_policy_path
+    shipped = make_allocator("learned")
+    assert shipped.m_c == 100 and "decolla" in default_policy_path()
+    devs = [DeviceState(f"d{i}", speed=1e9 * (i + 1), available=1.0, bandwidth=1e8) for i in range(3)]
+    chunks = [ChunkCost(10 ** 8, 10 ** 5, 10 ** 4)] * 6
+    stage = StageInfo(3, 10, "pwconv", uplink=1e8)
+    assert set(shipped.assign(stage, chunks, devs)) <= {"d0", "d1", "d2"}
+    own = make_allocator(f"learned:path={policy_paths[1]}")
+    assert own.m_c == 2 and own.assign(stage, chunks, devs) == LearnedAllocator(policy_paths[1]).assign(
+        stage, chunks, devs)
+    assert make_allocator("random:seed=3").assign(stage, chunks, devs) == \
+        make_allocator("random", seed=3).assign(stage, chunks, devs)
+    (tmp_path / "notes.txt").write_text("not a policy")
+    np.savez(tmp_path / "other.npz", w0=np.zeros(3))
+    for spec, match in [("learned:size=3", "size"), ("learned:path", "KEY=VALUE"),
+                        (f"learned:path={tmp_path / 'notes.txt'}", "not a policy .npz"),
+                        (f"learned:path={tmp_path / 'other.npz'}", "not a policy written"),
+                        ("eft:path=x", "path")]:
+        with pytest.raises(ValueError, match=match):
+            make_allocator(spec)
+
+
 def test_average_rotates_one_chunk_stages_over_devices():
     alloc = make_allocator("average")
     picks = [alloc.assign(StageInfo(0, 1, "pwconv"), [ChunkCost(1, 1, 1)], _devs())[0]

@@ -45,7 +45,7 @@ def ref(seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cluster():
     from decolla.api import LocalCluster
-    c = LocalCluster(devices=3, model=SPEC, deadline_floor=0.5)
+    c = LocalCluster(devices=3, model=SPEC, deadline_floor=0.5, plan="layer")
     try:
         yield c
     finally:
@@ -203,7 +203,7 @@ def test_device_data_port_is_fixed_or_off_on_request(cluster):
 
 def test_fp16_wire_is_close_and_moves_fewer_bytes(cluster):
     from decolla.api import Client
-    with Client(cluster.leader, wire_dtype="float16", min_devices=3) as client:
+    with Client(cluster.leader, wire_dtype="float16", plan="layer", min_devices=3) as client:
         r16 = client.infer(image(5))
     r32 = cluster.infer(image(5))
     assert rel_err(r16.logits, ref(5)) <= 2e-2
@@ -303,7 +303,7 @@ def test_device_dropped_by_the_convention_and_back_keeps_its_worker(cluster):
 
 
 def test_kill9_device_mid_inference(make_cluster):
-    c = make_cluster(devices=3, model=SPEC, deadline_floor=0.5)
+    c = make_cluster(devices=3, model=SPEC, deadline_floor=0.5, plan="layer")
     loop = Loop(c)
     loop.wait_count(1)
     time.sleep(0.3)                             # mid-way through the next request
@@ -345,7 +345,7 @@ def test_mobilenet_v2_224_matches_reference(make_cluster):
     model = load_model(spec)
     img = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     want = reference.forward(model, img)
-    c = make_cluster(devices=3, model=spec)
+    c = make_cluster(devices=3, model=spec, plan="layer")
     r = c.infer(img, timeout=180)
     assert rel_err(r.logits, want) <= 1e-5
     assert r.logits.shape == (1000,) and r.devices_used == ["dev1", "dev2", "dev3"]

@@ -15,7 +15,7 @@ SPEC = "mobilenet_v2:width=0.35,input_size=32,num_classes=10,seed=0"
 
 
 def start(asys, model, kinds):
-    return start_requester(asys, model, SPEC, kinds, k=4)
+    return start_requester(asys, model, SPEC, kinds, k=4, plan="layer")
 
 
 def test_corrupted_results_are_recomputed_never_merged(asys):
@@ -71,7 +71,8 @@ def test_chunks_of_a_device_that_stops_being_usable_move_once_late(asys):
     SilentWorker.macs = max(c.cost.macs for c in first.chunks)
     img = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     out = []
-    req = start_requester(asys, model, SPEC, [SilentWorker, Worker], k=4, allocator="average",
+    req = start_requester(asys, model, SPEC, [SilentWorker, Worker], k=4, plan="layer",
+                          allocator="average",
                           deadline_floor=60.0, membership_out=out)
     (m,) = out
     unresponsive = dataclasses.replace(m, devices=[

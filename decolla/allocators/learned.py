@@ -12,6 +12,7 @@ check them against that straightforward version).
 from __future__ import annotations
 
 import math
+from importlib import resources
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +27,9 @@ except ImportError:     # not built: the numpy path decides
     _KERNEL = None
 
 FEATURE_VERSION = 1
+# The DRL-ES policy of docs/POLICY.md's full run (bench/results/policies/drl-es), shipped so
+# that allocator="learned" works without training first.
+DEFAULT_POLICY = "policy_drl_es.npz"
 N_STAGE = len(KINDS) + 2
 N_FEATURES = 11 + N_STAGE
 _ONEHOT = {kd: tuple(float(i == j) for j in range(len(KINDS))) for i, kd in enumerate(KINDS)}
@@ -98,16 +102,39 @@ class SlotFeatures:
         self.plan.commit(choice)
 
 
+def default_policy_path() -> str:
+    """The trained policy installed with the package (decolla/data)."""
+    return str(resources.files("decolla").joinpath("data", DEFAULT_POLICY))
+
+
+def _open_policy(path: str):
+    """The arrays of a policy .npz; a file that is no .npz is refused by name (numpy's own
+    message for it suggests loading pickles)."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError:
+        z = None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a policy .npz file (decolla.policy.train writes them)")
+    return z
+
+
 class LearnedAllocator:
     """Allocator running an exported DRL/ES/DRL-ES policy (.npz) with numpy."""
     name = "learned"
 
-    def __init__(self, path, compiled: bool | None = None):
-        """Load the policy `path`; compiled: use the Cython kernel (None: when it is built)."""
+    def __init__(self, path: str | None = None, compiled: bool | None = None):
+        """Load the policy `path` (None: the shipped one, `default_policy_path()`); compiled:
+        use the Cython kernel (None: when it is built)."""
+        path = path or default_policy_path()
         if compiled and _KERNEL is None:
             raise ImportError("decolla.kernels.policy is not built: run `pip install --no-build-isolation -e .`")
         self.compiled = _KERNEL is not None if compiled is None else bool(compiled)
-        with np.load(path) as z:
+        with _open_policy(path) as z:
+            missing = {"w0", "b0", "w1", "b1", "w2", "b2", "m_c", "feature_version"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: not a policy written by decolla.policy.train "
+                                 f"(no {', '.join(sorted(missing))})")
             self.params = {k: z[k].astype(np.float64) for k in ("w0", "b0", "w1", "b1", "w2", "b2")}
             self.m_c = int(z["m_c"])
             version = int(z["feature_version"])

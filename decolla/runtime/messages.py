@@ -254,7 +254,7 @@ class ConfigureRequester(Message):
     registrar: Any
     node: str
     k: int | None = None                  # chunks per stage; default 2 x live devices
-    plan: str = "layer"
+    plan: str = "auto"                    # the paper's plan is "layer"
     allocator: str = "average"
     wire_dtype: str = "float32"
     compress: bool = True
