@@ -6,19 +6,18 @@ import json
 import os
 import signal
 import sys
-import time
 
 import numpy as np
 
-from decolla import log, reference
-from decolla.api import Client, LocalCluster, use_key
-from decolla.forward import forward
-from decolla.gateway import server as gateway
+from decolla import demo, log
+from decolla.allocators import ALLOCATOR_NAMES
+from decolla.api import Client, use_key
+from decolla.image_file import (ImageFile, ImageFileError, LoadedImage, model_facts, model_input,
+                                read_image_file)
 from decolla.loader import load_model
-from decolla.plans import build_plan, parse_plan_name
+from decolla.plans import PLANS, build_plan, parse_plan_name
 from decolla.plans.auto import Profile, explain
 from decolla.runtime import keys
-from decolla.runtime.trace import merge_chrome
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -33,9 +32,12 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocator", default="average",
-                   help="random | average | least | proportional | eft | learned")
-    p.add_argument("--plan", default="layer",
-                   help="layer | fused | block | block-gather | spatial | auto[:OPT=V,...]")
+                   help=f"{' | '.join(ALLOCATOR_NAMES)} (the shipped trained policy) | "
+                        "learned:path=FILE.npz (yours); default: %(default)s")
+    p.add_argument("--plan", default="auto",
+                   help=f"{' | '.join(PLANS)}, options as auto:OPT=V,...; 'layer' is the "
+                        "paper's per-layer split (slow: tens of MB per inference); "
+                        "default: %(default)s")
     p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
     p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "int8"))
     p.add_argument("--trace", default=None, help="write a Chrome trace JSON (open in Perfetto)")
@@ -49,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("infer", help="classify an image on a running cluster")
     _client_args(pi)
     _run_args(pi)
-    pi.add_argument("--image", default=None, help=".npy image (H, W, 3) float32; default: seeded noise")
+    pi.add_argument("--image", default=None,
+                    help="a JPEG/PNG/WebP photo (resized and normalised as the model expects) "
+                         "or a .npy array: normalised float32 (H, W, 3), or uint8 pixels "
+                         "(converted); default: seeded noise")
     pi.add_argument("--seed", type=int, default=0)
     pi.add_argument("--top", type=int, default=5)
     pi.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -58,12 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("status", help="devices, load and model digest of a cluster")
     _client_args(ps)
     ps.add_argument("--json", action="store_true")
-    pd = sub.add_parser("demo", help="start a local cluster and check it against the reference")
+    pd = sub.add_parser("demo", help="start a local cluster: one device, the paper's plan "
+                                     "and auto side by side, checked against decolla.forward")
     _run_args(pd)
-    pd.add_argument("--devices", type=int, default=3)
-    pd.add_argument("--model", default="mobilenet_v2:seed=0")
-    pd.add_argument("--runs", type=int, default=3)
-    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--devices", type=int, default=3, help="device processes (default: %(default)s)")
+    pd.add_argument("--model", default="mobilenet_v2:seed=0",
+                    help="model spec or file (default: %(default)s)")
+    pd.add_argument("--runs", type=int, default=3,
+                    help="timed runs per plan, after one warm-up (default: %(default)s)")
+    pd.add_argument("--seed", type=int, default=0, help="seed of the input image")
     pd.set_defaults(trace="decolla-demo-trace.json")
     pp = sub.add_parser("plan", help="build a partition plan and show its stages, bytes and times")
     pp.add_argument("--explain", action="store_true", help="print the stage table (default)")
@@ -81,17 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--per-device-links", action="store_true",
                     help="each device has its own link of that bandwidth (default: one shared)")
     pp.add_argument("--json", action="store_true", help="print the planner's notes as JSON")
-    pg = sub.add_parser("serve", help="requester web page, JSON API and live cluster view")
-    gateway.add_arguments(pg)          # its --key-file too
-    pg.set_defaults(func=gateway.run)
+    _serve_parser(sub.add_parser("serve", help="requester web page, JSON API and live "
+                                               "cluster view (the gateway extra)"))
     pk = sub.add_parser("keygen", help="write a new cluster key (mode 0600)")
     pk.add_argument("path", nargs="?", default="cluster.key")
     pk.add_argument("--force", action="store_true", help="replace an existing key file")
     return p
 
 
+def _serve_parser(pg: argparse.ArgumentParser) -> None:
+    """The gateway's options, or, without the gateway extra, a command that says so: the
+    runtime commands must work on a device with the runtime dependencies alone."""
+    try:
+        from decolla.gateway import server
+    except ImportError as exc:
+        reason = str(exc)
+        pg.set_defaults(func=lambda args: _no_gateway(reason), any_arguments=True)
+        return
+    server.add_arguments(pg)          # its --key-file too
+    pg.set_defaults(func=server.run)
+
+
+def _no_gateway(reason: str) -> int:
+    print(f"decolla serve: the gateway needs its extra dependencies ({reason}): "
+          "pip install 'decolla[gateway]'", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     log.configure(json=args.log_json, level=args.log_level, node="cli")
     _sigterm_unwinds()
     try:
@@ -102,7 +131,7 @@ def main(argv=None) -> int:
         return handlers[args.cmd](args) if args.cmd in handlers else args.func(args)
     except KeyboardInterrupt:
         return 130
-    except keys.ClusterKeyError as exc:
+    except (keys.ClusterKeyError, ImageFileError) as exc:
         print(f"decolla {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -151,29 +180,43 @@ def _plan(args) -> int:
     return 0
 
 
-def _image(path, seed, shape):
-    if path:
-        return np.load(path)
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+def _input(f: ImageFile | None, seed, shape, facts) -> LoadedImage:
+    if f is not None:
+        return model_input(f, shape, facts)
+    return LoadedImage(np.random.default_rng(seed).standard_normal(shape).astype(np.float32),
+                       ["no --image: classifying seeded noise (--image takes a photo)"])
 
 
 def _infer(args) -> int:
+    image = read_image_file(args.image) if args.image else None     # a wrong file fails here
     with Client(args.leader, bind=args.bind, allocator=args.allocator, plan=args.plan, k=args.k,
                 wire_dtype=args.wire_dtype, connect_timeout=args.timeout,
                 request_timeout=args.request_timeout) as client:
-        r = client.infer(_image(args.image, args.seed, client.input_shape), top=args.top,
-                         timeout=args.request_timeout + 5)
+        st = client.status()
+        facts = model_facts(st["model"], st["digest"])
+        loaded = _input(image, args.seed, client.input_shape, facts)
+        for level, lines in (("note", loaded.notes), ("warning", loaded.warnings)):
+            for line in lines:
+                print(f"decolla infer: {level}: {line}", file=sys.stderr)
+        if facts.trained is False:
+            print(f"decolla infer: warning: the cluster's model ({st['model']}) has seeded, "
+                  "untrained weights: its labels mean nothing", file=sys.stderr)
+        r = client.infer(loaded.array, top=args.top, timeout=args.request_timeout + 5)
     if args.trace:
         r.save_trace(args.trace)
-    out = {"request": r.request, "latency_ms": round(r.latency * 1e3, 2), "top": r.top_k,
+    n = len(r.logits)
+    top = [(cls, prob, facts.label(cls, n)) for cls, prob in r.top_k]
+    out = {"request": r.request, "latency_ms": round(r.latency * 1e3, 2), "top": top,
+           "model": st["model"], "trained": facts.trained, "plan": r.stats.get("plan"),
+           "allocator": r.stats.get("allocator"),
            "devices": r.trace.devices(), "retries": r.retries, "bytes": r.trace.bytes_moved()}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"latency {out['latency_ms']} ms, chunks per device {out['devices']}, "
-              f"retries {r.retries}, bytes moved {out['bytes']}")
-        for cls, prob in r.top_k:
-            print(f"  class {cls:5d}  p={prob:.4f}")
+        print(f"latency {out['latency_ms']} ms, plan {out['plan']}, chunks per device "
+              f"{out['devices']}, retries {r.retries}, bytes moved {out['bytes']}")
+        for cls, prob, label in top:
+            print(f"  {prob:6.1%}  {label}  (class {cls})")
     return 0
 
 
@@ -196,38 +239,8 @@ def _status(args) -> int:
 
 
 def _demo(args) -> int:
-    model = load_model(args.model)
-    image = _image(None, args.seed, model.input_shape)
-    t0 = time.perf_counter()
-    ref = reference.forward(model, image)
-    print(f"single-process reference forward: {(time.perf_counter() - t0) * 1e3:.0f} ms "
-          f"(numpy float64 oracle)")
-    forward(model, image)
-    t0 = time.perf_counter()
-    forward(model, image, threads=1)
-    print(f"single-process kernel forward:    {(time.perf_counter() - t0) * 1e3:.0f} ms (1 thread)")
-    t0 = time.perf_counter()
-    print(f"starting {args.devices} local devices with {args.model} ...", flush=True)
-    with LocalCluster(devices=args.devices, model=args.model, allocator=args.allocator,
-                      plan=args.plan, k=args.k, wire_dtype=args.wire_dtype) as cluster:
-        print(f"cluster ready in {time.perf_counter() - t0:.1f} s; leader {cluster.leader}")
-        results, ok = [], True
-        for i in range(args.runs):
-            r = cluster.infer(image)
-            results.append(r)
-            err = float(np.abs(r.logits - ref).max() / max(1e-12, np.abs(ref).max()))
-            tol = 1e-5 if args.wire_dtype == "float32" else 5e-2
-            good = err <= tol and r.top_k[0][0] == int(np.argmax(ref))
-            ok &= good
-            print(f"run {i + 1}: {r.latency * 1e3:7.1f} ms  rel.err {err:.1e} "
-                  f"{'OK' if good else 'MISMATCH'}  devices {r.trace.devices()}  "
-                  f"retries {r.retries}  {r.trace.bytes_moved() / 1e6:.1f} MB moved")
-        print("top-5:", ", ".join(f"{c} ({p:.3f})" for c, p in results[-1].top_k))
-    if args.trace:
-        with open(args.trace, "w") as fh:
-            json.dump(merge_chrome([r.trace for r in results]), fh)
-        print(f"Chrome trace written to {args.trace} (open it in https://ui.perfetto.dev)")
-    print("demo", "passed" if ok else "FAILED")
+    ok = demo.run(args.model, args.devices, args.runs, args.seed, plan=args.plan,
+                  allocator=args.allocator, k=args.k, wire_dtype=args.wire_dtype, trace=args.trace)
     return 0 if ok else 1
 
 

@@ -70,10 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and signed with the cluster key; leader: 0 announces nothing "
                         "(default: %(default)s)")
     # requester role
-    p.add_argument("--image", action="append", default=[], help="requester: .npy image (repeat)")
+    p.add_argument("--image", action="append", default=[],
+                   help="requester: a JPEG/PNG/WebP photo or .npy array (repeatable)")
     p.add_argument("--count", type=int, default=1, help="requester: seeded images when no --image")
-    p.add_argument("--allocator", default="average")
-    p.add_argument("--plan", default="layer", choices=("layer", "fused"))
+    p.add_argument("--allocator", default="average",
+                   help="requester: random | average | least | proportional | eft | learned "
+                        "(the shipped policy) | learned:path=FILE.npz (default: %(default)s)")
+    p.add_argument("--plan", default="auto",
+                   help="requester: auto | single | layer (the paper's per-layer split) | fused | "
+                        "block | block-gather | spatial | exchange, options as auto:OPT=V,... "
+                        "(default: %(default)s)")
     p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
     p.add_argument("--trace", default=None, help="requester: write a Chrome trace JSON here")
     args = p.parse_args(argv)
@@ -247,6 +253,7 @@ class _Verdict:
 def _run_requester(args, name, port, logger) -> int:
     import numpy as np
     from decolla.api import Client, ClusterError
+    from decolla.image_file import ImageFileError, load_image, model_facts
     stop = _Stop()
     try:
         client = Client(args.leader, name=name, port=port, bind=args.host,
@@ -259,7 +266,13 @@ def _run_requester(args, name, port, logger) -> int:
         st = client.status()
         logger.info("node started", name=name, role="requester", port=port, leader=args.leader,
                     digest=st["digest"][:12], devices=[d["name"] for d in st["devices"]])
-        images = [np.load(p) for p in args.image] or [
+        facts = model_facts(st["model"], st["digest"])
+        try:
+            images = [load_image(p, client.input_shape, facts).array for p in args.image]
+        except ImageFileError as exc:
+            logger.error("bad image", error=str(exc))
+            return 2
+        images = images or [
             np.random.default_rng(i).standard_normal(client.input_shape).astype(np.float32)
             for i in range(args.count)]
         results = []

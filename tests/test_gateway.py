@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
+pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 

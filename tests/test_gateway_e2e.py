@@ -7,11 +7,12 @@ import os
 import shutil
 import tempfile
 
-import httpx
 import pytest
 
+httpx = pytest.importorskip("httpx")
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 pytest.importorskip("starlette")
+pytest.importorskip("PIL")
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from selenium import webdriver  # noqa: E402

@@ -17,6 +17,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
+pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from decolla.actors.system import free_port  # noqa: E402
