@@ -20,8 +20,9 @@ kernel times, mapped back to our layers by node name; onnxruntime fuses the bias
 ReLU6 and residual add into its convolutions and adds layout reorders of its own,
 counted apart). Without onnxruntime installed those columns are left out.
 
-Each inverted-residual block is also timed through kernels.fused (the block by tiles of
-output rows) against its three layers, with a check that both give the same bits.
+Ours is decolla.forward, inverted-residual blocks fused where decolla.fusion says. Each
+such block is also timed through kernels.fused (the block by tiles of output rows) against
+its layers one at a time, with a check that both give the same bits.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ from collections import defaultdict
 import numpy as np
 
 from decolla import forward as fwd
+from decolla import fusion, ops, reference
 from decolla import model as M
-from decolla import ops, reference
 from decolla.kernels import ISA
 
 NOMINAL_PEAK = 93e9  # FLOP/s per core, DESIGN.md §5 (AVX2: 2 FMA x 8 lanes x 2 x ~2.9 GHz)
@@ -227,67 +228,36 @@ def _layer_group(layer) -> str:
     return layer.kind
 
 
-def inverted_residual_blocks(model: M.Model) -> list[tuple]:
-    """(name, expand layer or None, depthwise layer, project layer) of every block that
-    kernels.fused can compute: layers named <block>.<part>, an optional pwconv + ReLU6,
-    a dwconv3x3 + ReLU6 and a pwconv without activation, each reading the one before."""
-    groups: dict[str, list] = defaultdict(list)
-    for layer in model.layers:
-        groups[layer.name.split(".")[0]].append(layer)
-    blocks = []
-    for name, ls in groups.items():
-        kinds = [l.kind for l in ls]
-        if kinds == ["pwconv", "dwconv3x3", "pwconv"]:
-            ex, dw, pj = ls
-        elif kinds == ["dwconv3x3", "pwconv"]:
-            ex, (dw, pj) = None, ls
-        else:
-            continue
-        if (ex is None or ex.relu6 and ex.residual is None) and dw.relu6 and not pj.relu6 \
-                and dw.residual is None and (pj.residual is None or dw.stride == 1):
-            blocks.append((name, ex, dw, pj))
-    return blocks
-
-
 def fused_blocks(model: M.Model, tensors: dict, repeats: int) -> list[dict]:
-    """Each inverted-residual block through kernels.fused against its three layers through
-    the same build's kernels (interleaved medians, ms); the outputs must be equal."""
-    from decolla.kernels import load
-    fused = load("fused")
+    """Each block `decolla.fusion` fuses (as decolla.forward does; none in the baseline
+    build) through kernels.fused against its layers one at a time through the same build's
+    kernels (interleaved medians, ms); the outputs must be equal."""
     rows = []
-    for name, ex, dw, pj in inverted_residual_blocks(model):
-        first = ex or dw
-        prev = model.layers[model.layers.index(first) - 1].name if model.layers.index(first) \
-            else "input"
-        x = np.ascontiguousarray(tensors[prev], np.float32)
-        res = pj.residual is not None
-        if res and tensors[pj.residual] is not tensors[prev] and not np.array_equal(
-                tensors[pj.residual], x):
-            continue   # the residual is not the block's input: not this kernel's block
-        outs = {l.name: np.empty(l.out_shape, np.float32) for l in (ex, dw, pj) if l}
-        wex = None if ex is None else ops.packed_weight(ex.weight, 0, ex.out_shape[2])
-        wpj = ops.packed_weight(pj.weight, 0, pj.out_shape[2])
-        got = np.empty(pj.out_shape, np.float32)
+    for i, blk in sorted(fusion.find(model.layers, "input").items()):
+        layers = model.layers[i:i + len(blk.names)]
+        x = np.ascontiguousarray(tensors[model.layers[i - 1].name if i else "input"], np.float32)
+        outs = [np.empty(l.out_shape, np.float32) for l in layers]
+        got = np.empty(blk.out_shape, np.float32)
 
         def one():
-            fused.inverted_residual(x, wex, None if ex is None else ex.bias, dw.weight, dw.bias,
-                                    wpj, pj.bias, got, dw.stride, res)
+            blk(x, got)
 
-        def three():
+        def separate():
             src = x
-            for layer in (ex, dw, pj):
-                if layer is not None:
-                    fwd._run(layer, layer.weight, layer.bias, src,
-                             x if layer is pj and res else None, outs[layer.name], 1)
-                    src = outs[layer.name]
+            for layer, out in zip(layers, outs):
+                # a fused block's only residual is its input
+                fwd._run(layer, layer.weight, layer.bias, src, x if layer.residual else None,
+                         out, 1)
+                src = out
 
         one()
-        three()
-        (t_one, _), (t_three, _) = _interleaved_many([one, three], repeats)
-        rows.append({"block": name, "in_shape": list(x.shape), "out_shape": list(pj.out_shape),
-                     "expand": ex is not None, "stride": dw.stride, "residual": res,
+        separate()
+        (t_one, _), (t_three, _) = _interleaved_many([one, separate], repeats)
+        rows.append({"block": layers[0].name.split(".")[0], "in_shape": list(x.shape),
+                     "out_shape": list(blk.out_shape), "expand": len(layers) == 3,
+                     "stride": blk.stride, "residual": blk.residual,
                      "fused_ms": t_one, "separate_ms": t_three,
-                     "equal": bool(np.array_equal(got, outs[pj.name]))})
+                     "equal": bool(np.array_equal(got, outs[-1]))})
     return rows
 
 
@@ -544,8 +514,8 @@ def markdown(r: dict) -> str:
                   f"{b['fused_ms']:.3f} | {b['separate_ms']:.3f} | "
                   f"{b['separate_ms'] / b['fused_ms']:.2f} | {'yes' if b['equal'] else 'NO'} |"
                   for b in fb]
-        lines += ["", f"kernels.fused (one block by tiles of output rows, not yet used by "
-                  f"decolla.forward): all blocks {sum(b['fused_ms'] for b in fb):.2f} ms fused "
+        lines += ["", f"kernels.fused (one block by tiles of output rows, as decolla.forward "
+                  f"runs it): all blocks {sum(b['fused_ms'] for b in fb):.2f} ms fused "
                   f"vs {sum(b['separate_ms'] for b in fb):.2f} ms as three layers; "
                   f"{len(big)} of {len(fb)} blocks faster fused.", ""]
     return "\n".join(lines)
