@@ -438,8 +438,9 @@ def test_cluster_leader_not_listening_is_503_fast(catalog):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_local_cluster_serves_then_reports_dead_devices_as_503(catalog):
-    """Real device processes: chunks spread over both devices; with every device killed, 503."""
-    gw = Gateway(catalog, backend="local-cluster", devices=2, request_timeout=5.0)
+    """Real device processes: chunks spread over both devices (the paper's plan: auto, the
+    default, runs a model this small on one); with every device killed, 503."""
+    gw = Gateway(catalog, backend="local-cluster", devices=2, request_timeout=5.0, plan="layer")
     with TestClient(create_app(gw)) as c:
         files = {"image": ("ok.png", png_bytes(photo(6)), "image/png")}
         r = c.post("/api/infer", files=files)
@@ -463,6 +464,18 @@ def test_local_cluster_serves_then_reports_dead_devices_as_503(catalog):
         assert r.json()["error"] == "cluster_unavailable"
         print(f"503 after the devices died: {time.monotonic() - t0:.1f} s: {r.json()['message']}")
         assert c.get("/api/models").status_code == 200
+
+
+def test_the_gateway_runs_auto_unless_told(catalog):
+    import argparse
+
+    from decolla.gateway.backends import make_backend
+    from decolla.gateway.events import EventHub
+    from decolla.gateway.server import add_arguments
+    entry = next(iter(catalog.values()))
+    assert make_backend("local-cluster", entry, EventHub()).plan == "auto"
+    assert make_backend("cluster", entry, EventHub(), leader="h:1", plan="layer").plan == "layer"
+    assert add_arguments(argparse.ArgumentParser()).parse_args([]).plan == "auto"
 
 
 def test_runtime_trace_is_normalised_with_reassignments():

@@ -131,8 +131,10 @@ class ClusterBackend:
     RETRY_CONNECT_S = 5.0     # after a failed connect, refuse fast for this long
 
     def __init__(self, entry: ModelEntry, hub: EventHub, leader: str | None = None,
-                 devices: int = 3, connect_timeout: float = 15.0, request_timeout: float = 20.0):
+                 devices: int = 3, connect_timeout: float = 15.0, request_timeout: float = 20.0,
+                 plan: str = "auto"):
         self.entry, self.hub, self.leader, self.n_devices = entry, hub, leader, devices
+        self.plan = plan
         self.connect_timeout, self.request_timeout = connect_timeout, request_timeout
         self.kind = "cluster" if leader else "local-cluster"
         self.label = (f"DeColla cluster led by {leader}" if leader else
@@ -155,10 +157,10 @@ class ClusterBackend:
                 if self.leader:
                     _check_reachable(self.leader, min(self.connect_timeout, 3.0))
                     client = Client(leader=self.leader, connect_timeout=self.connect_timeout,
-                                    request_timeout=self.request_timeout)
+                                    request_timeout=self.request_timeout, plan=self.plan)
                 else:
                     client = LocalCluster(devices=self.n_devices, model=self.entry.spec,
-                                          request_timeout=self.request_timeout)
+                                          request_timeout=self.request_timeout, plan=self.plan)
             except Exception as exc:  # any start/connect failure means: cluster down
                 self._failed_at, self._failure = time.monotonic(), f"cannot reach the cluster: {exc}"
                 raise BackendUnavailable(self._failure) from exc
@@ -256,7 +258,7 @@ def _check_reachable(hostport: str, timeout: float) -> None:
 def make_backend(kind: str, entry: ModelEntry, hub: EventHub, leader: str | None = None,
                  devices: int = 3, **cluster_options) -> Backend:
     """Backend of the given kind ('reference', 'local-cluster' or 'cluster') for one model;
-    `cluster_options` (connect_timeout, request_timeout) go to ClusterBackend."""
+    `cluster_options` (connect_timeout, request_timeout, plan) go to ClusterBackend."""
     if kind == "reference":
         return LocalReferenceBackend(entry, hub)
     if kind == "local-cluster":

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "default: cluster if --leader is given, else reference")
     p.add_argument("--leader", default=None, help="host:port of a running cluster's leader")
     p.add_argument("--devices", type=int, default=3, help="device processes for local-cluster")
+    p.add_argument("--plan", default="auto",
+                   help="the cluster's plan: auto, single, layer (the paper's per-layer split), ... "
+                        "(default: %(default)s)")
     p.add_argument("--request-timeout", type=float, default=20.0,
                    help="seconds the cluster gets for one inference before the answer is 503")
     p.add_argument("--connect-timeout", type=float, default=15.0,
@@ -62,7 +65,7 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         catalog = _cluster_model_first(catalog, args.leader, args.connect_timeout)
     return Gateway(catalog, backend=backend, leader=args.leader, devices=args.devices,
                    max_bytes=int(args.max_upload_mb * 2**20), request_timeout=args.request_timeout,
-                   connect_timeout=args.connect_timeout)
+                   connect_timeout=args.connect_timeout, plan=args.plan)
 
 
 def _cluster_model_first(catalog: dict, leader: str, timeout: float) -> dict:
