@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,17 @@ class ClusterMember:
             raise ClusterError(f"leader {self.leader} did not answer a status request")
         return m
 
+    def status(self, timeout: float = 10.0) -> dict:
+        """Devices (status, speed, load), refused nodes and the model digest."""
+        m = self.membership(timeout)
+        devices = [{"name": d.name, "status": d.status, "speed_gmacs": round(d.speed / 1e9, 3),
+                    "available": round(d.available, 3), "queue": d.queue, "beats": d.beats,
+                    "host": d.host, "pid": d.pid, "pgid": d.pgid, "threads": d.threads,
+                    "data_plane": "%s:%d" % tuple(d.data_addr) if d.data_addr else ""}
+                   for d in m.devices]
+        return {"leader": self.leader, "model": m.model, "digest": m.digest,
+                "input_shape": list(m.input_shape), "devices": devices, "refused": m.refused}
+
     def devices(self) -> list[str]:
         """Ready devices (runtime workers up), in name order."""
         return sorted(d.name for d in self.membership().devices if d.status == "ready")
@@ -163,6 +175,16 @@ class ClusterMember:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Watcher(ClusterMember):
+    """A member that only reads the cluster's state (`decolla status`): it starts no
+    requester, so joining and one status request are all it waits for."""
+
+    def __init__(self, leader: str, bind: str | None = None, timeout: float = 10.0,
+                 key_file: str | None = None):
+        use_key(key_file)
+        self._join(leader, f"watcher-{uuid.uuid4().hex[:8]}", None, bind, timeout)
 
 
 class Client(ClusterMember):
@@ -238,18 +260,6 @@ class Client(ClusterMember):
         trace = Trace(rid, reply.started, reply.finished, list(reply.records), submitted, answered)
         return Result(rid, reply.logits, top_k(reply.logits, top), trace.span(), trace, reply.stats)
 
-    # ------------------------------------------------------------ status
-    def status(self, timeout: float = 10.0) -> dict:
-        """Devices (status, speed, load), refused nodes and the model digest."""
-        m = self.membership(timeout)
-        devices = [{"name": d.name, "status": d.status, "speed_gmacs": round(d.speed / 1e9, 3),
-                    "available": round(d.available, 3), "queue": d.queue, "beats": d.beats,
-                    "host": d.host, "pid": d.pid, "pgid": d.pgid, "threads": d.threads,
-                    "data_plane": "%s:%d" % tuple(d.data_addr) if d.data_addr else ""}
-                   for d in m.devices]
-        return {"leader": self.leader, "model": m.model, "digest": m.digest,
-                "input_shape": list(m.input_shape), "devices": devices, "refused": m.refused}
-
 
 @dataclass
 class NodeProcess:
@@ -286,7 +296,8 @@ class LocalCluster:
     Each device is a real `python -m decolla.node` process with its own actor
     system, listening on `host` only; `kill(name, sig)` signals a device's whole actor
     system (fault tests). The cluster key is `key_file`'s, else the process's, else a
-    new one: written to a temporary file (0600) its nodes read, removed on close.
+    new one: written to a temporary file (0600) its nodes read, removed on close. The
+    nodes' logs go to `log_dir`, else to a /tmp/decolla-cluster-* folder removed on close.
     """
 
     def __init__(self, devices: int = 3, model: str = "mobilenet_v2:seed=0", threads: int = 1,
@@ -295,6 +306,7 @@ class LocalCluster:
                  key_file: str | None = None, **client_kw):
         self.model, self.threads, self.host = model, threads, host
         self.start_timeout = start_timeout
+        self.own_log_dir = log_dir is None       # removed on close (logs read before)
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="decolla-cluster-")
         os.makedirs(self.log_dir, exist_ok=True)
         self.nodes: dict[str, NodeProcess] = {}
@@ -468,6 +480,8 @@ class LocalCluster:
             self._terminate(leaders, 15.0)
             if os.path.exists(self.key_path):
                 os.unlink(self.key_path)
+            if self.own_log_dir:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self):
         return self

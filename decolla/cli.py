@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 
 from decolla import demo, log
 from decolla.allocators import ALLOCATOR_NAMES
-from decolla.api import Client, use_key
+from decolla.api import Client, Watcher, use_key
+from decolla.helpformat import use_everywhere
 from decolla.image_file import (ImageFile, ImageFileError, LoadedImage, model_facts, model_input,
                                 read_image_file)
 from decolla.loader import load_model
@@ -39,14 +41,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                         "paper's per-layer split (slow: tens of MB per inference); "
                         "default: %(default)s")
     p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
-    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "int8"))
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "int8"),
+                   help="tensor encoding on the wire")
     p.add_argument("--trace", default=None, help="write a Chrome trace JSON (open in Perfetto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decolla", description="Collaborative inference on small devices")
-    p.add_argument("--log-json", action="store_true")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-json", action="store_true", help="JSON log lines")
+    p.add_argument("--log-level", default="warning",
+                   help="debug | info | warning | error: the least severe lines printed")
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("infer", help="classify an image on a running cluster")
     _client_args(pi)
@@ -55,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a JPEG/PNG/WebP photo (resized and normalised as the model expects) "
                          "or a .npy array: normalised float32 (H, W, 3), or uint8 pixels "
                          "(converted); default: seeded noise")
-    pi.add_argument("--seed", type=int, default=0)
-    pi.add_argument("--top", type=int, default=5)
+    pi.add_argument("--seed", type=int, default=0, help="seed of the noise image (no --image)")
+    pi.add_argument("--top", type=int, default=5, help="classes printed, best first")
     pi.add_argument("--json", action="store_true", help="print the result as JSON")
     pi.add_argument("--request-timeout", type=float, default=60.0,
                     help="seconds the inference may take once sent (default: %(default)s)")
     ps = sub.add_parser("status", help="devices, load and model digest of a cluster")
     _client_args(ps)
-    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--json", action="store_true", help="print the status as JSON")
     pd = sub.add_parser("demo", help="start a local cluster: one device, the paper's plan "
                                      "and auto side by side, checked against decolla.forward")
     _run_args(pd)
@@ -76,14 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("plan", help="build a partition plan and show its stages, bytes and times")
     pp.add_argument("--explain", action="store_true", help="print the stage table (default)")
     pp.add_argument("--model", default="mobilenet_v2:seed=0", help="model spec or file")
-    pp.add_argument("--plan", default="auto", help="plan name (see decolla.plans.builders), default auto")
-    pp.add_argument("--devices", type=int, default=3)
+    pp.add_argument("--plan", default="auto",
+                    help=f"{' | '.join(PLANS)}, options as auto:OPT=V,...")
+    pp.add_argument("--devices", type=int, default=3, help="devices the plan may use")
     pp.add_argument("-k", type=int, default=None, help="chunks per stage (default: devices)")
-    pp.add_argument("--bandwidth-mbit", type=float, default=100.0)
-    pp.add_argument("--wire-dtype", default="float16", choices=("float32", "float16", "int8"))
+    pp.add_argument("--bandwidth-mbit", type=float, default=100.0,
+                    help="link speed between the requester and the devices (Mbit/s)")
+    pp.add_argument("--wire-dtype", default="float16", choices=("float32", "float16", "int8"),
+                    help="tensor encoding on the wire")
     pp.add_argument("--overhead-ms", type=float, default=2.0, help="cost per message")
     pp.add_argument("--gmacs", type=float, default=None,
-                    help="device speed: pointwise GMAC/s (other kinds scaled alike)")
+                    help="device speed: pointwise GMAC/s, other kinds scaled alike (default: "
+                         "the cost model's table, printed in the plan's header)")
     pp.add_argument("--local", action="store_true",
                     help="one-chunk stages run on the requester's own device (no bytes)")
     pp.add_argument("--per-device-links", action="store_true",
@@ -92,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub.add_parser("serve", help="requester web page, JSON API and live "
                                                "cluster view (the gateway extra)"))
     pk = sub.add_parser("keygen", help="write a new cluster key (mode 0600)")
-    pk.add_argument("path", nargs="?", default="cluster.key")
+    pk.add_argument("path", nargs="?", default="cluster.key", help="where to write the key")
     pk.add_argument("--force", action="store_true", help="replace an existing key file")
-    return p
+    return use_everywhere(p)
 
 
 def _serve_parser(pg: argparse.ArgumentParser) -> None:
@@ -221,9 +229,9 @@ def _infer(args) -> int:
 
 
 def _status(args) -> int:
-    with Client(args.leader, bind=args.bind, min_devices=0,
-                connect_timeout=args.timeout) as client:
-        st = client.status(timeout=args.timeout)
+    deadline = time.monotonic() + args.timeout     # one budget: joining, then the answer
+    with Watcher(args.leader, bind=args.bind, timeout=args.timeout) as watcher:
+        st = watcher.status(timeout=max(0.1, deadline - time.monotonic()))
     if args.json:
         print(json.dumps(st))
         return 0

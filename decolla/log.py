@@ -1,4 +1,11 @@
-"""structlog set-up shared by every DeColla process: key-value lines, or JSON lines."""
+"""structlog set-up shared by every DeColla process: key-value lines, or JSON lines.
+
+Nodes, the CLI and the gateway call `configure`. An application embedding decolla.api
+that has not configured structlog gets warnings and errors only, on stderr: the info
+lines of its requester (`links measured`, ...) are its to ask for, with
+`decolla.log.configure(level="info")` or its own `structlog.configure`, before the
+Client starts (its actor processes are forked with the set-up of that moment).
+"""
 from __future__ import annotations
 
 import logging
@@ -36,3 +43,7 @@ def get_logger(name: str):
     """A structlog logger tagged with the component name; lazy, so a module-level logger
     follows a `configure` made after its import (level, renderer, stream)."""
     return structlog.get_logger(component=name)
+
+
+if not structlog.is_configured():
+    configure(level="warning")

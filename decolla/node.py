@@ -4,6 +4,9 @@
   device     joins the leader's convention; the leader places a Worker on it
   requester  joins, runs inferences on --image files (or seeded images) and exits
 
+Without --leader, a device or requester joins the leader whose announcement (UDP broadcast
+on --host's network, signed with the cluster key; --discovery-port) it hears first.
+
 Every socket of the node listens on --host only (default: loopback, or this machine's
 address toward --leader). Beyond loopback it needs the cluster key (--key-file or
 DECOLLA_KEY_FILE, made by `decolla keygen`) unless --insecure. A device or requester that
@@ -26,6 +29,7 @@ from thespian.actors import ActorExitRequest
 
 from decolla import log as dlog
 from decolla.actors import system
+from decolla.helpformat import HelpFormatter
 from decolla.runtime import discovery, keys
 from decolla.runtime.dataplane import PORT_ENV
 from decolla.runtime.messages import ConfigureRegistrar
@@ -35,10 +39,11 @@ from decolla.runtime.trace import merge_chrome
 # functions below, after main() has set the BLAS thread counts that numpy reads on import.
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m decolla.node", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--role", choices=("leader", "device", "requester"), default="device")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--role", choices=("leader", "device", "requester"), default="device",
+                   help="what this node is (see above)")
     p.add_argument("--leader", help="HOST:PORT of the leader (default: the one whose "
                                     "announcement arrives on --host's network, see "
                                     "--discovery-port)")
@@ -63,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "port; -1: none, chunks come as actor messages)")
     p.add_argument("--compute", action="store_true", help="leader only: also compute chunks")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info",
+                   help="debug | info | warning | error: the least severe lines printed")
     p.add_argument("--heartbeat", type=float, default=0.5, help="leader: heartbeat period (s)")
     p.add_argument("--discovery-port", type=int, default=discovery.DEFAULT_PORT,
                    help="UDP port of the leader's announcements, broadcast on --host's network "
@@ -82,6 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: %(default)s)")
     p.add_argument("-k", type=int, default=None, help="chunks per stage (default 2 x devices)")
     p.add_argument("--trace", default=None, help="requester: write a Chrome trace JSON here")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.role != "leader" and not args.leader and not args.discovery_port:
         p.error("--leader HOST:PORT is required when --discovery-port is 0")

@@ -21,6 +21,8 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from decolla.helpformat import HelpFormatter
+
 from .net import export_npz, init_params, n_params
 from .rollout import play
 from .scenarios import HELDOUT_BASE, ScenarioConfig, train_seeds
@@ -202,24 +204,38 @@ def _jsonable(d):
     return d
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m decolla.policy.train", description=__doc__,
+                                 formatter_class=HelpFormatter)
     d = TrainConfig()
-    ap.add_argument("--algo", choices=("drl", "es", "drl-es"), default=d.algo)
-    ap.add_argument("--iterations", type=int, default=d.iterations)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--children", type=int, default=d.children)
-    ap.add_argument("--m-c", type=int, default=d.m_c)
-    ap.add_argument("--k", type=int, default=d.k)
-    ap.add_argument("--hidden", type=int, default=d.hidden)
-    ap.add_argument("--episodes", type=int, default=d.episodes)
-    ap.add_argument("--repeats", type=int, default=d.repeats)
-    ap.add_argument("--blend", type=float, default=d.blend)
-    ap.add_argument("--eval-every", type=int, default=d.eval_every)
-    ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--algo", choices=("drl", "es", "drl-es"), default=d.algo,
+                    help="REINFORCE, PGPE evolution strategy, or PGPE blended with REINFORCE")
+    ap.add_argument("--iterations", type=int, default=d.iterations, help="training iterations")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of scenarios and sampling")
+    ap.add_argument("--out", required=True,
+                    help="output folder: policy.npz, curve.json, ckpt_XXXXX.npz")
+    ap.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    ap.add_argument("--children", type=int, default=d.children, help="ES population size")
+    ap.add_argument("--m-c", type=int, default=d.m_c,
+                    help="M_c: the policy's device slots (most devices it allocates among)")
+    ap.add_argument("--k", type=int, default=d.k, help="K: chunks per stage in the training scenarios")
+    ap.add_argument("--hidden", type=int, default=d.hidden, help="hidden units of the policy")
+    ap.add_argument("--episodes", type=int, default=d.episodes,
+                    help="training scenarios per iteration")
+    ap.add_argument("--repeats", type=int, default=d.repeats,
+                    help="sampled rollouts per scenario (the REINFORCE baseline)")
+    ap.add_argument("--blend", type=float, default=d.blend,
+                    help="DRL-ES: weight of the policy gradient in the centre update")
+    ap.add_argument("--eval-every", type=int, default=d.eval_every,
+                    help="iterations between greedy evaluations (curve.json)")
+    ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                    help="iterations between checkpoints")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = TrainConfig(algo=a.algo, iterations=a.iterations, seed=a.seed, lr=a.lr, children=a.children,

@@ -10,6 +10,7 @@ from decolla.gateway.access import TOKEN_ENV, resolve_token
 from decolla.gateway.backends import cluster_model
 from decolla.gateway.catalog import SEEDED_SPEC, cluster_first, default_catalog
 from decolla.gateway.service import DEFAULT_MAX_BYTES, Gateway
+from decolla.helpformat import HelpFormatter
 from decolla.log import configure, get_logger
 from decolla.runtime import keys
 
@@ -18,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the gateway's options to a parser (used by `decolla serve` too)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (0.0.0.0 to let a phone on the LAN connect)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port of the page and the API")
     p.add_argument("--backend", choices=["reference", "local-cluster", "cluster"], default=None,
                    help="where inferences run: 'reference' (in this process, no cluster), "
                         "'local-cluster' (start device processes here), 'cluster' (--leader); "
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m decolla.gateway`."""
     p = argparse.ArgumentParser(prog="python -m decolla.gateway",
                                 description="DeColla requester gateway: web page, JSON API, "
-                                            "live cluster view")
+                                            "live cluster view",
+                                formatter_class=HelpFormatter)
     return run(add_arguments(p).parse_args(argv))
 
 
