@@ -34,6 +34,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(fusion, "_fused", types.SimpleNamespace(inverted_residual=counted))
     monkeypatch.setattr(fusion, "_enabled", True)
+    monkeypatch.setattr(ops, "_THREADS", 1)       # whatever DECOLLA_THREADS says
     return count
 
 
@@ -79,7 +80,8 @@ def _run_env(env: dict) -> str:
 def test_environment_switches():
     assert _run_env({"DECOLLA_FUSE": "0"}).startswith("False")
     assert _run_env({"DECOLLA_THREADS": "2"}).startswith("False")
-    assert _run_env({"DECOLLA_KERNELS": "baseline", "DECOLLA_FUSE": "1"}) == "True 0"
+    assert _run_env({"DECOLLA_KERNELS": "baseline", "DECOLLA_FUSE": "1",
+                     "DECOLLA_THREADS": "1"}) == "True 0"
 
 
 def _layer(rng, name, kind, cin, cout, hw, **kw) -> Layer:
