@@ -61,6 +61,9 @@ class Block:
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The block's output for its whole input map `x` (C-contiguous float32), in `out`
         (allocated when None; must not overlap x)."""
+        if x.shape != self.in_shape:   # the kernel would take a short map as padded
+            raise ValueError(f"fused block {'+'.join(self.names)}: input shape {x.shape}, "
+                             f"expected {self.in_shape}")
         if out is None:
             out = np.empty(self.out_shape, np.float32)
         _fused.inverted_residual(x, self.wexp, self.bexp, self.wdw, self.bdw, self.wproj,

@@ -152,3 +152,21 @@ def test_chunks_use_the_callers_run_layer_one_layer_at_a_time(calls):
                                run_layer=ops.run_layer) for c in stage.chunks]
         tensors[stage.output] = merge(stage, parts)
     assert calls[0] == 0
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("rows, cols", [(-1, 0), (0, -1), (1, 0)])
+def test_a_chunk_input_of_the_wrong_shape_is_refused_fused_or_not(monkeypatch, fuse, rows,
+                                                                  cols):
+    """A short map must not pass for a padded one (the kernel pads the edges itself)."""
+    m = M.mobilenet_v2(width=0.5, input_size=64, num_classes=10, seed=2)
+    layers = {l.name: l for l in m.layers}
+    shapes = {"input": m.input_shape} | {l.name: l.out_shape for l in m.layers}
+    stage = next(s for s in build_plan(m.layer_specs(), 2, "block").stages
+                 if s.layers[0] == "b2.expand")     # stride 2: 31 rows give 16 as 32 do
+    monkeypatch.setattr(fusion, "_enabled", fuse)
+    c = stage.chunks[0]
+    inputs = {n: np.ones(np.add(n.shape(shapes[n.tensor]), (rows, cols, 0)), np.float32)
+              for n in c.needs}
+    with pytest.raises(ValueError, match="shape|rows"):
+        compute_chunk(layers, stage, c, inputs)
