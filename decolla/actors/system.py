@@ -52,14 +52,27 @@ def tune_convention(period_s: int = CONVENTION_PERIOD_S) -> None:
     convention.CONVENTION_RESTART_PERIOD = timedelta(seconds=period_s)
 
 
+class ShutdownNoise(logging.Filter):
+    """Drops Thespian's "Pending Actor create ... failed (3585)" (0xE01: the actor system is
+    shutting down). The leader's admin keeps a record of every create it forwards to a
+    device (a Worker: the device answers the registrar directly, so the record stays) and,
+    shutting down, fails them all, the long-running workers included: one ERROR line per
+    device on every clean shutdown. A create that really fails has another code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Pending Actor create") and "failed (3585)" in text)
+
+
 def thespian_log_defs(level: int = logging.WARNING) -> dict:
     """logging dictConfig for Thespian's own logger actor (never pass False: breaks 4.0.1)."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"plain": {"format": "%(asctime)s thespian %(levelname)s %(message)s"}},
+        "filters": {"shutdown": {"()": f"{__name__}.ShutdownNoise"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain",
-                                "level": level}},
+                                "level": level, "filters": ["shutdown"]}},
         "root": {"handlers": ["stderr"], "level": level},
     }
 
