@@ -217,12 +217,16 @@ def _infer(args) -> int:
     out = {"request": r.request, "latency_ms": round(r.latency * 1e3, 2), "top": top,
            "model": st["model"], "trained": facts.trained, "plan": r.stats.get("plan"),
            "allocator": r.stats.get("allocator"),
-           "devices": r.trace.devices(), "retries": r.retries, "bytes": r.trace.bytes_moved()}
+           "devices": r.trace.devices(), "retries": r.retries, "bytes": r.bytes_moved,
+           "phases_ms": {k: round(v * 1e3, 2) for k, v in r.trace.phases().items()}}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"latency {out['latency_ms']} ms, plan {out['plan']}, chunks per device "
-              f"{out['devices']}, retries {r.retries}, bytes moved {out['bytes']}")
+        ph = out["phases_ms"]
+        print(f"latency {out['latency_ms']} ms (the trace's span: waiting {ph['waiting']} ms "
+              f"for plan, links and queue, running {ph['running']} ms, reply {ph['reply']} ms), "
+              f"plan {out['plan']}, chunks per device {out['devices']}, retries {r.retries}, "
+              f"bytes moved {out['bytes']}")
         for cls, prob, label in top:
             print(f"  {prob:6.1%}  {label}  (class {cls})")
     return 0

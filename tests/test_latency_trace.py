@@ -33,3 +33,25 @@ def test_latency_is_the_trace_span_first_request_included(make_cluster):
             assert r.bytes_moved == r.trace.bytes_moved() > 0
             won = sum(c.status == "won" for c in r.trace.records)
             assert sum(e["kind"] == "won" for e in events) == won
+
+
+def test_cli_latency_is_the_span_of_the_trace_it_writes(make_cluster, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from decolla.runtime import keys
+    cluster = make_cluster(devices=2, model=SPEC)
+    trace = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "-m", "decolla", "infer", "--leader", cluster.leader,
+                        "--bind", cluster.host, "--json", "--trace", str(trace)],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, **{keys.KEY_ENV: cluster.key_path}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    (whole,) = [e for e in json.loads(trace.read_text())["traceEvents"]
+                if e.get("name", "").startswith("inference")]
+    assert abs(whole["dur"] / 1e3 - out["latency_ms"]) <= 0.05 * out["latency_ms"]
+    assert abs(sum(out["phases_ms"].values()) - out["latency_ms"]) <= 0.05
+    assert out["bytes"] > 0
