@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--model", default="mobilenet_v2:seed=0",
                     help="model spec or file (default: %(default)s)")
     pd.add_argument("--runs", type=int, default=3,
-                    help="timed runs per plan, after one warm-up (default: %(default)s)")
+                    help="timed runs per plan, after one warm-up run per device "
+                         "(default: %(default)s)")
     pd.add_argument("--seed", type=int, default=0, help="seed of the input image")
     pd.set_defaults(trace="decolla-demo-trace.json")
     pp = sub.add_parser("plan", help="build a partition plan and show its stages, bytes and times")
