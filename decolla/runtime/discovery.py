@@ -80,7 +80,9 @@ class Verifier:
             raise Rejected(f"malformed announcement: {exc}") from None
         now = time.time() if now is None else now
         if abs(now - ann.time) > self.max_age:
-            raise Rejected(f"stale announcement ({now - ann.time:+.0f} s old): a replay?")
+            # no age in the text: find_leader logs each sender's reason once
+            raise Rejected(f"stale announcement (clocks more than {self.max_age:.0f} s apart, "
+                           "or a replay)")
         if ann.nonce in self.seen:
             raise Rejected("announcement seen before: a replay")
         self.seen[ann.nonce] = None
