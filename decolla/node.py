@@ -294,7 +294,8 @@ def _run_requester(args, name, port, logger) -> int:
             results.append(r)
             print(json.dumps({"request": r.request, "latency_ms": round(r.latency * 1e3, 2),
                               "top": r.top_k, "devices": r.devices_used,
-                              "retries": r.retries}), flush=True)
+                              "retries": r.retries, "plan": r.stats.get("plan"),
+                              "allocator": r.stats.get("allocator")}), flush=True)
         if args.trace and results:
             with open(args.trace, "w") as fh:
                 json.dump(merge_chrome([r.trace for r in results]), fh)

@@ -153,6 +153,15 @@ def test_the_learned_allocator_from_the_cli_and_the_api(cluster, tmp_path):
     assert set(r.devices_used) == {"dev1", "dev2"}
     bad = run_cli(["infer", *key, "--allocator", f"learned:path={tmp_path / 'x.npy'}"])
     assert bad.returncode != 0 and "not a policy .npz" in bad.stderr
+    requester = subprocess.run(
+        [sys.executable, "-m", "decolla.node", "--role", "requester", "--leader", cluster.leader,
+         "--allocator", f"learned:path={ES_POLICY}", "--plan", "layer", "-k", "4",
+         "--image", str(tmp_path / "x.npy"), "--log-level", "warning"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env=dict(os.environ, DECOLLA_KEY_FILE=cluster.key_path))
+    assert requester.returncode == 0, requester.stdout + requester.stderr
+    res = json.loads(requester.stdout.splitlines()[-1])
+    assert res["allocator"] == f"learned:path={ES_POLICY}" and res["top"][0][0] == int(np.argmax(want))
 
 
 @pytest.mark.integration
