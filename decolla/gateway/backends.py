@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from decolla.api import Client, LocalCluster, Result, top_k
+from decolla.api import Client, LocalCluster, Result, Watcher, top_k
 from decolla.gateway.catalog import ModelEntry
 from decolla.gateway.events import EventHub
 from decolla.log import get_logger
@@ -120,8 +120,8 @@ class LocalReferenceBackend:
 def cluster_model(leader: str, timeout: float) -> tuple[str, str]:
     """(model spec, digest) the cluster led by `leader` runs, as its registrar says."""
     _check_reachable(leader, min(timeout, 3.0))
-    with Client(leader=leader, connect_timeout=timeout, min_devices=0) as client:
-        st = client.status(timeout)
+    with Watcher(leader, timeout=timeout) as watcher:     # no requester: nothing to plan
+        st = watcher.status(timeout)
     return st["model"], st["digest"]
 
 
