@@ -27,7 +27,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
 from thespian.actors import ActorExitRequest
 
 from decolla.actors import system
@@ -35,6 +34,7 @@ from decolla.actors.registrar import wait_for_registrar
 from decolla.actors.requester import Requester
 from decolla.allocators import make_allocator
 from decolla.forward import check_image
+from decolla.result import Result, top_k
 from decolla.runtime import keys
 from decolla.runtime.messages import (ChunkEvents, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
@@ -49,40 +49,6 @@ class ClusterError(RuntimeError):
     """The cluster could not be reached or started."""
 
 
-@dataclass
-class Result:
-    """Outcome of one inference.
-
-    `latency` is `trace.span()`: seconds from the caller sending the request to the reply
-    reaching it, on one clock, so it includes the wait before the plan ran (plan choice,
-    link measurement, earlier requests; `trace.phases()` splits it) and the reply's way
-    back, not the caller's own image checks. `bytes_moved`: bytes of every chunk attempt's
-    inputs, outputs and halos.
-    """
-    request: str
-    logits: np.ndarray
-    top_k: list[tuple[int, float]]          # (class, probability) best first
-    latency: float                          # seconds: trace.span()
-    trace: Trace
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def bytes_moved(self) -> int:
-        return self.trace.bytes_moved()
-
-    @property
-    def devices_used(self) -> list[str]:
-        return sorted(self.trace.devices())
-
-    @property
-    def retries(self) -> int:
-        return len(self.trace.reassigned())
-
-    def save_trace(self, path: str) -> None:
-        """Chrome trace JSON (open in https://ui.perfetto.dev or chrome://tracing)."""
-        self.trace.save_chrome(path)
-
-
 def use_key(key_file: str | None = None) -> bytes | None:
     """Install the key in `key_file` (or DECOLLA_KEY_FILE) for this process and return
     the process's key; with neither, the key already installed stays (ClusterKeyError
@@ -91,15 +57,6 @@ def use_key(key_file: str | None = None) -> bytes | None:
     if key is not None:
         keys.install(key)
     return keys.installed()
-
-
-def top_k(logits: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
-    """Best k classes with softmax probabilities."""
-    z = np.asarray(logits, dtype=np.float64).ravel()
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    idx = np.argsort(-p, kind="stable")[:k]
-    return [(int(i), float(p[i])) for i in idx]
 
 
 class ClusterMember:
