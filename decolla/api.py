@@ -82,9 +82,12 @@ class ClusterMember:
             raise
 
     def membership(self, timeout: float = 10.0) -> Membership:
-        """The registrar's current membership snapshot."""
+        """The registrar's current membership snapshot: the one pushed to this member's
+        requester if it has one (it follows the leader across restarts), else the
+        registrar's answer."""
         with self._asys.private() as ctx:
-            m = ctx.ask(self._registrar, StatusRequest(), timeout)
+            m = ctx.ask(self._registrar if self._requester is None else self._requester,
+                       StatusRequest(), timeout)
         if not isinstance(m, Membership):
             raise ClusterError(f"leader {self.leader} did not answer a status request")
         return m

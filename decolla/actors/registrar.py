@@ -18,13 +18,14 @@ from decolla.actors import system
 from decolla.actors.preload import get_model
 from decolla.actors.worker import Worker
 from decolla.log import get_logger
-from decolla.runtime.messages import (ConfigureRegistrar, DeviceInfo, Heartbeat, InFlight, InitWorker,
-                                      Membership, StatusRequest, Subscribe, WorkerReady,
-                                      WorkerRefused)
+from decolla.runtime.messages import (ConfigureRegistrar, DeviceInfo, FindRegistrar, Heartbeat,
+                                      InFlight, InitWorker, Membership, RegistrarAt,
+                                      StatusRequest, Subscribe, WorkerReady, WorkerRefused)
 
 log = get_logger("registrar")
 RESTART_WORKER_S = 2.0
 KEPT_WORKER_WAIT_S = 10.0     # a worker kept across a convention re-join must beat by then
+KEEPALIVE_S = 1.0             # subscribers hear at least this often: silence means a lost leader
 
 
 class Registrar(ActorTypeDispatcher):
@@ -47,6 +48,7 @@ class Registrar(ActorTypeDispatcher):
         self.restart: set[str] = set()            # devices whose worker exited
         self.kept: dict[str, float] = {}          # device -> when its worker was kept on re-join
         self.dirty = False
+        self.pushed = 0.0
 
     # ------------------------------------------------------------ set-up
     def receiveMsg_ConfigureRegistrar(self, msg: ConfigureRegistrar, sender):
@@ -205,7 +207,7 @@ class Registrar(ActorTypeDispatcher):
             if dev.status == "starting" and now - self.worker_started.get(name, now) > 60:
                 log.warning("worker did not start in 60 s; retrying", node=name)
                 self._start_worker(name)
-        if self.dirty:
+        if self.dirty or now - self.pushed > KEEPALIVE_S:
             self._push()
         self.wakeupAfter(self.cfg.heartbeat_s, payload="check")
 
@@ -229,6 +231,11 @@ class Registrar(ActorTypeDispatcher):
         if self.configured:
             self.send(sender, self._membership())
 
+    def receiveMsg_FindRegistrar(self, msg: FindRegistrar, sender):
+        self.send(msg.reply_to or sender, RegistrarAt(self.myAddress))
+        if msg.reply_to is not None:
+            self.send(sender, ActorExitRequest())     # the RegistrarFinder that asked
+
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):
         log.warning("message could not be handled", message=str(msg.poisonMessage)[:200])
 
@@ -250,12 +257,26 @@ class Registrar(ActorTypeDispatcher):
                           {node: n for _, node, n in self.subscribers if n})
 
     def _push(self) -> None:
-        self.dirty = False
+        self.dirty, self.pushed = False, time.monotonic()
         if not self.subscribers:
             return
         snap = self._membership()
         for addr, *_ in self.subscribers:
             self.send(addr, snap)
+
+
+class RegistrarFinder(ActorTypeDispatcher):
+    """Made on the leader by a requester that no longer hears its registrar (the leader
+    restarted): answers with the current registrar and exits. A lookup by global name in
+    the requester's own actor system would not do: its admin keeps the first address it
+    learnt for the name for good."""
+
+    actorSystemCapabilityCheck = Registrar.actorSystemCapabilityCheck
+
+    def receiveMsg_FindRegistrar(self, msg: FindRegistrar, sender):
+        # the registrar answers (and stops this finder): the address a global-name lookup
+        # returns here is known only once the leader's admin has answered
+        self.send(find_registrar(self), FindRegistrar(sender))
 
 
 def find_registrar(asys):

@@ -19,6 +19,7 @@ from thespian.actors import (ActorExitRequest, ActorTypeDispatcher, PoisonMessag
 
 from decolla.actors import system
 from decolla.actors.preload import ModelRefused, leader_model
+from decolla.actors.registrar import RegistrarFinder
 from decolla.allocators import make_allocator
 from decolla.forward import check_image
 from decolla.log import get_logger
@@ -28,14 +29,16 @@ from decolla.runtime import channels, dataplane
 from decolla.runtime.events import EventBatches
 from decolla.runtime.links import LinkProber
 from decolla.runtime.messages import (ChunkEvent, ChunkFailed, ChunkResult, ChunkResults,
-                                      ConfigureRequester, InferError, InferRequest, InFlight,
-                                      LinkEcho, Membership, Ready, Subscribe, Unsubscribe)
+                                      ConfigureRequester, FindRegistrar, InferError,
+                                      InferRequest, InFlight, LinkEcho, Membership, Ready,
+                                      RegistrarAt, Subscribe, Unsubscribe)
 from decolla.runtime.plan_choice import PlanChooser
 from decolla.runtime.request import Context, Deliver, Request, RunLocal, Tell, Time
 from decolla.runtime.supervisor import Supervisor
 
 log = get_logger("requester")
 TICK_S = 0.05
+LEADER_QUIET_S = 3.0    # no membership for this long: look the registrar up again
 
 
 def _now() -> Time:
@@ -64,6 +67,8 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.reported_in_flight = 0
         self.local_layers: dict | None = None     # {} once this node cannot compute locally
         self.local_cache: dict = {}
+        self.registrar = None
+        self.heard = 0.0                          # when the registrar last spoke
         self.events = EventBatches()
 
     # ------------------------------------------------------------ set-up
@@ -78,14 +83,16 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                          link_bytes_per_s=self.plans.stated_mbit * 1e6 / 8)
         self.ctx = Context(msg, sup, allocator)
         self.waiting_ready.append(sender)
+        self.registrar, self.heard = msg.registrar, time.monotonic()
         self.send(msg.registrar, Subscribe(msg.node))
+        self.wakeupAfter(LEADER_QUIET_S, payload="leader")
 
     def receiveMsg_Membership(self, msg: Membership, sender):
         if self.membership is not None and msg.digest != self.membership.digest:
             log.warning("leader model changed; dropping plans", digest=msg.digest[:12])
             self.plans.forget()
             self.local_layers, self.local_cache = None, {}
-        self.membership = msg
+        self.membership, self.registrar, self.heard = msg, sender, time.monotonic()
         lost = self.ctx.update(msg.devices, self.cfg.data_plane)
         if self.peers is not None:
             self.peers.forget(set(self.ctx.data_addrs.values()))
@@ -196,7 +203,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         n = len(self.requests)
         if n != self.reported_in_flight:
             self.reported_in_flight = n
-            self.send(self.cfg.registrar, InFlight(n))
+            self.send(self.registrar, InFlight(n))
 
     def _start_backlog(self) -> None:
         if self.membership is None or self._measuring_links():
@@ -268,6 +275,9 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
                 log.warning("link probe unanswered; device not measured", device=dev)
                 self._probe()
             return
+        if msg.payload == "leader":
+            self._find_leader()
+            return
         if msg.payload != "tick":
             return
         self.ticking = False
@@ -276,11 +286,34 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self._each(Request.tick, _now())
         self._ensure_tick()
 
+    # ------------------------------------------------------------ leader
+    def _find_leader(self) -> None:
+        """The registrar pushes membership at least every second: silence means the leader
+        restarted (a new registrar) or is away; ask the leader, whoever it now is, where its
+        registrar is (in-flight requests go on with the devices known meanwhile)."""
+        if time.monotonic() - self.heard > LEADER_QUIET_S:
+            log.warning("no word from the leader; looking for its registrar")
+            self.heard = time.monotonic()
+            finder = self.createActor(RegistrarFinder,
+                                      targetActorRequirements={system.CAP_ROLE: "leader"})
+            self.send(finder, FindRegistrar())
+        self.wakeupAfter(LEADER_QUIET_S / 3, payload="leader")
+
+    def receiveMsg_RegistrarAt(self, msg: RegistrarAt, sender):
+        if msg.registrar != self.registrar:
+            log.info("found the leader's registrar again")
+        self.send(msg.registrar, Subscribe(self.cfg.node))
+
+    def receiveMsg_StatusRequest(self, msg, sender):
+        """The latest membership: the caller need not know where the registrar is now."""
+        if self.membership is not None:
+            self.send(sender, self.membership)
+
     # ------------------------------------------------------------ misc
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender):
         self._each(Request.cancel, "requester shutting down")
         if self.cfg is not None:
-            self.send(self.cfg.registrar, Unsubscribe())
+            self.send(self.registrar, Unsubscribe())
         self.close_data_plane()
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender):

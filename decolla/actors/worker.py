@@ -12,7 +12,10 @@ over through the inbox.
 from __future__ import annotations
 
 import collections
+import os
+import signal
 import socket
+import tempfile
 import threading
 import time
 
@@ -31,6 +34,41 @@ from decolla.runtime.messages import (Cancel, ChunkFailed, ChunkResults, Halo, H
 log = get_logger("worker")
 BATCH_S = 0.02          # results computed back to back within this long go back in one message
 POLL_S = 0.002          # how often an actor whose inbox is not watched hands results over
+
+
+def _take_over() -> None:
+    """One worker per device: a worker started here before this one (by a leader that
+    has since restarted, its registrar gone with it, or being replaced) is stopped, and
+    this one takes its place. Workers are children of their device's actor system admin,
+    whose pid names the file that holds the current worker's pid."""
+    admin = os.getppid()
+    path = os.path.join(tempfile.gettempdir(), f"decolla-worker-{os.getuid()}-{admin}.pid")
+    try:
+        with open(path) as fh:
+            old = int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        old = 0
+    if old and old != os.getpid() and _parent(old) == admin:
+        log.warning("stopping this device's previous worker", pid=old)
+        try:
+            os.kill(old, signal.SIGCONT)      # a stopped one could not act on the SIGTERM
+            os.kill(old, signal.SIGTERM)      # Thespian's actor shutdown
+        except ProcessLookupError:
+            pass
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def _parent(pid: int) -> int:
+    """Parent pid of a running process (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return int(stat[stat.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _by_target(pairs: list) -> list:
@@ -83,6 +121,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             ops.set_threads(max(1, int(msg.threads)))
         except Exception as exc:
             log.warning("could not set kernel threads", error=str(exc))
+        _take_over()
         mac_s = self._calibrate()
         threading.Thread(target=self._compute_loop, daemon=True, name="worker-compute").start()
         info = system.proc_info()

@@ -32,7 +32,7 @@ from decolla.runtime.messages import (Cancel, ChunkEvent, ChunkEvents, ChunkFail
                                       Heartbeat, InferError, InferReply, InferRequest, InFlight,
                                       InitWorker, LinkEcho, LinkProbe, Membership, Ready, StageWork,
                                       StatusRequest, Subscribe, Unsubscribe, WorkerReady,
-                                      WorkerRefused)
+                                      WorkerRefused, FindRegistrar, RegistrarAt)
 
 
 class Path(enum.Enum):
@@ -97,6 +97,8 @@ CHANNELS = table(
     Channel(InFlight, REGISTRAR),
     Channel(StatusRequest, REGISTRAR),
     Channel(Membership, REQUESTER),
+    Channel(FindRegistrar, REGISTRAR),      # via a RegistrarFinder made on the leader
+    Channel(RegistrarAt, REQUESTER),
     # the client's side
     Channel(ConfigureRequester, REQUESTER),
     Channel(Ready, CLIENT),

@@ -95,6 +95,21 @@ class StatusRequest(Message):
     _show = ()
 
 
+@dataclass(repr=False)
+class FindRegistrar(Message):
+    """To a RegistrarFinder on the leader, which passes it on to the registrar: tell
+    `reply_to` (the requester; None: the sender) which actor is the registrar now."""
+    reply_to: Any = None
+    _show = ()
+
+
+@dataclass(repr=False)
+class RegistrarAt(Message):
+    """The RegistrarFinder's answer: the leader's current registrar."""
+    registrar: Any
+    _show = ()
+
+
 # ---------------------------------------------------------------- worker
 
 @dataclass(repr=False)
