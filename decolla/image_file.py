@@ -96,6 +96,7 @@ def read_image_file(path: str) -> ImageFile:
     kind = photo_kind(data[:16])
     if kind is None:
         raise ImageFileError(f"{path} is neither a JPEG, PNG or WebP photo nor a .npy array")
+    _preprocessing()        # without Pillow, say so now
     return ImageFile(path, kind, data=data)
 
 

@@ -69,6 +69,9 @@ def test_runtime_commands_need_no_extras(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     bad = run_cli(["infer", "--leader", "127.0.0.1:9", "--image", str(tmp_path / "notes.txt")], env)
     assert bad.returncode == 2 and "neither a JPEG, PNG or WebP photo nor a .npy" in bad.stderr
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    photo = run_cli(["infer", "--leader", "127.0.0.1:9", "--image", str(tmp_path / "photo.jpg")], env)
+    assert photo.returncode == 2 and "reading photos needs Pillow" in photo.stderr
     helps = subprocess.run([sys.executable, "-m", "decolla.node", "--help"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert helps.returncode == 0 and "learned:path=" in helps.stdout
