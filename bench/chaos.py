@@ -1,0 +1,269 @@
+"""Chaos soak: a LocalCluster serves a steady stream of requests from several clients while
+a fault is injected every few seconds at random, and every answer is checked.
+
+    python -m bench.chaos --minutes 5            # results in bench/results/chaos.{json,md}
+
+Faults: kill -9 a device (restarted a moment later), SIGSTOP a device for 1-5 s, kill -9
+the leader (restarted a moment later). The run is split in equal phases, one per plan
+(auto, layer, single), each with its own clients. A request is
+
+  correct   its logits equal decolla.forward's (relative error <= 1e-4)
+  wrong     an answer with other logits
+  failed    a clear error (InferenceError / ValueError with its reason)
+  lost      no answer within the request timeout
+
+Latency percentiles are given for requests that overlapped a fault (from its injection
+until the cluster was whole again, plus 2 s) and for the others. Processes and memory
+(RSS sum) are those of everything the run started (bench.procs), counted once the cluster
+is whole, at the start and at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bench import procs
+from decolla import forward
+from decolla.api import Client, InferenceError, LocalCluster
+from decolla.loader import load_model
+
+SPEC = "mobilenet_v2:width=0.35,input_size=96,seed=0"
+PLANS = ("auto", "layer", "single")
+FAULTS = ("kill-device", "stop-device", "kill-leader")
+AFTER_FAULT_S = 2.0          # a request ending this long after a fault still counts as hit
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclass
+class Outcome:
+    t0: float
+    t1: float
+    plan: str
+    kind: str                # correct | wrong | failed | lost
+    error: str = ""
+
+
+@dataclass
+class Soak:
+    """What one run saw."""
+    outcomes: list = field(default_factory=list)
+    faults: list = field(default_factory=list)       # [kind, target, start, healed]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, o: Outcome) -> None:
+        with self.lock:
+            self.outcomes.append(o)
+
+
+class Images:
+    """A few seeded images and their single-process logits."""
+
+    def __init__(self, spec: str, n: int = 4):
+        model = load_model(spec)
+        self.images = [np.random.default_rng(s).standard_normal(model.input_shape)
+                       .astype(np.float32) for s in range(n)]
+        self.refs = [forward.forward(model, im) for im in self.images]
+
+    def check(self, i: int, logits) -> bool:
+        ref = self.refs[i]
+        return float(np.abs(np.asarray(logits) - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+
+
+def _client_loop(client: Client, plan: str, images: Images, soak: Soak, stop: threading.Event,
+                 timeout: float, rng: random.Random) -> None:
+    while not stop.is_set():
+        i = rng.randrange(len(images.images))
+        t0 = time.monotonic()
+        try:
+            r = client.infer(images.images[i], timeout=timeout)
+            kind, err = ("correct" if images.check(i, r.logits) else "wrong"), ""
+        except InferenceError as exc:
+            kind = "lost" if "no answer within" in str(exc) else "failed"
+            err = str(exc)
+        except Exception as exc:  # any other error is a failure with its reason
+            kind, err = "failed", f"{type(exc).__name__}: {exc}"
+        soak.add(Outcome(t0, time.monotonic(), plan, kind, err[:300]))
+
+
+def _whole(cluster: LocalCluster, devices: int, timeout: float = 60.0) -> None:
+    """Wait until the leader's membership, as a fresh status shows it, has every device ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(cluster.ready_devices()) >= devices:
+                return
+        except Exception:       # the leader is restarting
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the cluster did not become whole in {timeout:.0f} s")
+
+
+def _inject(cluster: LocalCluster, kind: str, rng: random.Random, devices: int) -> str:
+    """Inject one fault and undo it (restart, SIGCONT); returns its target."""
+    if kind == "kill-leader":
+        cluster.restart("leader")
+        return "leader"
+    name = f"dev{rng.randrange(devices) + 1}"
+    if kind == "kill-device":
+        cluster.kill(name, signal.SIGKILL)
+        time.sleep(rng.uniform(0.5, 2.0))
+        cluster.restart(name)
+    else:
+        cluster.kill(name, signal.SIGSTOP)
+        time.sleep(rng.uniform(1.0, 5.0))
+        cluster.kill(name, signal.SIGCONT)
+    return name
+
+
+def _snapshot(mark: str) -> dict:
+    pids = procs.tagged(mark)
+    return {"processes": len(pids),
+            "per_node": {k or "other": len(v) for k, v in sorted(procs.by_node(pids).items())},
+            "rss_mb": round(procs.rss_bytes(pids) / 2**20, 1)}
+
+
+def run(seconds: float, devices: int = 3, clients: int = 2, every: float = 4.0,
+        plans=PLANS, faults=FAULTS, spec: str = SPEC, seed: int = 0,
+        timeout: float = 30.0, progress: bool = True) -> dict:
+    """One soak; returns its report (see `summarize`)."""
+    from tqdm import tqdm
+    rng = random.Random(seed)
+    mark = procs.tag()
+    images = Images(spec)
+    soak = Soak()
+    with LocalCluster(devices=devices, model=spec, heartbeat=0.5, plan=plans[0]) as cluster:
+        _whole(cluster, devices)
+        time.sleep(1.0)
+        start = _snapshot(mark)
+        t_start = time.monotonic()
+        bar = tqdm(total=int(seconds), unit="s", disable=not progress, desc="chaos")
+        for p, plan in enumerate(plans):
+            phase_end = t_start + seconds * (p + 1) / len(plans)
+            stop = threading.Event()
+            group = [Client(cluster.leader, plan=plan, connect_timeout=60) for _ in range(clients)]
+            threads = [threading.Thread(target=_client_loop, daemon=True,
+                                        args=(c, plan, images, soak, stop, timeout,
+                                              random.Random(rng.random())))
+                       for c in group]
+            for t in threads:
+                t.start()
+            while time.monotonic() < phase_end:
+                time.sleep(min(rng.uniform(0.5, 1.5) * every, max(0.0, phase_end -
+                                                                    time.monotonic())))
+                if time.monotonic() >= phase_end:
+                    break
+                kind = rng.choice(faults)
+                t0 = time.monotonic()
+                target = _inject(cluster, kind, rng, devices)
+                _whole(cluster, devices)
+                soak.faults.append([kind, target, t0, time.monotonic()])
+                bar.set_postfix(plan=plan, faults=len(soak.faults), requests=len(soak.outcomes))
+                bar.n = min(int(seconds), int(time.monotonic() - t_start))
+                bar.refresh()
+            stop.set()
+            for t in threads:
+                t.join(timeout + 30)
+            for c in group:
+                c.close()
+        bar.n = int(seconds)
+        bar.close()
+        _whole(cluster, devices)
+        time.sleep(3.0)              # workers replaced by the last fault have exited
+        end = _snapshot(mark)
+    return summarize(soak, start, end, seconds, devices, clients, plans, every, seed)
+
+
+def _pct(values) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values) * 1e3
+    return {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 90, 99)} | \
+        {"max": round(float(a.max()), 1), "n": len(values)}
+
+
+def summarize(soak: Soak, start: dict, end: dict, seconds, devices, clients, plans, every,
+              seed) -> dict:
+    """The report: counts per outcome and plan, latency with and without faults, faults,
+    processes and memory at the start and the end."""
+    windows = [(f[2], f[3] + AFTER_FAULT_S) for f in soak.faults]
+
+    def hit(o):
+        return any(o.t0 < b and o.t1 > a for a, b in windows)
+    counts = {k: sum(o.kind == k for o in soak.outcomes)
+              for k in ("correct", "wrong", "failed", "lost")}
+    answered = [o for o in soak.outcomes if o.kind == "correct"]
+    return {
+        "settings": {"seconds": seconds, "devices": devices, "clients": clients,
+                     "plans": list(plans), "fault_every_s": every, "seed": seed, "model": SPEC},
+        "requests": len(soak.outcomes), **counts,
+        "per_plan": {p: {k: sum(o.kind == k and o.plan == p for o in soak.outcomes)
+                         for k in counts} for p in plans},
+        "latency_ms": {"without_faults": _pct([o.t1 - o.t0 for o in answered if not hit(o)]),
+                       "during_faults": _pct([o.t1 - o.t0 for o in answered if hit(o)])},
+        "faults": {k: sum(f[0] == k for f in soak.faults) for k in FAULTS},
+        "heal_s": _pct([f[3] - f[2] for f in soak.faults]),
+        "errors": sorted({o.error for o in soak.outcomes if o.error})[:20],
+        "start": start, "end": end,
+    }
+
+
+def markdown(rep: dict) -> str:
+    s = rep["settings"]
+    lines = [f"# Chaos soak: {s['seconds']:.0f} s, {s['devices']} devices, {s['clients']} "
+             f"clients, plans {', '.join(s['plans'])}, a fault every ~{s['fault_every_s']} s",
+             "", f"Model `{s['model']}`, seed {s['seed']}. Figures from a loaded 2-core VM.", "",
+             "| requests | correct | wrong | failed (clear error) | lost |", "|---|---|---|---|---|",
+             f"| {rep['requests']} | {rep['correct']} | {rep['wrong']} | {rep['failed']} | "
+             f"{rep['lost']} |", "", "| plan | correct | wrong | failed | lost |",
+             "|---|---|---|---|---|"]
+    for p, c in rep["per_plan"].items():
+        lines.append(f"| {p} | {c['correct']} | {c['wrong']} | {c['failed']} | {c['lost']} |")
+    lines += ["", "| latency (ms) | p50 | p90 | p99 | max | n |", "|---|---|---|---|---|---|"]
+    for k, v in rep["latency_ms"].items():
+        lines.append(f"| {k.replace('_', ' ')} | " + " | ".join(
+            str(v.get(c, "-")) for c in ("p50", "p90", "p99", "max", "n")) + " |")
+    lines += ["", "Faults: " + ", ".join(f"{k} x{v}" for k, v in rep["faults"].items())
+              + f"; cluster whole again after (ms): {rep['heal_s']}", "",
+              "| | processes | RSS sum (MB) | per node |", "|---|---|---|---|"]
+    for k in ("start", "end"):
+        lines.append(f"| {k} | {rep[k]['processes']} | {rep[k]['rss_mb']} | "
+                     f"{rep[k]['per_node']} |")
+    if rep["errors"]:
+        lines += ["", "Errors seen:", ""] + [f"- `{e}`" for e in rep["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--every", type=float, default=4.0, help="mean seconds between faults")
+    p.add_argument("--plans", default=",".join(PLANS))
+    p.add_argument("--faults", default=",".join(FAULTS))
+    p.add_argument("--timeout", type=float, default=30.0, help="request timeout (s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(RESULTS, "chaos"))
+    a = p.parse_args(argv)
+    rep = run(a.minutes * 60, a.devices, a.clients, a.every, tuple(a.plans.split(",")),
+              tuple(a.faults.split(",")), seed=a.seed, timeout=a.timeout)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".json", "w") as fh:
+        json.dump(rep, fh, indent=1)
+    with open(a.out + ".md", "w") as fh:
+        fh.write(markdown(rep))
+    print(markdown(rep))
+    return 0 if rep["lost"] == 0 and rep["wrong"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
