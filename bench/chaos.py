@@ -209,7 +209,10 @@ def summarize(soak: Soak, start: dict, end: dict, seconds, devices, clients, pla
         "latency_ms": {"without_faults": _pct([o.t1 - o.t0 for o in answered if not hit(o)]),
                        "during_faults": _pct([o.t1 - o.t0 for o in answered if hit(o)])},
         "faults": {k: sum(f[0] == k for f in soak.faults) for k in FAULTS},
-        "heal_s": _pct([f[3] - f[2] for f in soak.faults]),
+        "heal_ms": _pct([f[3] - f[2] for f in soak.faults]),
+        "lost_during": {k: sum(o.kind == "lost" and any(
+            f[0] == k and o.t0 < f[3] + AFTER_FAULT_S and o.t1 > f[2] for f in soak.faults)
+            for o in soak.outcomes) for k in FAULTS},
         "errors": sorted({o.error for o in soak.outcomes if o.error})[:20],
         "start": start, "end": end,
     }
@@ -231,7 +234,8 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {k.replace('_', ' ')} | " + " | ".join(
             str(v.get(c, "-")) for c in ("p50", "p90", "p99", "max", "n")) + " |")
     lines += ["", "Faults: " + ", ".join(f"{k} x{v}" for k, v in rep["faults"].items())
-              + f"; cluster whole again after (ms): {rep['heal_s']}", "",
+              + f"; cluster whole again after (ms): {rep['heal_ms']}; lost requests that "
+              f"overlapped each kind: {rep['lost_during']}", "",
               "| | processes | RSS sum (MB) | per node |", "|---|---|---|---|"]
     for k in ("start", "end"):
         lines.append(f"| {k} | {rep[k]['processes']} | {rep[k]['rss_mb']} | "
