@@ -137,6 +137,18 @@ def test_a_missed_deadline_moves_the_chunk_and_the_late_first_result_still_wins(
     assert retry.reason == "deadline"
 
 
+def test_a_chunk_every_device_missed_goes_out_again_not_waits_for_ever(model, image):
+    """Once every device holds an attempt past its deadline (their workers died with the
+    old leader, say) the chunk goes to a device again; it used to wait for late answers
+    that never come until the request's timeout."""
+    req = make_request(model, image, names=("a",), k=1, kind="single")
+    dev, job, _ = work(req.start(at(0)))[0]
+    first = req.ledger.index[(0, job.chunk.index, 0)]
+    again = work(req.tick(at(first.deadline + 1e-3)))
+    assert [(d, j.chunk.index, j.attempt) for d, j, _ in again] == [("a", job.chunk.index, 1)]
+    assert first.record.status == "pending"      # a late answer would still win
+
+
 def test_a_corrupt_result_is_recomputed_never_merged(model, image):
     req = make_request(model, image, events=True)
     dev, job, msg = work(req.start(at(0)))[0]

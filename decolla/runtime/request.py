@@ -366,7 +366,9 @@ class Request:
     def _reassign(self, chunk_index: int, reason: str, t: Time, out: list,
                   avoid: str | None = None) -> None:
         """Send a chunk that has no active attempt to the best device not already holding it
-        (nor `avoid`, unless no other is left)."""
+        (nor `avoid`, unless no other is left); when every device holds it (attempts past
+        their deadline, kept in case they answer late), to the best device again: a worker
+        that died with them never answers, and its device may have a new one."""
         attempts = self.ledger.attempts[chunk_index]
         if any(a.active for a in attempts):
             return
@@ -377,7 +379,8 @@ class Request:
             return
         stage = self.plan.stages[self.stage]
         chunk = stage.chunks[chunk_index]
-        dev = self.ctx.resend_to(chunk, {a.record.device for a in attempts if a.pending}, avoid)
+        held = {a.record.device for a in attempts if a.pending}
+        dev = self.ctx.resend_to(chunk, held, avoid) or self.ctx.resend_to(chunk, (), avoid)
         if dev is None:
             return      # nobody to ask now; retried at a tick or membership change
         log.info("chunk reassigned", request=self.id, stage=self.stage, chunk=chunk_index,
