@@ -141,7 +141,6 @@ def test_leader_restarts_leave_one_worker_per_device_and_clients_carry_on(make_c
     print(f"{len(done)} requests, {len(errors)} failed: {errors}; longest "
           f"{max(t1 - t0 for t0, t1, _ in done):.1f} s")
     assert all("request" in str(e) for e in errors), errors      # clear errors, no crash
-    # Left open: a request in flight at a restart can still wait for its timeout (60 s
-    # here) instead of failing at once; it counts among these errors.
-    assert len(errors) <= 3, errors
+    assert len(errors) <= 3 * 3, errors      # at most a few per restart, each a clear error
+    assert max(t1 - t0 for t0, t1, _ in done) < 20, "a request waited for its timeout"
     assert _workers(mark) == before
