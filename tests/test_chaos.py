@@ -1,6 +1,6 @@
 """A short chaos soak (bench.chaos, ~60 s): devices killed and stopped, the leader killed
-and restarted, while two clients keep sending; no answer wrong, nothing leaked, memory
-flat, and (not yet always: see docs/RELIABILITY.md) no request lost."""
+and restarted, while two clients keep sending; no request lost, no answer wrong, at most
+1 % failed with a clear error, nothing leaked, memory flat."""
 from __future__ import annotations
 
 import pytest
@@ -14,12 +14,8 @@ def test_a_minute_of_chaos_loses_nothing_and_leaks_nothing():
     rep = chaos.run(60, devices=3, clients=2, every=4.0, seed=1, timeout=30, progress=False)
     print(chaos.markdown(rep))
     assert rep["requests"] >= 20, rep
-    assert rep["wrong"] == 0, rep
-    assert rep["failed"] <= 0.05 * rep["requests"], rep["errors"]
+    assert rep["lost"] == 0 and rep["wrong"] == 0, rep
+    assert rep["failed"] <= 0.01 * rep["requests"], rep["errors"]
     assert sum(rep["faults"].values()) >= 5, rep["faults"]
     assert rep["end"]["per_node"] == rep["start"]["per_node"], (rep["start"], rep["end"])
     assert rep["end"]["rss_mb"] < 1.5 * rep["start"]["rss_mb"], (rep["start"], rep["end"])
-    if rep["lost"]:
-        # Left open (issue 20): a request in flight when the leader is killed can wait for
-        # its timeout instead of being answered or failing at once.
-        pytest.xfail(f"{rep['lost']} of {rep['requests']} requests lost: {rep['errors']}")
