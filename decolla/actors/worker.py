@@ -36,13 +36,15 @@ BATCH_S = 0.02          # results computed back to back within this long go back
 POLL_S = 0.002          # how often an actor whose inbox is not watched hands results over
 
 
-def _take_over() -> None:
-    """One worker per device: a worker started here before this one (by a leader that
-    has since restarted, its registrar gone with it, or being replaced) is stopped, and
-    this one takes its place. Workers are children of their device's actor system admin,
-    whose pid names the file that holds the current worker's pid."""
+def _take_over(name: str) -> None:
+    """One worker per device: a worker of device `name` started here before this one (by
+    a leader that has since restarted, its registrar gone with it, or being replaced) is
+    stopped, and this one takes its place. Workers are children of their device's actor
+    system admin; its pid and the device's name name the file holding the worker's pid."""
     admin = os.getppid()
-    path = os.path.join(tempfile.gettempdir(), f"decolla-worker-{os.getuid()}-{admin}.pid")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    path = os.path.join(tempfile.gettempdir(),
+                        f"decolla-worker-{os.getuid()}-{admin}-{safe}.pid")
     try:
         with open(path) as fh:
             old = int(fh.read().strip() or 0)
@@ -121,7 +123,7 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
             ops.set_threads(max(1, int(msg.threads)))
         except Exception as exc:
             log.warning("could not set kernel threads", error=str(exc))
-        _take_over()
+        _take_over(msg.name)
         mac_s = self._calibrate()
         threading.Thread(target=self._compute_loop, daemon=True, name="worker-compute").start()
         info = system.proc_info()
