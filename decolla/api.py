@@ -81,13 +81,15 @@ class ClusterMember:
             self.close()
             raise
 
+    # The actor asked for membership: the registrar, or (a Client) its own requester, which
+    # holds the snapshot pushed to it and follows the leader across restarts.
+    def _membership_source(self):
+        return self._registrar
+
     def membership(self, timeout: float = 10.0) -> Membership:
-        """The registrar's current membership snapshot: the one pushed to this member's
-        requester if it has one (it follows the leader across restarts), else the
-        registrar's answer."""
+        """The cluster's current membership snapshot."""
         with self._asys.private() as ctx:
-            m = ctx.ask(self._registrar if self._requester is None else self._requester,
-                       StatusRequest(), timeout)
+            m = ctx.ask(self._membership_source(), StatusRequest(), timeout)
         if not isinstance(m, Membership):
             raise ClusterError(f"leader {self.leader} did not answer a status request")
         return m
@@ -155,6 +157,9 @@ class Client(ClusterMember):
     `allocator`: random, average, least, proportional, eft, "learned" (the shipped trained
     policy) or "learned:path=FILE.npz".
     """
+
+    def _membership_source(self):
+        return self._requester or self._registrar
 
     def __init__(self, leader: str, name: str | None = None, port: int | None = None,
                  bind: str | None = None, plan: str = "auto", k: int | None = None,
