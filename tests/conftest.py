@@ -31,3 +31,16 @@ def asys():
         yield system
     finally:
         system.shutdown()
+
+
+@pytest.fixture
+def tcp_asys():
+    """A real multiprocTCPBase actor system on loopback (workers get real data planes)."""
+    from thespian.actors import ActorSystem
+    from decolla.actors.system import free_port
+    system = ActorSystem("multiprocTCPBase", {"decolla.compute": True,
+                                              "Admin Port": free_port()}, transientUnique=True)
+    try:
+        yield system
+    finally:
+        system.shutdown()

@@ -121,19 +121,6 @@ def test_unreachable_address_closes_without_connecting():
     assert not conn.connected.is_set()
 
 
-@pytest.fixture
-def tcp_asys():
-    """A real multiprocTCPBase actor system on loopback (workers get real data planes)."""
-    from thespian.actors import ActorSystem
-    from decolla.actors.system import free_port
-    system = ActorSystem("multiprocTCPBase", {"decolla.compute": True,
-                                              "Admin Port": free_port()}, transientUnique=True)
-    try:
-        yield system
-    finally:
-        system.shutdown()
-
-
 @pytest.mark.parametrize("where", ["unreachable", "reachable"])
 def test_requester_reaches_its_only_device_whatever_its_data_plane_does(tcp_asys, where):
     """`unreachable`: the listed data plane refuses connections, so the requester falls back

@@ -39,18 +39,6 @@ def _evil(path) -> bytes:
 
 
 @pytest.fixture
-def tcp_asys():
-    from thespian.actors import ActorSystem
-    from decolla.actors.system import free_port
-    system = ActorSystem("multiprocTCPBase", {"decolla.compute": True,
-                                              "Admin Port": free_port()}, transientUnique=True)
-    try:
-        yield system
-    finally:
-        system.shutdown()
-
-
-@pytest.fixture
 def worker_addr(tcp_asys):
     """The data-plane address of a real Worker (its own process)."""
     model = load_model(SPEC)
