@@ -156,6 +156,8 @@ class Client(ClusterMember):
     of decolla.plans ("layer" is the paper's per-layer split, "single" one device).
     `allocator`: random, average, least, proportional, eft, "learned" (the shipped trained
     policy) or "learned:path=FILE.npz".
+    `compress`: lz4 on chunk traffic — "auto" where a device's link is slow enough that
+    compressing saves more time than it costs, or always (True) or never (False).
     """
 
     def _membership_source(self):
@@ -163,7 +165,8 @@ class Client(ClusterMember):
 
     def __init__(self, leader: str, name: str | None = None, port: int | None = None,
                  bind: str | None = None, plan: str = "auto", k: int | None = None,
-                 allocator: str = "average", wire_dtype: str = "float32", compress: bool = True,
+                 allocator: str = "average", wire_dtype: str = "float32",
+                 compress: bool | str = "auto",
                  deadline_slack: float = 4.0, deadline_floor: float = 0.5,
                  request_timeout: float = 120.0, connect_timeout: float = 30.0,
                  min_devices: int = 1, min_chunk_macs: int = 0, data_plane: bool = True,

@@ -106,3 +106,21 @@ def test_fp16_wire_equals_numpys_conversion_through_the_kernel_too():
         want = arr.astype(np.float16).astype(np.float32)
     assert arr.size >= wire._HALF_MIN
     np.testing.assert_array_equal(wire.decode(wire.encode(arr, "float16")), want)
+
+
+def test_decoded_arrays_are_writable_for_every_encoding():
+    x = np.maximum(np.random.default_rng(1).standard_normal((9, 8, 16)), 0).astype(np.float32)
+    for dtype in ("float32", "float16", "int8"):
+        for compress in (False, True):
+            y = wire.decode(wire.encode(x, dtype, compress))
+            assert y.flags.writeable and y.dtype == np.float32 and y.shape == x.shape
+            y[0, 0, 0] = 1.0          # the kernels write into inputs they own
+
+
+def test_lz4_pays_only_on_links_slower_than_it_is():
+    per_byte_s, saved = wire.lz4_costs()
+    assert per_byte_s > 0 and 0 < saved < 1
+    breakeven = saved / per_byte_s          # bytes/s where saving equals the cost
+    assert wire.compress_pays(breakeven / 2)
+    assert not wire.compress_pays(breakeven * 2)
+    assert not wire.compress_pays(0.0)

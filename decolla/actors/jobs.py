@@ -30,6 +30,7 @@ class Job:
     reply_to: object
     received: float
     dtype: str
+    compress: bool
 
     def keys(self) -> set:
         return {self.chunk.key}
@@ -46,6 +47,7 @@ class SwapJob:
     reply_to: object
     received: float
     dtype: str
+    compress: bool
 
     def keys(self) -> set:
         return {c.key for c, _, _ in self.strips}
@@ -77,10 +79,10 @@ def jobs_of(msg: StageWork, reply_to, device: str) -> tuple[list, list[ChunkFail
             strips.append((job.chunk, job.attempt, inputs))
         else:
             jobs.append(Job(msg.request, msg.stage, job.chunk, job.attempt, inputs,
-                            reply_to, now, msg.wire_dtype))
+                            reply_to, now, msg.wire_dtype, msg.compress))
     if strips:
         jobs.append(SwapJob(msg.request, msg.stage, strips, msg.swap, msg.wait_s,
-                            reply_to, now, msg.wire_dtype))
+                            reply_to, now, msg.wire_dtype, msg.compress))
     return jobs, failed
 
 
@@ -91,7 +93,7 @@ def run_alone(job: Job, layers: dict, cache: dict, device: str) -> ChunkResult |
         start = time.time()
         y = compute_chunk(layers, job.stage, c, job.inputs, cache=cache)
         end = time.time()
-        payload = wire.encode(y, job.dtype)
+        payload = wire.encode(y, job.dtype, job.compress)
     except Exception as exc:
         log.warning("chunk failed", request=job.request, stage=c.stage, chunk=c.index,
                     error=repr(exc))
@@ -117,7 +119,7 @@ def run_swap(job: SwapJob, layers: dict, cache: dict, device: str,
             local[(src, dst, layer)] = rows
             return
         dev, addr = job.swap[dst]
-        halo = Halo(job.request, job.stage.index, src, dst, layer, wire.encode(rows, job.dtype))
+        halo = Halo(job.request, job.stage.index, src, dst, layer, wire.encode(rows, job.dtype, job.compress))
         if not send_halo(addr, halo):
             raise HaloMissing(f"cannot reach strip {dst} on {dev}")
 
@@ -137,7 +139,7 @@ def run_swap(job: SwapJob, layers: dict, cache: dict, device: str,
                   for c, _, inputs in job.strips}
         results = run_lockstep(strips, send, take)
         end = time.time()
-        payloads = {i: wire.encode(y, job.dtype) for i, y in results.items()}
+        payloads = {i: wire.encode(y, job.dtype, job.compress) for i, y in results.items()}
     except Exception as exc:
         log.warning("strips failed", request=job.request, stage=job.stage.index,
                     chunks=sorted(c.index for c, _, _ in job.strips), error=repr(exc))

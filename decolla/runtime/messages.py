@@ -170,6 +170,7 @@ class StageWork(Message):
     # (device, its data-plane address) for every strip of the stage; None: run alone
     swap: dict | None = None
     wait_s: float = 0.0           # how long a strip waits for a halo before it gives up
+    compress: bool = True         # lz4 on results and halos (where the link is slow enough)
     _show = ("request",)
 
     def __repr__(self) -> str:
@@ -272,7 +273,7 @@ class ConfigureRequester(Message):
     plan: str = "auto"                    # the paper's plan is "layer"
     allocator: str = "average"
     wire_dtype: str = "float32"
-    compress: bool = True
+    compress: bool | str = "auto"         # lz4 on chunk traffic: True, False, or "auto" (slow links)
     deadline_slack: float = 4.0
     deadline_floor: float = 0.5
     request_timeout: float = 120.0

@@ -85,6 +85,14 @@ class Context:
                            if d.data_addr and data_plane}
         return self.sup.update_membership(devices)
 
+    def compress_for(self, dev: str) -> bool:
+        """Whether chunk traffic with `dev` is lz4-compressed: as configured, or ("auto")
+        where the device's link (as the supervisor estimates it) is slow enough to pay."""
+        if self.cfg.compress != "auto":
+            return bool(self.cfg.compress)
+        d = self.sup.devices.get(dev)
+        return d is not None and wire.compress_pays(1.0 / d.sec_per_byte)
+
     def pool(self, holding: Collection[str] = ()) -> list[str]:
         """Devices with a worker that work may go to, usable ones if any, minus `holding`."""
         names = [n for n in self.sup.usable() if n not in holding] or \
@@ -158,7 +166,7 @@ class Request:
         self.tensors = {"input": image}
         self.stage = 0
         self.ledger = Ledger(rid, ctx.sup)
-        self.blobs: dict = {}     # current stage: input slices encoded, by blob key
+        self.blobs: dict = {}     # current stage: input slices encoded, by (blob key, compressed)
         self.started = t.wall
         self.timeout_at = t.mono + ctx.cfg.request_timeout
         self.waiting = False      # no device to send the current stage to yet
@@ -305,6 +313,7 @@ class Request:
               swap: dict | None = None) -> None:
         """Send `chunks` of `stage` to `dev` (as strips swapping halos when `swap` is given)."""
         cfg = self.ctx.cfg
+        compress = self.ctx.compress_for(dev)
         blobs, jobs, counted = {}, [], set()
         wait_s = 0.0
         for c in chunks:
@@ -312,14 +321,15 @@ class Request:
             needs, cost = c.run_as(swap is not None)
             for need in needs:
                 key = need.key
-                if key not in self.blobs:     # encoded once per stage, whoever needs it
-                    self.blobs[key] = wire.encode(need.select(self.tensors[need.tensor]),
-                                                  cfg.wire_dtype, cfg.compress)
-                blobs[key] = self.blobs[key]
+                blob = self.blobs.get((key, compress))
+                if blob is None:              # encoded once per stage, whoever needs it
+                    blob = self.blobs[key, compress] = wire.encode(
+                        need.select(self.tensors[need.tensor]), cfg.wire_dtype, compress)
+                blobs[key] = blob
                 keys.append(key)
                 if key not in counted:
                     counted.add(key)
-                    nbytes += len(self.blobs[key])
+                    nbytes += len(blob)
             att, left = self.ledger.open(stage, c.index, dev, cost, nbytes,
                                          reason + ("+swap" if swap else ""), t)
             jobs.append(ChunkJob(c, tuple(keys), att.record.attempt))
@@ -328,7 +338,7 @@ class Request:
                         dev, t, out, reason)
         stub = dataclasses.replace(stage, chunks=())
         out.append(Deliver(dev, StageWork(self.id, stub, jobs, blobs, cfg.wire_dtype, swap,
-                                          wait_s)))
+                                          wait_s, compress)))
 
     def _stage_done(self, stage, t: Time, out: list) -> None:
         try:
