@@ -18,6 +18,7 @@ from thespian.actors import (ActorExitRequest, ActorTypeDispatcher, PoisonMessag
                              WakeupMessage)
 
 from decolla.actors import system
+from decolla.actors.link_measuring import MeasuresLinks
 from decolla.actors.preload import ModelRefused, leader_model
 from decolla.actors.registrar import RegistrarFinder
 from decolla.allocators import make_allocator
@@ -27,10 +28,9 @@ from decolla.plans import PlanError
 from decolla.plans.compute import compute_chunk
 from decolla.runtime import channels, dataplane
 from decolla.runtime.events import EventBatches
-from decolla.runtime.links import LinkProber
 from decolla.runtime.messages import (ChunkEvent, ChunkFailed, ChunkResult, ChunkResults,
                                       ConfigureRequester, FindRegistrar, InferError,
-                                      InferRequest, InFlight, LinkEcho, Membership, Ready,
+                                      InferRequest, InFlight, Membership, Ready,
                                       RegistrarAt, Subscribe, Unsubscribe)
 from decolla.runtime.plan_choice import PlanChooser
 from decolla.runtime.request import Context, Deliver, Request, RunLocal, Tell, Time
@@ -45,7 +45,7 @@ def _now() -> Time:
     return Time(time.monotonic(), time.time())
 
 
-class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
+class Requester(MeasuresLinks, dataplane.WatchesInbox, ActorTypeDispatcher):
     """Per-client coordinator of inferences (lives in the client's actor system)."""
 
     RECEIVER = channels.REQUESTER
@@ -62,8 +62,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         self.ticking = False
         self.waiting_ready: list = []
         self.backlog: list = []
-        self.links = LinkProber()
-        self.links_reported = False
         self.reported_in_flight = 0
         self.local_layers: dict | None = None     # {} once this node cannot compute locally
         self.local_cache: dict = {}
@@ -96,12 +94,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         lost = self.ctx.update(msg.devices, self.cfg.data_plane)
         if self.peers is not None:
             self.peers.forget(set(self.ctx.data_addrs.values()))
-        if self.plans.measures_links:
-            # a device that misses heartbeats or check-ins keeps its figure: no re-probing
-            # a slow link each time it flaps
-            self.links.track([d.name for d in msg.devices if d.alive and d.worker is not None],
-                             keep=[d.name for d in msg.devices])
-            self._probe()
+        self._track_links(msg.devices)
         status = {d.name: d.status for d in msg.devices}
         for name in lost:
             log.warning("device not usable; its chunks move once late", device=name,
@@ -236,32 +229,6 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
         if dev is not None:
             self._each(Request.connection_lost, dev, _now())
 
-    # ------------------------------------------------------------ link measurement
-    def _measuring_links(self) -> bool:
-        """True while `auto` waits for the first measurement of the links to plan with
-        (once over, devices that join later are measured while requests go on)."""
-        return self.plans.measures_links and not self.links.settled
-
-    def _probe(self) -> None:
-        for dev, probe in self.links.next_probes():
-            self._deliver(dev, probe)
-            self.wakeupAfter(self.links.timeout_s, payload=("probe", probe.seq))
-        if not self.links.settled:
-            self.links_reported = False
-        elif not self.links_reported:
-            self.links_reported = True
-            log.info("links measured", median_mbit=round(self.links.bandwidth_mbit() or 0, 1),
-                     shared=self.links.shared)
-        self._start_backlog()
-
-    def receiveMsg_LinkEcho(self, msg: LinkEcho, sender):
-        link = self.links.echo(msg)
-        if link is not None:
-            log.info("link measured", device=msg.device, mbit=round(link.mbit, 1),
-                     rtt_ms=round(link.rtt_s * 1e3, 2))
-            self.ctx.sup.link_measured(msg.device, link.bytes_per_s)
-        self._probe()
-
     # ------------------------------------------------------------ time
     def _ensure_tick(self) -> None:
         if not self.ticking and self.requests:
@@ -269,11 +236,7 @@ class Requester(dataplane.WatchesInbox, ActorTypeDispatcher):
             self.wakeupAfter(TICK_S, payload="tick")
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender):
-        if isinstance(msg.payload, tuple) and msg.payload[0] == "probe":
-            dev = self.links.expire(msg.payload[1])
-            if dev is not None:
-                log.warning("link probe unanswered; device not measured", device=dev)
-                self._probe()
+        if self._probe_expired(msg.payload):
             return
         if msg.payload == "leader":
             self._find_leader()
