@@ -20,6 +20,7 @@ intrinsic kernels of kernels/*_neon.h (-DDECOLLA_NEON): ARMv8.0 only, no SVE and
 ARMv8.2 fp16 arithmetic, so it runs on every aarch64 CPU.
 """
 import platform
+import re
 import shutil
 import os
 import subprocess
@@ -87,6 +88,15 @@ def _variant_source(pyx: str, name: str) -> str:
     return dst
 
 
+def _headers(pyx: str) -> list[str]:
+    """The kernels/*.h that `pyx` and the .pxi files it includes name: a change to one
+    rebuilds the modules that include it, and only those."""
+    text = open(pyx).read()
+    for pxi in re.findall(r'^include "(\w+\.pxi)"', text, re.M):
+        text += open(os.path.join("kernels", pxi)).read()
+    return sorted(h for h in glob("kernels/*.h") if f'"{os.path.basename(h)}"' in text)
+
+
 def _extensions():
     omp = _openmp_flags()
     compile_args = ["-O3", "-ffast-math" if os.environ.get("DECOLLA_FAST_MATH") else "-fno-math-errno"]
@@ -111,7 +121,7 @@ def _extensions():
             exts.append(Extension(
                 f"decolla.kernels.{mod}{suffix}", [src],
                 include_dirs=[numpy.get_include(), "kernels"],
-                depends=sorted(glob("kernels/*.h")),
+                depends=_headers(pyx),
                 extra_compile_args=args,
                 extra_link_args=list(omp),
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

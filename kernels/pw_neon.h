@@ -114,9 +114,9 @@ static void pwn_panel(const float *a, ptrdiff_t M, ptrdiff_t K, const float *w,
         const float *ap = a + p * K, *rp = r ? r + p * rs : NULL;
         float *op = o + p * ldo;
         switch (mr) {
-#define PWN_CASE(n) case n: if (wide) \
-            pwn_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 1); \
-            else pwn_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 0); break;
+#define PWN_CASE(n) case n: \
+            wide ? pwn_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 1) \
+                 : pwn_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 0); break;
         PWN_CASE(8) PWN_CASE(7) PWN_CASE(6) PWN_CASE(5)
         PWN_CASE(4) PWN_CASE(3) PWN_CASE(2) PWN_CASE(1)
 #undef PWN_CASE
