@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Debian packages the tests use when present (network namespaces, tc, headless browser).
 SYSDEPS := iproute2 chromium chromium-driver
 
-.PHONY: all setup sysdeps build demo test test-fast bench clean
+.PHONY: all setup sysdeps build demo test test-fast test-arm bench clean
 
 all: test
 
@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Runtime + dev + train + gateway + bench extras; torch pinned to the local CPU build (never let pip choose a newer one).
-$(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxi)
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxi kernels/*.h)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "Cython>=3.0" "numpy>=1.26" "scipy>=1.11" "torch==2.13.0"
 	$(PIP) install -q --no-build-isolation -e ".[dev,train,gateway,bench]"
@@ -44,6 +44,11 @@ test: setup sysdeps
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not testbed and not slow"
+
+# The kernel, fused, forward and wire tests and `decolla demo` on an emulated Cortex-A72
+# (Debian arm64 chroot under qemu-user, cached in /var/cache/decolla-arm; root only).
+test-arm:
+	tools/test-arm.sh
 
 bench: setup
 	$(PY) -m bench.kernels

@@ -275,8 +275,9 @@ def pwconv(x, weight, bias, *, relu6: bool = False, residual=None, c0: int = 0,
 # multiplies by a weight packed once per layer: BLAS repacks the whole weight on every
 # call, which dominates a strip of a few rows (2-3x slower at 14-28 pixels). Above
 # both, the two tie. Only the AVX2/FMA and AVX-512 builds are measured faster: the
-# baseline x86 (SSE2) build keeps BLAS.
-_FAST_PACKED = _gemm.__name__.endswith(("_v3", "_v4"))
+# baseline x86 (SSE2) build keeps BLAS. The NEON build (aarch64, its kernel sized for
+# NEON's registers) uses it too, by the same argument, unmeasured on a real Cortex-A72.
+_FAST_PACKED = _gemm.__name__.endswith(("_v3", "_v4", "_neon"))
 PACKED_MAX_PIXELS = 512 if _FAST_PACKED else 0
 PACKED_MAX_WEIGHTS = 32768 if _FAST_PACKED else 0   # 128 KiB: 10-35% faster at any size
 

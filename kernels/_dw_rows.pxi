@@ -12,10 +12,13 @@ cdef extern from *:
 
 # The AVX-512 build (x86-64-v4) computes the interior of a row with intrinsics
 # (dw5_run): per 16 channels, the 9 weights stay in zmm registers while the whole run of
-# pixels passes, each pixel 9 loads and 9 FMAs through 3 moving row pointers.
+# pixels passes, each pixel 9 loads and 9 FMAs through 3 moving row pointers. The NEON
+# build (aarch64) does the same per 8 channels (dwn_run, kernels/dw_neon.h). dw_run is
+# this build's run kernel, DW_RUN whether it has one.
 cdef extern from *:
     """
     #include <stddef.h>
+    #include "dw_neon.h"
     #if defined(__AVX512F__)
     #include <immintrin.h>
     #define DW_AVX512 1
@@ -70,7 +73,7 @@ cdef extern from *:
     }
     #else
     #define DW_AVX512 0
-    static void dw5_run(float *o, ptrdiff_t on, const float *r0, const float *r1,
+    static inline void dw5_run(float *o, ptrdiff_t on, const float *r0, const float *r1,
                         const float *r2, ptrdiff_t s0, ptrdiff_t s1, ptrdiff_t s2,
                         ptrdiff_t cx, const float *w, ptrdiff_t wc, const float *b,
                         ptrdiff_t n, ptrdiff_t npix, int relu6) {
@@ -79,10 +82,18 @@ cdef extern from *:
         /* never called: DW_AVX512 is 0 */
     }
     #endif
+    #if DW_NEON
+    #define dw_run dwn_run
+    #else
+    #define dw_run dw5_run
+    #endif
+    #define DW_RUN (DW_AVX512 || DW_NEON)
     """
     enum:
         DW_AVX512
-    void dw5_run(float* o, Py_ssize_t on, const float* r0, const float* r1, const float* r2,
+        DW_NEON
+        DW_RUN
+    void dw_run(float* o, Py_ssize_t on, const float* r0, const float* r1, const float* r2,
                  Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t cx, const float* w,
                  Py_ssize_t wc, const float* b, Py_ssize_t n, Py_ssize_t npix,
                  bint relu6) noexcept nogil
@@ -145,7 +156,7 @@ cdef void _row(float* orow, const float* x, const float* zero, Py_ssize_t oy,
                Py_ssize_t stride, Py_ssize_t in_row0, Py_ssize_t in_height,
                Py_ssize_t W, Py_ssize_t Wo, Py_ssize_t cx, const float* w, Py_ssize_t wc,
                const float* b, Py_ssize_t n, bint relu6, bint quad) noexcept nogil:
-    """One output row: interior pixels all in one run (AVX-512 build) or four at a time
+    """One output row: interior pixels all in one run (AVX-512, NEON) or four at a time
     (if quad), the others one by one."""
     cdef const float* rows[3]
     cdef Py_ssize_t dy, iy
@@ -169,11 +180,11 @@ cdef void row_from(float* orow, const float** rows, const float* zero, Py_ssize_
         ox_hi = Wo
     ox = 0
     while ox < Wo:
-        if DW_AVX512 and quad and ox >= 1 and ox < ox_hi:
+        if DW_RUN and quad and ox >= 1 and ox < ox_hi:
             for dy in range(3):
                 # a missing row reads the same 3 columns of zeros for every pixel
                 q[dy] = rows[dy] + (ox * stride - 1) * cx if rows[dy] != NULL else zero
-            dw5_run(orow + ox * n, n, q[0], q[1], q[2],
+            dw_run(orow + ox * n, n, q[0], q[1], q[2],
                     stride * cx if rows[0] != NULL else 0,
                     stride * cx if rows[1] != NULL else 0,
                     stride * cx if rows[2] != NULL else 0,

@@ -4,13 +4,16 @@
 # Packed-weight path for few pixels: OpenBLAS repacks the whole weight matrix on
 # every sgemm call, which dominates when there are only a few dozen pixels.
 #
-# Two micro-kernels, one per build: the AVX-512 build (x86-64-v4) multiplies 12 pixels
-# by a 32-channel panel in 24 zmm accumulators (pw5_*, C intrinsics below); every other
-# build 6 pixels by a 16-channel panel in 12 ymm accumulators (_pw_block, GCC vector
-# extensions). PW_NR / PW_MR are this build's panel width and block height.
+# Three micro-kernels, one per build: the AVX-512 build (x86-64-v4) multiplies 12 pixels
+# by a 32-channel panel in 24 zmm accumulators (pw5_*, C intrinsics below); the NEON
+# build (aarch64) 8 pixels by an 8-channel panel in 16 q-register accumulators
+# (pwn_panel, kernels/pw_neon.h); every other build 6 pixels by a 16-channel panel in 12
+# ymm accumulators (_pw_block, GCC vector extensions). PW_NR / PW_MR are this build's
+# panel width and block height.
 cdef extern from *:
     """
     #include <stddef.h>
+    #include "pw_neon.h"
     #define PW3_NR 16   /* channels per weight panel: two AVX2 vectors */
     #define PW3_MR 6    /* pixels per block: 6 x 16 accumulators = 12 ymm registers */
     #if defined(__AVX512F__)
@@ -18,6 +21,10 @@ cdef extern from *:
     #define PW_AVX512 1
     #define PW_NR 32    /* two zmm vectors */
     #define PW_MR 12    /* 12 x 32 accumulators = 24 of the 32 zmm registers */
+    #elif PW_NEON
+    #define PW_AVX512 0
+    #define PW_NR PWN_NR
+    #define PW_MR PWN_MR
     #else
     #define PW_AVX512 0
     #define PW_NR PW3_NR
@@ -114,7 +121,11 @@ cdef extern from *:
         PW_NR
         PW_MR
         PW_AVX512
+        PW_NEON
     void pw5_panel(const float* a, Py_ssize_t M, Py_ssize_t K, const float* w,
+                   const float* b, float* o, Py_ssize_t ldo, const float* r, Py_ssize_t rs,
+                   Py_ssize_t nt, bint relu6) noexcept nogil
+    void pwn_panel(const float* a, Py_ssize_t M, Py_ssize_t K, const float* w,
                    const float* b, float* o, Py_ssize_t ldo, const float* r, Py_ssize_t rs,
                    Py_ssize_t nt, bint relu6) noexcept nogil
 
@@ -265,6 +276,9 @@ cdef inline void _pw_packed_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t mc,
     cdef const float* r = NULL if rp == NULL else rp + p0 * rs + q0
     if PW_AVX512:
         pw5_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+                  nt, relu6)
+    elif PW_NEON:
+        pwn_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
                   nt, relu6)
     # A last panel of at most 8 channels (e.g. 24 outputs) skips its zero half.
     elif nt > PW_NR // 2:

@@ -41,3 +41,4 @@ def dwconv3x3(const float[:, :, ::1] x, const float[:, :, ::1] w, const float[::
 
 
 AVX512 = bool(DW_AVX512)   # interior pixels on the AVX-512 path (dw5_run)
+NEON = bool(DW_NEON)       # interior pixels on the NEON path (dwn_run, aarch64)

@@ -149,6 +149,7 @@ def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1
 PACK_NR = PW_NR     # channels per packed weight panel in this build
 PACK_MR = PW_MR     # pixels per register block
 AVX512 = bool(PW_AVX512)   # the packed kernel is the AVX-512 one
+NEON = bool(PW_NEON)       # the packed kernel is the NEON one (aarch64)
 
 
 def linear(const float[::1] x, const float[:, ::1] w, const float[::1] b, float[::1] out,

@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """float32 <-> float16 for the wire codec (decolla.runtime.wire): F16C instructions, 8 values at a
-time, in the x86-64-v3 build (`F16C` true); the rest, and other builds, through C
-`_Float16` casts. Rounding is IEEE round-to-nearest-even, as numpy's."""
+time, in the x86-64-v3 and v4 builds (`F16C` true), the ARMv8.0 fcvtn / fcvtl instructions
+in the NEON build (`NEON` true); the rest, and other builds, through C `_Float16` casts.
+Rounding is IEEE round-to-nearest-even, as numpy's."""
 import numpy as np
 cimport numpy as cnp
 
@@ -15,12 +16,22 @@ cdef extern from *:
     #else
     #define DECOLLA_F16C 0
     #endif
+    #if defined(DECOLLA_NEON) && defined(__aarch64__)
+    #include <arm_neon.h>
+    #define DECOLLA_NEON_F16 1
+    #else
+    #define DECOLLA_NEON_F16 0
+    #endif
     static void decolla_f2h(const float *__restrict__ in, uint16_t *__restrict__ out, size_t n) {
         size_t i = 0;
     #if DECOLLA_F16C
         for (; i + 8 <= n; i += 8)
             _mm_storeu_si128((__m128i *)(out + i),
                              _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+    #elif DECOLLA_NEON_F16
+        for (; i + 8 <= n; i += 8)   /* fcvtn + fcvtn2: rounds as FPCR says, to nearest even */
+            vst1q_u16(out + i, vreinterpretq_u16_f16(
+                vcvt_high_f16_f32(vcvt_f16_f32(vld1q_f32(in + i)), vld1q_f32(in + i + 4))));
     #endif
         _Float16 *__restrict__ o = (_Float16 *)out;
         for (; i < n; i++) o[i] = (_Float16)in[i];
@@ -30,17 +41,26 @@ cdef extern from *:
     #if DECOLLA_F16C
         for (; i + 8 <= n; i += 8)
             _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+    #elif DECOLLA_NEON_F16
+        for (; i + 8 <= n; i += 8) {   /* fcvtl + fcvtl2 */
+            float16x8_t h = vreinterpretq_f16_u16(vld1q_u16(in + i));
+            vst1q_f32(out + i, vcvt_f32_f16(vget_low_f16(h)));
+            vst1q_f32(out + i + 4, vcvt_high_f32_f16(h));
+        }
     #endif
         const _Float16 *__restrict__ h = (const _Float16 *)in;
         for (; i < n; i++) out[i] = (float)h[i];
     }
     """
     bint HAS_F16C "DECOLLA_F16C"
+    bint HAS_NEON_F16 "DECOLLA_NEON_F16"
     void decolla_f2h(const float* inp, cnp.uint16_t* out, size_t n) nogil
     void decolla_h2f(const cnp.uint16_t* inp, float* out, size_t n) nogil
 
 
-F16C = HAS_F16C     # built with hardware conversion (else numpy's is faster: use that)
+F16C = HAS_F16C         # built with x86 F16C conversion
+NEON = HAS_NEON_F16     # built with aarch64 fcvtn / fcvtl conversion
+HARDWARE = F16C or NEON   # vector conversion (else numpy's is faster: use that)
 
 
 def to_half(x):

@@ -1,5 +1,5 @@
-"""Every ISA build of the kernels (baseline, x86-64-v3, x86-64-v4) against the numpy
-reference, called directly (decolla.ops uses only the build picked for this CPU), and
+"""Every ISA build of the kernels (baseline, x86-64-v3, x86-64-v4, aarch64 NEON) against
+the numpy reference, called directly (decolla.ops uses only the build picked for this CPU), and
 the build choice at import (DECOLLA_KERNELS)."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from decolla import kernels, reference
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 RTOL = 1e-5
-BUILDS = [("baseline", ""), ("v3", "_v3"), ("v4", "_v4")]
+BUILDS = [("baseline", ""), ("v3", "_v3"), ("v4", "_v4"), ("neon", "_neon")]
+SUFFIX = dict(BUILDS)
 
 
 def close(got, want):
@@ -39,14 +40,9 @@ def build(isa: str, suffix: str, name: str):
     try:
         return importlib.import_module(f"decolla.kernels.{name}{suffix}")
     except ImportError:
-        if isa == "baseline" or sys.platform != "linux" or not _is_x86():
+        if isa == "baseline" or sys.platform != "linux":
             pytest.skip(f"kernel build {name}{suffix} not present")
-        raise   # an x86-64 Linux build makes every variant: a missing one is a bug
-
-
-def _is_x86() -> bool:
-    import platform
-    return platform.machine().lower() in ("x86_64", "amd64")
+        raise   # a Linux build makes every variant of its CPU's family: a missing one is a bug
 
 
 per_build = pytest.mark.parametrize("isa, suffix", BUILDS, ids=[b[0] for b in BUILDS])
@@ -116,6 +112,16 @@ def test_v4_builds_use_the_avx512_kernels():
     assert not build("v3", "_v3", "dwconv").AVX512
 
 
+def test_neon_builds_use_the_neon_kernels():
+    gemm = build("neon", "_neon", "gemm")
+    assert gemm.NEON and not gemm.AVX512 and gemm.PACK_NR == 8 and gemm.PACK_MR == 8
+    assert build("neon", "_neon", "dwconv").NEON
+    half = build("neon", "_neon", "half")
+    assert half.NEON and half.HARDWARE and not half.F16C
+    plain = build("baseline", "", "gemm")
+    assert not plain.NEON and not build("baseline", "", "dwconv").NEON
+
+
 # --------------------------------------------------------------------------- depthwise
 
 @per_build
@@ -169,18 +175,18 @@ def test_default_is_the_best_supported_build():
     assert out.returncode == 0, out.stderr
     isa, mod, packed = out.stdout.split()
     assert isa == kernels.SUPPORTED[0]
-    assert mod == "gemm" + {"baseline": "", "v3": "_v3", "v4": "_v4"}[isa]
-    assert (int(packed) > 0) == (isa != "baseline")   # the packed kernel in v3 and v4
+    assert mod == "gemm" + SUFFIX[isa]
+    assert (int(packed) > 0) == (isa != "baseline")   # the packed kernel in v3, v4, neon
 
 
-@pytest.mark.parametrize("level", ["baseline", "v3", "v4"])
+@pytest.mark.parametrize("level", ["baseline", "v3", "v4", "neon"])
 def test_forcing_a_build(level):
     out = _isa_with(level)
     if kernels.supports(level):
         assert out.returncode == 0, out.stderr
         isa, mod, _ = out.stdout.split()
         assert isa == level
-        assert mod == "gemm" + {"baseline": "", "v3": "_v3", "v4": "_v4"}[level]
+        assert mod == "gemm" + SUFFIX[level]
     else:
         assert out.returncode != 0
         assert f"DECOLLA_KERNELS={level} but this CPU lacks" in out.stderr
@@ -189,4 +195,4 @@ def test_forcing_a_build(level):
 def test_unknown_build_is_refused():
     out = _isa_with("v5")
     assert out.returncode != 0
-    assert "use auto, baseline, v3 or v4" in out.stderr
+    assert "use auto, baseline, v3, v4 or neon" in out.stderr

@@ -78,21 +78,28 @@ def test_unknown_wire_dtype_is_refused():
         wire.encode(np.ones(3, np.float32), "int4")
 
 
-@given(hnp.arrays(np.float32, st.integers(0, 3000),
-                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True)),
-       st.sampled_from(["half", "half_v3"]))
-@settings(max_examples=60, deadline=None)
-def test_half_kernels_convert_exactly_as_numpy(arr, build):
-    """Bit for bit, NaN, infinities, overflow and subnormals included (the wire uses the
-    F16C build for >= 256 values; the plain build only where F16C is missing)."""
+def _half_build(build: str):
+    """The half module `build`, skipping when this CPU cannot run it or it is not built."""
     import importlib
     from decolla import kernels
-    if build == "half_v3" and not kernels.supports("v3"):
-        pytest.skip("this CPU has no x86-64-v3 build")
+    for isa in ("v3", "neon"):
+        if build.endswith("_" + isa) and not kernels.supports(isa):
+            pytest.skip(f"this CPU has no {isa} build")
     try:
-        half = importlib.import_module(f"decolla.kernels.{build}")
+        return importlib.import_module(f"decolla.kernels.{build}")
     except ImportError:
         pytest.skip(f"{build} is not built on this platform")
+
+
+# One test per build, outside @given: a skip inside it would skip every build.
+@pytest.mark.parametrize("build", ["half", "half_v3", "half_neon"])
+@given(hnp.arrays(np.float32, st.integers(0, 3000),
+                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True)))
+@settings(max_examples=60, deadline=None)
+def test_half_kernels_convert_exactly_as_numpy(build, arr):
+    """Bit for bit, NaN, infinities, overflow and subnormals included (the wire uses the
+    F16C or NEON build for >= 256 values; the plain build only where neither is)."""
+    half = _half_build(build)
     with np.errstate(over="ignore"):
         want = arr.astype(np.float16)
     np.testing.assert_array_equal(half.to_half(arr).view(np.uint16), want.view(np.uint16))
