@@ -67,8 +67,13 @@ class Dilation:
             raise ValueError(f"dilation factor must be >= 1, got {factor!r}")
         self.factor = float(factor)
         self._cpu_ns, self._wall_ns, self._sleep = cpu_ns, wall_ns, sleep
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the accounts afresh (a forked child: its CPU clock starts at zero, and a
+        lock held by another thread at the fork would never be released)."""
         self._lock = threading.Lock()
-        self._mark = cpu_ns()
+        self._mark = self._cpu_ns()
         self._owed = 0.0           # ns still to sleep; negative: overslept, credit
         self.cpu_total_ns = 0      # CPU time charged so far
         self.slept_ns = 0          # wall time slept so far
@@ -148,4 +153,10 @@ def wrap(fn: Callable) -> Callable:
     return fn if _CURRENT is None else _CURRENT.wrap(fn)
 
 
+def _after_fork() -> None:
+    if _CURRENT is not None:
+        _CURRENT.restart()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 enable(factor_from_env())

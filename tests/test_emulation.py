@@ -141,3 +141,18 @@ def test_a_dilated_process_charges_its_forward_to_the_kernels():
     doc = json.loads(out.strip().splitlines()[-1])
     assert doc["factor"] == 3.0 and doc["cpu"] > 0 and doc["wrapped"] == "function"
     assert doc["slept"] + doc["owed"] == pytest.approx(2 * doc["cpu"], rel=1e-6)
+
+
+def test_a_forked_child_starts_its_accounts_afresh(monkeypatch):
+    """A child's CPU clock starts at zero: the parent's mark would be a huge credit."""
+    clock = FakeClock()
+    d = clock.dilation(4.0)
+    clock.cpu += 5_000_000
+    d.settle()
+    monkeypatch.setattr(emulation, "_CURRENT", d)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if d.cpu_total_ns == 0 and d.slept_ns == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert d.cpu_total_ns == 5_000_000          # the parent's accounts are untouched
