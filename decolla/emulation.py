@@ -11,9 +11,12 @@ settle points: what happens between two of them (message framing, the actor loop
 reader thread) is charged at the next one. Settle points: every compiled kernel call
 (`decolla.kernels.load` hands out wrapped modules; that covers layers, fused blocks and
 the fp16 wire conversion) and each data-plane send, so a message leaves when the slow
-device would send it. One lock makes the process one core: while a thread sleeps off the
-process's debt, other threads reaching a settle point wait. Oversleeping is carried as
-credit, so the total wall time stays f × CPU within one sleep's jitter.
+device would send it; and every SETTLE_PERIOD_S a background thread settles while no
+kernel runs, so work done while idle (heartbeats, the actor loop) is slept off when it
+happens rather than charged to the next request. One lock makes the process one core:
+while a thread sleeps off the process's debt, other threads reaching a settle point wait.
+Oversleeping is carried as credit, so the total wall time stays f × CPU within one
+sleep's jitter.
 
 Off (no DECOLLA_DILATE, or 1), `settle` does nothing and kernels are not wrapped.
 """
@@ -30,6 +33,7 @@ from typing import Callable
 
 ENV = "DECOLLA_DILATE"
 MIN_SLEEP_NS = 20_000      # shorter debts wait for the next settle point (sleep's own cost)
+SETTLE_PERIOD_S = 0.005    # the background settle of work outside kernels
 _PR_SET_TIMERSLACK = 29
 
 
@@ -58,21 +62,26 @@ def _fine_timer_slack() -> None:
 
 class Dilation:
     """The debt of one process: (f − 1) × its CPU time since the last settle, minus what
-    was slept. `cpu_ns`, `wall_ns` and `sleep` are injectable for tests."""
+    was slept. `cpu_ns`, `wall_ns` and `sleep` are injectable for tests; `background`:
+    run the periodic settle thread (started by the first settle in each process)."""
 
     def __init__(self, factor: float, cpu_ns: Callable[[], int] = time.process_time_ns,
                  wall_ns: Callable[[], int] = time.perf_counter_ns,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, background: bool = True):
         if not factor >= 1.0:
             raise ValueError(f"dilation factor must be >= 1, got {factor!r}")
         self.factor = float(factor)
         self._cpu_ns, self._wall_ns, self._sleep = cpu_ns, wall_ns, sleep
+        self.background = background
         self.restart()
 
     def restart(self) -> None:
         """Start the accounts afresh (a forked child: its CPU clock starts at zero, and a
         lock held by another thread at the fork would never be released)."""
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._in_kernels = 0       # wrapped calls running now (the settle thread waits)
+        self._settler_pid = 0      # the process whose settle thread runs
         self._mark = self._cpu_ns()
         self._owed = 0.0           # ns still to sleep; negative: overslept, credit
         self.cpu_total_ns = 0      # CPU time charged so far
@@ -82,6 +91,9 @@ class Dilation:
     def settle(self) -> None:
         """Charge the CPU time since the last settle and sleep off the debt (one thread at
         a time: the process is one slow core)."""
+        if self.background and self._settler_pid != os.getpid():
+            self._settler_pid = os.getpid()
+            threading.Thread(target=self._settle_loop, daemon=True, name="dilation").start()
         with self._lock:
             cpu = self._cpu_ns()
             used, self._mark = cpu - self._mark, cpu
@@ -100,13 +112,24 @@ class Dilation:
             # the sleep's own CPU (the syscall) is not work of the device
             self._mark = self._cpu_ns()
 
+    def _settle_loop(self) -> None:
+        pid = os.getpid()
+        while self._settler_pid == pid:
+            time.sleep(SETTLE_PERIOD_S)
+            if not self._in_kernels:   # mid-kernel, its own settle charges it whole
+                self.settle()
+
     def wrap(self, fn: Callable) -> Callable:
         """`fn`, settling after every call (also when it raises)."""
         @functools.wraps(fn)
         def dilated(*args, **kw):
+            with self._count_lock:
+                self._in_kernels += 1
             try:
                 return fn(*args, **kw)
             finally:
+                with self._count_lock:
+                    self._in_kernels -= 1
                 self.settle()
         return dilated
 

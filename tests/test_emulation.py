@@ -31,7 +31,7 @@ class FakeClock:
 
     def dilation(self, factor: float) -> emulation.Dilation:
         return emulation.Dilation(factor, cpu_ns=lambda: self.cpu, wall_ns=lambda: self.wall,
-                                  sleep=self.sleep)
+                                  sleep=self.sleep, background=False)
 
 
 @pytest.mark.parametrize("factor", [2.0, 7.5, 12.0])
@@ -156,3 +156,37 @@ def test_a_forked_child_starts_its_accounts_afresh(monkeypatch):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert d.cpu_total_ns == 5_000_000          # the parent's accounts are untouched
+
+
+def test_idle_work_is_settled_in_the_background_but_never_mid_kernel():
+    """CPU used outside kernels (heartbeats, the actor loop) is slept off as it happens,
+    not charged to the next request; a kernel running is charged whole at its end."""
+    import threading
+    import time
+    clock = FakeClock()
+    d = emulation.Dilation(4.0, cpu_ns=lambda: clock.cpu, wall_ns=lambda: clock.wall,
+                           sleep=clock.sleep)
+    try:
+        d.settle()                            # starts the background thread
+        clock.cpu += 1_000_000                # idle-time work
+        deadline = time.monotonic() + 5
+        while not clock.asked and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert clock.asked == pytest.approx([3e-3])
+        inside, release = threading.Event(), threading.Event()
+
+        def kernel():
+            clock.cpu += 2_000_000
+            inside.set()
+            release.wait(5)
+
+        t = threading.Thread(target=d.wrap(kernel))
+        t.start()
+        inside.wait(5)
+        time.sleep(20 * emulation.SETTLE_PERIOD_S)   # many background periods
+        assert len(clock.asked) == 1                 # none while the kernel runs
+        release.set()
+        t.join(5)
+        assert clock.asked == pytest.approx([3e-3, 6e-3])
+    finally:
+        d._settler_pid = -1                   # stops the background thread
