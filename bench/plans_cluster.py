@@ -39,6 +39,11 @@ def ask(proc, timeout: float, **cmd) -> dict:
     """Send one command to the agent and return its JSON reply."""
     proc.stdin.write(json.dumps(cmd) + "\n")
     proc.stdin.flush()
+    return reply(proc, timeout)
+
+
+def reply(proc, timeout: float) -> dict:
+    """The agent's next JSON reply (log lines before it are skipped)."""
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         line = proc.stdout.readline()
