@@ -56,7 +56,7 @@ def _sequence(model, gap_s: float):
             t0, c0 = time.perf_counter(), time.process_time()
             inputs = {n: wire.decode(b) for n, b in blobs.items()}
             wire.encode(compute_chunk(layers, st, c, inputs, cache=cache), "float16")
-            emulation.settle()            # where a worker's send would settle
+            emulation.settle()            # where a worker's send settles
             wall += time.perf_counter() - t0
             cpu += time.process_time() - c0
         return wall, cpu
@@ -66,6 +66,7 @@ def _sequence(model, gap_s: float):
 def probe(kind: str, repeats: int, gap_s: float) -> dict:
     """Inside a host: `repeats` timed runs of `kind` after one warm-up: walls and CPU times."""
     import numpy as np
+    from decolla import emulation
     from decolla.forward import forward
     from decolla.loader import load_model
     model = load_model(MODEL)
@@ -75,6 +76,7 @@ def probe(kind: str, repeats: int, gap_s: float) -> dict:
         def one():
             t0, c0 = time.perf_counter(), time.process_time()
             forward(model, x, threads=1)
+            emulation.settle()
             return time.perf_counter() - t0, time.process_time() - c0
     else:
         one = _sequence(model, gap_s)

@@ -13,7 +13,9 @@ reader thread) is charged at the next one. Settle points: every compiled kernel 
 the fp16 wire conversion) and each data-plane send, so a message leaves when the slow
 device would send it; and every SETTLE_PERIOD_S a background thread settles while no
 kernel runs, so work done while idle (heartbeats, the actor loop) is slept off when it
-happens rather than charged to the next request. One lock makes the process one core:
+happens rather than charged to the next request. Between sends, debts below LAZY_NS
+wait for the next settle point: nothing outside sees the device meanwhile, and fewer
+sleeps cost less CPU and fewer cold caches. One lock makes the process one core:
 while a thread sleeps off the process's debt, other threads reaching a settle point wait.
 Oversleeping is carried as credit, so the total wall time stays f × CPU within one
 sleep's jitter.
@@ -33,6 +35,9 @@ from typing import Callable
 
 ENV = "DECOLLA_DILATE"
 MIN_SLEEP_NS = 20_000      # shorter debts wait for the next settle point (sleep's own cost)
+# After a kernel (and in the background) debts wait until this large: nothing outside the
+# process sees the device between its sends, and every sleep costs CPU and cold caches.
+LAZY_NS = 2_000_000
 SETTLE_PERIOD_S = 0.005    # the background settle of work outside kernels
 _PR_SET_TIMERSLACK = 29
 
@@ -88,9 +93,9 @@ class Dilation:
         self.slept_ns = 0          # wall time slept so far
         self._slack = threading.local()
 
-    def settle(self) -> None:
-        """Charge the CPU time since the last settle and sleep off the debt (one thread at
-        a time: the process is one slow core)."""
+    def settle(self, min_ns: int = MIN_SLEEP_NS) -> None:
+        """Charge the CPU time since the last settle and sleep off the debt once it is
+        `min_ns` or more (one thread at a time: the process is one slow core)."""
         if self.background and self._settler_pid != os.getpid():
             self._settler_pid = os.getpid()
             threading.Thread(target=self._settle_loop, daemon=True, name="dilation").start()
@@ -99,7 +104,7 @@ class Dilation:
             used, self._mark = cpu - self._mark, cpu
             self.cpu_total_ns += used
             self._owed += (self.factor - 1.0) * used
-            if self._owed < MIN_SLEEP_NS:
+            if self._owed < min_ns:
                 return
             if not getattr(self._slack, "set", False):
                 _fine_timer_slack()
@@ -117,7 +122,7 @@ class Dilation:
         while self._settler_pid == pid:
             time.sleep(SETTLE_PERIOD_S)
             if not self._in_kernels:   # mid-kernel, its own settle charges it whole
-                self.settle()
+                self.settle(LAZY_NS)
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn`, settling after every call (also when it raises)."""
@@ -130,7 +135,7 @@ class Dilation:
             finally:
                 with self._count_lock:
                     self._in_kernels -= 1
-                self.settle()
+                self.settle(LAZY_NS)
         return dilated
 
     def wrap_module(self, mod: types.ModuleType) -> types.ModuleType:

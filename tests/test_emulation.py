@@ -190,3 +190,18 @@ def test_idle_work_is_settled_in_the_background_but_never_mid_kernel():
         assert clock.asked == pytest.approx([3e-3, 6e-3])
     finally:
         d._settler_pid = -1                   # stops the background thread
+
+
+def test_after_a_kernel_small_debts_wait_for_the_next_send():
+    clock = FakeClock()
+    d = clock.dilation(5.0)
+
+    def kernel():
+        clock.cpu += 100_000          # 0.4 ms of debt: below LAZY_NS
+
+    w = d.wrap(kernel)
+    w()
+    w()
+    assert clock.asked == []
+    d.settle()                        # a send: the whole debt, before the bytes leave
+    assert clock.asked == pytest.approx([0.8e-3])
