@@ -205,3 +205,12 @@ def test_after_a_kernel_small_debts_wait_for_the_next_send():
     assert clock.asked == []
     d.settle()                        # a send: the whole debt, before the bytes leave
     assert clock.asked == pytest.approx([0.8e-3])
+
+
+@pytest.mark.parametrize("bad", ["0.5", "inf", "nan"])
+def test_node_refuses_a_bad_dilation_factor(bad, capsys):
+    from decolla import node
+    with pytest.raises(SystemExit):
+        node.parse_args(["--dilate", bad])
+    assert "--dilate" in capsys.readouterr().err
+    assert node.parse_args(["--dilate", "7.5"]).dilate == 7.5
