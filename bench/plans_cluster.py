@@ -1,6 +1,11 @@
 """The testbed cluster the plan benchmarks share: 3 calibrated Pi-class devices, an edge
 host running the leader, and an unshaped, unthrottled requester host running the
-benchmark's own agent (one JSON command per stdin line, one JSON reply per stdout line)."""
+benchmark's own agent (one JSON command per stdin line, one JSON reply per stdout line).
+
+Two emulations of a Pi-class CPU (EMULATIONS): "quota", a CFS quota per device host
+(full speed for a slice of each period, then stopped), and "dilation", time dilation in
+the device processes (decolla.emulation: continuously f× slower). Either is calibrated
+so the whole-model forward runs k× slower than on one host core."""
 from __future__ import annotations
 
 import json
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROBE_REPEATS = 4
+EMULATIONS = ("dilation", "quota")
 
 
 def device_gmacs(model: str, forward_s: float) -> float:
@@ -33,6 +39,11 @@ def ask(proc, timeout: float, **cmd) -> dict:
     """Send one command to the agent and return its JSON reply."""
     proc.stdin.write(json.dumps(cmd) + "\n")
     proc.stdin.flush()
+    return reply(proc, timeout)
+
+
+def reply(proc, timeout: float) -> dict:
+    """The agent's next JSON reply (log lines before it are skipped)."""
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         line = proc.stdout.readline()
@@ -51,28 +62,42 @@ class PlansCluster:
     gmacs: float               # device_gmacs() of that forward
     agent: subprocess.Popen
     hello: dict                # the agent's first line
+    emulation: str = "quota"   # one of EMULATIONS
+
+    def describe_emulation(self) -> str:
+        """One line saying how the devices were slowed, for result files."""
+        c = self.calibration
+        how = (f"CFS quota {c.quota:.3f} cores per {self.tb.hosts['dev1'].cgroup.period_us / 1e3:g}"
+               f" ms period" if c.mode == "quota" else
+               f"time dilation f={c.dilation:.3f} (DECOLLA_DILATE)")
+        return (f"{c.mode}: {how}; whole model {c.achieved_slowdown:.2f}x slower than one host "
+                f"core (target {c.k:g}x), {self.forward_s * 1e3:.0f} ms per forward")
 
 
 @contextmanager
 def plans_cluster(prefix: str, model: str, k: float, bandwidth_mbit: float, agent_module: str,
-                  agent_args: list[str]):
-    """Bring the cluster up, start `python -m agent_module --agent --leader ... --bind ...
-    --model model *agent_args` on the requester host, yield a PlansCluster; on exit ask the
-    agent to quit and take everything down."""
+                  agent_args: list[str], emulation: str = "quota"):
+    """Bring the cluster up (devices slowed by `emulation`, one of EMULATIONS), start
+    `python -m agent_module --agent --leader ... --bind ... --model model *agent_args` on
+    the requester host, yield a PlansCluster; on exit ask the agent to quit and take
+    everything down."""
+    if emulation not in EMULATIONS:
+        raise ValueError(f"emulation must be one of {EMULATIONS}, got {emulation!r}")
     from bench.testbed import Testbed
     logs = Path("/tmp") / f"{prefix}-{os.getpid()}"
     logs.mkdir(exist_ok=True)
     with Testbed(prefix=prefix) as tb:
         probe = [sys.executable, "-m", "bench.fig6_probe", "--model", model, "--repeats",
                  str(PROBE_REPEATS)]
-        cal = tb.calibrate(probe, k=k)
+        cal = tb.calibrate(probe, k=k, mode=emulation)
         forward_s = cal.device_seconds / PROBE_REPEATS
-        print(f"device quota {cal.quota:.3f} cores ({cal.achieved_slowdown:.1f}x slower, "
-              f"{forward_s:.2f} s per forward)", flush=True)
+        print(f"device {emulation}: quota {cal.quota} cores, dilation {cal.dilation} "
+              f"({cal.achieved_slowdown:.2f}x slower, {forward_s:.3f} s per forward)", flush=True)
         for i in (1, 2, 3):
-            tb.add_host(f"dev{i}", bandwidth_mbit=bandwidth_mbit, cpu_quota=cal.quota)
+            tb.add_host(f"dev{i}", bandwidth_mbit=bandwidth_mbit, cpu_quota=cal.quota,
+                        cpu_dilation=cal.dilation)
         # rounded down: rounding up could exceed the budget left by the devices
-        edge = math.floor(min(0.3, tb.cpu_budget - 3 * cal.quota) * 1000) / 1000
+        edge = math.floor(min(0.3, tb.cpu_budget - 3 * (cal.quota or 0)) * 1000) / 1000
         tb.add_host("edge", role="edge", cpu_quota=edge)
         req = tb.add_host("requester", role="requester")
         tb.spawn_node("edge", "leader", model=model, log=logs / "edge.log")
@@ -87,7 +112,8 @@ def plans_cluster(prefix: str, model: str, k: float, bandwidth_mbit: float, agen
             hello = json.loads(proc.stdout.readline())
             if not hello.get("ready"):
                 raise RuntimeError(f"agent did not start: {hello}")
-            yield PlansCluster(tb, cal, forward_s, device_gmacs(model, forward_s), proc, hello)
+            yield PlansCluster(tb, cal, forward_s, device_gmacs(model, forward_s), proc, hello,
+                               emulation)
         finally:
             try:
                 proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")

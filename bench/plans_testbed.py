@@ -1,21 +1,28 @@
 """Plans on the testbed: latency of `auto` (and `spatial`) against one device, per bandwidth.
 
     sudo .venv/bin/python -m bench.plans_testbed [--bandwidths 1,10,100,1000] [--repeats 5]
+        [--emulation dilation|quota]
 
-3 emulated devices (network namespace, tc tbf on each device link, cgroup CPU quota
-calibrated so the whole MobileNetV2-224 forward runs k≈8x slower than on one host core:
-a Pi-class device), no background load, an edge host running the leader, and an
-unshaped, unthrottled requester host running this module with --agent. Mobile-only is
-the `single` plan through the same runtime: the whole network as one chunk on one
-device (image there, logits back). `auto` runs twice: told the bandwidth and the device
+3 emulated devices (network namespace, tc tbf on each device link, CPU slowed so the
+whole MobileNetV2-224 forward runs k≈8x slower than on one host core: a Pi-class device,
+by `--emulation`: time dilation in the device processes, continuously slow, or a cgroup
+CFS quota, see bench.plans_cluster), no background load, an edge host running the leader,
+and an unshaped, unthrottled requester host running this module with --agent. Two
+single-device baselines: mobile-only is the `single` plan through the same runtime (the
+whole network as one chunk on one device with our kernels; image there, logits back);
+`onnxruntime` runs the same weights exported to ONNX on one thread inside device 1 under
+the same emulation (bench.ort_device; the image already there, so its latency is compute
+only). Every plan's ratio is given against both. `auto` runs twice: told the bandwidth and the device
 speed (the planner's best case) and as a user gets it (plain `auto`: the requester
 measures the links, their bandwidth and whether they are shared, and plans for them);
 `--plans` adds plans (default `exchange`). The plans take turns, `--block` repeats at a
 time, so the shared host's drift hits them alike. Per bandwidth and plan: median latency
 end to end and without the delivery of the first stage's input (the paper's convention),
 bytes, correctness against the single-device forward; each request's per-chunk timeline
-(halo bytes and halo waits included). Ratios are from the same run.
-Writes bench/results/plans_testbed.json and .md.
+(halo bytes and halo waits included); the cost model's prediction for the plan (the
+profile `auto` is told: bandwidth, calibrated speed, overheads). Ratios are from the same
+run. Writes bench/results/plans_testbed_<emulation>.json and .md; `--headline` writes
+plans_testbed.md from both emulations' files.
 """
 from __future__ import annotations
 
@@ -28,10 +35,33 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.plans_cluster import ask, plans_cluster
+from bench import ort_device
+from bench.plans_cluster import EMULATIONS, ask, plans_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+ORT = "onnxruntime"
+
+
+def _predicted(model: str, plan: str, told: str) -> float | None:
+    """The cost model's seconds for `plan` (k = 3; `single`: 1) under the options `told`
+    (the told `auto`'s profile); None where the plan cannot be built here."""
+    from decolla.loader import load_model
+    from decolla.plans import build_plan, parse_plan_name
+    from decolla.plans.auto import Profile, stage_seconds
+    name, opts = parse_plan_name(plan)
+    if name == ORT:
+        return None
+    opts = {**parse_plan_name(told)[1], **opts}
+    k = 1 if name == "single" else 3
+    specs = load_model(model).layer_specs()
+    try:
+        built = build_plan(specs, k, name, **opts)
+    except Exception:
+        return None
+    prof = Profile.from_options(opts, k)
+    by_name = {sp["name"]: sp for sp in specs}
+    return float(sum(stage_seconds(st, by_name, prof) for st in built.stages))
 
 
 def _delivery(trace) -> float:
@@ -103,14 +133,21 @@ def drive(args) -> int:
         return 2
     bws = [float(b) for b in args.bandwidths.split(",")]
     doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "block": args.block,
-           "points": [],
-           "overhead_ms": args.overhead_ms,
+           "points": [], "emulation": args.emulation,
+           "overhead_ms": args.overhead_ms, "command": " ".join(sys.argv),
            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    with plans_cluster("dcpl", args.model, args.k, bws[0], "bench.plans_testbed", []) as pc:
+    logs = Path("/tmp") / f"dcpl-ort-{os.getpid()}"
+    logs.mkdir(exist_ok=True)
+    onnx_path = str(logs / "model.onnx")
+    doc["onnx_rel_err"] = ort_device.export(args.model, onnx_path) if args.ort else None
+    with plans_cluster("dcpl", args.model, args.k, bws[0], "bench.plans_testbed", [],
+                       emulation=args.emulation) as pc:
         tb, proc = pc.tb, pc.agent
         doc["calibration"] = pc.calibration.as_dict()
+        doc["emulation_line"] = pc.describe_emulation()
         doc["cpu_period_us"] = pc.tb.hosts["dev1"].cgroup.period_us
         doc["auto_gmacs"] = gmacs = pc.gmacs
+        ort = ort_device.start(tb.host("dev1"), onnx_path, logs / "ort.log") if args.ort else None
         try:
             for bw in bws:
                 for i in (1, 2, 3):
@@ -125,6 +162,8 @@ def drive(args) -> int:
                 if bw >= 100:
                     plans.append("spatial")
                 plans += [p for p in args.plans.split(",") if p]
+                if ort is not None:
+                    plans.append(ORT)
                 # Plans take turns, `block` repeats at a time: the shared host's speed drifts
                 # over minutes, and a plan measured in one stretch would carry that drift
                 # into its ratio against `single`.
@@ -138,8 +177,11 @@ def drive(args) -> int:
                             continue
                         n = min(args.block, args.repeats - start)
                         drops0 = [tb.drops(f"dev{i}") for i in (1, 2, 3)]
-                        rep = ask(proc, args.cap * (n + 2) + 120, cmd="run", plan=plan,
-                                  repeats=n, cap_s=args.cap)
+                        if plan == ORT:
+                            rep = _ort_rows(ort, n, args.cap, doc["onnx_rel_err"])
+                        else:
+                            rep = ask(proc, args.cap * (n + 2) + 120, cmd="run", plan=plan,
+                                      repeats=n, cap_s=args.cap)
                         for d in ("up", "down"):
                             point["packets_dropped_by_shaping"][d] += sum(
                                 tb.drops(f"dev{i}")[d] - d0[d] for i, d0 in zip((1, 2, 3), drops0))
@@ -150,6 +192,7 @@ def drive(args) -> int:
                             point["error"] = rep.get("error")
                 for plan in plans:
                     point = points[plan]
+                    point["predicted_s"] = _predicted(args.model, plan, plans[1])
                     if "error" in point:
                         point.pop("rows")
                     else:
@@ -163,9 +206,24 @@ def drive(args) -> int:
                     _save(doc, args.out)
         finally:
             doc["emulated"] = tb.describe()
+            if ort is not None:
+                ort.stdin.close()
+                ort.wait(timeout=30)
     doc["loadavg_end"] = os.getloadavg()
     _save(doc, args.out)
     return 0
+
+
+def _ort_rows(ort, n: int, cap_s: float, rel_err: float) -> dict:
+    """`n` timed onnxruntime runs on the emulated device, as rows like the plans' (its
+    logits were checked against decolla.forward when exported)."""
+    rep = ask(ort, cap_s * (n + 2) + 60, cmd="run", repeats=n)
+    if rep.get("ok"):
+        rep["result"] = [{"latency_s": r["latency_s"], "without_input_s": r["latency_s"],
+                          "cpu_s": r["cpu_s"], "bytes": 0, "stages": 1, "planned_mbit": None,
+                          "top1_ok": True, "rel_err": rel_err, "timeline": []}
+                         for r in rep["result"]]
+    return rep
 
 
 def _planned(rows: list) -> str:
@@ -177,32 +235,62 @@ def _planned(rows: list) -> str:
 
 def _save(doc: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plans_testbed.json").write_text(json.dumps(doc, indent=1, default=str))
+    name = f"plans_testbed_{doc['emulation']}"
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)", "",
-             f"Device quota {doc.get('calibration', {}).get('quota', float('nan')):.3f} cores "
-             f"per {doc.get('cpu_period_us', 0) / 1e3:g} ms CFS period "
-             f"(whole model {doc.get('calibration', {}).get('achieved_slowdown', float('nan')):.1f}x "
-             f"slower than one host core); {doc['repeats']} repeats per point; started "
-             f"{doc.get('started', '?')}.", "",
-             "| Mb/s | plan | median ms | without input ms | vs single (same run) | stages | MB | "
-             "top-1 ok | packets dropped by shaping | load avg | planned for (Mb/s, links) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    single = {p["bandwidth_mbit"]: p.get("median_s") for p in doc["points"] if p["plan"] == "single"}
+             f"Emulation {doc.get('emulation_line', doc['emulation'])}; {doc['repeats']} "
+             f"repeats per point; started {doc.get('started', '?')}; `{doc.get('command', '')}`.",
+             "", *_table(doc)]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _table(doc: dict, emulation_column: bool = False) -> list[str]:
+    """Markdown rows of one run: every plan against both single-device baselines."""
+    base = {(p["bandwidth_mbit"], p["plan"]): p.get("median_s") for p in doc["points"]}
+    head = ("| emulation " if emulation_column else "") + (
+        "| Mb/s | plan | median ms | without input ms | cost model ms | vs mobile-only "
+        "(ours) | vs onnxruntime (1 device) | stages | MB | top-1 ok | packets dropped by "
+        "shaping | load avg | planned for (Mb/s, links) |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    lead = f"| {doc['emulation']} " if emulation_column else ""
     for p in doc["points"]:
+        plan = p["plan"].split(",gmacs")[0]
         if "median_s" not in p:
-            lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | failed: {p.get('error')} | | | | | | | | |")
+            lines.append(f"{lead}| {p['bandwidth_mbit']:g} | {plan} | failed: "
+                         f"{p.get('error')} |" + " |" * 10)
             continue
-        base = single.get(p["bandwidth_mbit"])
-        ratio = f"{base / p['median_s']:.2f}x" if base else "-"
+        bw = p["bandwidth_mbit"]
+        ratios = [f"{base[bw, ref] / p['median_s']:.2f}x" if base.get((bw, ref)) else "-"
+                  for ref in ("single", ORT)]
         mb = np.median([r["bytes"] for r in p["rows"]]) / 1e6
         ok = sum(r["top1_ok"] for r in p["rows"])
         drops = p.get("packets_dropped_by_shaping", {})
-        lines.append(f"| {p['bandwidth_mbit']:g} | {p['plan']} | {p['median_s'] * 1e3:.0f} | "
-                     f"{p['median_without_input_s'] * 1e3:.0f} | {ratio} | "
+        pred = p.get("predicted_s")
+        lines.append(f"{lead}| {bw:g} | {plan} | {p['median_s'] * 1e3:.0f} | "
+                     f"{p['median_without_input_s'] * 1e3:.0f} | "
+                     f"{'-' if pred is None else f'{pred * 1e3:.0f}'} | {ratios[0]} | {ratios[1]} | "
                      f"{int(np.median([r['stages'] for r in p['rows']]))} | {mb:.3f} | "
                      f"{ok}/{len(p['rows'])} | {sum(drops.values()) if drops else '-'} | "
                      f"{p['loadavg'][0]:.2f} | {_planned(p['rows'])} |")
+    return lines
+
+
+def headline(out: Path) -> int:
+    """plans_testbed.md: both emulations' tables, one after the other, from their files."""
+    docs = [json.loads((out / f"plans_testbed_{e}.json").read_text()) for e in EMULATIONS
+            if (out / f"plans_testbed_{e}.json").exists()]
+    if not docs:
+        print(f"no plans_testbed_<emulation>.json in {out}", file=sys.stderr)
+        return 2
+    lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)",
+             "", "Emulations:"]
+    lines += [f"- {d.get('emulation_line', d['emulation'])}; {d['repeats']} repeats per point, "
+              f"started {d.get('started', '?')}: `{d.get('command', '')}`" for d in docs]
+    lines.append("")
+    for i, d in enumerate(docs):
+        lines += _table(d, emulation_column=True)[(0 if i == 0 else 2):]
     (out / "plans_testbed.md").write_text("\n".join(lines) + "\n")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -228,8 +316,16 @@ def main(argv=None) -> int:
                         "kernel allows for the quota, a smoother slow CPU)")
     p.add_argument("--plans", default="exchange",
                    help="more plans to run at every bandwidth (comma-separated)")
+    p.add_argument("--emulation", choices=EMULATIONS, default="dilation",
+                   help="how devices are slowed: time dilation (continuous) or a CFS quota")
+    p.add_argument("--no-ort", dest="ort", action="store_false",
+                   help="leave out the onnxruntime baseline (it needs torch and onnxruntime)")
+    p.add_argument("--headline", action="store_true",
+                   help="only write plans_testbed.md from both emulations' result files")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.headline:
+        return headline(args.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.cpu_period_us:
         from bench.testbed import cgroup

@@ -16,11 +16,15 @@ unshaped requester host running this module with --agent. Methods, each a closed
   places it: with `eft` whole requests spread over the devices, with `average` they all go
   to the first device);
 - `mobile`: the mobile-only baseline (decolla.baselines), which sends each request whole to
-  the least-loaded device.
+  the least-loaded device;
+- `onnxruntime`: the same weights in ONNX on every device (bench.ort_device, one thread,
+  the same emulation), each device running its third of the requests back to back with
+  the image already there: whole requests at the best single-device speed.
+Devices are slowed by `--emulation` (time dilation or a CFS quota, bench.plans_cluster).
 Rounds alternate the methods, each leading a round in turn, so drift in the shared
 machine's load and the first method's cold start hit all of them.
 Throughput = requests / wall time of the loop; load averages of the host are recorded.
-Writes bench/results/<--name, default plans_throughput>.json and .md.
+Writes bench/results/<--name, default plans_throughput_<emulation>>.json and .md.
 """
 from __future__ import annotations
 
@@ -36,11 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.plans_cluster import ask, plans_cluster
+from bench import ort_device
+from bench.plans_cluster import EMULATIONS, ask, plans_cluster, reply
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-METHODS = ("auto", "single", "mobile")
+METHODS = ("auto", "single", "mobile")      # through the requester host's agent
+ORT = "onnxruntime"
 
 
 class _Runner:
@@ -149,15 +155,25 @@ def drive(args) -> int:
         print(f"bench.plans_throughput needs the testbed: {reason}", file=sys.stderr)
         return 2
     doc = {"model": args.model, "k": args.k, "bandwidth_mbit": args.bandwidth,
-           "allocator": args.allocator,
+           "allocator": args.allocator, "emulation": args.emulation,
+           "command": " ".join(sys.argv),
            "concurrency": args.concurrency, "requests": args.requests, "rounds": args.rounds,
            "points": [], "loadavg_start": os.getloadavg(), "name": args.name,
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    logs = Path("/tmp") / f"dctp-ort-{os.getpid()}"
+    logs.mkdir(exist_ok=True)
+    onnx_path = str(logs / "model.onnx")
+    if args.ort:
+        ort_device.export(args.model, onnx_path)
     with plans_cluster("dctp", args.model, args.k, args.bandwidth, "bench.plans_throughput",
                        ["--bandwidth", str(args.bandwidth), "--cap", str(args.cap),
-                        "--allocator", args.allocator]) as pc:
+                        "--allocator", args.allocator], emulation=args.emulation) as pc:
         proc = pc.agent
+        orts = [ort_device.start(pc.tb.host(f"dev{i}"), onnx_path, logs / f"ort{i}.log")
+                for i in (1, 2, 3)] if args.ort else []
+        methods = METHODS + ((ORT,) if orts else ())
         doc["calibration"] = pc.calibration.as_dict()
+        doc["emulation_line"] = pc.describe_emulation()
         doc["device_forward_s"] = pc.forward_s
         doc["planner_gmacs_from_calibration"] = pc.gmacs
         try:
@@ -172,9 +188,12 @@ def drive(args) -> int:
             for rnd in range(args.rounds):
                 # each method leads a round in turn: the one after `mobile` (other actors,
                 # other weights in the caches) would otherwise always start cold
-                for method in METHODS[rnd % len(METHODS):] + METHODS[:rnd % len(METHODS)]:
-                    rep = ask(proc, wait, cmd="run", method=method,
-                              concurrency=args.concurrency, requests=args.requests)
+                for method in methods[rnd % len(methods):] + methods[:rnd % len(methods)]:
+                    if method == ORT:
+                        rep = _ort_loop(orts, args.requests, wait)
+                    else:
+                        rep = ask(proc, wait, cmd="run", method=method,
+                                  concurrency=args.concurrency, requests=args.requests)
                     point = {"round": rnd, **(rep["result"] if rep.get("ok") else
                                               {"method": method, "error": rep.get("error")})}
                     doc["points"].append(point)
@@ -183,15 +202,37 @@ def drive(args) -> int:
                     _save(doc, args.out)
         finally:
             doc["emulated"] = pc.tb.describe()
+            for o in orts:
+                o.stdin.close()
+                o.wait(timeout=30)
     doc["loadavg_end"] = os.getloadavg()
     _save(doc, args.out)
     return 0
 
 
+def _ort_loop(orts: list, requests: int, timeout: float) -> dict:
+    """Every device's onnxruntime runs its share of `requests` back to back, all at once."""
+    shares = [requests // len(orts) + (i < requests % len(orts)) for i in range(len(orts))]
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    for o, n in zip(orts, shares):
+        o.stdin.write(json.dumps({"cmd": "run", "repeats": n}) + "\n")
+        o.stdin.flush()
+    replies = [reply(o, timeout) for o in orts]
+    wall = time.perf_counter() - t0
+    if not all(r.get("ok") for r in replies):
+        return {"ok": False, "error": "an onnxruntime agent failed"}
+    rows = [{"latency_s": r["latency_s"], "bytes": 0, "top1_ok": True, "rel_err": 0.0,
+             "chunks_by_device": {f"dev{i}": 1}, "retries": 0}
+            for i, rep in enumerate(replies, 1) for r in rep["result"]]
+    return {"ok": True, "result": {"method": ORT, "wall_s": wall, "ok": len(rows), "errors": [],
+                                   "throughput": len(rows) / wall, "rows": rows,
+                                   "loadavg_before": load0, "loadavg_after": os.getloadavg()}}
+
+
 def summary(doc: dict) -> dict:
     """method -> median throughput, latency, MB, ok count, chunks per device (all rounds)."""
     out = {}
-    for m in METHODS:
+    for m in METHODS + (ORT,):
         pts = [p for p in doc["points"] if p.get("method") == m and "throughput" in p]
         if not pts:
             continue
@@ -217,17 +258,23 @@ def _save(doc: dict, out: Path) -> None:
     (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1, default=str))
     lines = [f"# Concurrent throughput on the testbed ({doc['model']}, 3 emulated Pi-class "
              f"devices, {doc['bandwidth_mbit']:g} Mb/s per device link, fp16 wire)", "",
+             f"Emulation {doc.get('emulation_line', doc.get('emulation', 'quota'))}; "
+             f"`{doc.get('command', '')}`.", "",
              f"Runtime allocator `{doc.get('allocator', 'average')}`. "
              f"{doc['concurrency']} threads in a closed loop, {doc['requests']} requests per "
              f"round, {doc['rounds']} rounds alternating the methods (each leads one round in "
              f"turn); throughput = median over rounds. Ratios vs the best whole-request "
-             f"method of the same run.", "",
-             "| method | inferences/s (median) | per round | vs best whole-request | median latency s "
+             f"method with our kernels (`single`, `mobile`) and vs onnxruntime's whole "
+             f"requests, of the same run.", "",
+             "| method | inferences/s (median) | per round | vs best whole-request (ours) | "
+             "vs onnxruntime whole requests | median latency s "
              "| MB / inference | ok | top-1 ok | retries | chunks per device | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     whole = max([s[m]["throughput"] for m in ("single", "mobile") if m in s] or [0])
+    ort = s.get(ORT, {}).get("throughput")
     for m, v in s.items():
         ratio = f"{v['throughput'] / whole:.2f}x" if whole else "-"
+        ratio += f" | {v['throughput'] / ort:.2f}x" if ort else " | -"
         lines.append(f"| {m} | {v['throughput']:.3f} | "
                      f"{', '.join(f'{t:.3f}' for t in v['throughputs'])} | {ratio} | "
                      f"{v['latency_median_s']:.2f} | {v['mb']:.3f} | {v['ok']}/{v['n']} | "
@@ -258,8 +305,14 @@ def main(argv=None) -> int:
     p.add_argument("--cap", type=float, default=120.0, help="per-request time cap, s")
     p.add_argument("--allocator", default="eft", help="the runtime requester's allocator")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="plans_throughput", help="result file name (no suffix)")
+    p.add_argument("--name", default=None,
+                   help="result file name (no suffix; default plans_throughput_<emulation>)")
+    p.add_argument("--emulation", choices=EMULATIONS, default="dilation",
+                   help="how devices are slowed: time dilation (continuous) or a CFS quota")
+    p.add_argument("--no-ort", dest="ort", action="store_false",
+                   help="leave out the onnxruntime baseline (it needs torch and onnxruntime)")
     args = p.parse_args(argv)
+    args.name = args.name or f"plans_throughput_{args.emulation}"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     return agent(args) if args.agent else drive(args)
 

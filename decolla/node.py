@@ -27,6 +27,7 @@ import time
 
 from thespian.actors import ActorExitRequest
 
+from decolla import emulation
 from decolla import log as dlog
 from decolla.actors import system
 from decolla.helpformat import HelpFormatter
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device: TCP port of its data plane for chunk traffic (0: any free "
                         "port; -1: none, chunks come as actor messages)")
     p.add_argument("--compute", action="store_true", help="leader only: also compute chunks")
+    p.add_argument("--dilate", type=float, default=None, metavar="F",
+                   help="emulate a CPU F times slower than this machine's, continuously (time "
+                        f"dilation, for testbeds; default ${emulation.ENV}, or 1: off)")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
     p.add_argument("--log-level", default="info",
                    help="debug | info | warning | error: the least severe lines printed")
@@ -98,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--leader HOST:PORT is required when --discovery-port is 0")
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.dilate is not None and not 1.0 <= args.dilate < float("inf"):
+        p.error("--dilate must be a finite factor >= 1")
     if args.host in ("0.0.0.0", "::", ""):
         p.error("--host is the address other nodes reach this one at: one interface, not "
                 f"{args.host!r}")
@@ -121,6 +127,9 @@ def main(argv=None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     os.environ[PORT_ENV] = str(args.data_port)      # read by this node's worker
+    if args.dilate is not None:     # before the kernels load, and for the actor processes
+        os.environ[emulation.ENV] = repr(args.dilate)
+        emulation.enable(args.dilate)
     args.host = system.system_host(args.host, args.leader)
     port = args.port or (1900 if args.role == "leader" else system.free_port(args.host))
     name = args.name or f"{socket.gethostname()}:{port}"

@@ -34,10 +34,11 @@ from typing import Callable, Sequence
 
 import structlog
 
+from decolla import emulation
 from decolla.runtime import keys
 
 from . import cgroup, janitor, netns
-from .calibrate import Calibration, calibrate_quota
+from .calibrate import Calibration, calibrate_dilation, calibrate_quota
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +109,7 @@ class Host:
     delay_ms: float = 0.0
     loss_pct: float = 0.0
     cpu_quota: float | None = None
+    cpu_dilation: float | None = None  # time dilation factor of the node processes it spawns
     background_load: float = 0.0
     procs: list[subprocess.Popen] = field(default_factory=list)
     loader: subprocess.Popen | None = None
@@ -128,7 +130,8 @@ class Host:
               **popen_kw) -> subprocess.Popen:
         """Start `cmd` inside this host's network namespace and CPU cgroup.
 
-        `env` is added to the current environment (the repo root is put on PYTHONPATH).
+        `env` is added to the current environment (the repo root is put on PYTHONPATH;
+        a dilated host's processes get DECOLLA_DILATE).
         `log` sends stdout+stderr to that file; otherwise `stdout`/`stderr` (and any other
         keyword, e.g. stdin or text) are as for Popen.
         The process gets its own session, so signals reach its whole process group.
@@ -138,6 +141,8 @@ class Host:
             p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
         if self.tb.key_path:        # the nodes listen beyond loopback: they need the cluster key
             full_env.setdefault(keys.KEY_ENV, self.tb.key_path)
+        if self.cpu_dilation:
+            full_env[emulation.ENV] = f"{self.cpu_dilation:.4f}"
         full_env.update(env or {})
         out = err = None
         if log is not None:
@@ -179,6 +184,7 @@ class Host:
         return {"role": self.role, "address": self.address, "bandwidth_mbit": self.bandwidth_mbit,
                 "delay_ms": self.delay_ms, "loss_pct": self.loss_pct,
                 "cpu_quota_cores": self.cpu_quota, "cpu_period_us": self.cgroup.period_us,
+                "cpu_dilation": self.cpu_dilation,
                 "cpus": sorted(self.cgroup.cpus) if self.cgroup.cpus else "any",
                 "background_load": self.background_load}
 
@@ -336,11 +342,13 @@ class Testbed:
     # -- hosts -----------------------------------------------------------------------------
     def add_host(self, name: str, bandwidth_mbit: float | None = None, delay_ms: float = 0.0,
                  loss_pct: float = 0.0, cpu_quota: float | None = None, background_load: float = 0.0,
-                 role: str = "device") -> Host:
+                 role: str = "device", cpu_dilation: float | None = None) -> Host:
         """Create host `name` and return it.
 
         bandwidth_mbit: cap in each direction (None = unshaped); delay_ms/loss_pct: per direction
         (delay needs netem); cpu_quota: CPU cores the host may use (None = unthrottled);
+        cpu_dilation: instead of a quota, the processes it spawns run `cpu_dilation`× slower
+        by time dilation (decolla.emulation: continuously, not in quota periods);
         background_load: fraction 0..1 of the host's CPU (quota, or one core) kept busy by a load
         process, the paper's "CPU usage" of a device.
         """
@@ -354,11 +362,15 @@ class Testbed:
             raise ValueError("background_load is a fraction in [0, 1)")
         self._check_shaping(delay_ms, loss_pct)
         self._check_budget(name, cpu_quota)
+        if cpu_dilation is not None and (cpu_quota is not None or not cpu_dilation >= 1.0):
+            raise ValueError("cpu_dilation is a factor >= 1, and a host is slowed by a quota or "
+                             "by dilation, not both")
         index = len(self.hosts)
         host = Host(tb=self, name=name, address=f"{self.subnet}.{self.first_host + index}",
                     netns=f"{self.tag}{name}", port=f"v-{name}",
                     cgroup=cgroup.CpuCgroup(self.cg_root, f"{self.prefix}-{self.run}/{name}"), role=role,
-                    bandwidth_mbit=bandwidth_mbit, delay_ms=delay_ms, loss_pct=loss_pct)
+                    bandwidth_mbit=bandwidth_mbit, delay_ms=delay_ms, loss_pct=loss_pct,
+                    cpu_dilation=cpu_dilation)
         self.hosts[name] = host
         try:
             netns.add_netns(host.netns)
@@ -463,19 +475,22 @@ class Testbed:
         this VM's CPUs each run ≈ 1.3x slower (shared caches and memory), which a quota
         calibrated on one process alone does not include and separate devices would not
         have. Unthrottled hosts (the requester) get the other CPUs. "spread": throttled hosts
-        one CPU each, least loaded first. "none": no pinning."""
+        one CPU each, least loaded first. "none": no pinning. A dilated host counts as
+        throttled to 1/f of a core, the share it uses."""
         mode = cgroup.placement()
         allowed = sorted(os.sched_getaffinity(0))
         load = dict.fromkeys(allowed, 0.0)
         want: dict[str, frozenset] = {}
-        throttled = [h for h in self.hosts.values() if h.cpu_quota and mode != "none"]
+        share = {h.name: h.cpu_quota or (1.0 / h.cpu_dilation if h.cpu_dilation else 0.0)
+                 for h in self.hosts.values()}
+        throttled = [h for h in self.hosts.values() if share[h.name] and mode != "none"]
         for h in throttled:
             if mode == "pack":     # first fit from the last CPU
-                fits = [c for c in reversed(allowed) if load[c] + h.cpu_quota <= PACK_CORES]
+                fits = [c for c in reversed(allowed) if load[c] + share[h.name] <= PACK_CORES]
                 cpu = fits[0] if fits else min(allowed, key=load.get)
             else:
                 cpu = min(allowed, key=lambda c: (load[c], c))
-            load[cpu] += h.cpu_quota
+            load[cpu] += share[h.name]
             want[h.name] = frozenset({cpu})
         free = frozenset(c for c in allowed if load[c] == 0.0)
         others = free if mode == "pack" and want and free else None   # unthrottled hosts
@@ -591,10 +606,17 @@ class Testbed:
 
     # -- calibration and description -------------------------------------------------------
     def calibrate(self, probe: Callable[[], object] | Sequence[str], k: float = 8.0,
-                  tolerance: float = 0.1, max_rounds: int = 4) -> Calibration:
-        """Find the CPU quota making `probe` run `k`× slower than on one unthrottled core."""
-        self.calibration = calibrate_quota(self.cg_root, f"{self.prefix}-{self.run}", probe, k,
-                                           tolerance, max_rounds)
+                  tolerance: float = 0.1, max_rounds: int = 4, mode: str = "quota") -> Calibration:
+        """Find the CPU quota (mode "quota") or the dilation factor (mode "dilation": `probe`
+        must be a command) making `probe` run `k`× slower than on one unthrottled core."""
+        parent = f"{self.prefix}-{self.run}"
+        if mode == "quota":
+            self.calibration = calibrate_quota(self.cg_root, parent, probe, k, tolerance, max_rounds)
+        elif mode == "dilation":
+            self.calibration = calibrate_dilation(self.cg_root, parent, probe, k,
+                                                  min(tolerance, 0.03), max_rounds)
+        else:
+            raise ValueError(f"emulation mode must be 'quota' or 'dilation', got {mode!r}")
         return self.calibration
 
     def describe(self) -> dict:
@@ -606,7 +628,9 @@ class Testbed:
                 "bandwidth": "tc tbf on both veth ends",
                 "delay": "tc netem" if self.netem else "unavailable (kernel without netem)",
                 "loss": "tc netem" if self.netem else "classic-BPF random drop on clsact egress",
-                "cpu": f"cgroup v{self.cg_root.version if self.cg_root else '?'} CFS quota",
+                "cpu": f"cgroup v{self.cg_root.version if self.cg_root else '?'} CFS quota, or "
+                       "time dilation (DECOLLA_DILATE: after each kernel call and data-plane "
+                       "send, sleep (f-1) x the process's CPU time since the last)",
                 "background_load": "busy loop in a sub-cgroup capped at that fraction of the host quota, "
                                    "top weight (the device's CPU usage)",
             },

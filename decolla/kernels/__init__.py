@@ -15,6 +15,8 @@ import importlib
 import os
 import platform
 
+from decolla import emulation
+
 # x86-64-v3 features as /proc/cpuinfo names them (lzcnt is reported as abm).
 _V3_FLAGS = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "xsave"}
 # x86-64-v4 adds AVX-512 F, BW, CD, DQ and VL.
@@ -103,7 +105,12 @@ ISA = _choose_isa()
 
 def load(name: str):
     """The compiled kernel module `name` for this CPU: the build of level ISA, or (when
-    that build is missing and the level was not forced) the next level down."""
+    that build is missing and the level was not forced) the next level down; under time
+    dilation (decolla.emulation) a copy whose calls are dilated."""
+    return emulation.wrap_module(_load(name))
+
+
+def _load(name: str):
     forced = _wanted() != "auto"
     levels = SUPPORTED[SUPPORTED.index(ISA):]
     for lvl in levels[:-1]:

@@ -30,6 +30,7 @@ import time
 
 from thespian.actors import ThespianWatch
 
+from decolla import emulation
 from decolla.log import get_logger
 from decolla.runtime import channels, frames, session
 from decolla.runtime.frames import FrameError
@@ -124,6 +125,7 @@ class Connection:
 
     def send(self, obj) -> None:
         encoded = self.codec.encode(obj)         # FrameError for a type the codec lacks
+        emulation.settle()       # an emulated slow device sends when it would have the frame
         with self._cv:
             if self.closed:
                 raise ConnectionError(f"data connection {self.address} is closed")

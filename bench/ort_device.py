@@ -1,0 +1,103 @@
+"""onnxruntime on one emulated device: the "best single device" bar of the testbed benches.
+
+The same weights as DeColla's model, exported to ONNX (bench.kernels' torch network,
+TorchScript exporter), run by onnxruntime on one thread. `export` writes the file (needs
+torch and onnx: the `bench` and `train` extras) and checks its logits against
+decolla.forward. `--agent` runs inside a device host of the testbed, under the same
+emulation as the devices: the host's CPU quota, or time dilation (DECOLLA_DILATE: each
+`run` call is followed by a sleep of (f − 1) × the CPU time it took, decolla.emulation).
+It answers one JSON command per stdin line:
+
+    {"cmd": "run", "repeats": 4}  ->  {"ok": true, "result": [{"latency_s":..., "cpu_s":...}]}
+
+The image is on the device already (a user running one device has it there): latency is
+onnxruntime's `run` alone, from NCHW float32 input to logits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def export(model_spec: str, path: str) -> float:
+    """Write `model_spec`'s network as ONNX to `path`; returns the relative error of its
+    logits against decolla.forward on a seeded image (a bad export is an error)."""
+    from bench.kernels import _ort_session, export_onnx, torch_model
+    from decolla.forward import forward
+    from decolla.loader import load_model
+    model = load_model(model_spec)
+    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    export_onnx(torch_model(model), x, path)
+    got = _ort_session(path).run(None, {"image": _nchw(x)})[0].reshape(-1)
+    ref = forward(model, x)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    if not err < 1e-3:
+        raise RuntimeError(f"the ONNX export of {model_spec} differs from decolla.forward "
+                           f"(relative error {err:.2e})")
+    return err
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def agent(args) -> int:
+    """The device side: one onnxruntime session, timed `run` calls on request."""
+    from bench.kernels import _ort_session
+    from decolla import emulation
+    sess = _ort_session(args.onnx)
+    shape = sess.get_inputs()[0].shape
+    feed = {"image": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    run = emulation.wrap(sess.run)       # dilated like a kernel call when DECOLLA_DILATE is set
+    for _ in range(2):
+        run(None, feed)                  # warm-up
+    d = emulation.current()
+    print(json.dumps({"ready": True, "dilation": d.factor if d else None}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            break
+        rows = []
+        for _ in range(int(cmd["repeats"])):
+            t0, c0 = time.perf_counter(), time.process_time()
+            run(None, feed)
+            rows.append({"latency_s": time.perf_counter() - t0,
+                         "cpu_s": time.process_time() - c0})
+        print(json.dumps({"ok": True, "result": rows}), flush=True)
+    return 0
+
+
+def start(host, onnx_path: str, log_path) -> subprocess.Popen:
+    """Start the agent inside testbed host `host` (its quota or dilation applies); returns
+    the process once it is ready."""
+    proc = host.spawn([sys.executable, "-m", "bench.ort_device", "--agent", "--onnx", onnx_path],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=open(log_path, "ab"), text=True, bufsize=1,
+                      env={"OMP_NUM_THREADS": "1"})
+    hello = json.loads(proc.stdout.readline() or "{}")
+    if not hello.get("ready"):
+        raise RuntimeError(f"onnxruntime agent did not start (see {log_path})")
+    return proc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ort_device", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agent", action="store_true", help="serve timed runs on stdin/stdout")
+    p.add_argument("--onnx", required=True, help="the ONNX file (written with --export)")
+    p.add_argument("--export", metavar="MODEL", help="write MODEL's network to --onnx first")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.export:
+        print(json.dumps({"rel_err": export(args.export, args.onnx)}))
+    return agent(args) if args.agent else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
