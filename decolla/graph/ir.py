@@ -28,14 +28,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from decolla.model import ModelError
+
 OPS = ("conv", "gemm", "add", "mul", "concat", "act", "scale", "maxpool", "avgpool", "gap",
        "flatten")
 ACTS = ("relu", "clip", "hardswish", "hardsigmoid", "sigmoid")
 WINDOWED = ("conv", "maxpool", "avgpool")   # a row of output reads a window of input rows
 
 
-class GraphError(ValueError):
-    """A graph that cannot be built or run (names the node)."""
+class GraphError(ModelError):
+    """A graph that cannot be imported, built or run (names the node)."""
 
 
 @dataclass
