@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from decolla.forward import forward
 from decolla.graph import GraphError, load_onnx_model
 from decolla.loader import load_model
 from decolla.model import ModelError
+from decolla.plans import build_plan
+from decolla.plans.run import run_plan
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -132,3 +135,20 @@ def test_bad_onnx_files_are_clear_errors(tmp_path):
         load_model(str(junk))
     with pytest.raises(ModelError, match="does not exist"):
         load_model(str(tmp_path / "missing.onnx"))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(networks(max_blocks=5), st.sampled_from(["single", "layer", "fused", "block", "spatial",
+                                                "exchange", "auto:bandwidth_mbit=1000,min_gain=1"]),
+       st.integers(2, 4))
+def test_every_plan_of_a_random_network_equals_the_single_process_forward(
+        tmp_path_factory, net, plan, k):
+    blob, shape = net
+    path = tmp_path_factory.mktemp("plan") / "net.onnx"
+    path.write_bytes(blob)
+    model = load_onnx_model(str(path))
+    image = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    want = forward(model, image)
+    p = build_plan(model.layer_specs(), k, plan, model.input_shape)
+    got, _ = run_plan(model, p, image, wire_dtype=None)
+    assert rel_err(got, want) <= 1e-5
