@@ -3,6 +3,8 @@
 not supported."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -152,3 +154,13 @@ def test_every_plan_of_a_random_network_equals_the_single_process_forward(
     p = build_plan(model.layer_specs(), k, plan, model.input_shape)
     got, _ = run_plan(model, p, image, wire_dtype=None)
     assert rel_err(got, want) <= 1e-5
+
+
+def test_plan_explain_lists_the_operators_of_an_imported_network(exported, capsys):
+    from decolla import cli
+    args = cli.build_parser().parse_args(["plan", "--explain", "--plan", "spatial", "--model",
+                                          exported("resnet18")])
+    assert cli._plan(args) == 0
+    out = capsys.readouterr().out
+    assert "ops conv 7x7/2, maxpool 3x3/2" in out and "add x" in out
+    assert re.search(r"\n  0 spatial +3 ", out), out     # the stem's strips carry 7x7 halos
