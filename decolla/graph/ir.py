@@ -11,7 +11,7 @@ Ops and their attributes (weights in `Node.arrays`, float32):
   gemm      act; weight (Cin, Cout), bias (Cout,)                 (N,) -> (Cout,)
   add, mul  act; two inputs of one shape, or one of them (1, 1, C) broadcast over a map
   concat    inputs joined along channels
-  act       fn (relu | clip | hardswish | hardsigmoid | sigmoid) with its params
+  act       fn (relu | clip | hardswish | hardsigmoid | sigmoid | silu) with its params
   scale     a BatchNorm that follows no conv: y = x * scale + shift (arrays scale, shift)
   maxpool, avgpool   kernel, stride, pads (end pads include ceil-mode rows/columns);
             avgpool: count_pad (padding counted in the divisor)
@@ -32,7 +32,7 @@ from decolla.model import ModelError
 
 OPS = ("conv", "gemm", "add", "mul", "concat", "act", "scale", "maxpool", "avgpool", "gap",
        "flatten")
-ACTS = ("relu", "clip", "hardswish", "hardsigmoid", "sigmoid")
+ACTS = ("relu", "clip", "hardswish", "hardsigmoid", "sigmoid", "silu")
 WINDOWED = ("conv", "maxpool", "avgpool")   # a row of output reads a window of input rows
 
 

@@ -1,5 +1,6 @@
 """Graph rewrites after import: BatchNorm (a `scale` node) folded into the convolution or
-gemm before it, activations fused into the node before them, unused nodes dropped.
+gemm before it, x * sigmoid(x) made one SiLU activation, activations fused into the node
+before them, unused nodes dropped.
 
 Each rewrite keeps the numbers (up to float rounding) and only merges a node into a
 producer that nobody else reads, so no other consumer sees a changed tensor.
@@ -26,6 +27,13 @@ def simplify(graph: Graph) -> Graph:
             for t in n.inputs:
                 readers[t] = readers.get(t, 0) + 1
         for n in nodes:
+            sig = _silu_sigmoid(n, by_name, readers)
+            if sig is not None:
+                x = sig.inputs[0]
+                nodes = [m for m in nodes if m is not sig]
+                n.op, n.inputs, n.attrs = "act", (x,), {"act": ("silu",)}
+                changed = True
+                break
             src = by_name.get(n.inputs[0]) if n.inputs else None
             if src is None or readers.get(src.name) != 1 or src.name == output:
                 continue
@@ -39,6 +47,19 @@ def simplify(graph: Graph) -> Graph:
             changed = True
             break
     return Graph(graph.name, graph.input_shape, _live(nodes, output), output)
+
+
+def _silu_sigmoid(n: Node, by_name: dict, readers: dict) -> Node | None:
+    """The sigmoid node when `n` is mul(x, sigmoid(x)) (either order) and the sigmoid is
+    read only there; else None."""
+    if n.op != "mul" or n.attrs.get("act") is not None or len(n.inputs) != 2:
+        return None
+    for s, x in (n.inputs, n.inputs[::-1]):
+        sig = by_name.get(s)
+        if sig is not None and sig.op == "act" and sig.attrs["act"] == ("sigmoid",) and \
+                sig.inputs[0] == x and readers.get(s) == 1:
+            return sig
+    return None
 
 
 def _fold_scale(src: Node, scale: Node) -> None:
