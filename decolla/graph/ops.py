@@ -198,10 +198,12 @@ def pool(node: Node, x, x0: int, H: int, a: int, b: int) -> np.ndarray:
     return out
 
 
-def gemm(node: Node, x: np.ndarray) -> np.ndarray:
+def gemm(node: Node, x: np.ndarray, nt: int) -> np.ndarray:
     p = prepared(node)
-    y = (x.astype(np.float32) @ p["w"] + p["b"]).astype(np.float32)
-    return apply_act(y, node.attrs["act"])
+    y = np.empty(p["w"].shape[1], np.float32)
+    # the gemm kernel's single-threaded BLAS (numpy's own may start a thread pool)
+    K._gemm.linear(np.ascontiguousarray(x, np.float32), p["w"], p["b"], y, 0, False)
+    return apply_act(y, node.attrs["act"], nt)
 
 
 def rows_of(t: np.ndarray, t0: int, a: int, b: int) -> np.ndarray:
@@ -238,5 +240,5 @@ def run(node: Node, ins: list, heights: list, a: int, b: int, nt: int) -> np.nda
     if op == "flatten":
         return np.ascontiguousarray(x.transpose(2, 0, 1)).reshape(-1)
     if op == "gemm":
-        return gemm(node, x)
+        return gemm(node, x, nt)
     raise GraphError(f"node {node.name}: op {op!r} cannot run")
