@@ -164,3 +164,22 @@ def test_plan_explain_lists_the_operators_of_an_imported_network(exported, capsy
     out = capsys.readouterr().out
     assert "ops conv 7x7/2, maxpool 3x3/2" in out and "add x" in out
     assert re.search(r"\n  0 spatial +3 ", out), out     # the stem's strips carry 7x7 halos
+
+
+def test_a_strip_whose_rows_read_only_padding(tmp_path):
+    from tests.onnx_graphs import Net
+    net = Net(np.random.default_rng(0), 2, 9, 10)
+    x = net.conv(net.x, 2, 2, 7)                                  # 3 x 4
+    for _ in range(2):                                            # 2 x 3, then 2 x 2
+        x = net.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1])
+    net.x, net.shape = net.conv(x, 2, 3, 1, 1, 1), (3, 4, 4)   # 1x1, pad 1: a zero border
+    path = tmp_path / "pad.onnx"
+    path.write_bytes(net.model(4))
+    model = load_onnx_model(str(path))
+    image = np.random.default_rng(1).standard_normal((9, 10, 2)).astype(np.float32)
+    want = ort_logits(ort_session(str(path)), image)
+    for k in (2, 3, 4):
+        plan = build_plan(model.layer_specs(), k, "spatial", model.input_shape)
+        assert len(plan.stages[0].chunks) == k
+        assert all(a <= b for c in plan.stages[0].chunks for a, b in c.layer_rows)
+        assert rel_err(run_plan(model, plan, image, wire_dtype=None)[0], want) <= 1e-5

@@ -82,14 +82,20 @@ def prepared(node: Node) -> dict:
     return node.prep
 
 
-def padded(x: np.ndarray, x0: int, H: int, lo: int, hi: int, pl: int, pr: int,
-           fill: float) -> np.ndarray:
-    """Rows [lo, hi) of a tensor of height H, of which x holds rows [x0, x0 + len(x)),
-    with rows outside [0, H) and pl/pr extra columns set to `fill`."""
+def _check_window(x: np.ndarray, x0: int, H: int, lo: int, hi: int) -> None:
+    """GraphError unless x (rows [x0, x0 + len(x))) holds rows [lo, hi) clipped to [0, H)."""
     s, e = max(lo, 0), min(hi, H)
     if s < e and (s < x0 or e > x0 + x.shape[0]):
         raise GraphError(f"rows [{s}, {e}) are needed but the window holds "
                          f"[{x0}, {x0 + x.shape[0]})")
+
+
+def padded(x: np.ndarray, x0: int, H: int, lo: int, hi: int, pl: int, pr: int,
+           fill: float) -> np.ndarray:
+    """Rows [lo, hi) of a tensor of height H, of which x holds rows [x0, x0 + len(x)),
+    with rows outside [0, H) and pl/pr extra columns set to `fill`."""
+    _check_window(x, x0, H, lo, hi)
+    s, e = max(lo, 0), min(hi, H)
     if (s, e) == (lo, hi) and pl == pr == 0:
         return x[s - x0:e - x0]
     out = np.full((hi - lo, x.shape[1] + pl + pr, x.shape[2]), fill, np.float32)
@@ -125,22 +131,23 @@ def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int) -> np.ndarray:
         return out
     x = np.ascontiguousarray(x)
     if path == "pw":
-        padded(x, x0, H, a, b, 0, 0, 0.0)   # checks the window
+        _check_window(x, x0, H, a, b)
         K.pwconv_kernel(x, w, bias, out, 0, a - x0, relu6, None, 0, 0, nt)
     elif path == "dw3":
         K._dw.dwconv3x3(x, w, bias, out, node.attrs["stride"][0], 0, 0, a, x0, H, relu6, nt)
     elif path == "c3":
         K._conv.conv3x3(x, w, bias, out, node.attrs["stride"][0], 0, a, x0, H, relu6, None,
                         0, 0, nt)
+    elif path == "dw":
+        lo, hi = window_rows(node, a, b)
+        _check_window(x, x0, H, lo, hi)
+        (sh, sw), (dh, dw), pads = node.attrs["stride"], node.attrs["dilation"], node.attrs["pads"]
+        _dwk.dwconv(x, w, bias, out, a, x0, H, sh, sw, pads[0], pads[1], dh, dw, relu6, nt)
     else:
         lo, hi = window_rows(node, a, b)
         pads = node.attrs["pads"]
         xp = np.ascontiguousarray(padded(x, x0, H, lo, hi, pads[1], pads[3], 0.0))
-        if path == "dw":
-            (sh, sw), (dh, dw) = node.attrs["stride"], node.attrs["dilation"]
-            _dwk.dwconv(xp, w, bias, out, sh, sw, dh, dw, relu6, nt)
-        else:
-            _im2col_conv(node, xp, w, bias, out, relu6, nt)
+        _im2col_conv(node, xp, w, bias, out, relu6, nt)
     return out if relu6 else apply_act(out, act, nt)
 
 

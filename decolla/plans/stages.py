@@ -130,9 +130,10 @@ def rows_needed(kind: str, stride: int, r0: int, r1: int, in_height: int,
     segment's from its receptive field `rf` (S, A, B): [r0*S - A, (r1-1)*S + B)."""
     if kind == "pwconv":
         return r0, r1
-    if kind == "graph":
+    if kind == "graph":       # (a border row may read only padding: an empty range)
         S, A, B = rf
-        return max(0, r0 * S - A), max(0, min(in_height, (r1 - 1) * S + B))
+        lo = min(in_height, max(0, r0 * S - A))
+        return lo, lo if r1 <= r0 else max(lo, min(in_height, (r1 - 1) * S + B))
     return max(0, r0 * stride - 1), min(in_height, (r1 - 1) * stride + 2)
 
 
