@@ -3,10 +3,9 @@
 sigmoid, hard-sigmoid, hard-swish and SiLU after a convolution, add or mul).
 
 exp is a polynomial on a range-reduced argument (Cephes' expf: about 1 ulp) instead of
-libm's, so that the loop vectorises; sigmoid(x) = 1 / (1 + exp(-x)).
+libm's, so that the loops vectorise; sigmoid(x) = 1 / (1 + exp(-x)).
 """
 from cython.parallel cimport prange
-from libc.math cimport floorf
 
 include "_common.pxi"
 
@@ -18,28 +17,33 @@ RELU, CLIP, SIGMOID, HARDSIGMOID, HARDSWISH, SILU = _RELU, _CLIP, _SIGMOID, _HAR
 
 cdef extern from *:
     """
-    static inline float decolla_pow2i(float n) {
-        union { float f; int i; } u;
-        u.i = ((int)n + 127) << 23;
-        return u.f;
+    #include <stdint.h>
+    #include <string.h>
+    /* Cephes expf on a range-reduced argument, rounding by the 1.5 * 2^23 trick and bit
+       casts through memcpy so that gcc vectorises a loop calling it */
+    static inline float decolla_expf(float x) {
+        const float magic = 12582912.0f;
+        x = x < 88.0f ? x : 88.0f;
+        x = x > -87.0f ? x : -87.0f;
+        float t = x * 1.44269504088896341f + magic;
+        int32_t ti, e;
+        memcpy(&ti, &t, 4);
+        float n = t - magic;
+        float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.0f;
+        e = (ti - 0x4B400000 + 127) << 23;
+        float s;
+        memcpy(&s, &e, 4);
+        return p * s;
     }
     """
-    float decolla_pow2i(float n) nogil
-
-
-cdef inline float _exp(float x) noexcept nogil:
-    x = x if x < <float>88.0 else <float>88.0
-    x = x if x > <float>-87.0 else <float>-87.0
-    cdef float n = floorf(x * <float>1.44269504088896341 + <float>0.5)
-    cdef float r = x - n * <float>0.693359375 + n * <float>2.12194440e-4
-    cdef float p = <float>1.9875691500e-4
-    p = p * r + <float>1.3981999507e-3
-    p = p * r + <float>8.3334519073e-3
-    p = p * r + <float>4.1665795894e-2
-    p = p * r + <float>1.6666665459e-1
-    p = p * r + <float>5.0000001201e-1
-    p = p * r * r + r + <float>1.0
-    return p * decolla_pow2i(n)
+    float decolla_expf(float x) nogil
 
 
 cdef inline float _clamp(float v, float lo, float hi) noexcept nogil:
@@ -57,7 +61,7 @@ cdef void _run(float_rp y, Py_ssize_t n, int fn, float a, float b) noexcept nogi
             y[i] = _clamp(y[i], a, b)
     elif fn == _SIGMOID:
         for i in range(n):
-            y[i] = <float>1.0 / (<float>1.0 + _exp(-y[i]))
+            y[i] = <float>1.0 / (<float>1.0 + decolla_expf(-y[i]))
     elif fn == _HARDSIGMOID:
         for i in range(n):
             y[i] = _clamp(y[i] * a + b, 0.0, 1.0)
@@ -66,7 +70,7 @@ cdef void _run(float_rp y, Py_ssize_t n, int fn, float a, float b) noexcept nogi
             y[i] = y[i] * _clamp(y[i] * <float>(1.0 / 6.0) + <float>0.5, 0.0, 1.0)
     elif fn == _SILU:
         for i in range(n):
-            y[i] = y[i] / (<float>1.0 + _exp(-y[i]))
+            y[i] = y[i] / (<float>1.0 + decolla_expf(-y[i]))
 
 
 def apply(float[::1] y, int fn, float a=0.0, float b=0.0, int threads=1):
