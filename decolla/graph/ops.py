@@ -119,14 +119,14 @@ def _taps(node: Node, xp: np.ndarray, rows: int, wo: int):
             yield i, j, xp[i * dh:i * dh + (rows - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
 
 
-def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int) -> np.ndarray:
-    """Output rows [a, b) of a conv node."""
+def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> np.ndarray:
+    """Output rows [a, b) of a conv node (into `dst` when given)."""
     p = prepared(node)
     path, w, bias = p["path"], p["w"], p["b"]
     act = node.attrs["act"]
     relu6 = act == RELU6
     wo, cout = node.shape[1], node.shape[2]
-    out = np.empty((b - a, wo, cout), np.float32)
+    out = np.empty((b - a, wo, cout), np.float32) if dst is None else dst
     if b == a:
         return out
     x = np.ascontiguousarray(x)
@@ -220,23 +220,39 @@ def rows_of(t: np.ndarray, t0: int, a: int, b: int) -> np.ndarray:
     return t[a - t0:b - t0]
 
 
-def run(node: Node, ins: list, heights: list, a: int, b: int, nt: int) -> np.ndarray:
+def run(node: Node, ins: list, heights: list, a: int, b: int, nt: int,
+        dst: np.ndarray | None = None) -> np.ndarray:
     """Output rows [a, b) of `node` (all of a vector) from its input windows `ins`
-    ((array, row0) per input; `heights`: each input's full height)."""
+    ((array, row0) per input; `heights`: each input's full height); written into `dst`
+    (C-contiguous, of the output's shape, overlapping no input) when given."""
     op = node.op
     x, x0 = ins[0]
     if op == "conv":
-        return conv(node, x, x0, heights[0], a, b, nt)
+        return conv(node, x, x0, heights[0], a, b, nt, dst)
     if op in ("maxpool", "avgpool"):
-        return pool(node, x, x0, heights[0], a, b)
+        return _into(dst, pool(node, x, x0, heights[0], a, b))
     if op in ("add", "mul"):
         y = (np.add if op == "add" else np.multiply)(rows_of(x, x0, a, b),
-                                                     rows_of(*ins[1], a, b))
+                                                     rows_of(*ins[1], a, b), out=dst)
         return apply_act(np.ascontiguousarray(y, np.float32), node.attrs.get("act"), nt)
     if op == "concat":
-        return np.concatenate([rows_of(t, t0, a, b) for t, t0 in ins], axis=2)
+        return np.concatenate([rows_of(t, t0, a, b) for t, t0 in ins], axis=2, out=dst)
     if op == "act":
-        return apply_act(np.array(rows_of(x, x0, a, b), np.float32), node.attrs["act"], nt)
+        y = np.array(rows_of(x, x0, a, b), np.float32) if dst is None else \
+            _into(dst, rows_of(x, x0, a, b))
+        return apply_act(y, node.attrs["act"], nt)
+    return _into(dst, _other(node, x, x0, a, b, nt))
+
+
+def _into(dst, y: np.ndarray) -> np.ndarray:
+    if dst is None:
+        return y
+    np.copyto(dst, y)
+    return dst
+
+
+def _other(node: Node, x, x0: int, a: int, b: int, nt: int) -> np.ndarray:
+    op = node.op
     if op == "scale":
         y = rows_of(x, x0, a, b) * node.arrays["scale"] + node.arrays["shift"]
         return np.asarray(y, np.float32)

@@ -62,14 +62,20 @@ class GraphLayer(Layer):
         nt = ops._nthreads(threads)
         rank3 = len(self.out_shape) == 3
         r1 = (self.out_shape[0] if rank3 else 1) if r1 is None else r1
-        y = run_nodes(self.nodes, self.source, x, in_row0, self._shapes, r0, r1, nt)
         cout = self.out_shape[-1]
         c1 = cout if c1 is None else c1
-        if (c0, c1) != (0, cout):
+        whole = (c0, c1) == (0, cout)
+        direct = out is not None and whole and out.flags.c_contiguous and \
+            out.shape == (r1 - r0,) * rank3 + tuple(self.out_shape[rank3:]) and \
+            not np.may_share_memory(out, x)
+        y = run_nodes(self.nodes, self.source, x, in_row0, self._shapes, r0, r1, nt,
+                      out if direct else None)
+        if not whole:
             y = y[..., c0:c1]
         if out is None:
             return np.ascontiguousarray(y, np.float32)
-        np.copyto(out, y)
+        if y is not out:
+            np.copyto(out, y)
         return out
 
 
@@ -104,8 +110,9 @@ def needed_rows(nodes: list[Node], shapes: dict, r0: int, r1: int) -> dict:
 
 
 def run_nodes(nodes: list[Node], source: str, x: np.ndarray, x0: int, shapes: dict,
-              r0: int, r1: int, nt: int) -> np.ndarray:
-    """Output rows [r0, r1) of the last of `nodes` from rows [x0, x0 + len(x)) of `source`."""
+              r0: int, r1: int, nt: int, dst: np.ndarray | None = None) -> np.ndarray:
+    """Output rows [r0, r1) of the last of `nodes` from rows [x0, x0 + len(x)) of `source`
+    (the last node writes into `dst` when given)."""
     need = needed_rows(nodes, shapes, r0, r1)
     lo, hi = need.get(source, (0, 0))
     if len(shapes[source]) == 3 and lo < hi and (lo < x0 or hi > x0 + x.shape[0]):
@@ -118,8 +125,8 @@ def run_nodes(nodes: list[Node], source: str, x: np.ndarray, x0: int, shapes: di
         if len(n.shape) == 3 and a >= b:
             y = np.empty((0,) + tuple(n.shape[1:]), np.float32)
         else:
-            y = gops.run(n, [have[t] for t in n.inputs],
-                         [shapes[t][0] for t in n.inputs], a, b, nt)
+            y = gops.run(n, [have[t] for t in n.inputs], [shapes[t][0] for t in n.inputs],
+                         a, b, nt, dst if i == len(nodes) - 1 else None)
         have[n.name] = (y, a)
         for t in n.inputs:
             if last_use.get(t) == i:
