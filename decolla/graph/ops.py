@@ -23,6 +23,7 @@ _act = load("act")
 # again for every few rows, and im2col + one large product is 3-8x faster.
 _C3_MIN_PIXELS = 48
 _C3_PATCH_FLOATS = 32768
+IM2COL_BLOCK = 256   # output pixels per im2col block (packed-weight kernel, cache-sized)
 
 
 _ACT_CODES = {"relu": _act.RELU, "clip": _act.CLIP, "sigmoid": _act.SIGMOID,
@@ -161,13 +162,20 @@ def _im2col_conv(node: Node, xp, w, bias, out, relu6: bool, nt: int) -> None:
     tmp = out if g == 1 else np.empty((rows, wo, cout_g), np.float32)
     (sh, sw), (dh, dw) = node.attrs["stride"], node.attrs["dilation"]
     if g == 1 and dw == 1:
-        # the kw taps of a kernel row read kw * cin contiguous floats: one copy per row
+        # The kw taps of a kernel row read kw * cin contiguous floats: one copy per row.
+        # By blocks of output rows whose patches stay in cache, multiplied by the weight
+        # packed once (the packed kernel below IM2COL_BLOCK pixels): BLAS would repack it.
         st = xp.strides
-        for i in range(kh):
-            cols[:, :, i] = np.lib.stride_tricks.as_strided(
-                xp[i * dh:], (rows, wo, kw, cin_g), (st[0] * sh, st[1] * sw, st[1], st[2]))
-        K.pwconv_kernel(cols.reshape(rows, wo, kh * kw * cin_g), w, bias, out, 0, 0, relu6,
-                        None, 0, 0, nt)
+        K_ = kh * kw * cin_g
+        rb = max(1, min(rows, IM2COL_BLOCK // wo)) if K.PACKED_MAX_PIXELS else rows
+        for r in range(0, rows, rb):
+            n = min(rb, rows - r)
+            blk = cols[r:r + n]
+            for i in range(kh):
+                blk[:, :, i] = np.lib.stride_tricks.as_strided(
+                    xp[r * sh + i * dh:], (n, wo, kw, cin_g), (st[0] * sh, st[1] * sw, st[1], st[2]))
+            K.pwconv_kernel(blk.reshape(n, wo, K_), w, bias, out[r:r + n], 0, 0, relu6, None,
+                            0, 0, nt)
         return
     for gi in range(g):
         for i, j, view in _taps(node, xp, rows, wo):
