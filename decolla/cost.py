@@ -35,9 +35,19 @@ KIND_SPEED = {
     "gap": KindSpeed(0.5e9, 0.1),
     "linear": KindSpeed(1.0e9, 0.5),
     "fused": KindSpeed(1.6e9, 0.8),        # a stage of several layers, mostly pointwise
+    # the operators of imported graphs (decolla.graph: `Node.cost_kind`), by analogy with
+    # the kinds above: any other convolution is im2col + the pointwise gemm with the copy
+    # on top, depthwise of other sizes the 3x3 kernel's loop, pools and element-wise ops
+    # one pass over memory per input element (MACs counted as elements read)
+    "conv": KindSpeed(1.0e9, 0.7),
+    "dwconv": KindSpeed(0.4e9, 0.3),
+    "pool": KindSpeed(0.5e9, 0.1),
+    "eltwise": KindSpeed(0.3e9, 0.1),
+    "graph": KindSpeed(1.2e9, 0.8),        # a segment without its per-op breakdown
 }
-#: Layer kinds in the order of the learned policy's stage features (its file format).
-KINDS = tuple(KIND_SPEED)
+#: Layer kinds in the order of the learned policy's stage features (its file format: the
+#: kinds added for imported graphs are not among them, the policy sees them as 'fused').
+KINDS = ("conv3x3", "dwconv3x3", "pwconv", "gap", "linear", "fused")
 #: MAC/s assumed for a layer kind the table does not know.
 DEFAULT_CORE_SPEED = KIND_SPEED["pwconv"].core
 
@@ -202,7 +212,10 @@ CALL_MACS_PER_WEIGHT = {"conv3x3": 25.0, "pwconv": 11.0, "dwconv3x3": 47.0}
 
 
 def layer_weights(spec: dict) -> int:
-    """Weights of a layer (kernel taps x input x output channels; depthwise: taps x channels)."""
+    """Weights of a layer (kernel taps x input x output channels; depthwise: taps x channels;
+    an imported graph segment: all of its nodes')."""
+    if "weights" in spec:
+        return int(spec["weights"])
     cin, cout = spec["in_shape"][-1], spec["out_shape"][-1]
     return {"conv3x3": 9 * cin * cout, "dwconv3x3": 9 * cout, "pwconv": cin * cout,
             "linear": cin * cout}.get(spec["kind"], 0)
@@ -215,7 +228,10 @@ def layer_seconds(spec: dict, frac: float, speeds: dict, call_macs_per_weight: d
     `frac` of them for a slice of the output channels)."""
     rate = speeds.get(spec["kind"], DEFAULT_CORE_SPEED)
     fixed = call_macs_per_weight.get(spec["kind"], 0.0) * layer_weights(spec)
-    return (spec["macs"] * frac + fixed * (1.0 if whole_weights else frac)) / rate
+    compute = spec["macs"] / rate
+    if spec.get("op_macs"):       # a graph segment: each operator kind at its own speed
+        compute = sum(m / speeds.get(k, DEFAULT_CORE_SPEED) for k, m in spec["op_macs"].items())
+    return compute * frac + fixed * (1.0 if whole_weights else frac) / rate
 
 
 def star_stage_seconds(compute_s: Sequence[float], costs: Sequence[ChunkCost], devices: int,

@@ -136,6 +136,8 @@ def _run(layer, w, b, x, res, out, nt):
         ops._gemm.linear(x, w, b, out, 0, layer.relu6)
         if res is not None:
             out += res
+    elif k in ("graph", "graph-global"):
+        layer.run(x, out=out, threads=nt)
     else:
         raise ModelError(f"layer {layer.name}: unknown kind {k!r}")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("conv3x3", "dwconv3x3", "pwconv", "gap", "linear")
+KINDS = ("conv3x3", "dwconv3x3", "pwconv", "gap", "linear", "graph", "graph-global")
 
 
 class ModelError(ValueError):
@@ -53,6 +53,10 @@ class Layer:
         if self.kind in ("pwconv", "linear"):
             return out * self.in_shape[-1]
         return int(np.prod(self.in_shape))  # gap: one add per input element
+
+    def arrays(self) -> list:
+        """The layer's weight arrays, in the order the digest reads them."""
+        return [a for a in (self.weight, self.bias) if a is not None]
 
     def spec(self) -> dict:
         """Shape and cost summary (no weights)."""
@@ -94,13 +98,16 @@ class Model:
                              "layers": [_jsonable(l.spec()) for l in self.layers]},
                             sort_keys=True).encode())
         for layer in self.layers:
-            for arr in (layer.weight, layer.bias):
-                if arr is not None:
-                    h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+            for arr in layer.arrays():
+                h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
         return h.hexdigest()
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the model (architecture + weights) to an .npz file."""
+        """Write the model (architecture + weights) to an .npz file (not a model imported
+        from ONNX: its file is the one to keep)."""
+        if any(layer.kind not in KINDS[:5] for layer in self.layers):
+            raise ModelError(f"model {self.name}: an imported graph is not saved as .npz "
+                             "(keep its .onnx file)")
         arrays = {}
         for i, layer in enumerate(self.layers):
             if layer.weight is not None:

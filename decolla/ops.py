@@ -368,6 +368,10 @@ def run_layer(layer: Layer, x: np.ndarray, residual: np.ndarray | None = None,
     if layer.residual is None and residual is not None:
         raise ValueError(f"layer {layer.name} has no residual input, but one was given")
     kind = layer.kind
+    if kind in ("graph", "graph-global"):   # decolla.graph.segments.GraphLayer
+        if kind == "graph-global" and (r0 != 0 or r1 is not None or in_row0 != 0):
+            raise ValueError(f"layer {layer.name} ({kind}) cannot be split by rows")
+        return layer.run(x, c0, c1, r0, r1, in_row0, out, threads)
     if kind in ("gap", "linear"):
         if r0 != 0 or r1 is not None or in_row0 != 0:
             raise ValueError(f"layer {layer.name} ({kind}) cannot be split by rows")

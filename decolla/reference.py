@@ -62,6 +62,8 @@ def layer_forward(layer: Layer, x: np.ndarray, residual: np.ndarray | None = Non
         y = gap(x)
     elif layer.kind == "linear":
         y = linear(x, layer.weight, layer.bias)
+    elif layer.kind in ("graph", "graph-global"):   # an imported segment runs its own nodes
+        y = layer.run(np.ascontiguousarray(x, np.float32))
     else:
         raise ValueError(f"unknown layer kind {layer.kind!r}")
     if layer.relu6:

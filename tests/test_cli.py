@@ -22,7 +22,7 @@ SPEC = "mobilenet_v2:seed=0"
 ES_POLICY = os.path.join(ROOT, "bench", "results", "policies", "es", "policy.npz")
 # Everything a device does not install: the gateway, training and test extras.
 EXTRAS = ("PIL", "starlette", "uvicorn", "multipart", "httpx", "torch", "evotorch", "sklearn",
-          "selenium")
+          "selenium", "onnx", "onnxruntime")
 
 
 def test_auto_is_the_default_plan_everywhere():

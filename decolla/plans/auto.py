@@ -297,6 +297,20 @@ def _merge_singles(groups: list) -> list:
     return out
 
 
+def _ops(stage: Stage, by_name: dict) -> str:
+    """'; ops conv 7x7/2, add x2, ...': the operators inside a stage's imported graph
+    segments (their kernels and strides), or '' when it has none."""
+    count: dict[str, int] = {}
+    for name in stage.layers:
+        for n in by_name[name].get("nodes", ()):
+            a = n["attrs"]
+            label = n["op"] + (f" {a['kernel'][0]}x{a['kernel'][1]}/{a['stride'][0]}"
+                               if "kernel" in a else "")
+            count[label] = count.get(label, 0) + 1
+    return "; ops " + ", ".join(k + (f" x{v}" if v > 1 else "") for k, v in count.items()) \
+        if count else ""
+
+
 def explain(plan: Plan, specs, prof: Profile | None = None) -> str:
     """Human-readable table of a plan's stages: layers, split, chunks, bytes, predicted time."""
     specs = [as_spec(s) for s in specs]
@@ -321,7 +335,7 @@ def explain(plan: Plan, specs, prof: Profile | None = None) -> str:
         names = st.layers if len(st.layers) <= 3 else (st.layers[0], "...", st.layers[-1])
         split = ("exchange" if st.exchange else st.split) + ("+sum" if st.reduce == "sum" else "")
         lines.append(f"{st.index:>3} {split:11} {len(st.chunks):>2} {b:>10,.0f} {t * 1e3:>8.1f}  "
-                     f"{' '.join(names)} ({len(st.layers)} layers)")
+                     f"{' '.join(names)} ({len(st.layers)} layers{_ops(st, by_name)})")
     single = spatial_stage(0, specs, 1, "input", tensor_shapes(specs, plan.input_shape))
     remote = stage_seconds(single, by_name, Profile(**{**asdict(prof), "local": False}))
     # the requester's own device is an alternative only when the plan may use it: printing

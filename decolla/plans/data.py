@@ -16,7 +16,11 @@ from decolla.cost import ChunkCost
 from decolla.model import Layer
 
 CHANNELWISE = ("dwconv3x3", "gap")   # output channel c depends only on input channel c
-ROWWISE = ("conv3x3", "dwconv3x3", "pwconv")   # layers a row strip can compute
+# layers a row strip can compute ('graph': an imported segment, halo from its `rf`)
+ROWWISE = ("conv3x3", "dwconv3x3", "pwconv", "graph")
+# imported graph segments: a slice of their output channels costs the whole segment, so a
+# stage holding one is never cut by channels
+WHOLE_CHANNELS = ("graph", "graph-global")
 
 
 class PlanError(ValueError):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from decolla.cost import ChunkCost
-from decolla.plans.data import (CHANNELWISE, ROWWISE, Chunk, Need, Stage, Swap, nbytes,
-                                split_bounds, split_rows)
+from decolla.plans.data import (CHANNELWISE, ROWWISE, WHOLE_CHANNELS, Chunk, Need, Stage, Swap,
+                                nbytes, split_bounds, split_rows)
 
 
 @dataclass
@@ -78,6 +78,8 @@ def channel_stage(si: int, group: list[dict], k: int, prev: str, shapes: dict,
     """Stage `si` of `group` split by the first layer's output channels into k chunks; with
     `psum` the last (pointwise) layer sums over them: each chunk returns a partial sum."""
     first = group[0]
+    if any(s["kind"] in WHOLE_CHANNELS for s in group):
+        k = 1
     cout = first["out_shape"][-1]
     macs = sum(int(s["macs"]) for s in group)
     out_shape = tuple(group[-1]["out_shape"])
@@ -121,11 +123,17 @@ def split_tail(group: Sequence[dict]) -> tuple[list, list] | None:
     return body, tail
 
 
-def rows_needed(kind: str, stride: int, r0: int, r1: int, in_height: int) -> tuple[int, int]:
+def rows_needed(kind: str, stride: int, r0: int, r1: int, in_height: int,
+                rf=None) -> tuple[int, int]:
     """Input rows [lo, hi) output rows [r0, r1) read: `decolla.ops.input_rows_needed`
-    without its argument checks (the planner calls it thousands of times)."""
+    without its argument checks (the planner calls it thousands of times); a graph
+    segment's from its receptive field `rf` (S, A, B): [r0*S - A, (r1-1)*S + B)."""
     if kind == "pwconv":
         return r0, r1
+    if kind == "graph":       # (a border row may read only padding: an empty range)
+        S, A, B = rf
+        lo = min(in_height, max(0, r0 * S - A))
+        return lo, lo if r1 <= r0 else max(lo, min(in_height, (r1 - 1) * S + B))
     return max(0, r0 * stride - 1), min(in_height, (r1 - 1) * stride + 2)
 
 
@@ -149,7 +157,7 @@ def strip_rows(group: Sequence[dict], r0: int, r1: int, prev: str) -> tuple[list
         a, b = need[s["name"]]
         rows.append((a, b))
         src = body[j - 1]["name"] if j else prev
-        lo, hi = rows_needed(s["kind"], s["stride"], a, b, s["in_shape"][0])
+        lo, hi = rows_needed(s["kind"], s["stride"], a, b, s["in_shape"][0], s.get("rf"))
         want(src, lo, hi)
         if s.get("residual"):
             want(s["residual"], a, b)
@@ -244,7 +252,7 @@ def swaps(group: list[dict], k: int, prev: str, shapes: dict, every: int = 1,
         for i in range(k):
             if j == 0:
                 needs[i].append((prev, rows_needed(s["kind"], s["stride"], *rows[i][0],
-                                                   s["in_shape"][0])))
+                                                   s["in_shape"][0], s.get("rf"))))
             elif j in swap_at:
                 lo, hi = wants[i][j - 1]
                 a0, b0 = rows[i][j - 1]
@@ -298,7 +306,8 @@ def _swap_rows(body: list[dict], k: int, every: int, at) -> tuple[list, list, li
             break
         since += s["kind"] != "pwconv"
         for i in range(k):
-            window = rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0])
+            window = rows_needed(s["kind"], s["stride"], *rows[i][j], s["in_shape"][0],
+                                 s.get("rf"))
             wants[i][j - 1] = union(wants[i][j - 1], window)
         if all(rows[i][j - 1][0] <= lo and hi <= rows[i][j - 1][1]
                for i, (lo, hi) in enumerate(w[j - 1] for w in wants)):
