@@ -9,13 +9,15 @@ the leader (restarted a moment later). The run is split in equal phases, one per
 
   correct   its logits equal decolla.forward's (relative error <= 1e-4)
   wrong     an answer with other logits
-  failed    a clear error (InferenceError / ValueError with its reason)
-  lost      no answer within the request timeout
+  failed    a clear error (InferenceError / ValueError with its reason), e.g. the
+            requester's own "timed out after N s"
+  lost      no answer at all: nothing within the request timeout + 15 s
 
 Latency percentiles are given for requests that overlapped a fault (from its injection
 until the cluster was whole again, plus 2 s) and for the others. Processes and memory
 (RSS sum) are those of everything the run started (bench.procs), counted once the cluster
-is whole, at the start and at the end.
+is whole, at the start and at the end. Every failed or lost request is listed with the
+faults it overlapped: the target is that all of them overlap a leader restart.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def _client_loop(client: Client, plan: str, images: Images, soak: Soak, stop: th
         i = rng.randrange(len(images.images))
         t0 = time.monotonic()
         try:
-            r = client.infer(images.images[i], timeout=timeout)
+            r = client.infer(images.images[i])      # waits the request timeout + 15 s
             kind, err = ("correct" if images.check(i, r.logits) else "wrong"), ""
         except InferenceError as exc:
             kind = "lost" if "no answer within" in str(exc) else "failed"
@@ -148,7 +150,8 @@ def run(seconds: float, devices: int = 3, clients: int = 2, every: float = 4.0,
         for p, plan in enumerate(plans):
             phase_end = t_start + seconds * (p + 1) / len(plans)
             stop = threading.Event()
-            group = [Client(cluster.leader, plan=plan, connect_timeout=60) for _ in range(clients)]
+            group = [Client(cluster.leader, plan=plan, connect_timeout=60,
+                            request_timeout=timeout) for _ in range(clients)]
             threads = [threading.Thread(target=_client_loop, daemon=True,
                                         args=(c, plan, images, soak, stop, timeout,
                                               random.Random(rng.random())))
@@ -178,70 +181,107 @@ def run(seconds: float, devices: int = 3, clients: int = 2, every: float = 4.0,
         _whole(cluster, devices)
         time.sleep(3.0)              # workers replaced by the last fault have exited
         end = _snapshot(mark)
-    return summarize(soak, start, end, seconds, devices, clients, plans, every, seed)
+    return summarize(soak, start, end, seconds, devices, clients, plans, every, seed,
+                     t_start, faults)
 
 
 def _pct(values) -> dict:
     if not values:
         return {}
     a = np.asarray(values) * 1e3
-    return {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 90, 99)} | \
+    return {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 95, 99)} | \
         {"max": round(float(a.max()), 1), "n": len(values)}
 
 
-def summarize(soak: Soak, start: dict, end: dict, seconds, devices, clients, plans, every,
-              seed) -> dict:
-    """The report: counts per outcome and plan, latency with and without faults, faults,
-    processes and memory at the start and the end."""
-    windows = [(f[2], f[3] + AFTER_FAULT_S) for f in soak.faults]
+def _overlaps(o: Outcome, f: list) -> bool:
+    """`o` was in flight between fault `f`'s injection and AFTER_FAULT_S past its healing."""
+    return o.t0 < f[3] + AFTER_FAULT_S and o.t1 > f[2]
 
-    def hit(o):
-        return any(o.t0 < b and o.t1 > a for a, b in windows)
-    counts = {k: sum(o.kind == k for o in soak.outcomes)
-              for k in ("correct", "wrong", "failed", "lost")}
-    answered = [o for o in soak.outcomes if o.kind == "correct"]
+
+def _latency(outcomes, faults) -> dict:
+    answered = [o for o in outcomes if o.kind == "correct"]
+    hit = [any(_overlaps(o, f) for f in faults) for o in answered]
+    return {"without_faults": _pct([o.t1 - o.t0 for o, h in zip(answered, hit) if not h]),
+            "during_faults": _pct([o.t1 - o.t0 for o, h in zip(answered, hit) if h])}
+
+
+def _unanswered(soak: Soak, t_start: float) -> list:
+    """Every failed or lost request: when (s from the start), its error, the faults it
+    overlapped, and whether one of them was a leader restart."""
+    out = []
+    for o in soak.outcomes:
+        if o.kind not in ("failed", "lost"):
+            continue
+        during = [f"{f[0]}@{f[2] - t_start:.1f}s" for f in soak.faults if _overlaps(o, f)]
+        out.append({"kind": o.kind, "plan": o.plan, "t0_s": round(o.t0 - t_start, 2),
+                    "t1_s": round(o.t1 - t_start, 2), "error": o.error, "faults": during,
+                    "leader_restart": any(d.startswith("kill-leader") for d in during)})
+    return out
+
+
+def summarize(soak: Soak, start: dict, end: dict, seconds, devices, clients, plans, every,
+              seed, t_start: float = 0.0, kinds=FAULTS) -> dict:
+    """The report: counts per outcome and plan, latency with and without faults (each plan
+    and all), faults, every unanswered request with the faults it overlapped, processes and
+    memory at the start and the end."""
+    outcomes = soak.outcomes
+    counts = {k: sum(o.kind == k for o in outcomes) for k in ("correct", "wrong", "failed", "lost")}
+    unanswered = _unanswered(soak, t_start)
+    per_plan = {}
+    for p in plans:
+        mine = [o for o in outcomes if o.plan == p]
+        per_plan[p] = {"sent": len(mine), **{k: sum(o.kind == k for o in mine) for k in counts},
+                       "latency_ms": _latency(mine, soak.faults)}
     return {
         "settings": {"seconds": seconds, "devices": devices, "clients": clients,
                      "plans": list(plans), "fault_every_s": every, "seed": seed, "model": SPEC},
-        "requests": len(soak.outcomes), **counts,
-        "per_plan": {p: {k: sum(o.kind == k and o.plan == p for o in soak.outcomes)
-                         for k in counts} for p in plans},
-        "latency_ms": {"without_faults": _pct([o.t1 - o.t0 for o in answered if not hit(o)]),
-                       "during_faults": _pct([o.t1 - o.t0 for o in answered if hit(o)])},
-        "faults": {k: sum(f[0] == k for f in soak.faults) for k in FAULTS},
+        "requests": len(outcomes), **counts,
+        "per_plan": per_plan,
+        "latency_ms": _latency(outcomes, soak.faults),
+        "faults": {k: sum(f[0] == k for f in soak.faults) for k in kinds},
+        "fault_log": [[f[0], f[1], round(f[2] - t_start, 2), round(f[3] - t_start, 2)]
+                      for f in soak.faults],
         "heal_ms": _pct([f[3] - f[2] for f in soak.faults]),
-        "lost_during": {k: sum(o.kind == "lost" and any(
-            f[0] == k and o.t0 < f[3] + AFTER_FAULT_S and o.t1 > f[2] for f in soak.faults)
-            for o in soak.outcomes) for k in FAULTS},
-        "errors": sorted({o.error for o in soak.outcomes if o.error})[:20],
+        "unanswered": unanswered,
+        "outside_leader_restart": sum(not u["leader_restart"] for u in unanswered),
+        "errors": sorted({o.error for o in outcomes if o.error})[:20],
         "start": start, "end": end,
     }
+
+
+def _latency_rows(name: str, lat: dict) -> list[str]:
+    return [f"| {name} | {k.replace('_', ' ')} | " + " | ".join(
+        str(v.get(c, "-")) for c in ("p50", "p95", "p99", "max", "n")) + " |"
+        for k, v in lat.items()]
 
 
 def markdown(rep: dict) -> str:
     s = rep["settings"]
     lines = [f"# Chaos soak: {s['seconds']:.0f} s, {s['devices']} devices, {s['clients']} "
              f"clients, plans {', '.join(s['plans'])}, a fault every ~{s['fault_every_s']} s",
-             "", f"Model `{s['model']}`, seed {s['seed']}. Figures from a loaded 2-core VM.", "",
-             "| requests | correct | wrong | failed (clear error) | lost |", "|---|---|---|---|---|",
-             f"| {rep['requests']} | {rep['correct']} | {rep['wrong']} | {rep['failed']} | "
-             f"{rep['lost']} |", "", "| plan | correct | wrong | failed | lost |",
-             "|---|---|---|---|---|"]
+             "", f"Model `{s['model']}`, seed {s['seed']}. Figures from a loaded 2-core VM: "
+             "latency is as measured under that load (a correctness run, not a benchmark).", "",
+             "| plan | sent | correct | wrong | failed (clear error) | lost |",
+             "|---|---|---|---|---|---|"]
+    for p, c in list(rep["per_plan"].items()) + [("all", rep | {"sent": rep["requests"]})]:
+        lines.append(f"| {p} | {c['sent']} | {c['correct']} | {c['wrong']} | {c['failed']} | "
+                     f"{c['lost']} |")
+    lines += ["", "| plan | latency (ms) | p50 | p95 | p99 | max | n |",
+              "|---|---|---|---|---|---|---|"]
     for p, c in rep["per_plan"].items():
-        lines.append(f"| {p} | {c['correct']} | {c['wrong']} | {c['failed']} | {c['lost']} |")
-    lines += ["", "| latency (ms) | p50 | p90 | p99 | max | n |", "|---|---|---|---|---|---|"]
-    for k, v in rep["latency_ms"].items():
-        lines.append(f"| {k.replace('_', ' ')} | " + " | ".join(
-            str(v.get(c, "-")) for c in ("p50", "p90", "p99", "max", "n")) + " |")
+        lines += _latency_rows(p, c["latency_ms"])
+    lines += _latency_rows("all", rep["latency_ms"])
     lines += ["", "Faults: " + ", ".join(f"{k} x{v}" for k, v in rep["faults"].items())
-              + f"; cluster whole again after (ms): {rep['heal_ms']}; lost requests that "
-              f"overlapped each kind: {rep['lost_during']}", "",
-              "| | processes | RSS sum (MB) | per node |", "|---|---|---|---|"]
+              + f"; cluster whole again after (ms): {rep['heal_ms']}", "",
+              f"Failed or lost: {len(rep['unanswered'])}, of which outside a leader restart: "
+              f"{rep['outside_leader_restart']}", ""]
+    for u in rep["unanswered"][:30]:
+        lines.append(f"- {u['kind']} ({u['plan']}) {u['t0_s']}-{u['t1_s']} s, during "
+                     f"{', '.join(u['faults']) or 'no fault'}: `{u['error'][:120]}`")
+    lines += ["", "| | processes | RSS sum (MB) | per node |", "|---|---|---|---|"]
     for k in ("start", "end"):
         lines.append(f"| {k} | {rep[k]['processes']} | {rep[k]['rss_mb']} | "
                      f"{rep[k]['per_node']} |")
-    if rep["errors"]:
-        lines += ["", "Errors seen:", ""] + [f"- `{e}`" for e in rep["errors"]]
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=float, default=4.0, help="mean seconds between faults")
     p.add_argument("--plans", default=",".join(PLANS))
     p.add_argument("--faults", default=",".join(FAULTS))
-    p.add_argument("--timeout", type=float, default=30.0, help="request timeout (s)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="request timeout (s): the requester fails a request after it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(RESULTS, "chaos"))
     a = p.parse_args(argv)
