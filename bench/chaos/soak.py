@@ -1,7 +1,7 @@
 """Chaos soak: a LocalCluster serves a steady stream of requests from several clients while
-a fault is injected every few seconds at random, and every answer is checked.
-
-    python -m bench.chaos --minutes 5            # results in bench/results/chaos.{json,md}
+a fault is injected every few seconds at random, and every answer is checked (the
+command line is bench.chaos.__main__; the same soak on the testbed, with link faults, is
+bench.chaos.testbed).
 
 Faults: kill -9 a device (restarted a moment later), SIGSTOP a device for 1-5 s, kill -9
 the leader (restarted a moment later). The run is split in equal phases, one per plan
@@ -21,8 +21,6 @@ faults it overlapped: the target is that all of them overlap a leader restart.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import signal
@@ -41,7 +39,6 @@ SPEC = "mobilenet_v2:width=0.35,input_size=96,seed=0"
 PLANS = ("auto", "layer", "single")
 FAULTS = ("kill-device", "stop-device", "kill-leader")
 AFTER_FAULT_S = 2.0          # a request ending this long after a fault still counts as hit
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 @dataclass
@@ -125,8 +122,11 @@ def _inject(cluster: LocalCluster, kind: str, rng: random.Random, devices: int) 
     return name
 
 
-def _snapshot(mark: str) -> dict:
+def _snapshot(mark: str, nodes_only: bool = False) -> dict:
+    """Processes the run started (only those of nodes if `nodes_only`) and their RSS sum."""
     pids = procs.tagged(mark)
+    if nodes_only:
+        pids = [p for name, ps in procs.by_node(pids).items() if name for p in ps]
     return {"processes": len(pids),
             "per_node": {k or "other": len(v) for k, v in sorted(procs.by_node(pids).items())},
             "rss_mb": round(procs.rss_bytes(pids) / 2**20, 1)}
@@ -283,32 +283,3 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {k} | {rep[k]['processes']} | {rep[k]['rss_mb']} | "
                      f"{rep[k]['per_node']} |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--devices", type=int, default=3)
-    p.add_argument("--clients", type=int, default=2)
-    p.add_argument("--every", type=float, default=4.0, help="mean seconds between faults")
-    p.add_argument("--plans", default=",".join(PLANS))
-    p.add_argument("--faults", default=",".join(FAULTS))
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="request timeout (s): the requester fails a request after it")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join(RESULTS, "chaos"))
-    a = p.parse_args(argv)
-    rep = run(a.minutes * 60, a.devices, a.clients, a.every, tuple(a.plans.split(",")),
-              tuple(a.faults.split(",")), seed=a.seed, timeout=a.timeout)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".json", "w") as fh:
-        json.dump(rep, fh, indent=1)
-    with open(a.out + ".md", "w") as fh:
-        fh.write(markdown(rep))
-    print(markdown(rep))
-    return 0 if rep["lost"] == 0 and rep["wrong"] == 0 else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
