@@ -260,7 +260,13 @@ def markdown(rep: dict) -> str:
     lines = [f"# Chaos soak: {s['seconds']:.0f} s, {s['devices']} devices, {s['clients']} "
              f"clients, plans {', '.join(s['plans'])}, a fault every ~{s['fault_every_s']} s",
              "", f"Model `{s['model']}`, seed {s['seed']}. Figures from a loaded 2-core VM: "
-             "latency is as measured under that load (a correctness run, not a benchmark).", "",
+             "latency is as measured under that load (a correctness run, not a benchmark).", ""]
+    if "testbed" in s:
+        m = s["testbed"]["mechanisms"]
+        lines += [f"On bench.testbed (each host its own network namespace): loss "
+                  f"{s['testbed']['loss_pct']:.0f} % each way by {m['loss']}, link down by "
+                  f"the device's bridge port down; links otherwise unshaped.", ""]
+    lines += [
              "| plan | sent | correct | wrong | failed (clear error) | lost |",
              "|---|---|---|---|---|---|"]
     for p, c in list(rep["per_plan"].items()) + [("all", rep | {"sent": rep["requests"]})]:

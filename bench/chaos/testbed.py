@@ -46,7 +46,8 @@ def _write(path: str, obj) -> None:
 
 def agent(a) -> int:
     """Clients on host `requester`: one phase per plan as bench.chaos runs them; the ready
-    devices (as a client following the leader sees them) go to `a.status` every 0.2 s."""
+    devices (as a client following the leader sees them) go to `a.status` every 0.2 s,
+    until the orchestrator writes `a.out`.done."""
     from decolla.api import Client
     images = soak.Images(a.model)
     seen = soak.Soak()
@@ -84,9 +85,13 @@ def agent(a) -> int:
             t.join(a.timeout + 30)
         for c in group:
             c.close()
+    _write(a.out, [vars(o) for o in seen.outcomes])
+    # the status goes on until the orchestrator, whose last fault may still be healing, is done
+    deadline = time.monotonic() + 300
+    while not os.path.exists(a.out + ".done") and time.monotonic() < deadline:
+        time.sleep(0.2)
     done.set()
     watch.close()
-    _write(a.out, [vars(o) for o in seen.outcomes])
     return 0
 
 
@@ -203,6 +208,7 @@ def run(seconds: float, devices: int = 3, clients: int = 2, every: float = 4.0,
             target = cluster.inject(kind, rng)
             _whole(status, devices, time.monotonic(), agent_proc)
             seen.faults.append([kind, target, t0, time.monotonic()])
+        _write(out + ".done", True)
         agent_proc.wait(timeout + 120)
         time.sleep(3.0)              # workers replaced by the last fault have exited
         end = soak._snapshot(mark, nodes_only=True)
