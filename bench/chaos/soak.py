@@ -39,6 +39,7 @@ SPEC = "mobilenet_v2:width=0.35,input_size=96,seed=0"
 PLANS = ("auto", "layer", "single")
 FAULTS = ("kill-device", "stop-device", "kill-leader")
 AFTER_FAULT_S = 2.0          # a request ending this long after a fault still counts as hit
+SLOW_S = 2.0                 # an answer this slow keeps a summary of its trace
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Outcome:
     plan: str
     kind: str                # correct | wrong | failed | lost
     error: str = ""
+    trace: str = ""          # a slow answer: where its time went
 
 
 @dataclass
@@ -84,20 +86,57 @@ def _client_loop(client: Client, plan: str, images: Images, soak: Soak, stop: th
         try:
             r = client.infer(images.images[i])      # waits the request timeout + 15 s
             kind, err = ("correct" if images.check(i, r.logits) else "wrong"), ""
+            if time.monotonic() - t0 > SLOW_S:
+                err = _where(r.trace)
         except InferenceError as exc:
             kind = "lost" if "no answer within" in str(exc) else "failed"
             err = str(exc)
         except Exception as exc:  # any other error is a failure with its reason
             kind, err = "failed", f"{type(exc).__name__}: {exc}"
-        soak.add(Outcome(t0, time.monotonic(), plan, kind, err[:300]))
+        if kind == "correct":
+            soak.add(Outcome(t0, time.monotonic(), plan, kind, trace=err[:300]))
+        else:
+            soak.add(Outcome(t0, time.monotonic(), plan, kind, err[:300]))
 
 
-def _whole(cluster: LocalCluster, devices: int, timeout: float = 60.0) -> None:
-    """Wait until the leader's membership, as a fresh status shows it, has every device ready."""
+def _where(trace) -> str:
+    """Where a slow request's time went: its wait before the requester started it, then
+    each attempt that was not a first one winning (stage/chunk#attempt device reason
+    status, and when it was sent, in s from the submission)."""
+    s0 = trace.begin
+    steps = [f"{r.stage}/{r.chunk}#{r.attempt} {r.device} {r.reason} {r.status} "
+             f"@{r.sent - s0:.2f}" for r in trace.records if r.attempt or r.status != "won"]
+    return (f"started @{trace.started - s0:.2f}s, done @{trace.finished - s0:.2f}s; "
+            + "; ".join(steps[:8]))
+
+
+def ready_pids(status: dict) -> dict:
+    """Ready device -> its worker's pid, from a status()."""
+    return {d["name"]: d["pid"] for d in status["devices"] if d["status"] == "ready"}
+
+
+def healed(ready: dict, devices: int, replaced: dict) -> bool:
+    """Every device ready, those of `replaced` (name -> worker pid before the fault) with a
+    new worker: a leader restart is over only once the membership shows the new workers,
+    not while a client still holds the old leader's last snapshot."""
+    return len(ready) >= devices and all(ready.get(n) not in (None, pid)
+                                         for n, pid in replaced.items())
+
+
+def to_replace(kind: str, target: str, before: dict) -> dict:
+    """The devices whose worker fault `kind` on `target` replaces (name -> pid before)."""
+    if kind == "kill-leader":
+        return dict(before)
+    return {target: before[target]} if kind == "kill-device" and target in before else {}
+
+
+def _whole(cluster: LocalCluster, devices: int, timeout: float = 60.0,
+           replaced: dict | None = None) -> None:
+    """Wait until the cluster's membership has every device ready (`healed`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if len(cluster.ready_devices()) >= devices:
+            if healed(ready_pids(cluster.status()), devices, replaced or {}):
                 return
         except Exception:       # the leader is restarting
             pass
@@ -164,9 +203,10 @@ def run(seconds: float, devices: int = 3, clients: int = 2, every: float = 4.0,
                 if time.monotonic() >= phase_end:
                     break
                 kind = rng.choice(faults)
+                before = ready_pids(cluster.status())
                 t0 = time.monotonic()
                 target = _inject(cluster, kind, rng, devices)
-                _whole(cluster, devices)
+                _whole(cluster, devices, replaced=to_replace(kind, target, before))
                 soak.faults.append([kind, target, t0, time.monotonic()])
                 bar.set_postfix(plan=plan, faults=len(soak.faults), requests=len(soak.outcomes))
                 bar.n = min(int(seconds), int(time.monotonic() - t_start))
@@ -243,6 +283,10 @@ def summarize(soak: Soak, start: dict, end: dict, seconds, devices, clients, pla
                       for f in soak.faults],
         "heal_ms": _pct([f[3] - f[2] for f in soak.faults]),
         "unanswered": unanswered,
+        "slow": [{"plan": o.plan, "t0_s": round(o.t0 - t_start, 2),
+                  "latency_s": round(o.t1 - o.t0, 2), "trace": o.trace}
+                 for o in sorted(outcomes, key=lambda o: o.t0 - o.t1)[:10]
+                 if o.kind == "correct" and o.t1 - o.t0 > SLOW_S],
         "outside_leader_restart": sum(not u["leader_restart"] for u in unanswered),
         "errors": sorted({o.error for o in outcomes if o.error})[:20],
         "start": start, "end": end,
@@ -284,6 +328,10 @@ def markdown(rep: dict) -> str:
     for u in rep["unanswered"][:30]:
         lines.append(f"- {u['kind']} ({u['plan']}) {u['t0_s']}-{u['t1_s']} s, during "
                      f"{', '.join(u['faults']) or 'no fault'}: `{u['error'][:120]}`")
+    if rep.get("slow"):
+        lines += ["", f"Slowest answers over {SLOW_S:.0f} s:", ""] + [
+            f"- {o['plan']} at {o['t0_s']} s took {o['latency_s']} s: {o['trace']}"
+            for o in rep["slow"]]
     lines += ["", "| | processes | RSS sum (MB) | per node |", "|---|---|---|---|"]
     for k in ("start", "end"):
         lines.append(f"| {k} | {rep[k]['processes']} | {rep[k]['rss_mb']} | "

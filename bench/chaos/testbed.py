@@ -52,20 +52,20 @@ def agent(a) -> int:
     images = soak.Images(a.model)
     seen = soak.Soak()
     watch = Client(a.leader, bind=a.bind, plan="single", connect_timeout=120)
-    state = {"ready": 0, "t": time.monotonic()}
+    state = {"ready": {}, "t": time.monotonic()}
     done = threading.Event()
 
     def report():
         while not done.is_set():
             try:
-                state["ready"] = sum(d["status"] == "ready" for d in watch.status(2)["devices"])
+                state["ready"] = soak.ready_pids(watch.status(2))
             except Exception:       # the leader is restarting
-                state["ready"] = 0
+                state["ready"] = {}
             state["t"] = time.monotonic()
             _write(a.status, state)
             time.sleep(0.2)
     threading.Thread(target=report, daemon=True).start()
-    while state["ready"] < a.devices:
+    while len(state["ready"]) < a.devices:
         time.sleep(0.2)
     state["t_start"] = t_start = time.monotonic()
     rng = random.Random(a.seed)
@@ -162,12 +162,14 @@ def _status(path: str) -> dict:
         return {}
 
 
-def _whole(path: str, devices: int, after: float, agent, timeout: float = 120.0) -> None:
-    """Wait until the agent reports every device ready, seen after monotonic time `after`."""
+def _whole(path: str, devices: int, after: float, agent, replaced: dict,
+           timeout: float = 120.0) -> None:
+    """Wait until the agent reports every device ready, seen after monotonic time `after`
+    (those of `replaced` with a new worker: bench.chaos.soak.healed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = _status(path)
-        if st.get("t", 0) > after and st.get("ready", 0) >= devices:
+        if st.get("t", 0) > after and soak.healed(st.get("ready", {}), devices, replaced):
             return
         if agent.poll() is not None:
             raise RuntimeError(f"the chaos agent exited with {agent.returncode}")
@@ -204,9 +206,11 @@ def run(seconds: float, devices: int = 3, clients: int = 2, every: float = 4.0,
             if time.monotonic() >= t_start + seconds:
                 break
             kind = rng.choice(faults)
+            before = _status(status).get("ready", {})
             t0 = time.monotonic()
             target = cluster.inject(kind, rng)
-            _whole(status, devices, time.monotonic(), agent_proc)
+            _whole(status, devices, time.monotonic(), agent_proc,
+                   soak.to_replace(kind, "" if kind == "kill-leader" else target, before))
             seen.faults.append([kind, target, t0, time.monotonic()])
         _write(out + ".done", True)
         agent_proc.wait(timeout + 120)
