@@ -34,8 +34,9 @@ def image(model):
     return np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
 
 
-def devices(*names, status="ready"):
-    return [DeviceInfo(n, worker=f"addr-{n}", status=status, speed=1e9) for n in names]
+def devices(*names, status="ready", incarnation=""):
+    return [DeviceInfo(n, worker=f"addr-{n}", status=status, speed=1e9,
+                       incarnation=incarnation) for n in names]
 
 
 def make_request(model, image, names=("a", "b"), k=2, kind="layer", t=0.0, events=False,
@@ -147,6 +148,59 @@ def test_a_chunk_every_device_missed_goes_out_again_not_waits_for_ever(model, im
     again = work(req.tick(at(first.deadline + 1e-3)))
     assert [(d, j.chunk.index, j.attempt) for d, j, _ in again] == [("a", job.chunk.index, 1)]
     assert first.record.status == "pending"      # a late answer would still win
+
+
+def _miss_every_attempt(req):
+    """Let each attempt at the request's one chunk pass its deadline; returns the time."""
+    t = 0.0
+    for _ in range(MAX_ATTEMPTS):
+        t = max(a.deadline for a in req.ledger.attempts[0]) + 1e-3
+        actions = req.tick(at(t))
+    return t, actions
+
+
+def test_a_chunk_missed_on_every_try_fails_the_request_clearly(model, image):
+    req = make_request(model, image, names=("a",), k=1, kind="single")
+    req.ctx.update(devices("a", incarnation="w1"))
+    req.start(at(0))
+    _, actions = _miss_every_attempt(req)
+    reply = reply_of(actions)
+    assert isinstance(reply, InferError) and f"failed {MAX_ATTEMPTS} times (deadline)" in reply.error
+
+
+def test_while_the_leader_is_sought_a_chunk_waits_for_the_new_workers_and_is_answered(
+        model, image):
+    """A leader restart replaces every worker: the chunks sent to the old ones meanwhile
+    are not the new ones' failures. The chunk waits for the next membership, goes to the
+    device's new worker at once and the request is answered."""
+    req = make_request(model, image, names=("a",), k=1, kind="single")
+    req.ctx.update(devices("a", incarnation="w1"))
+    req.start(at(0))
+    req.ctx.looking = True
+    t, actions = _miss_every_attempt(req)
+    assert actions == [] and not req.done
+    assert req.ledger.tries(0) == MAX_ATTEMPTS and work(req.tick(at(t + 5))) == []
+    req.ctx.update(devices("a", incarnation="w2"))
+    assert not req.ctx.looking
+    again = req.membership(at(t + 5.1))
+    assert [(d, j.attempt) for d, j, _ in work(again)] == [("a", MAX_ATTEMPTS)]
+    assert req.ledger.tries(0) == 1
+    assert all(a.record.status == "lost" for a in req.ledger.attempts[0][:MAX_ATTEMPTS])
+    reply = reply_of(run_to_end(model, req, again, t + 5.1))
+    assert isinstance(reply, InferReply)
+    np.testing.assert_allclose(reply.logits, reference.forward(model, image), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_attempts_out_on_a_replaced_worker_go_to_the_new_one_at_once(model, image):
+    req = make_request(model, image, names=("a", "b"))
+    req.ctx.update(devices("a", "b", incarnation="w1"))
+    sent = work(req.start(at(0)))
+    on_a = sorted(j.chunk.index for d, j, _ in sent if d == "a")
+    req.ctx.update(devices("a", incarnation="w2") + devices("b", incarnation="w1"))
+    moved = work(req.membership(at(0.01)))       # long before any deadline
+    assert sorted(j.chunk.index for _, j, _ in moved) == on_a
+    assert all(req.ledger.index[(0, i, 0)].record.status == "lost" for i in on_a)
 
 
 def test_a_corrupt_result_is_recomputed_never_merged(model, image):

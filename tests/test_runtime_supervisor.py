@@ -129,6 +129,29 @@ def test_misses_make_a_device_suspect_then_dead_and_beats_revive_it():
     assert sup.usable() == ["a", "b"]
 
 
+def test_a_suspect_gets_no_new_work_until_it_beats_again_and_its_misses_still_count():
+    sup, _ = make(dead_after=3)
+    sup.update_membership([Info("a", beats=5), Info("b", beats=5)])
+    sup.missed("a", 1)
+    assert sup.preferred() == ["b"] and sup.usable() == ["a", "b"]
+    sup.update_membership([Info("a", beats=5), Info("b", beats=6)])
+    assert sup.preferred() == ["b"]                 # no beat from a since its miss
+    sup.update_membership([Info("a", beats=6), Info("b", beats=7)])
+    assert sup.preferred() == ["a", "b"]
+    sup.missed("a", 2)
+    assert sup.missed("a", 3) == "dead"             # three misses in all
+    sup.missed("b", 4)
+    assert sup.preferred() == ["b"]                 # the only usable one, suspect or not
+
+
+def test_a_broken_connection_makes_a_device_suspect_without_counting_a_miss():
+    sup, _ = make()
+    sup.suspect("a")
+    assert sup.preferred() == ["b"] and sup.devices["a"].misses == 0
+    sup.update_membership([Info("a", beats=1), Info("b", beats=1)])
+    assert sup.preferred() == ["a", "b"]
+
+
 def test_any_result_clears_suspicion():
     sup, _ = make(dead_after=2)
     sup.missed("a", 1)

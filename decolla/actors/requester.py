@@ -39,6 +39,7 @@ from decolla.runtime.supervisor import Supervisor
 log = get_logger("requester")
 TICK_S = 0.05
 LEADER_QUIET_S = 3.0    # no membership for this long: look the registrar up again
+LOOK_AGAIN_S = 1.0      # at most one look-up of the registrar this often
 
 
 def _now() -> Time:
@@ -67,6 +68,7 @@ class Requester(MeasuresLinks, dataplane.WatchesInbox, ActorTypeDispatcher):
         self.local_cache: dict = {}
         self.registrar = None
         self.heard = 0.0                          # when the registrar last spoke
+        self.looked = 0.0                         # when we last asked where it is
         self.events = EventBatches()
 
     # ------------------------------------------------------------ set-up
@@ -227,6 +229,10 @@ class Requester(MeasuresLinks, dataplane.WatchesInbox, ActorTypeDispatcher):
         """A data connection ended: what was sent on it is lost."""
         dev = next((d for d, a in self.ctx.data_addrs.items() if a == conn.address), None)
         if dev is not None:
+            # a new leader's worker stops the old one: ask at once whether the registrar
+            # changed, rather than after LEADER_QUIET_S of silence
+            self._look_for_registrar()
+            self.ctx.sup.suspect(dev)
             self._each(Request.connection_lost, dev, _now())
 
     # ------------------------------------------------------------ time
@@ -255,12 +261,22 @@ class Requester(MeasuresLinks, dataplane.WatchesInbox, ActorTypeDispatcher):
         restarted (a new registrar) or is away; ask the leader, whoever it now is, where its
         registrar is (in-flight requests go on with the devices known meanwhile)."""
         if time.monotonic() - self.heard > LEADER_QUIET_S:
-            log.warning("no word from the leader; looking for its registrar")
-            self.heard = time.monotonic()
-            finder = self.createActor(RegistrarFinder,
-                                      targetActorRequirements={system.CAP_ROLE: "leader"})
-            self.send(finder, FindRegistrar())
-        self.wakeupAfter(LEADER_QUIET_S / 3, payload="leader")
+            if not self.ctx.looking:
+                log.warning("no word from the leader; looking for its registrar")
+            self._look_for_registrar()      # again each LOOK_AGAIN_S until it answers
+        self.wakeupAfter(LOOK_AGAIN_S, payload="leader")
+
+    def _look_for_registrar(self) -> None:
+        """Ask the leader where its registrar is (once per LOOK_AGAIN_S); until the next
+        membership, chunks out of attempts wait for the new workers (Context.looking)."""
+        now = time.monotonic()
+        self.ctx.looking = True
+        if now - self.looked < LOOK_AGAIN_S:
+            return
+        self.looked = now
+        finder = self.createActor(RegistrarFinder,
+                                  targetActorRequirements={system.CAP_ROLE: "leader"})
+        self.send(finder, FindRegistrar())
 
     def receiveMsg_RegistrarAt(self, msg: RegistrarAt, sender):
         if msg.registrar != self.registrar:

@@ -31,11 +31,13 @@ class Time(NamedTuple):
 
 class Attempt:
     """One attempt at a chunk: its trace record, when the supervisor expects it back
-    (`due`) and when it gives up on it (`deadline`)."""
-    __slots__ = ("record", "deadline", "due", "expired")
+    (`due`), when it gives up on it (`deadline`) and which worker of its device it went
+    to (`incarnation`)."""
+    __slots__ = ("record", "deadline", "due", "expired", "incarnation")
 
-    def __init__(self, record: ChunkRecord, deadline: float, due: float):
+    def __init__(self, record: ChunkRecord, deadline: float, due: float, incarnation: str = ""):
         self.record, self.deadline, self.due, self.expired = record, deadline, due, False
+        self.incarnation = incarnation
 
     @property
     def pending(self) -> bool:
@@ -72,6 +74,21 @@ class Ledger:
         return [i for i, slot in enumerate(self.slots)
                 if slot is None and not any(a.active for a in self.attempts.get(i, []))]
 
+    def tries(self, chunk: int) -> int:
+        """Attempts at `chunk` that went to its devices' current workers: those that went to
+        a worker since replaced (a restarted device, a new leader's workers) say nothing of
+        whether the chunk can be computed."""
+        return sum(a.incarnation == self.sup.incarnation(a.record.device)
+                   for a in self.attempts.get(chunk, []))
+
+    def replaced(self) -> None:
+        """Attempts still out on a worker that has been replaced died with it: lost."""
+        for atts in self.attempts.values():
+            for a in atts:
+                if a.pending and a.incarnation != self.sup.incarnation(a.record.device):
+                    a.record.status, a.expired = "lost", True
+                    self.sup.released(a.record.device, self._key(a.record))
+
     def _key(self, rec: ChunkRecord) -> tuple:
         return (self.rid, rec.stage, rec.chunk, rec.attempt)
 
@@ -87,7 +104,7 @@ class Ledger:
         left = self.sup.timeout(device, cost.macs, moved, predicted)
         self.sup.dispatched(device, self._key(rec), cost.macs, moved, predicted)
         rec.deadline = t.wall + left
-        att = Attempt(rec, t.mono + left, t.mono + predicted)
+        att = Attempt(rec, t.mono + left, t.mono + predicted, self.sup.incarnation(device))
         self.attempts[chunk].append(att)
         self.index[(rec.stage, chunk, rec.attempt)] = att
         self.records.append(rec)

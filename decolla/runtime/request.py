@@ -76,10 +76,15 @@ class Context:
     allocator: Any
     workers: dict = dataclasses.field(default_factory=dict)
     data_addrs: dict = dataclasses.field(default_factory=dict)
+    # The requester is asking where the registrar is (the leader may have restarted and
+    # replaced every worker): a chunk out of attempts waits for the next membership
+    # instead of failing; the request's timeout still bounds it.
+    looking: bool = False
 
     def update(self, devices: list, data_plane: bool = True) -> list[str]:
         """Take the registrar's devices (DeviceInfo; their data planes unless `data_plane`
         is off); returns those that just stopped being usable."""
+        self.looking = False
         self.workers = {d.name: d.worker for d in devices if d.worker is not None}
         self.data_addrs = {d.name: tuple(d.data_addr) for d in devices
                            if d.data_addr and data_plane}
@@ -94,8 +99,10 @@ class Context:
         return d is not None and wire.compress_pays(1.0 / d.sec_per_byte)
 
     def pool(self, holding: Collection[str] = ()) -> list[str]:
-        """Devices with a worker that work may go to, usable ones if any, minus `holding`."""
-        names = [n for n in self.sup.usable() if n not in holding] or \
+        """Devices with a worker that work may go to, minus `holding`: usable ones if any
+        (those not under suspicion first), else the members."""
+        names = [n for n in self.sup.preferred() if n not in holding] or \
+            [n for n in self.sup.usable() if n not in holding] or \
             [n for n in self.sup.members() if n not in holding]
         return [n for n in names if n in self.workers]
 
@@ -258,8 +265,10 @@ class Request:
         return out
 
     def membership(self, t: Time) -> list:
-        """The devices changed: a waiting stage may start, chunks nobody holds may go out."""
+        """The devices changed: a waiting stage may start; chunks nobody holds, or held by
+        a worker since replaced, go out."""
         out: list = []
+        self.ledger.replaced()
         if self.waiting:
             self._start_stage(t, out)
         else:
@@ -378,14 +387,18 @@ class Request:
         """Send a chunk that has no active attempt to the best device not already holding it
         (nor `avoid`, unless no other is left); when every device holds it (attempts past
         their deadline, kept in case they answer late), to the best device again: a worker
-        that died with them never answers, and its device may have a new one."""
+        that died with them never answers, and its device may have a new one. A chunk
+        that used up its attempts on the current workers fails the request, unless the
+        requester is looking for the leader (then it waits for the new workers)."""
         attempts = self.ledger.attempts[chunk_index]
         if any(a.active for a in attempts):
             return
-        if len(attempts) >= MAX_ATTEMPTS:
-            last = attempts[-1].record.reason if attempts else ""
-            self._fail(f"chunk {self.stage}/{chunk_index} failed {len(attempts)} times "
-                       f"({last.strip('; ')})", out)
+        tries = self.ledger.tries(chunk_index)
+        if tries >= MAX_ATTEMPTS:
+            if not self.ctx.looking:
+                last = attempts[-1].record.reason if attempts else ""
+                self._fail(f"chunk {self.stage}/{chunk_index} failed {tries} times "
+                           f"({last.strip('; ')})", out)
             return
         stage = self.plan.stages[self.stage]
         chunk = stage.chunks[chunk_index]

@@ -6,6 +6,8 @@ opinion (missed deadlines) combined with the registrar's (heartbeats, convention
 
   alive --miss--> suspect --(dead_after consecutive misses)--> dead
   any result from the device               -> alive
+  alive --its connection broke--> suspect
+  suspect + a heartbeat since its miss     -> alive (its misses still count)
   dead + >= revive_beats new heartbeats    -> alive (a device can come back)
   a new incarnation (another worker)       -> alive, its old attempts forgotten
 
@@ -36,6 +38,7 @@ class DeviceEstimate:
     member: bool = True            # registrar says ready
     beats: int = 0
     beats_at_death: int = 0
+    beats_at_miss: int = 0
     incarnation: str = ""          # the registrar's id of the worker these figures are for
     available: float = 1.0
     reported_queue: int = 0
@@ -106,6 +109,8 @@ class Supervisor:
             d.reported_queue = info.queue
             if d.state == "dead" and info.beats - d.beats_at_death >= self.revive_beats:
                 d.state, d.misses = "alive", 0
+            elif d.state == "suspect" and info.beats > d.beats_at_miss:
+                d.state = "alive"
             d.beats = info.beats
             if was and not d.usable:
                 lost.append(info.name)
@@ -127,9 +132,21 @@ class Supervisor:
             d.unqueued.clear()
         d.incarnation = incarnation
 
+    def incarnation(self, name: str) -> str:
+        """The registrar's id of `name`'s current worker ('' if unknown)."""
+        d = self.devices.get(name)
+        return d.incarnation if d is not None else ""
+
     def usable(self) -> list[str]:
         """Devices chunks may be sent to, in a stable order."""
         return sorted(n for n, d in self.devices.items() if d.usable)
+
+    def preferred(self) -> list[str]:
+        """Usable devices not under suspicion, if any, else the usable ones: a device that
+        just missed a deadline (stopped, say) gets no new work until it answers or beats
+        again, so a many-stage request does not wait out its deadline stage after stage."""
+        usable = self.usable()
+        return [n for n in usable if self.devices[n].state == "alive"] or usable
 
     def members(self) -> list[str]:
         """Devices the registrar reports ready, whatever this requester thinks of them."""
@@ -214,6 +231,13 @@ class Supervisor:
         if d is not None:
             d.state, d.misses = "alive", 0
 
+    def suspect(self, name: str) -> None:
+        """Its connection broke: no new work until it answers or beats again (a miss
+        without the count)."""
+        d = self.devices.get(name)
+        if d is not None and d.state == "alive":
+            d.state, d.beats_at_miss = "suspect", d.beats
+
     def missed(self, name: str, key) -> str:
         """A deadline expired on `name`; returns its new state."""
         d = self.devices.get(name)
@@ -221,6 +245,7 @@ class Supervisor:
             return "dead"
         d.outstanding.pop(key, None)
         d.misses += 1
+        d.beats_at_miss = d.beats
         if d.misses >= self.dead_after:
             if d.state != "dead":
                 d.beats_at_death = d.beats
