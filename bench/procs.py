@@ -59,3 +59,15 @@ def rss_bytes(pids) -> int:
         if len(fields) > 1:
             total += int(fields[1]) * page
     return total
+
+
+def cpu_seconds(pids) -> float:
+    """User + system CPU seconds `pids` (those still running) have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        stat = _read(str(pid), "stat")
+        if stat:
+            fields = stat[stat.rindex(b")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick

@@ -31,6 +31,7 @@ class Job:
     received: float
     dtype: str
     compress: bool
+    checksum: bool              # results go back on a channel that does not authenticate
 
     def keys(self) -> set:
         return {self.chunk.key}
@@ -48,6 +49,7 @@ class SwapJob:
     received: float
     dtype: str
     compress: bool
+    checksum: bool              # results go back on a channel that does not authenticate
 
     def keys(self) -> set:
         return {c.key for c, _, _ in self.strips}
@@ -58,8 +60,10 @@ def cancelled(job, msg: Cancel) -> bool:
     return job.request == msg.request and (not msg.keys or job.keys() <= set(msg.keys))
 
 
-def jobs_of(msg: StageWork, reply_to, device: str) -> tuple[list, list[ChunkFailed]]:
-    """The jobs of `msg`, inputs decoded, and a failure for each chunk whose input is damaged."""
+def jobs_of(msg: StageWork, reply_to, device: str,
+            sealed: bool = False) -> tuple[list, list[ChunkFailed]]:
+    """The jobs of `msg`, inputs decoded, and a failure for each chunk whose input is damaged;
+    `sealed`: results go back on a channel that authenticates them (no crc needed)."""
     now = time.time()
     decoded: dict = {}
     strips, jobs, failed = [], [], []
@@ -79,10 +83,10 @@ def jobs_of(msg: StageWork, reply_to, device: str) -> tuple[list, list[ChunkFail
             strips.append((job.chunk, job.attempt, inputs))
         else:
             jobs.append(Job(msg.request, msg.stage, job.chunk, job.attempt, inputs,
-                            reply_to, now, msg.wire_dtype, msg.compress))
+                            reply_to, now, msg.wire_dtype, msg.compress, not sealed))
     if strips:
         jobs.append(SwapJob(msg.request, msg.stage, strips, msg.swap, msg.wait_s,
-                            reply_to, now, msg.wire_dtype, msg.compress))
+                            reply_to, now, msg.wire_dtype, msg.compress, not sealed))
     return jobs, failed
 
 
@@ -93,7 +97,7 @@ def run_alone(job: Job, layers: dict, cache: dict, device: str) -> ChunkResult |
         start = time.time()
         y = compute_chunk(layers, job.stage, c, job.inputs, cache=cache)
         end = time.time()
-        payload = wire.encode(y, job.dtype, job.compress)
+        payload = wire.encode(y, job.dtype, job.compress, job.checksum)
     except Exception as exc:
         log.warning("chunk failed", request=job.request, stage=c.stage, chunk=c.index,
                     error=repr(exc))
@@ -119,7 +123,8 @@ def run_swap(job: SwapJob, layers: dict, cache: dict, device: str,
             local[(src, dst, layer)] = rows
             return
         dev, addr = job.swap[dst]
-        halo = Halo(job.request, job.stage.index, src, dst, layer, wire.encode(rows, job.dtype, job.compress))
+        blob = wire.encode(rows, job.dtype, job.compress, checksum=False)   # on the data plane
+        halo = Halo(job.request, job.stage.index, src, dst, layer, blob)
         if not send_halo(addr, halo):
             raise HaloMissing(f"cannot reach strip {dst} on {dev}")
 
@@ -139,7 +144,8 @@ def run_swap(job: SwapJob, layers: dict, cache: dict, device: str,
                   for c, _, inputs in job.strips}
         results = run_lockstep(strips, send, take)
         end = time.time()
-        payloads = {i: wire.encode(y, job.dtype, job.compress) for i, y in results.items()}
+        payloads = {i: wire.encode(y, job.dtype, job.compress, job.checksum)
+                    for i, y in results.items()}
     except Exception as exc:
         log.warning("strips failed", request=job.request, stage=job.stage.index,
                     chunks=sorted(c.index for c, _, _ in job.strips), error=repr(exc))

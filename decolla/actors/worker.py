@@ -166,7 +166,8 @@ class Worker(dataplane.WatchesInbox, ActorTypeDispatcher):
     def _take_work(self, msg: StageWork, reply_to) -> None:
         """Queue the jobs of `msg` for the compute thread (a chunk whose input is damaged
         fails at once)."""
-        queued, failed = jobs.jobs_of(msg, reply_to, self.name)
+        queued, failed = jobs.jobs_of(msg, reply_to, self.name,
+                                      sealed=isinstance(reply_to, dataplane.Connection))
         for f in failed:
             self._reply(reply_to, f)
         with self.queue_cv:

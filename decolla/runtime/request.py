@@ -173,7 +173,7 @@ class Request:
         self.tensors = {"input": image}
         self.stage = 0
         self.ledger = Ledger(rid, ctx.sup)
-        self.blobs: dict = {}     # current stage: input slices encoded, by (blob key, compressed)
+        self.blobs: dict = {}     # current stage: input slices encoded, by (blob key, compressed, sealed)
         self.started = t.wall
         self.timeout_at = t.mono + ctx.cfg.request_timeout
         self.waiting = False      # no device to send the current stage to yet
@@ -323,6 +323,7 @@ class Request:
         """Send `chunks` of `stage` to `dev` (as strips swapping halos when `swap` is given)."""
         cfg = self.ctx.cfg
         compress = self.ctx.compress_for(dev)
+        sealed = dev in self.ctx.data_addrs     # a data-plane frame: its tag checks the bytes
         blobs, jobs, counted = {}, [], set()
         wait_s = 0.0
         for c in chunks:
@@ -330,10 +331,11 @@ class Request:
             needs, cost = c.run_as(swap is not None)
             for need in needs:
                 key = need.key
-                blob = self.blobs.get((key, compress))
+                blob = self.blobs.get((key, compress, sealed))
                 if blob is None:              # encoded once per stage, whoever needs it
-                    blob = self.blobs[key, compress] = wire.encode(
-                        need.select(self.tensors[need.tensor]), cfg.wire_dtype, compress)
+                    blob = self.blobs[key, compress, sealed] = wire.encode(
+                        need.select(self.tensors[need.tensor]), cfg.wire_dtype, compress,
+                        checksum=not sealed)
                 blobs[key] = blob
                 keys.append(key)
                 if key not in counted:

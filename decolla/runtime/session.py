@@ -138,7 +138,7 @@ class Session:
             mac.update(b)
         return [head, *buffers, mac.digest()]
 
-    def receive(self, sock: socket.socket) -> tuple[int, memoryview, list[bytes]]:
+    def receive(self, sock: socket.socket) -> tuple[int, memoryview, list[memoryview]]:
         """(type id, control, buffers) of the next frame on `sock`, once its tag and counter
         hold; FrameError otherwise, EOFError at the end."""
         header = recv_exact(sock, HEADER.size)
@@ -166,8 +166,8 @@ class Session:
         if sum(sizes) != nbuffers:
             raise FrameError("buffer lengths do not add up")
         at = 4 * nbuf + ncontrol
-        buffers = []
+        buffers = []       # views of the frame, not copies (a tensor's bytes are not copied again)
         for size in sizes:
-            buffers.append(bytes(view[at:at + size]))
+            buffers.append(view[at:at + size])
             at += size
         return tid, view[4 * nbuf:4 * nbuf + ncontrol], buffers
