@@ -118,8 +118,17 @@ IN "gcc --version | head -1 && python setup.py build_ext --inplace -j $(nproc)" 
 # the warnings of the NEON headers (Cython's generated C has some of its own)
 grep "_neon\.h.*warning:" "$LOGS/build.log" | sort -u || true
 
+# qemu gives the emulated CPU's features (an A72: no fphp/asimdhp of ARMv8.2, no sve) and
+# raises SIGILL on any instruction beyond them.
+hwcap=$(IN 'python -c "
+import ctypes
+getauxval = ctypes.CDLL(None).getauxval
+getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+bits = getauxval(16)
+print(\" \".join(n for b, n in [(0, \"fp\"), (1, \"asimd\"), (9, \"fphp\"), (10, \"asimdhp\"),
+                                 (22, \"sve\")] if bits >> b & 1))"')
 isa=$(IN 'python -c "from decolla import kernels; print(kernels.ISA)"')
-say "kernel build picked on $CPU: $isa"
+say "kernel build picked on $CPU (AT_HWCAP: $hwcap): $isa"
 [ "$isa" = neon ] || die "expected the NEON build to be picked on aarch64, got $isa"
 
 say "assembly of the NEON micro-kernels"
