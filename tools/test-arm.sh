@@ -44,13 +44,20 @@ mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc
 grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 \
     || die "binfmt handler qemu-aarch64 is not enabled (update-binfmts --enable qemu-aarch64)"
 
+unmount() {
+    for m in dev/pts dev sys proc; do
+        mountpoint -q "$ROOT/$m" && umount "$ROOT/$m" || true
+    done
+}
+
 if [ ! -e "$ROOT/.decolla-bootstrapped" ]; then
     mirror=${DECOLLA_ARM_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null \
               || true)}
     [ -n "$mirror" ] || mirror=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
     [ -n "$mirror" ] || die "no Debian mirror in the host's apt sources: set DECOLLA_ARM_MIRROR"
     say "debootstrap bookworm arm64 from $mirror (first run only)"
-    rm -rf "$ROOT"
+    unmount   # never delete through a mount of the host's /dev
+    rm -rf --one-file-system "$ROOT"
     debootstrap --arch=arm64 --foreign --variant=minbase --include=ca-certificates \
         bookworm "$ROOT" "$mirror" >"$LOGS/debootstrap.log" 2>&1 \
         || die "debootstrap failed: see $LOGS/debootstrap.log"
@@ -60,11 +67,6 @@ if [ ! -e "$ROOT/.decolla-bootstrapped" ]; then
     touch "$ROOT/.decolla-bootstrapped"
 fi
 
-unmount() {
-    for m in dev/pts dev sys proc; do
-        mountpoint -q "$ROOT/$m" && umount "$ROOT/$m" || true
-    done
-}
 trap unmount EXIT
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 mountpoint -q "$ROOT/sys" || mount -t sysfs sys "$ROOT/sys"
