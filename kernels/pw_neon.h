@@ -5,8 +5,9 @@
    accumulators, the 8 pixels' next 4 inputs (one register per pixel, used lane by lane
    by `fmla v.4s, v.4s, v.s[j]`) and the panel's 2 weight vectors in registers, with
    no spill (tools/neon_asm_check.py checks the compiled inner loop). Per 4 K steps:
-   8 + 8 loads for 64 fmla. Each accumulator sums its K products in order, one fused
-   multiply-add each, as the other builds do. */
+   8 input loads and 4 paired weight loads (ldp) for 64 fmla. (The x86 6 x 16 block
+   would need 24 + 6 + 4 registers, a 12 x 8 one 24 + 12 + 2.) Each accumulator sums
+   its K products in order, one fused multiply-add each, as the other builds do. */
 #ifndef DECOLLA_PW_NEON_H
 #define DECOLLA_PW_NEON_H
 #include <stddef.h>

@@ -44,13 +44,20 @@ mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc
 grep -q '^enabled' /proc/sys/fs/binfmt_misc/qemu-aarch64 \
     || die "binfmt handler qemu-aarch64 is not enabled (update-binfmts --enable qemu-aarch64)"
 
+unmount() {
+    for m in dev/pts dev sys proc; do
+        mountpoint -q "$ROOT/$m" && umount "$ROOT/$m" || true
+    done
+}
+
 if [ ! -e "$ROOT/.decolla-bootstrapped" ]; then
     mirror=${DECOLLA_ARM_MIRROR:-$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null \
               || true)}
     [ -n "$mirror" ] || mirror=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
     [ -n "$mirror" ] || die "no Debian mirror in the host's apt sources: set DECOLLA_ARM_MIRROR"
     say "debootstrap bookworm arm64 from $mirror (first run only)"
-    rm -rf "$ROOT"
+    unmount   # never delete through a mount of the host's /dev
+    rm -rf --one-file-system "$ROOT"
     debootstrap --arch=arm64 --foreign --variant=minbase --include=ca-certificates \
         bookworm "$ROOT" "$mirror" >"$LOGS/debootstrap.log" 2>&1 \
         || die "debootstrap failed: see $LOGS/debootstrap.log"
@@ -60,11 +67,6 @@ if [ ! -e "$ROOT/.decolla-bootstrapped" ]; then
     touch "$ROOT/.decolla-bootstrapped"
 fi
 
-unmount() {
-    for m in dev/pts dev sys proc; do
-        mountpoint -q "$ROOT/$m" && umount "$ROOT/$m" || true
-    done
-}
 trap unmount EXIT
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 mountpoint -q "$ROOT/sys" || mount -t sysfs sys "$ROOT/sys"
@@ -118,8 +120,17 @@ IN "gcc --version | head -1 && python setup.py build_ext --inplace -j $(nproc)" 
 # the warnings of the NEON headers (Cython's generated C has some of its own)
 grep "_neon\.h.*warning:" "$LOGS/build.log" | sort -u || true
 
+# qemu gives the emulated CPU's features (an A72: no fphp/asimdhp of ARMv8.2, no sve) and
+# raises SIGILL on any instruction beyond them.
+hwcap=$(IN 'python -c "
+import ctypes
+getauxval = ctypes.CDLL(None).getauxval
+getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+bits = getauxval(16)
+print(\" \".join(n for b, n in [(0, \"fp\"), (1, \"asimd\"), (9, \"fphp\"), (10, \"asimdhp\"),
+                                 (22, \"sve\")] if bits >> b & 1))"')
 isa=$(IN 'python -c "from decolla import kernels; print(kernels.ISA)"')
-say "kernel build picked on $CPU: $isa"
+say "kernel build picked on $CPU (AT_HWCAP: $hwcap): $isa"
 [ "$isa" = neon ] || die "expected the NEON build to be picked on aarch64, got $isa"
 
 say "assembly of the NEON micro-kernels"
