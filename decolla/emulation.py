@@ -12,11 +12,12 @@ reader thread) is charged at the next one. Settle points: every compiled kernel 
 (`decolla.kernels.load` hands out wrapped modules; that covers layers, fused blocks and
 the fp16 wire conversion), each data-plane send (a message leaves when the slow device
 would send it) and each wait for a halo; and every SETTLE_PERIOD_S a background thread
-settles while no kernel runs, so work done while idle (heartbeats, the actor loop) is slept off when it
-happens rather than charged to the next request. Between sends, debts below LAZY_NS
-wait for the next settle point: nothing outside sees the device meanwhile, and fewer
-sleeps cost less CPU and fewer cold caches. One lock makes the process one core:
-while a thread sleeps off the process's debt, other threads reaching a settle point wait.
+settles while no kernel runs, so work done while idle (heartbeats, the actor loop) is
+slept off when it happens rather than charged to the next request. Between those, debts
+below LAZY_NS wait for the next settle point: nothing outside sees the device meanwhile,
+and fewer sleeps cost less CPU and fewer cold caches. One lock makes the process one
+core: while a thread sleeps off the process's debt, other threads reaching a settle
+point wait.
 Oversleeping is carried as credit, so the total wall time stays f × CPU within one
 sleep's jitter.
 
