@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from decolla import emulation
+
 
 def export(model_spec: str, path: str) -> float:
     """Write `model_spec`'s network as ONNX to `path`; returns the relative error of its
@@ -50,7 +52,6 @@ def _nchw(x: np.ndarray) -> np.ndarray:
 def agent(args) -> int:
     """The device side: one onnxruntime session, timed `run` calls on request."""
     from bench.kernels import _ort_session
-    from decolla import emulation
     sess = _ort_session(args.onnx)
     shape = sess.get_inputs()[0].shape
     feed = {"image": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}

@@ -22,7 +22,7 @@ bytes, correctness against the single-device forward; each request's per-chunk t
 (halo bytes and halo waits included); the cost model's prediction for the plan (the
 profile `auto` is told: bandwidth, calibrated speed, overheads). Ratios are from the same
 run. Writes bench/results/plans_testbed_<emulation>.json and .md; `--headline` writes
-plans_testbed.md from both emulations' files.
+plans_testbed_both.md from both emulations' files.
 """
 from __future__ import annotations
 
@@ -276,7 +276,7 @@ def _table(doc: dict, emulation_column: bool = False) -> list[str]:
 
 
 def headline(out: Path) -> int:
-    """plans_testbed.md: both emulations' tables, one after the other, from their files."""
+    """plans_testbed_both.md: both emulations' tables, one after the other, from their files."""
     docs = [json.loads((out / f"plans_testbed_{e}.json").read_text()) for e in EMULATIONS
             if (out / f"plans_testbed_{e}.json").exists()]
     if not docs:
@@ -289,7 +289,7 @@ def headline(out: Path) -> int:
     lines.append("")
     for i, d in enumerate(docs):
         lines += _table(d, emulation_column=True)[(0 if i == 0 else 2):]
-    (out / "plans_testbed.md").write_text("\n".join(lines) + "\n")
+    (out / "plans_testbed_both.md").write_text("\n".join(lines) + "\n")
     return 0
 
 
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-ort", dest="ort", action="store_false",
                    help="leave out the onnxruntime baseline (it needs torch and onnxruntime)")
     p.add_argument("--headline", action="store_true",
-                   help="only write plans_testbed.md from both emulations' result files")
+                   help="only write plans_testbed_both.md from both emulations' result files")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.headline:

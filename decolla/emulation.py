@@ -10,13 +10,14 @@ The CPU time is the whole process's (every thread, user and system), measured be
 settle points: what happens between two of them (message framing, the actor loop, a
 reader thread) is charged at the next one. Settle points: every compiled kernel call
 (`decolla.kernels.load` hands out wrapped modules; that covers layers, fused blocks and
-the fp16 wire conversion) and each data-plane send, so a message leaves when the slow
-device would send it; and every SETTLE_PERIOD_S a background thread settles while no
-kernel runs, so work done while idle (heartbeats, the actor loop) is slept off when it
-happens rather than charged to the next request. Between sends, debts below LAZY_NS
-wait for the next settle point: nothing outside sees the device meanwhile, and fewer
-sleeps cost less CPU and fewer cold caches. One lock makes the process one core:
-while a thread sleeps off the process's debt, other threads reaching a settle point wait.
+the fp16 wire conversion), each data-plane send (a message leaves when the slow device
+would send it) and each wait for a halo; and every SETTLE_PERIOD_S a background thread
+settles while no kernel runs, so work done while idle (heartbeats, the actor loop) is
+slept off when it happens rather than charged to the next request. Between those, debts
+below LAZY_NS wait for the next settle point: nothing outside sees the device meanwhile,
+and fewer sleeps cost less CPU and fewer cold caches. One lock makes the process one
+core: while a thread sleeps off the process's debt, other threads reaching a settle
+point wait.
 Oversleeping is carried as credit, so the total wall time stays f × CPU within one
 sleep's jitter.
 
@@ -38,7 +39,9 @@ MIN_SLEEP_NS = 20_000      # shorter debts wait for the next settle point (sleep
 # After a kernel (and in the background) debts wait until this large: nothing outside the
 # process sees the device between its sends, and every sleep costs CPU and cold caches.
 LAZY_NS = 2_000_000
-SETTLE_PERIOD_S = 0.005    # the background settle of work outside kernels
+# the background settle of work outside kernels: its wake-ups cost CPU too (at 5 ms, about
+# 1 ms of a 5 ms forward)
+SETTLE_PERIOD_S = 0.05
 _PR_SET_TIMERSLACK = 29
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from decolla import ops
+from decolla import emulation, ops
 from decolla.plans.compute import strip_buffers, strip_layer
 from decolla.plans.data import Chunk, Need, PlanError, Stage
 
@@ -131,6 +131,7 @@ class HaloBox:
 
     def take(self, key: tuple, deadline: float) -> bytes:
         """The blob of halo `key`, waiting until `deadline` (time.monotonic) at most."""
+        emulation.settle()     # an emulated slow device reaches this wait only after its work
         with self._cv:
             while key not in self._items:
                 left = deadline - time.monotonic()
