@@ -47,6 +47,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench.kernels
+	$(PY) -m bench.models
 	$(PY) -m bench.runtime
 	$(PY) -m bench.policy --quick
 
