@@ -210,10 +210,9 @@ def _ir_conv(n: Node, in_shape) -> Layer | None:
     act = n.attrs["act"]
     if act not in (None, gops.RELU6):
         return None
-    path = gops.conv_path(n)
+    kind = gops.ir_kind(n)
     w = n.arrays["weight"]
     kh, kw, cin_g, cout = w.shape
-    kind = {"pw": "pwconv", "dw3": "dwconv3x3", "c3": "conv3x3"}.get(path)
     if kind is None:
         return None
     weight = {"pwconv": lambda: w.reshape(cin_g, cout), "dwconv3x3": lambda: w.reshape(3, 3, cout),
