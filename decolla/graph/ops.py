@@ -139,6 +139,7 @@ def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> n
         _check_window(x, x0, H, a, b)
         K.pwconv_kernel(x, w, bias, out, 0, a - x0, relu6, None, 0, 0, nt)
     elif path == "dw3":
+        _check_window(x, x0, H, *window_rows(node, a, b))
         K._dw.dwconv3x3(x, w, bias, out, node.attrs["stride"][0], 0, 0, a, x0, H, relu6, nt)
     elif path == "dw":
         lo, hi = window_rows(node, a, b)
