@@ -52,6 +52,7 @@ test-arm:
 
 bench: setup
 	$(PY) -m bench.kernels
+	$(PY) -m bench.models
 	$(PY) -m bench.runtime
 	$(PY) -m bench.policy --quick
 

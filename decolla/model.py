@@ -7,6 +7,8 @@ Weight layouts (all float32, C-contiguous):
   pwconv    weight (Cin, Cout)         pointwise 1x1 convolution
   linear    weight (Cin, Cout)         logits = x @ weight + bias
   gap       no weights                 global average pool (H, W, C) -> (C,)
+  graph, graph-global   a segment of an imported ONNX graph (decolla.graph.segments
+                       GraphLayer): its own nodes and weights; row-wise or not
 Every layer with weights has a bias (Cout,). `relu6` clamps the output to [0, 6];
 `residual` names the tensor ('input' or an earlier layer's name) added to the
 output after the bias (MobileNetV2 projections; no activation follows it).

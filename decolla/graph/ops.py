@@ -18,11 +18,6 @@ from decolla.kernels import load
 
 _dwk = load("dwconvk")
 _act = load("act")
-# The 3x3 kernel multiplies one block of rows per BLAS call, of PATCH_FLOATS floats of
-# patches: with few pixels per block (wide layers on small maps) the weight is streamed
-# again for every few rows, and im2col + one large product is 3-8x faster.
-_C3_MIN_PIXELS = 48
-_C3_PATCH_FLOATS = 32768
 IM2COL_BLOCK = 256   # output pixels per im2col block (packed-weight kernel, cache-sized)
 
 
@@ -44,22 +39,33 @@ def apply_act(y: np.ndarray, act, threads: int = 1) -> np.ndarray:
 RELU6 = ("clip", 0.0, 6.0)
 
 
-def conv_path(node: Node) -> str:
-    """Which kernel computes a conv node: 'pw', 'dw3', 'c3', 'dw' or 'im2col'."""
+def ir_kind(node: Node) -> str | None:
+    """The layer IR kind a conv node is (pwconv, dwconv3x3: pad 1, stride 1 or 2; conv3x3:
+    dense, pad 1, stride 1 or 2), or None."""
     kh, kw, cin_g, cout = node.arrays["weight"].shape
     a = node.attrs
     s, pads, d, g = a["stride"], a["pads"], a["dilation"], a["groups"]
     if (kh, kw) == (1, 1) and s == (1, 1) and pads == (0, 0, 0, 0) and g == 1:
+        return "pwconv"
+    if (kh, kw) != (3, 3) or pads != (1, 1, 1, 1) or s[0] != s[1] or s[0] not in (1, 2) \
+            or d != (1, 1):
+        return None
+    if cin_g == 1 and g == cout:
+        return "dwconv3x3"
+    return "conv3x3" if g == 1 else None
+
+
+def conv_path(node: Node) -> str:
+    """Which kernel computes a conv node: 'pw' (gemm), 'dw3' (dwconv), 'dw' (dwconvk) or
+    'im2col'. Dense 3x3 convolutions take im2col too: measured as fast or faster than the
+    conv3x3 kernel on ResNet-18 and SqueezeNet (that kernel re-reads a wide layer's weight
+    every few rows)."""
+    kind = ir_kind(node)
+    if kind == "pwconv":
         return "pw"
-    if cin_g == 1 and g == cout and d == (1, 1):
-        if (kh, kw) == (3, 3) and pads == (1, 1, 1, 1) and s[0] == s[1] and s[0] in (1, 2):
-            return "dw3"
-        return "dw"
-    if (kh, kw) == (3, 3) and pads == (1, 1, 1, 1) and s[0] == s[1] and s[0] in (1, 2) \
-            and g == 1 and d == (1, 1):
-        wo = node.shape[1]
-        if max(1, _C3_PATCH_FLOATS // (wo * 9 * cin_g)) * wo >= _C3_MIN_PIXELS:
-            return "c3"
+    kh, kw, cin_g, cout = node.arrays["weight"].shape
+    if cin_g == 1 and node.attrs["groups"] == cout and node.attrs["dilation"] == (1, 1):
+        return "dw3" if kind == "dwconv3x3" else "dw"
     return "im2col"
 
 
@@ -72,8 +78,6 @@ def prepared(node: Node) -> dict:
             p["path"] = path = conv_path(node)
             if path in ("dw3", "dw"):
                 p["w"] = np.ascontiguousarray(w.reshape(kh, kw, cout))
-            elif path == "c3":
-                p["w"] = np.ascontiguousarray(w)
             else:
                 p["w"] = np.ascontiguousarray(w.reshape(kh * kw * cin_g, cout))
         else:
@@ -135,10 +139,8 @@ def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> n
         _check_window(x, x0, H, a, b)
         K.pwconv_kernel(x, w, bias, out, 0, a - x0, relu6, None, 0, 0, nt)
     elif path == "dw3":
+        _check_window(x, x0, H, *window_rows(node, a, b))
         K._dw.dwconv3x3(x, w, bias, out, node.attrs["stride"][0], 0, 0, a, x0, H, relu6, nt)
-    elif path == "c3":
-        K._conv.conv3x3(x, w, bias, out, node.attrs["stride"][0], 0, a, x0, H, relu6, None,
-                        0, 0, nt)
     elif path == "dw":
         lo, hi = window_rows(node, a, b)
         _check_window(x, x0, H, lo, hi)

@@ -12,7 +12,6 @@ squeeze-excitation) as a layer computed whole.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +35,7 @@ class GraphLayer(Layer):
     def __post_init__(self):
         self._shapes = {self.source: tuple(self.in_shape)} | {n.name: tuple(n.shape)
                                                                for n in self.nodes}
-        self._local = threading.local()
+        self._plans: dict = {}     # (r0, r1) -> (rows each tensor needs, last readers)
 
     @property
     def macs(self) -> int:
@@ -68,8 +67,11 @@ class GraphLayer(Layer):
         direct = out is not None and whole and out.flags.c_contiguous and \
             out.shape == (r1 - r0,) * rank3 + tuple(self.out_shape[rank3:]) and \
             not np.may_share_memory(out, x)
+        plan = self._plans.get((r0, r1))
+        if plan is None:
+            plan = self._plans[(r0, r1)] = node_plan(self.nodes, self._shapes, r0, r1)
         y = run_nodes(self.nodes, self.source, x, in_row0, self._shapes, r0, r1, nt,
-                      out if direct else None)
+                      out if direct else None, plan)
         if not whole:
             y = y[..., c0:c1]
         if out is None:
@@ -109,16 +111,23 @@ def needed_rows(nodes: list[Node], shapes: dict, r0: int, r1: int) -> dict:
     return need
 
 
+def node_plan(nodes: list[Node], shapes: dict, r0: int, r1: int) -> tuple[dict, dict]:
+    """What `run_nodes` needs for output rows [r0, r1): each tensor's rows (`needed_rows`)
+    and the index of each tensor's last reader (when it can be dropped)."""
+    return needed_rows(nodes, shapes, r0, r1), {t: i for i, n in enumerate(nodes)
+                                                for t in n.inputs}
+
+
 def run_nodes(nodes: list[Node], source: str, x: np.ndarray, x0: int, shapes: dict,
-              r0: int, r1: int, nt: int, dst: np.ndarray | None = None) -> np.ndarray:
+              r0: int, r1: int, nt: int, dst: np.ndarray | None = None,
+              plan: tuple | None = None) -> np.ndarray:
     """Output rows [r0, r1) of the last of `nodes` from rows [x0, x0 + len(x)) of `source`
-    (the last node writes into `dst` when given)."""
-    need = needed_rows(nodes, shapes, r0, r1)
+    (the last node writes into `dst` when given; `plan`: `node_plan`'s, made if None)."""
+    need, last_use = plan or node_plan(nodes, shapes, r0, r1)
     lo, hi = need.get(source, (0, 0))
     if len(shapes[source]) == 3 and lo < hi and (lo < x0 or hi > x0 + x.shape[0]):
         raise GraphError(f"segment {nodes[-1].name}: output rows [{r0}, {r1}) need input rows "
                          f"[{lo}, {hi}) but x holds [{x0}, {x0 + x.shape[0]})")
-    last_use = {t: i for i, n in enumerate(nodes) for t in n.inputs}
     have = {source: (x, x0)}
     for i, n in enumerate(nodes):
         a, b = need.get(n.name, (0, 0))
@@ -210,10 +219,9 @@ def _ir_conv(n: Node, in_shape) -> Layer | None:
     act = n.attrs["act"]
     if act not in (None, gops.RELU6):
         return None
-    path = gops.conv_path(n)
+    kind = gops.ir_kind(n)
     w = n.arrays["weight"]
     kh, kw, cin_g, cout = w.shape
-    kind = {"pw": "pwconv", "dw3": "dwconv3x3", "c3": "conv3x3"}.get(path)
     if kind is None:
         return None
     weight = {"pwconv": lambda: w.reshape(cin_g, cout), "dwconv3x3": lambda: w.reshape(3, 3, cout),

@@ -1,0 +1,76 @@
+"""The imported graphs' kernels in every ISA build: activations (act.pyx) and depthwise
+convolution of any size, stride, padding and dilation on a row window (dwconvk.pyx),
+against numpy in float64."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.test_kernels_isa import SETTINGS, close, per_build, build
+
+ACTS = {
+    "RELU": lambda v, a, b: np.maximum(v, 0),
+    "CLIP": lambda v, a, b: np.clip(v, a, b),
+    "SIGMOID": lambda v, a, b: 1 / (1 + np.exp(-v)),
+    "HARDSIGMOID": lambda v, a, b: np.clip(v * a + b, 0, 1),
+    "HARDSWISH": lambda v, a, b: v * np.clip(v / 6 + 0.5, 0, 1),
+    "SILU": lambda v, a, b: v / (1 + np.exp(-v)),
+}
+
+
+@per_build
+@SETTINGS
+@given(n=st.integers(0, 70000), fn=st.sampled_from(sorted(ACTS)), scale=st.sampled_from([1, 10, 100]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**31))
+def test_activations_match_numpy(isa, suffix, n, fn, scale, threads, seed):
+    act = build(isa, suffix, "act")
+    x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+    a, b = (-1.5, 6.0) if fn == "CLIP" else (1 / 6, 0.5)
+    y = x.copy()
+    act.apply(y, getattr(act, fn), a, b, threads)
+    want = ACTS[fn](x.astype(np.float64), a, b)
+    np.testing.assert_allclose(y, want, rtol=2e-6, atol=1e-30 + 2e-6 * float(np.abs(want).max(initial=0)))
+
+
+def _dw_reference(x, w, b, sh, sw, pads, dh, dw):
+    """Depthwise conv of the whole map x (H, W, C), float64."""
+    pt, pl, pb, pr = pads
+    xp = np.pad(x.astype(np.float64), ((pt, pb), (pl, pr), (0, 0)))
+    kh, kw, _ = w.shape
+    ho = (xp.shape[0] - (kh - 1) * dh - 1) // sh + 1
+    wo = (xp.shape[1] - (kw - 1) * dw - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        return np.zeros((0, 0, x.shape[2]))
+    out = np.zeros((ho, wo, x.shape[2])) + b
+    for i in range(kh):
+        for j in range(kw):
+            out += xp[i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw] * w[i, j]
+    return out
+
+
+@per_build
+@SETTINGS
+@given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 40), k=st.sampled_from([1, 2, 3, 5, 7]),
+       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), relu6=st.booleans(), data=st.data())
+def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, k, s, d, relu6, data):
+    dwk = build(isa, suffix, "dwconvk")
+    pads = tuple(data.draw(st.integers(0, k)) for _ in range(4))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    x = rng.standard_normal((h, w, c)).astype(np.float32)
+    wt = rng.standard_normal((k, k, c)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    full = _dw_reference(x, wt, b, s, s, pads, d, d)
+    if full.shape[0] < 1 or full.shape[1] < 1:
+        return
+    if relu6:
+        full = np.clip(full, 0, 6)
+    r0 = data.draw(st.integers(0, full.shape[0] - 1))
+    r1 = data.draw(st.integers(r0 + 1, full.shape[0]))
+    lo = max(0, r0 * s - pads[0])                          # the input rows the strip reads
+    hi = min(h, (r1 - 1) * s - pads[0] + (k - 1) * d + 1)
+    window = np.ascontiguousarray(x[lo:max(lo, hi)])
+    out = np.empty((r1 - r0,) + full.shape[1:], np.float32)
+    dwk.dwconv(window, wt, b, out, r0, lo, h, s, s, pads[0], pads[1], d, d, relu6,
+               data.draw(st.sampled_from([1, 2])))
+    close(out, full[r0:r1])
