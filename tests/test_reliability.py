@@ -140,7 +140,7 @@ def test_leader_restarts_leave_one_worker_per_device_and_clients_carry_on(make_c
     errors = [out for *_, out in done if isinstance(out, Exception)]
     print(f"{len(done)} requests, {len(errors)} failed: {errors}; longest "
           f"{max(t1 - t0 for t0, t1, _ in done):.1f} s")
-    assert all("request" in str(e) for e in errors), errors      # clear errors, no crash
-    assert len(errors) <= 3 * 3, errors      # at most a few per restart, each a clear error
+    # requests in flight at a restart wait for the new workers (Context.looking): answered
+    assert not errors, errors
     assert max(t1 - t0 for t0, t1, _ in done) < 20, "a request waited for its timeout"
     assert _workers(mark) == before

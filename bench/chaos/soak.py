@@ -21,7 +21,6 @@ faults it overlapped: the target is that all of them overlap a leader restart.
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
