@@ -15,7 +15,6 @@ keeps the key the process already has (e.g. a LocalCluster's). One key per proce
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -25,7 +24,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from thespian.actors import ActorExitRequest
 
@@ -34,19 +32,20 @@ from decolla.actors.registrar import wait_for_registrar
 from decolla.actors.requester import Requester
 from decolla.allocators import make_allocator
 from decolla.forward import check_image
+from decolla.log import get_logger
+from decolla.node_process import ClusterError, NodeProcess
 from decolla.result import Result, top_k
 from decolla.runtime import keys
 from decolla.runtime.messages import (ChunkEvents, ConfigureRequester, InferError, InferReply, InferRequest,
                               Membership, StatusRequest)
 from decolla.runtime.trace import Trace
 
+log = get_logger("api")
+PORT_TRIES = 3        # starts of a node whose port another process took meanwhile
+
 
 class InferenceError(RuntimeError):
     """An inference the cluster could not complete (timeout, no device, repeated failures)."""
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be reached or started."""
 
 
 def use_key(key_file: str | None = None) -> bytes | None:
@@ -229,27 +228,6 @@ class Client(ClusterMember):
         return Result(rid, reply.logits, top_k(reply.logits, top), trace.span(), trace, reply.stats)
 
 
-@dataclass
-class NodeProcess:
-    """A node process started by LocalCluster."""
-    name: str
-    role: str
-    port: int
-    proc: subprocess.Popen
-    log_path: str
-    admin_pgid: int | None = None
-    started: dict = field(default_factory=dict)
-    cmd: list = field(default_factory=list)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
 
 
 def _pythonpath() -> str:
@@ -285,12 +263,13 @@ class LocalCluster:
         os.close(fd)
         keys.write_key(self.key_path, key, overwrite=True)
         try:
-            leader = self._spawn("leader", "leader", extra=["--heartbeat", str(heartbeat)])
+            leader = self._start("leader", "leader", extra=["--heartbeat", str(heartbeat)])
             self.leader = f"{host}:{leader.port}"
             for i in range(devices):
                 self._spawn(f"dev{i + 1}", "device")
             for node in list(self.nodes.values()):
-                self._wait_started(node)
+                if node is not leader:
+                    self._wait_started(node, respawn=True)
             self.client = Client(self.leader, min_devices=devices, connect_timeout=start_timeout,
                                  bind=host, **client_kw)
         except BaseException:
@@ -302,9 +281,7 @@ class LocalCluster:
                extra: list[str] | None = None) -> NodeProcess:
         if name in self.nodes:
             raise ValueError(f"node {name!r} exists")
-        port = system.free_port(self.host)
-        while port in {n.port for n in self.nodes.values()}:   # free until its node binds it
-            port = system.free_port(self.host)
+        port = self._pick_port()
         cmd = [sys.executable, "-m", "decolla.node", "--role", role, "--name", name,
                "--port", str(port), "--host", self.host, "--model", model or self.model,
                "--threads", str(self.threads), "--log-json"]
@@ -312,6 +289,12 @@ class LocalCluster:
             cmd += ["--leader", self.leader]
         cmd += extra or []
         return self._popen(NodeProcess(name, role, port, None, "", cmd=cmd))
+
+    def _pick_port(self) -> int:
+        port = system.free_port(self.host)
+        while port in {n.port for n in self.nodes.values()}:   # free until its node binds it
+            port = system.free_port(self.host)
+        return port
 
     def _popen(self, node: NodeProcess) -> NodeProcess:
         """Start `node.cmd`, its output in a log file (a restart's in a new one)."""
@@ -337,23 +320,34 @@ class LocalCluster:
         self._wait_started(node)
         return node
 
-    def _wait_started(self, node: NodeProcess) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            for line in node.log_text().splitlines():
-                if '"node started"' in line:
-                    try:
-                        node.started = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    node.admin_pgid = node.started.get("admin_pgid")
-                    return
-            if not node.alive():
-                raise ClusterError(f"node {node.name} exited with {node.proc.returncode}:\n"
-                                   + node.log_text()[-2000:])
-            time.sleep(0.1)
-        raise ClusterError(f"node {node.name} did not start in {self.start_timeout:.0f} s:\n"
-                           + node.log_text()[-2000:])
+    def _start(self, name: str, role: str, **kw) -> NodeProcess:
+        """Spawn a node and wait until it has started."""
+        return self._wait_started(self._spawn(name, role, **kw), respawn=True)
+
+    def _wait_started(self, node: NodeProcess, respawn: bool = False) -> NodeProcess:
+        """Wait until `node` has started; with `respawn`, a node whose port another process
+        took between our pick and its bind starts again on another (the node returned)."""
+        for _ in range(PORT_TRIES if respawn else 1):
+            try:
+                node.await_started(self.start_timeout)
+                return node
+            except ClusterError:
+                if not respawn or node.alive() or \
+                        node.proc.returncode != system.EXIT_NO_ACTOR_SYSTEM:
+                    raise
+            log.warning("a node's port was taken; starting it on another", node=node.name,
+                        port=node.port)
+            node = self._on_new_port(node)
+        return self._wait_started(node)
+
+    def _on_new_port(self, node: NodeProcess) -> NodeProcess:
+        """Start `node`'s command again, on another port."""
+        port = self._pick_port()
+        cmd = list(node.cmd)
+        cmd[cmd.index("--port") + 1] = str(port)
+        del self.nodes[node.name]
+        return self._popen(NodeProcess(node.name, node.role, port, None, "", cmd=cmd))
+
 
     def add_device(self, name: str, model: str | None = None, wait: bool = True,
                    extra: list[str] | None = None) -> NodeProcess:
@@ -372,19 +366,10 @@ class LocalCluster:
     def ready_devices(self) -> list[str]:
         return [d["name"] for d in self.status()["devices"] if d["status"] == "ready"]
 
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to a node's whole actor system (admin + actors) and its node process."""
-        node = self.nodes[name]
-        if node.admin_pgid:
-            try:
-                os.killpg(node.admin_pgid, sig)
-            except ProcessLookupError:
-                pass
-        if node.alive():
-            try:
-                os.kill(node.proc.pid, sig)
-            except ProcessLookupError:
-                pass
+        self.nodes[name].kill(sig)
 
     def stop_node(self, name: str, timeout: float = 15.0) -> None:
         """Stop one node cleanly (SIGTERM), forcing it after `timeout`."""

@@ -195,7 +195,7 @@ def _run_member(args, name, port, logger) -> int:
         asys = system.start_system(caps, args.host)
     except Exception as exc:
         logger.error("cannot start actor system", port=port, error=str(exc))
-        return 3
+        return system.EXIT_NO_ACTOR_SYSTEM
     try:
         probe = asys.createActor(system.ProcessInfoActor)
         info = asys.ask(probe, "who", 10) or {}

@@ -31,6 +31,7 @@ from decolla.runtime import thespian_auth
 log = get_logger("system")
 SYSTEM_BASE = "multiprocTCPBase"
 REGISTRAR_NAME = "decolla-registrar"
+EXIT_NO_ACTOR_SYSTEM = 3         # decolla.node's exit status when its actor system cannot start
 CONVENTION_PERIOD_S = 1          # re-registration period; a member is dropped after ~3 periods
 
 # capability keys
