@@ -257,8 +257,13 @@ def build(name: str, seed: int = 0, num_classes: int = 1000) -> nn.Module:
     """Network `name` in eval mode with seeded weights and non-trivial BatchNorm statistics
     (so that folding them is really exercised)."""
     torch.manual_seed(seed)
-    net = BUILDERS[name](num_classes=num_classes)
-    g = torch.Generator().manual_seed(seed + 1)
+    return randomize_batchnorm(BUILDERS[name](num_classes=num_classes), seed + 1)
+
+
+def randomize_batchnorm(net: nn.Module, seed: int) -> nn.Module:
+    """`net` in eval mode with seeded, non-trivial BatchNorm statistics (so that folding
+    them is really exercised)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):

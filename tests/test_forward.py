@@ -24,6 +24,8 @@ needs_torch = pytest.mark.skipif(torch is None, reason="torch not installed")
 # torchvision's (mobilenet_v2) and the V1 layout documented in decolla.model.
 
 if torch is not None:
+    from bench.zoo import randomize_batchnorm
+
     def _cbr(cin, cout, k, stride, groups=1):
         return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
                              nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
@@ -81,25 +83,12 @@ if torch is not None:
             return self.classifier(self.features(x).mean((2, 3)))
 
 
-    def randomized(net: nn.Module, seed: int) -> nn.Module:
-        """Non-trivial BatchNorm statistics so that folding is really exercised."""
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for m in net.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    n = m.num_features
-                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                    m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                    m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                    m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-        return net.eval()
-
     TORCH_NETS = {"mobilenet_v2": TorchMobileNetV2, "mobilenet_v1": TorchMobileNetV1}
 
 
 def _compare(arch, width, size, num_classes=1000, seed=0):
     torch.manual_seed(seed)
-    net = randomized(TORCH_NETS[arch](width, num_classes), seed)
+    net = randomize_batchnorm(TORCH_NETS[arch](width, num_classes), seed)
     sd = net.state_dict()
     model = import_state_dict(sd, arch, input_size=size)
     assert model.meta["width"] == width and model.num_classes == num_classes
