@@ -1,6 +1,7 @@
 """Kernel benchmark: DeColla's Cython kernels against torch on one thread.
 
     python -m bench.kernels [--repeats N] [--arch mobilenet_v2] [--width 1.0] [--size 224]
+                            [--avx2-baselines auto|on|off]
 
 Per layer type (sum over the network's layers of that type) and for the whole
 network; torch runs the same folded weights (no BN), channels-last, traced and
@@ -23,6 +24,10 @@ counted apart). Without onnxruntime installed those columns are left out.
 Ours is decolla.forward, inverted-residual blocks fused where decolla.fusion says. Each
 such block is also timed through kernels.fused (the block by tiles of output rows) against
 its layers one at a time, with a check that both give the same bits.
+
+--avx2-baselines (auto: when ours is the v3 build on a CPU with AVX-512) re-runs the whole
+benchmark in a child process with AVX-512 hidden from CPUID (bench.avx2_shim), so that
+onnxruntime, torch and the sgemm run their AVX2 kernels as on an AVX2-only host.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import json
 import os
 import platform
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -40,7 +47,9 @@ import numpy as np
 from decolla import forward as fwd
 from decolla import fusion, ops, reference
 from decolla import model as M
-from decolla.kernels import ISA
+from decolla.kernels import ISA, SUPPORTED
+
+from bench import avx2_shim
 
 NOMINAL_PEAK = 93e9  # FLOP/s per core, DESIGN.md §5 (AVX2: 2 FMA x 8 lanes x 2 x ~2.9 GHz)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -403,6 +412,7 @@ def run(arch: str, width: float, size: int, repeats: int) -> dict:
                     "kernel_isa": ISA, "threads": 1, "torch": torch.__version__,
                     "onnxruntime": ort_version,
                     "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+                    "hidden": avx2_shim.LABEL if avx2_shim.active() else None,
                     "blas": _blas_info()},
         "repeats": repeats,
         "network": {"ours_ms": t_ours, "torch_frozen_ms": t_frozen,
@@ -456,7 +466,10 @@ def markdown(r: dict) -> str:
                 ", onnxruntime not installed (`pip install -e .[bench]`)")
              + f", medians of {r['repeats']} "
              f"interleaved repeats. CPU: {r['machine']['processor']}. "
-             f"OPENBLAS_CORETYPE={r['machine']['OPENBLAS_CORETYPE']}.", "",
+             f"OPENBLAS_CORETYPE={r['machine']['OPENBLAS_CORETYPE']}."
+             + (f" **{r['machine']['hidden']}** (bench/cpuid_mask.c preloaded): onnxruntime, "
+                "torch and the sgemm run their AVX2 kernels, as on an AVX2-only host."
+                if r["machine"].get("hidden") else ""), "",
              "| layer type | layers | MMACs | ours ms | torch ms | ratio | CPU-time ratio | "
              "ours GFLOP/s | torch GFLOP/s |"
              + (" onnxruntime ms | ours / onnxruntime | ours in network ms | "
@@ -521,14 +534,36 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def wants_avx2_baselines(mode: str) -> bool:
+    """Whether to re-run under bench.avx2_shim: `on`, or `auto` when ours is the v3 build
+    on a CPU that has AVX-512 (the baselines would use it) and the shim works here."""
+    if avx2_shim.active() or mode == "off":
+        return False
+    return mode == "on" or (ISA == "v3" and "v4" in SUPPORTED
+                            and avx2_shim.unavailable() is None)
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="mobilenet_v2", choices=sorted(M.ARCHS))
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--avx2-baselines", choices=("auto", "on", "off"), default="auto",
+                   help="hide AVX-512 from the baselines (a child process under "
+                        "bench/cpuid_mask.c); auto: when ours is the v3 build")
     a = p.parse_args(argv)
+    if wants_avx2_baselines(a.avx2_baselines):
+        try:
+            env = avx2_shim.env()
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            p.error(str(e))
+        env["DECOLLA_KERNELS"] = ISA
+        print(f"bench.kernels: re-running with {avx2_shim.LABEL}", file=sys.stderr)
+        sys.exit(subprocess.run([sys.executable, "-m", "bench.kernels", *argv],
+                                env=env).returncode)
     r = run(a.arch, a.width, a.size, a.repeats)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernels.json"), "w") as fh:
