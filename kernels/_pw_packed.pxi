@@ -132,6 +132,92 @@ cdef extern from *:
 
 cdef extern from *:
     """
+    #if defined(__AVX2__) && defined(__FMA__)
+    #include <immintrin.h>
+    #define PW3_INTRIN 1
+    #define PW3_INLINE static inline __attribute__((always_inline))
+    #define PW3_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+    /* Lanes [0, n) of 8 (n clipped to 0..8), as a vmaskmov mask. */
+    static const int pw3_ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    PW3_INLINE __m256i pw3_mask(ptrdiff_t n) {
+        n = n < 0 ? 0 : n > 8 ? 8 : n;
+        return _mm256_loadu_si256((const __m256i *)(pw3_ones + 8 - n));
+    }
+
+    /* o[0:8] = act(acc + bias) (+ r) on the lanes of m, all 8 if `full`: the epilogue of
+       bias_act_rows in registers. max/min give its NaN and -0 results (s > 0 ? s : 0). */
+    PW3_INLINE void pw3_out(float *o, const float *r, __m256 acc, __m256 bias, __m256i m,
+                            int full, int relu6, __m256 zero, __m256 six) {
+        __m256 s = _mm256_add_ps(acc, bias);
+        if (relu6)
+            s = _mm256_min_ps(_mm256_max_ps(s, zero), six);
+        if (r)
+            s = _mm256_add_ps(s, full ? _mm256_loadu_ps(r) : _mm256_maskload_ps(r, m));
+        if (full)
+            _mm256_storeu_ps(o, s);
+        else
+            _mm256_maskstore_ps(o, m, s);
+    }
+
+    /* mr (<= 6, a literal after inlining) pixels x nt (<= 16) channels from one K x 16
+       weight panel; only its first 8 channels unless `wide`. 12 ymm accumulators, two
+       weight vectors and one broadcast: 15 of the 16 registers. */
+    PW3_INLINE void pw3_block(const float *__restrict__ a, ptrdiff_t K,
+                              const float *__restrict__ w, const float *__restrict__ b,
+                              float *o, ptrdiff_t ldo, const float *r, ptrdiff_t rs,
+                              ptrdiff_t nt, int relu6, const int mr, const int wide) {
+    #define PW3_DECL(i) __m256 c##i##a = _mm256_setzero_ps(), c##i##b = _mm256_setzero_ps();
+        PW3_ROWS(PW3_DECL)
+        /* One moving pointer into the pixels' rows (row i at ak[i * K]) and one into the
+           panel. */
+        const float *ak = a, *wk = w, *wend = w + K * 16;
+        if (wide) {
+            for (; wk != wend; wk += 16, ak++) {
+                __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+    #define PW3_FMA2(i) if (mr > i) { __m256 x = _mm256_broadcast_ss(ak + i * K); \
+                c##i##a = _mm256_fmadd_ps(x, w0, c##i##a); \
+                c##i##b = _mm256_fmadd_ps(x, w1, c##i##b); }
+                PW3_ROWS(PW3_FMA2)
+            }
+        } else {
+            for (; wk != wend; wk += 16, ak++) {
+                __m256 w0 = _mm256_loadu_ps(wk);
+    #define PW3_FMA1(i) if (mr > i) \
+                c##i##a = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + i * K), w0, c##i##a);
+                PW3_ROWS(PW3_FMA1)
+            }
+        }
+        /* The epilogue's bias and constants come from volatile asm: gcc would otherwise
+           hoist them out of the caller's loop over blocks and keep them in registers
+           through the K loop, which then spills accumulators (17 live vectors). */
+        static const float pw3_six = 6.0f;
+        const float *sixp = &pw3_six;
+        __m256 zero;
+        __asm__ volatile("" : "+r"(b), "+r"(sixp), "+r"(nt));
+        __asm__ volatile("vxorps %0, %0, %0" : "=x"(zero));
+        __m256 six = _mm256_broadcast_ss(sixp);
+        int full0 = nt >= 8, full1 = nt >= 16;
+        __m256i m0 = pw3_mask(nt), m1 = pw3_mask(nt - 8);
+        __m256 b0 = full0 ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+        __m256 b1 = full1 ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+    #define PW3_OUT(i) if (mr > i) { \
+            pw3_out(o + i * ldo, r ? r + i * rs : NULL, c##i##a, b0, m0, full0, relu6, \
+                    zero, six); \
+            if (wide) pw3_out(o + i * ldo + 8, r ? r + i * rs + 8 : NULL, c##i##b, b1, m1, \
+                              full1, relu6, zero, six); }
+        PW3_ROWS(PW3_OUT)
+    }
+    #else
+    #define PW3_INTRIN 0
+    static inline void pw3_block(const float *a, ptrdiff_t K, const float *w, const float *b,
+                                 float *o, ptrdiff_t ldo, const float *r, ptrdiff_t rs,
+                                 ptrdiff_t nt, int relu6, const int mr, const int wide) {
+        (void)a; (void)K; (void)w; (void)b; (void)o; (void)ldo; (void)r; (void)rs;
+        (void)nt; (void)relu6; (void)mr; (void)wide;   /* never called: PW3_INTRIN is 0 */
+    }
+    #endif
+
     /* 8 floats of any alignment (GCC/Clang vector extensions). */
     #if defined(__AVX__)
     typedef float pw_v8 __attribute__((vector_size(32), aligned(4)));
@@ -153,6 +239,11 @@ cdef extern from *:
         acc.lo += a * w.lo; acc.hi += a * w.hi; return acc; }
     #endif
     """
+    enum:
+        PW3_INTRIN
+    void pw3_block(const float* a, Py_ssize_t K, const float* w, const float* b, float* o,
+                   Py_ssize_t ldo, const float* r, Py_ssize_t rs, Py_ssize_t nt, bint relu6,
+                   const int mr, const bint wide) noexcept nogil
     ctypedef struct pw_v8:
         pass
     pw_v8 PW_LOAD(const float* p) noexcept nogil
@@ -166,6 +257,10 @@ cdef inline void _pw_block(cfloat_rp a, Py_ssize_t K, cfloat_rp wp, cfloat_rp bp
                            Py_ssize_t nt, bint relu6, const int mr, const bint wide) noexcept nogil:
     """mr (<= PW3_MR) pixels x nt (<= PW3_NR) channels from one K x PW3_NR weight panel
     (only its first 8 channels unless `wide`)."""
+    # AVX2 builds: intrinsics, with the epilogue in registers.
+    if PW3_INTRIN:
+        pw3_block(a, K, wp, bp, op, ldo, rp, rs, nt, relu6, mr, wide)
+        return
     # Explicit vectors: left to itself gcc vectorizes the K loop (emulated gathers)
     # instead of keeping the 6 x 16 accumulators in registers.
     cdef pw_v8 c00 = PW_ZERO(), c01 = PW_ZERO(), c10 = PW_ZERO(), c11 = PW_ZERO()
