@@ -134,6 +134,7 @@ def drive(args) -> int:
     bws = [float(b) for b in args.bandwidths.split(",")]
     doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "block": args.block,
            "points": [], "emulation": args.emulation,
+           "name": args.name or f"plans_testbed_{args.emulation}",
            "overhead_ms": args.overhead_ms, "command": " ".join(sys.argv),
            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     logs = Path("/tmp") / f"dcpl-ort-{os.getpid()}"
@@ -217,7 +218,7 @@ def drive(args) -> int:
 def _ort_rows(ort, n: int, cap_s: float, rel_err: float) -> dict:
     """`n` timed onnxruntime runs on the emulated device, as rows like the plans' (its
     logits were checked against decolla.forward when exported)."""
-    rep = ask(ort, cap_s * (n + 2) + 60, cmd="run", repeats=n)
+    rep = ort_device.run(ort, n, cap_s * (n + 2) + 60)
     if rep.get("ok"):
         rep["result"] = [{"latency_s": r["latency_s"], "without_input_s": r["latency_s"],
                           "cpu_s": r["cpu_s"], "bytes": 0, "stages": 1, "planned_mbit": None,
@@ -235,7 +236,7 @@ def _planned(rows: list) -> str:
 
 def _save(doc: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    name = f"plans_testbed_{doc['emulation']}"
+    name = doc.get("name") or f"plans_testbed_{doc['emulation']}"
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)", "",
              f"Emulation {doc.get('emulation_line', doc['emulation'])}; {doc['repeats']} "
@@ -323,6 +324,9 @@ def main(argv=None) -> int:
     p.add_argument("--headline", action="store_true",
                    help="only write plans_testbed_both.md from both emulations' result files")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default=None,
+                   help="result file stem (default plans_testbed_<emulation>, which --headline "
+                        "reads); give one for partial runs so they do not replace it")
     args = p.parse_args(argv)
     if args.headline:
         return headline(args.out)
