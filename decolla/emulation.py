@@ -17,7 +17,8 @@ slept off when it happens rather than charged to the next request. Between those
 below LAZY_NS wait for the next settle point: nothing outside sees the device meanwhile,
 and fewer sleeps cost less CPU and fewer cold caches. One lock makes the process one
 core: while a thread sleeps off the process's debt, other threads reaching a settle
-point wait.
+point wait, and no wrapped call starts while the background settle sleeps; CPU other
+threads use during a sleep is charged at the next settle.
 Oversleeping is carried as credit, so the total wall time stays f × CPU within one
 sleep's jitter.
 
