@@ -144,6 +144,28 @@ def summarize(point: dict) -> dict:
             "capped": point.get("capped", False)}
 
 
+def ort_point(ort, repeats: int, timeout_s: float, bandwidth: float, rel_err: float) -> dict:
+    """`repeats` runs of the onnxruntime agent `ort` on dev1, as a point like the
+    requester agent's (one inference per round; the export's logits were checked against
+    decolla.forward: `rel_err`)."""
+    rep = ort_device.run(ort, repeats, timeout_s)
+    if not rep.get("ok"):
+        raise RuntimeError(f"onnxruntime on dev1 failed: {rep.get('error')}")
+    devices = [f"dev{i}" for i in (1, 2, 3)]
+    rows, rounds = [], []
+    for r in rep["result"]:
+        lat = r["latency_s"]
+        rows.append({"ok": True, "correct": True, "rel_err": rel_err, "latency_e2e_s": lat,
+                     "input_delivery_s": 0.0, "latency_s": lat, "cpu_s": r["cpu_s"],
+                     "bytes": 0, "device": "dev1", "retries": 0, "busy_s": {"dev1": lat},
+                     "waiting_s": {}})
+        util = {d: float(d == "dev1") for d in devices}
+        rounds.append({"wall_s": lat, "utilisation": util,
+                       "norm_variance": metrics.normalized_variance(list(util.values()))})
+    return {"method": ORT, "bandwidth": bandwidth, "concurrency": 1, "inferences": rows,
+            "rounds": rounds, "capped": False}
+
+
 class Fig6:
     """Brings the testbed up, runs the sweeps, writes results."""
 
@@ -239,7 +261,8 @@ class Fig6:
 
     def measure(self, method: str, repeats: int, concurrency: int = 1, **kw) -> dict:
         if method == ORT:
-            point = self.ort_point(repeats)
+            point = ort_point(self.ort, repeats, self.cfg["cap_s"] * (repeats + 2) + 60,
+                              self.state["bw"], self.doc["onnx_rel_err"])
             point["summary"] = summarize(point)
             return point
         point = self.agent("run", method=method, bandwidth=self.state["bw"], repeats=repeats,
@@ -247,26 +270,6 @@ class Fig6:
                            reply_timeout=self.cfg["cap_s"] * repeats * concurrency + 300, **kw)
         point["summary"] = summarize(point)
         return point
-
-    def ort_point(self, repeats: int) -> dict:
-        """`repeats` onnxruntime runs on dev1, as a point like the agent's (one inference
-        per round; the export's logits were checked against decolla.forward)."""
-        rep = ort_device.run(self.ort, repeats, self.cfg["cap_s"] * (repeats + 2) + 60)
-        if not rep.get("ok"):
-            raise RuntimeError(f"onnxruntime on dev1 failed: {rep.get('error')}")
-        devices = [f"dev{i}" for i in (1, 2, 3)]
-        rows, rounds = [], []
-        for r in rep["result"]:
-            lat = r["latency_s"]
-            rows.append({"ok": True, "correct": True, "rel_err": self.doc["onnx_rel_err"],
-                         "latency_e2e_s": lat, "input_delivery_s": 0.0, "latency_s": lat,
-                         "cpu_s": r["cpu_s"], "bytes": 0, "device": "dev1", "retries": 0,
-                         "busy_s": {"dev1": lat}, "waiting_s": {}})
-            util = {d: float(d == "dev1") for d in devices}
-            rounds.append({"wall_s": lat, "utilisation": util,
-                           "norm_variance": metrics.normalized_variance(list(util.values()))})
-        return {"method": ORT, "bandwidth": self.state["bw"], "concurrency": 1,
-                "inferences": rows, "rounds": rounds, "capped": False}
 
     def record(self, sweep: str, x, method: str, point: dict, bar=None) -> None:
         self.doc["sweeps"].setdefault(sweep, []).append({"x": x, "method": method, **point})
