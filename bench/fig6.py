@@ -1,13 +1,18 @@
 """Paper Fig. 6 on the testbed: DeColla (layer plan, and the `auto` plan at the sweep's
-bandwidth) vs mobile-only, partition-offloading and hierarchical.
+bandwidth) vs mobile-only, partition-offloading, hierarchical and onnxruntime on one device.
 
     sudo .venv/bin/python -m bench.fig6 --quick                 # ≈ 10 min, reduced model/points
     sudo .venv/bin/python -m bench.fig6 --model mobilenet_v1    # full sweeps, repeats 10 (hours)
+    sudo .venv/bin/python -m bench.fig6 --quick --spec mobilenet_v2:seed=0 --only a --emulation dilation
 
-3 emulated devices (network namespace + tc tbf + cgroup CPU quota calibrated so the whole
-model runs k≈8× slower than on one host core, a Raspberry-Pi-4-class device) + an edge
-server host (leader/registrar, computes only for partition-offloading) + a requester host
-(unshaped, unthrottled: the paper's smartphone) running bench.fig6_agent.
+3 emulated devices (network namespace + tc tbf + a slow CPU calibrated so the whole model
+runs k≈8× slower than on one host core, a Raspberry-Pi-4-class device; `--emulation`: a
+cgroup CPU quota, or time dilation, continuously slow, as in bench.plans_testbed) + an
+edge server host (leader/registrar, computes only for partition-offloading) + a requester
+host (unshaped, unthrottled: the paper's smartphone) running bench.fig6_agent. Method
+`onnxruntime`: the same weights exported to ONNX, run by onnxruntime on one thread inside
+dev1 under the same emulation and background load (bench.ort_device); the image is on the
+device already, so its latency is compute only (with and without the delivery alike).
 Sweeps: (a) latency vs bandwidth at 30 % CPU usage, (b) latency vs CPU usage at 20 Mb/s,
 (c) normalized utilisation variance vs bandwidth (from (a)'s runs), (d) the same vs
 concurrent requests at 20 Mb/s, (e) latency and waiting latency as one collaborator's CPU
@@ -33,12 +38,17 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
+from bench import ort_device
+from bench.plans_cluster import EMULATIONS, calibrate_devices, describe_emulation
 from bench.testbed import Testbed, check_environment
+from decolla.baselines import metrics
 
 log = structlog.get_logger("fig6")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-METHODS = ("mobile", "partition", "hierarchical", "decolla", "auto")
+ORT = "onnxruntime"
+METHODS = ("mobile", "partition", "hierarchical", "decolla", "auto", ORT)
+LOAD_SWEEPS = "be"     # sweeps that change a device's background load while it runs
 
 FULL = {
     "spec": "{arch}:seed=0",
@@ -58,6 +68,11 @@ QUICK = {
     "faults": [0, 1, 2],
     "repeats": 3, "round_repeats": 2, "cap_s": 45.0,
 }
+
+
+def sweeps_of(only: str) -> str:
+    """The sweeps `--only` asks for, of "abdef" ((c) comes with (a); "" = all)."""
+    return "".join(s for s in "abdef" if only in ("", s) or s in only)
 
 
 class AgentError(RuntimeError):
@@ -129,13 +144,36 @@ def summarize(point: dict) -> dict:
             "capped": point.get("capped", False)}
 
 
+def ort_point(ort, repeats: int, timeout_s: float, bandwidth: float, rel_err: float) -> dict:
+    """`repeats` runs of the onnxruntime agent `ort` on dev1, as a point like the
+    requester agent's (one inference per round; the export's logits were checked against
+    decolla.forward: `rel_err`)."""
+    rep = ort_device.run(ort, repeats, timeout_s)
+    if not rep.get("ok"):
+        raise RuntimeError(f"onnxruntime on dev1 failed: {rep.get('error')}")
+    devices = [f"dev{i}" for i in (1, 2, 3)]
+    rows, rounds = [], []
+    for r in rep["result"]:
+        lat = r["latency_s"]
+        rows.append({"ok": True, "correct": True, "rel_err": rel_err, "latency_e2e_s": lat,
+                     "input_delivery_s": 0.0, "latency_s": lat, "cpu_s": r["cpu_s"],
+                     "bytes": 0, "device": "dev1", "retries": 0, "busy_s": {"dev1": lat},
+                     "waiting_s": {}})
+        util = {d: float(d == "dev1") for d in devices}
+        rounds.append({"wall_s": lat, "utilisation": util,
+                       "norm_variance": metrics.normalized_variance(list(util.values()))})
+    return {"method": ORT, "bandwidth": bandwidth, "concurrency": 1, "inferences": rows,
+            "rounds": rounds, "capped": False}
+
+
 class Fig6:
     """Brings the testbed up, runs the sweeps, writes results."""
 
     def __init__(self, arch: str, quick: bool, k: float, out: Path, only: str,
                  spec: str | None = None, cap_s: float | None = None,
-                 methods: tuple = METHODS, name: str | None = None):
+                 methods: tuple = METHODS, name: str | None = None, emulation: str = "quota"):
         self.arch, self.quick, self.k, self.only = arch, quick, k, only
+        self.emulation = emulation
         self.methods = tuple(m for m in METHODS if m in methods)
         self.cfg = dict(QUICK if quick else FULL)
         if cap_s:
@@ -144,36 +182,42 @@ class Fig6:
         tag = f"fig6{'_quick' if quick else ''}_{arch}"
         if spec:
             tag = f"fig6{'_quick' if quick else ''}_" + re.sub(r"[^a-z0-9.]+", "_", spec).strip("_")
-        tag = name or tag
+        tag = name or (tag if emulation == "quota" else f"{tag}_{emulation}")
         self.json_path, self.md_path = out / f"{tag}.json", out / f"{tag}.md"
         self.png_prefix = out / tag
         self.doc: dict = {"figure": "paper Fig. 6", "mode": "quick" if quick else "full",
                           "model": self.spec, "config": self.cfg, "sweeps": {},
-                          "methods": list(self.methods),
+                          "methods": list(self.methods), "emulation": emulation,
                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.state = {"bw": None, "loads": {}}
+        self.ort = None
+
+    def sweeps(self) -> str:
+        """The sweeps to run ((c) comes with (a))."""
+        return sweeps_of(self.only)
 
     # ------------------------------------------------------------ set-up
     def up(self, tb: Testbed) -> None:
         self.tb = tb
-        reps = 4 if "input_size" not in self.spec else 30
-        probe = [sys.executable, "-m", "bench.fig6_probe", "--model", self.spec,
-                 "--repeats", str(reps)]
-        cal = tb.calibrate(probe, k=self.k)
-        print(f"calibration: device quota {cal.quota:.4f} cores -> whole-model forward "
-              f"{cal.achieved_slowdown:.1f}x slower than one host core (target {self.k:g}x)",
-              flush=True)
-        for i in (1, 2, 3):
-            tb.add_host(f"dev{i}", bandwidth_mbit=20, cpu_quota=cal.quota, background_load=0.3)
-            self.state["loads"][f"dev{i}"] = 0.3
-        self.state["bw"] = 20
-        # rounded down: rounding up could exceed the budget left by the devices
-        edge_quota = math.floor(min(1.0, tb.cpu_budget - 3 * cal.quota) * 1000) / 1000
-        tb.add_host("edge", role="edge", cpu_quota=edge_quota)
-        req = tb.add_host("requester", role="requester")
         logs = Path("/tmp") / f"fig6-{tb.run}"
         logs.mkdir(exist_ok=True)
         self.logs = logs
+        if ORT in self.methods:       # before the cluster starts: torch's import is heavy
+            self.doc["onnx_rel_err"] = ort_device.export(self.spec, str(logs / "model.onnx"))
+        reps = 4 if "input_size" not in self.spec else 30
+        cal, forward_s = calibrate_devices(tb, self.spec, self.k, self.emulation, reps)
+        for i in (1, 2, 3):
+            tb.add_host(f"dev{i}", bandwidth_mbit=20, cpu_quota=cal.quota,
+                        cpu_dilation=cal.dilation, background_load=0.3)
+            self.state["loads"][f"dev{i}"] = 0.3
+        self.state["bw"] = 20
+        self.doc["emulation_line"] = (
+            describe_emulation(tb, cal, forward_s) + "; background load 30 % of each device's "
+            + ("CPU (dilation / 0.7)" if cal.mode == "dilation" else "quota (a busy loop)"))
+        # rounded down: rounding up could exceed the budget left by the devices
+        edge_quota = math.floor(min(1.0, tb.cpu_budget - 3 * (cal.quota or 0)) * 1000) / 1000
+        tb.add_host("edge", role="edge", cpu_quota=edge_quota)
+        req = tb.add_host("requester", role="requester")
         tb.spawn_node("edge", "leader", model=self.spec, log=logs / "edge.log")
         time.sleep(1.0)
         for i in (1, 2, 3):
@@ -195,6 +239,9 @@ class Fig6:
         self.doc["calibration"] = cal.as_dict()
         self.doc["edge_quota_cores"] = edge_quota
         self.doc["status"] = self.agent("status")
+        if ORT in self.methods:
+            self.ort = ort_device.start(tb.host("dev1"), str(logs / "model.onnx"),
+                                        logs / "ort.log")
 
     def set_net(self, bw: float) -> None:
         if self.state["bw"] != bw:
@@ -213,6 +260,11 @@ class Fig6:
             self.agent("prepare", reprofile=True)
 
     def measure(self, method: str, repeats: int, concurrency: int = 1, **kw) -> dict:
+        if method == ORT:
+            point = ort_point(self.ort, repeats, self.cfg["cap_s"] * (repeats + 2) + 60,
+                              self.state["bw"], self.doc["onnx_rel_err"])
+            point["summary"] = summarize(point)
+            return point
         point = self.agent("run", method=method, bandwidth=self.state["bw"], repeats=repeats,
                            concurrency=concurrency, cap_s=self.cfg["cap_s"],
                            reply_timeout=self.cfg["cap_s"] * repeats * concurrency + 300, **kw)
@@ -235,7 +287,7 @@ class Fig6:
     def run(self) -> None:
         c = self.cfg
         all_loads = {f"dev{i}": 0.3 for i in (1, 2, 3)}
-        sweeps = [s for s in "abdef" if self.only in ("", s) or s in self.only]
+        sweeps = self.sweeps()
         if "a" in sweeps:                      # (a) and (c): latency / variance vs bandwidth
             self.set_loads(all_loads)
             todo = [(bw, m) for bw in c["bandwidths"] for m in self.methods]
@@ -266,7 +318,8 @@ class Fig6:
         if "d" in sweeps:                      # (d) variance vs concurrent requests
             self.set_net(20)
             self.set_loads(all_loads)
-            todo = [(n, m) for n in c["concurrency"] for m in self.methods]
+            # onnxruntime runs one device's requests one by one: no concurrency to vary
+            todo = [(n, m) for n in c["concurrency"] for m in self.methods if m != ORT]
             with tqdm(todo, desc="(d) concurrency", file=sys.stderr) as bar:
                 for n, m in todo:
                     self.record("d", n, m, self.measure(m, c["round_repeats"], n), bar)
@@ -361,10 +414,25 @@ def main(argv=None) -> int:
     p.add_argument("--spec", default=None,
                    help="explicit model spec (e.g. full-size 'mobilenet_v2:seed=0' with --quick points)")
     p.add_argument("--cap", type=float, default=None, help="per-request time cap, s")
+    p.add_argument("--emulation", choices=EMULATIONS, default="quota",
+                   help="how devices are slowed: a CFS quota (every earlier Fig. 6 run) or time "
+                        "dilation (continuous; sweeps (a), (c), (d), (f) only, as a dilated "
+                        "device's background load is fixed when its processes start)")
     p.add_argument("--name", default=None,
                    help="result file stem (default fig6[_quick]_<model or spec>); give one for "
                         "partial runs (--only/--methods) so they do not replace a full run's files")
     args = p.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        print(f"bench.fig6: unknown methods {unknown}; choose from {','.join(METHODS)}",
+              file=sys.stderr)
+        return 2
+    if args.emulation == "dilation" and set(sweeps_of(args.only)) & set(LOAD_SWEEPS):
+        print("bench.fig6: sweeps (b) and (e) change the devices' background load, which the "
+              "dilation emulation fixes at start-up; use --emulation quota or --only a,d,f",
+              file=sys.stderr)
+        return 2
     reason = check_environment()
     if reason:
         print(f"bench.fig6 needs the testbed: {reason}", file=sys.stderr)
@@ -372,7 +440,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     fig = Fig6(args.model, args.quick, args.k, args.out, args.only, args.spec, args.cap,
-               tuple(args.methods.split(",")), args.name)
+               methods, args.name, args.emulation)
     t0 = time.monotonic()
     with Testbed(prefix="dcf6") as tb:
         fig.up(tb)
@@ -381,6 +449,9 @@ def main(argv=None) -> int:
         finally:
             fig.doc["wall_s"] = time.monotonic() - t0
             fig.agent.quit()
+            if fig.ort is not None:
+                fig.ort.stdin.close()
+                fig.ort.wait(timeout=30)
             fig.finish()
     print(f"done in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     return 0

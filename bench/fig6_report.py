@@ -15,10 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 LABEL = {"mobile": "mobile-only", "partition": "partition-offloading",
          "hierarchical": "hierarchical", "decolla": "DeColla (layer plan)",
-         "auto": "DeColla (auto plan)"}
-ORDER = ("mobile", "partition", "hierarchical", "decolla", "auto")
-STYLE = {"mobile": "s-", "partition": "^-", "hierarchical": "o-", "decolla": "D-", "auto": "*-"}
-COLOR = {"mobile": "C0", "partition": "C1", "hierarchical": "C2", "decolla": "C3", "auto": "C4"}
+         "auto": "DeColla (auto plan)", "onnxruntime": "onnxruntime (1 device, image there)"}
+ORDER = ("mobile", "partition", "hierarchical", "decolla", "auto", "onnxruntime")
+STYLE = {"mobile": "s-", "partition": "^-", "hierarchical": "o-", "decolla": "D-", "auto": "*-",
+         "onnxruntime": "v--"}
+COLOR = {"mobile": "C0", "partition": "C1", "hierarchical": "C2", "decolla": "C3", "auto": "C4",
+         "onnxruntime": "C5"}
 PANELS = {
     "a": ("a) latency vs bandwidth (30 % CPU usage)", "bandwidth (Mb/s)", "latency_median_s",
           "median latency (s)", True),
@@ -86,7 +88,8 @@ def plot(doc: dict, prefix: Path) -> list[Path]:
             ax2.set_title("e) waiting latency (device idle, from traces)", fontsize=10)
             ax2.grid(alpha=0.3)
             ax2.legend(fontsize=8)
-        fig.suptitle(f"{model} on 3 emulated devices ({doc.get('mode')})", fontsize=9)
+        fig.suptitle(f"{model} on 3 emulated devices ({doc.get('mode')}, "
+                     f"{doc.get('emulation', 'quota')} emulation)", fontsize=9)
         fig.tight_layout()
         path = Path(f"{prefix}_{panel}.png")
         fig.savefig(path, dpi=110)
@@ -105,9 +108,13 @@ def _fmt(v, unit="s"):
 
 def table(doc: dict) -> str:
     """Markdown: per sweep, one row per x, one column per method."""
-    lines = [f"# Fig. 6 on the testbed — {doc.get('model')} ({doc.get('mode')} mode)", ""]
+    lines = [f"# Fig. 6 on the testbed — {doc.get('model')} ({doc.get('mode')} mode, "
+             f"{doc.get('emulation', 'quota')} emulation)", ""]
     cal = doc.get("calibration") or {}
-    if cal:
+    if doc.get("emulation_line"):
+        lines.append(f"Devices: {doc['emulation_line']}. Edge quota {doc.get('edge_quota_cores')} "
+                     f"cores.")
+    elif cal:
         lines.append(f"Devices: quota {cal.get('quota')} cores -> whole-model forward "
                      f"{cal.get('achieved_slowdown', 0):.1f}x slower than one host core "
                      f"(target {cal.get('k')}x). Edge quota {doc.get('edge_quota_cores')} cores.")

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from bench.plans_cluster import ask
 from decolla import emulation
 
 
@@ -85,6 +86,12 @@ def start(host, onnx_path: str, log_path) -> subprocess.Popen:
     if not hello.get("ready"):
         raise RuntimeError(f"onnxruntime agent did not start (see {log_path})")
     return proc
+
+
+def run(proc: subprocess.Popen, repeats: int, timeout: float) -> dict:
+    """Ask the agent `proc` for `repeats` timed runs: its reply, {"ok": true, "result":
+    [{"latency_s", "cpu_s"}, ...]} or {"ok": false, "error": ...}."""
+    return ask(proc, timeout, cmd="run", repeats=int(repeats))
 
 
 def main(argv=None) -> int:

@@ -66,12 +66,31 @@ class PlansCluster:
 
     def describe_emulation(self) -> str:
         """One line saying how the devices were slowed, for result files."""
-        c = self.calibration
-        how = (f"CFS quota {c.quota:.3f} cores per {self.tb.hosts['dev1'].cgroup.period_us / 1e3:g}"
-               f" ms period" if c.mode == "quota" else
-               f"time dilation f={c.dilation:.3f} (DECOLLA_DILATE)")
-        return (f"{c.mode}: {how}; whole model {c.achieved_slowdown:.2f}x slower than one host "
-                f"core (target {c.k:g}x), {self.forward_s * 1e3:.0f} ms per forward")
+        return describe_emulation(self.tb, self.calibration, self.forward_s)
+
+
+def calibrate_devices(tb, model: str, k: float, emulation: str,
+                      repeats: int = PROBE_REPEATS) -> tuple:
+    """Calibrate testbed `tb`'s device slowdown by `emulation` (one of EMULATIONS) so
+    `model`'s whole forward runs `k`x slower than on one host core; returns the
+    Calibration and the calibrated device's seconds per forward."""
+    if emulation not in EMULATIONS:
+        raise ValueError(f"emulation must be one of {EMULATIONS}, got {emulation!r}")
+    probe = [sys.executable, "-m", "bench.fig6_probe", "--model", model, "--repeats", str(repeats)]
+    cal = tb.calibrate(probe, k=k, mode=emulation)
+    forward_s = cal.device_seconds / repeats
+    print(f"device {emulation}: quota {cal.quota} cores, dilation {cal.dilation} "
+          f"({cal.achieved_slowdown:.2f}x slower, {forward_s:.3f} s per forward)", flush=True)
+    return cal, forward_s
+
+
+def describe_emulation(tb, cal, forward_s: float) -> str:
+    """One line saying how `tb`'s devices were slowed (calibration `cal`), for result files."""
+    how = (f"CFS quota {cal.quota:.3f} cores per {tb.hosts['dev1'].cgroup.period_us / 1e3:g}"
+           f" ms period" if cal.mode == "quota" else
+           f"time dilation f={cal.dilation:.3f} (DECOLLA_DILATE)")
+    return (f"{cal.mode}: {how}; whole model {cal.achieved_slowdown:.2f}x slower than one host "
+            f"core (target {cal.k:g}x), {forward_s * 1e3:.0f} ms per forward")
 
 
 @contextmanager
@@ -87,12 +106,7 @@ def plans_cluster(prefix: str, model: str, k: float, bandwidth_mbit: float, agen
     logs = Path("/tmp") / f"{prefix}-{os.getpid()}"
     logs.mkdir(exist_ok=True)
     with Testbed(prefix=prefix) as tb:
-        probe = [sys.executable, "-m", "bench.fig6_probe", "--model", model, "--repeats",
-                 str(PROBE_REPEATS)]
-        cal = tb.calibrate(probe, k=k, mode=emulation)
-        forward_s = cal.device_seconds / PROBE_REPEATS
-        print(f"device {emulation}: quota {cal.quota} cores, dilation {cal.dilation} "
-              f"({cal.achieved_slowdown:.2f}x slower, {forward_s:.3f} s per forward)", flush=True)
+        cal, forward_s = calibrate_devices(tb, model, k, emulation)
         for i in (1, 2, 3):
             tb.add_host(f"dev{i}", bandwidth_mbit=bandwidth_mbit, cpu_quota=cal.quota,
                         cpu_dilation=cal.dilation)

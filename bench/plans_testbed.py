@@ -104,7 +104,10 @@ def agent(args) -> int:
                         # no faults here: a generous deadline keeps slow links from
                         # triggering duplicate chunks that would only add traffic
                         deadline_floor=cmd["cap_s"] / 4, request_timeout=cmd["cap_s"]) as client:
-                client.infer(images[0], timeout=cmd["cap_s"])            # warm-up, plans
+                # warm-up: plans, and (3) one inference per device: a block's first chunk on
+                # a device the warm-up missed ran up to 2x slower, mostly against `single`
+                for _ in range(cmd.get("warmup", 1)):
+                    client.infer(images[0], timeout=cmd["cap_s"])
                 rows = []
                 for i in range(cmd["repeats"]):
                     x, ref = images[i % 3], refs[i % 3]
@@ -133,7 +136,9 @@ def drive(args) -> int:
         return 2
     bws = [float(b) for b in args.bandwidths.split(",")]
     doc = {"model": args.model, "k": args.k, "repeats": args.repeats, "block": args.block,
+           "warmup": args.warmup,
            "points": [], "emulation": args.emulation,
+           "name": args.name or f"plans_testbed_{args.emulation}",
            "overhead_ms": args.overhead_ms, "command": " ".join(sys.argv),
            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     logs = Path("/tmp") / f"dcpl-ort-{os.getpid()}"
@@ -152,13 +157,16 @@ def drive(args) -> int:
             for bw in bws:
                 for i in (1, 2, 3):
                     tb.set_bandwidth(f"dev{i}", bw)
-                plans = ["single", f"auto:bandwidth_mbit={bw:g},shared_link=0,gmacs={gmacs:.2f},"
-                                   f"overhead_ms={args.overhead_ms:g}"
-                                   + (f",device_overhead_ms={args.device_overhead_ms:g}"
-                                      if args.device_overhead_ms is not None else ""),
+                told = (f"gmacs={gmacs:.2f},overhead_ms={args.overhead_ms:g}"
+                        + (f",device_overhead_ms={args.device_overhead_ms:g}"
+                           if args.device_overhead_ms is not None else ""))
+                plans = ["single", f"auto:bandwidth_mbit={bw:g},shared_link=0,{told}",
                          # what a user gets: links measured by the requester, speed
                          # from the devices' start-up calibration
                          "auto"]
+                if args.min_gain is not None:   # the told auto, splitting at a lower bar
+                    plans.append(f"auto:bandwidth_mbit={bw:g},shared_link=0,"
+                                 f"min_gain={args.min_gain:g},{told}")
                 if bw >= 100:
                     plans.append("spatial")
                 plans += [p for p in args.plans.split(",") if p]
@@ -180,8 +188,8 @@ def drive(args) -> int:
                         if plan == ORT:
                             rep = _ort_rows(ort, n, args.cap, doc["onnx_rel_err"])
                         else:
-                            rep = ask(proc, args.cap * (n + 2) + 120, cmd="run", plan=plan,
-                                      repeats=n, cap_s=args.cap)
+                            rep = ask(proc, args.cap * (n + 2 + args.warmup) + 120, cmd="run",
+                                      plan=plan, repeats=n, cap_s=args.cap, warmup=args.warmup)
                         for d in ("up", "down"):
                             point["packets_dropped_by_shaping"][d] += sum(
                                 tb.drops(f"dev{i}")[d] - d0[d] for i, d0 in zip((1, 2, 3), drops0))
@@ -217,7 +225,7 @@ def drive(args) -> int:
 def _ort_rows(ort, n: int, cap_s: float, rel_err: float) -> dict:
     """`n` timed onnxruntime runs on the emulated device, as rows like the plans' (its
     logits were checked against decolla.forward when exported)."""
-    rep = ask(ort, cap_s * (n + 2) + 60, cmd="run", repeats=n)
+    rep = ort_device.run(ort, n, cap_s * (n + 2) + 60)
     if rep.get("ok"):
         rep["result"] = [{"latency_s": r["latency_s"], "without_input_s": r["latency_s"],
                           "cpu_s": r["cpu_s"], "bytes": 0, "stages": 1, "planned_mbit": None,
@@ -235,7 +243,7 @@ def _planned(rows: list) -> str:
 
 def _save(doc: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    name = f"plans_testbed_{doc['emulation']}"
+    name = doc.get("name") or f"plans_testbed_{doc['emulation']}"
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)", "",
              f"Emulation {doc.get('emulation_line', doc['emulation'])}; {doc['repeats']} "
@@ -293,6 +301,55 @@ def headline(out: Path) -> int:
     return 0
 
 
+def _median(rows: list, key) -> float:
+    return float(np.median([key(r) for r in rows]))
+
+
+def against_best(out: Path, names: list[str], target: float = 0.95) -> int:
+    """<first name>_vs_best.md: per bandwidth of the runs `names`, `single`, both `auto`s
+    and onnxruntime, and each `auto` against the better single-device baseline of the same
+    run, with onnxruntime credited once with the image already on its device (as measured)
+    and once with the image delivered (onnxruntime + `single`'s measured delivery of the
+    image to a device in the same run: a sum of two measurements, not one)."""
+    lines = ["# `auto` against the best single device (MobileNetV2-224, 3 emulated devices, "
+             "fp16 wire)", "", "Runs:"]
+    rows = []
+    for name in names:
+        doc = json.loads((out / f"{name}.json").read_text())
+        lines.append(f"- `{name}`: {doc.get('emulation_line', doc['emulation'])}; "
+                     f"{doc['repeats']} repeats; started {doc.get('started', '?')}")
+        for bw in sorted({p["bandwidth_mbit"] for p in doc["points"]}):
+            pts = {p["plan"].split(",gmacs")[0]: p for p in doc["points"]
+                   if "median_s" in p and p["bandwidth_mbit"] == bw}
+            single, ort = pts.get("single"), pts.get(ORT)
+            if single is None or ort is None:
+                continue
+            delivery = _median(single["rows"], lambda r: r["latency_s"] - r["without_input_s"])
+            ort_sent = ort["median_s"] + delivery
+            for plan, p in pts.items():
+                if not plan.startswith("auto"):
+                    continue
+                best = min(single["median_s"], ort["median_s"])
+                best_sent = min(single["median_s"], ort_sent)
+                stages = int(np.median([r["stages"] for r in p["rows"]]))
+                pred = p.get("predicted_s")
+                rows.append(
+                    f"| {bw:g} | {plan} | {stages} | {p['median_s'] * 1e3:.0f} | "
+                    f"{'-' if pred is None else f'{pred * 1e3:.0f}'} | "
+                    f"{single['median_s'] * 1e3:.0f} | {ort['median_s'] * 1e3:.0f} | "
+                    f"{ort_sent * 1e3:.0f} | {single['median_s'] / p['median_s']:.2f}x | "
+                    f"{ort['median_s'] / p['median_s']:.2f}x | {ort_sent / p['median_s']:.2f}x | "
+                    f"{'met' if best / p['median_s'] >= target else 'missed'} / "
+                    f"{'met' if best_sent / p['median_s'] >= target else 'missed'} |")
+    head = ("| Mb/s | plan | stages | median ms | cost model ms | mobile-only (ours) ms | "
+            "onnxruntime ms (image there) | onnxruntime + image delivery ms | vs mobile-only | "
+            "vs onnxruntime | vs onnxruntime + delivery | within 5 % of the better baseline "
+            "(image there / delivered) |")
+    lines += ["", head, "|---" * (head.count("|") - 1) + "|", *rows]
+    (out / f"{names[0]}_vs_best.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.plans_testbed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,6 +373,11 @@ def main(argv=None) -> int:
                         "kernel allows for the quota, a smoother slow CPU)")
     p.add_argument("--plans", default="exchange",
                    help="more plans to run at every bandwidth (comma-separated)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed inferences before each plan's block (3: one per device)")
+    p.add_argument("--min-gain", type=float, default=None,
+                   help="also run the told auto with this min_gain (the predicted speed-up a "
+                        "split must reach; the planner's default 1.1): what its split would give")
     p.add_argument("--emulation", choices=EMULATIONS, default="dilation",
                    help="how devices are slowed: time dilation (continuous) or a CFS quota")
     p.add_argument("--no-ort", dest="ort", action="store_false",
@@ -323,9 +385,17 @@ def main(argv=None) -> int:
     p.add_argument("--headline", action="store_true",
                    help="only write plans_testbed_both.md from both emulations' result files")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default=None,
+                   help="result file stem (default plans_testbed_<emulation>, which --headline "
+                        "reads); give one for partial runs so they do not replace it")
+    p.add_argument("--against-best", metavar="NAMES", default=None,
+                   help="only write <first>_vs_best.md from the result files NAMES "
+                        "(comma-separated stems): each auto against the better single device")
     args = p.parse_args(argv)
     if args.headline:
         return headline(args.out)
+    if args.against_best:
+        return against_best(args.out, args.against_best.split(","))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.cpu_period_us:
         from bench.testbed import cgroup

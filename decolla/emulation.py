@@ -17,7 +17,8 @@ slept off when it happens rather than charged to the next request. Between those
 below LAZY_NS wait for the next settle point: nothing outside sees the device meanwhile,
 and fewer sleeps cost less CPU and fewer cold caches. One lock makes the process one
 core: while a thread sleeps off the process's debt, other threads reaching a settle
-point wait.
+point wait, and no wrapped call starts while the background settle sleeps; CPU other
+threads use during a sleep is charged at the next settle.
 Oversleeping is carried as credit, so the total wall time stays f × CPU within one
 sleep's jitter.
 
@@ -70,16 +71,19 @@ def _fine_timer_slack() -> None:
 
 class Dilation:
     """The debt of one process: (f − 1) × its CPU time since the last settle, minus what
-    was slept. `cpu_ns`, `wall_ns` and `sleep` are injectable for tests; `background`:
-    run the periodic settle thread (started by the first settle in each process)."""
+    was slept. `cpu_ns` (the process's), `thread_cpu_ns` (the calling thread's), `wall_ns`
+    and `sleep` are injectable for tests; `background`: run the periodic settle thread
+    (started by the first settle in each process)."""
 
     def __init__(self, factor: float, cpu_ns: Callable[[], int] = time.process_time_ns,
                  wall_ns: Callable[[], int] = time.perf_counter_ns,
-                 sleep: Callable[[float], None] = time.sleep, background: bool = True):
+                 sleep: Callable[[float], None] = time.sleep, background: bool = True,
+                 thread_cpu_ns: Callable[[], int] = time.thread_time_ns):
         if not factor >= 1.0:
             raise ValueError(f"dilation factor must be >= 1, got {factor!r}")
         self.factor = float(factor)
         self._cpu_ns, self._wall_ns, self._sleep = cpu_ns, wall_ns, sleep
+        self._thread_cpu_ns = thread_cpu_ns
         self.background = background
         self.restart()
 
@@ -112,20 +116,25 @@ class Dilation:
             if not getattr(self._slack, "set", False):
                 _fine_timer_slack()
                 self._slack.set = True
-            t0 = self._wall_ns()
+            t0, own0 = self._wall_ns(), self._thread_cpu_ns()
             self._sleep(self._owed * 1e-9)
             slept = self._wall_ns() - t0
             self.slept_ns += slept
             self._owed -= slept
-            # the sleep's own CPU (the syscall) is not work of the device
-            self._mark = self._cpu_ns()
+            # the sleep's own CPU (the syscall) is not work of the device; what other
+            # threads did meanwhile is, and the next settle charges it
+            self._mark += self._thread_cpu_ns() - own0
 
     def _settle_loop(self) -> None:
         pid = os.getpid()
         while self._settler_pid == pid:
             time.sleep(SETTLE_PERIOD_S)
-            if not self._in_kernels:   # mid-kernel, its own settle charges it whole
-                self.settle(LAZY_NS)
+            # mid-kernel, its own settle charges it whole; and no kernel starts while
+            # this sleeps, as none would on a slow core (one ran beside the sleep, and
+            # a long kernel came out up to 4x too fast)
+            with self._count_lock:
+                if not self._in_kernels:
+                    self.settle(LAZY_NS)
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn`, settling after every call (also when it raises)."""

@@ -31,7 +31,8 @@ class FakeClock:
 
     def dilation(self, factor: float) -> emulation.Dilation:
         return emulation.Dilation(factor, cpu_ns=lambda: self.cpu, wall_ns=lambda: self.wall,
-                                  sleep=self.sleep, background=False)
+                                  sleep=self.sleep, background=False,
+                                  thread_cpu_ns=lambda: 0)
 
 
 @pytest.mark.parametrize("factor", [2.0, 7.5, 12.0])
@@ -165,7 +166,7 @@ def test_idle_work_is_settled_in_the_background_but_never_mid_kernel():
     import time
     clock = FakeClock()
     d = emulation.Dilation(4.0, cpu_ns=lambda: clock.cpu, wall_ns=lambda: clock.wall,
-                           sleep=clock.sleep)
+                           sleep=clock.sleep, thread_cpu_ns=lambda: 0)
     try:
         d.settle()                            # starts the background thread
         clock.cpu += 1_000_000                # idle-time work
@@ -214,3 +215,54 @@ def test_node_refuses_a_bad_dilation_factor(bad, capsys):
         node.parse_args(["--dilate", bad])
     assert "--dilate" in capsys.readouterr().err
     assert node.parse_args(["--dilate", "7.5"]).dilate == 7.5
+
+
+def test_cpu_other_threads_use_while_one_sleeps_is_charged_next():
+    """A reader thread decoding while the compute thread sleeps off its debt is work of
+    the device too: the next settle charges it (only the sleep's own CPU is not)."""
+    clock = FakeClock()
+    own = {"ns": 0}
+    d = emulation.Dilation(5.0, cpu_ns=lambda: clock.cpu, wall_ns=lambda: clock.wall,
+                           sleep=clock.sleep, background=False,
+                           thread_cpu_ns=lambda: own["ns"])
+
+    def sleep_beside_a_busy_thread(seconds):
+        clock.sleep(seconds)
+        clock.cpu += 700_000 + 10_000          # another thread's work + the syscall
+        own["ns"] += 10_000                    # ... of which the syscall is this thread's
+    d._sleep = sleep_beside_a_busy_thread
+    clock.cpu += 1_000_000
+    d.settle()
+    d.settle()
+    assert clock.asked == pytest.approx([4e-3, 4 * 0.7e-3])
+    assert d.cpu_total_ns == 1_700_000
+
+
+def test_no_kernel_starts_while_the_background_sleeps_off_idle_work():
+    """The process is one slow core: a kernel called while the background settle sleeps
+    waits for it (one that ran beside the sleep came out up to 4x too fast)."""
+    import threading
+    import time
+    clock = FakeClock()
+    asleep, wake, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def sleep(seconds):
+        if threading.current_thread().name == "dilation":
+            asleep.set()
+            wake.wait(5)
+        clock.sleep(seconds)
+    d = emulation.Dilation(4.0, cpu_ns=lambda: clock.cpu, wall_ns=lambda: clock.wall,
+                           sleep=sleep, thread_cpu_ns=lambda: 0)
+    try:
+        d.settle()                                 # starts the background thread
+        clock.cpu += 1_000_000                     # idle work: 3 ms to sleep off
+        assert asleep.wait(5)
+        t = threading.Thread(target=d.wrap(entered.set))
+        t.start()
+        assert not entered.wait(0.3)               # held while the background sleeps
+        wake.set()
+        assert entered.wait(5)
+        t.join(5)
+    finally:
+        d._settler_pid = -1
+        wake.set()

@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(REPO))
 
 from bench.testbed import Testbed, check_environment, cleanup, is_empty  # noqa: E402
+from bench.testbed import core as testbed_core  # noqa: E402
 
 REASON = check_environment()
 pytestmark = [pytest.mark.testbed,
@@ -30,6 +31,7 @@ def tb():
         bed.add_host("dil", cpu_dilation=6.0)
         bed.add_host("slow", cpu_quota=0.1)
         bed.add_host("free")
+        bed.add_host("dilbg", cpu_dilation=4.0, background_load=0.5)
         yield bed
     assert is_empty(cleanup(PREFIX)), "the test left testbed resources behind"
 
@@ -42,6 +44,26 @@ def test_a_dilated_hosts_processes_run_dilated(tb):
         assert float(out.strip().splitlines()[-1]) == want
     d = tb.describe()["hosts"]
     assert d["dil"]["cpu_dilation"] == 6.0 and d["dil"]["cpu_quota_cores"] is None
+
+
+def test_a_dilated_hosts_background_load_slows_its_processes_instead_of_a_busy_loop(tb):
+    h = tb.host("dilbg")
+    assert h.loader is None and not h.bg.pids()     # no loop taking unaccounted host CPU
+    code = "from decolla import emulation as e; print(e.current().factor, flush=True)"
+    p = h.spawn([sys.executable, "-c", code + "; import sys; sys.stdin.read()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        # half of the slow CPU taken by the load: the rest runs twice as slow again
+        assert float(p.stdout.readline()) == pytest.approx(8.0)
+        with pytest.raises(testbed_core.TestbedError, match="cannot change while they run"):
+            tb.set_background_load("dilbg", 0.3)
+        assert tb.describe()["hosts"]["dilbg"]["cpu_dilation_with_load"] == pytest.approx(8.0)
+    finally:
+        p.communicate(timeout=30)
+    tb.set_background_load("dilbg", 0.75)           # nothing runs: the next process gets it
+    out = h.spawn([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                  text=True).communicate(timeout=60)[0]
+    assert float(out.strip().splitlines()[-1]) == pytest.approx(16.0)
 
 
 def test_a_dilated_host_is_placed_with_the_throttled_ones(tb):

@@ -59,6 +59,30 @@ def test_every_method_returns_the_reference_on_the_testbed(bed, method):
         assert hosts <= {"dev1", "dev2", "dev3", "edge"}
 
 
+def test_onnxruntime_runs_on_a_device_host_as_a_fig6_point(bed, tmp_path):
+    """The onnxruntime method: the exported weights run inside dev1 and come back as a
+    point the report reads (one device busy: normalized variance 1)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from bench import fig6, ort_device
+    tb, _ = bed
+    fig = fig6.Fig6("mobilenet_v2", True, 8.0, tmp_path, "a", spec=SPEC, methods=(fig6.ORT,))
+    path = str(tmp_path / "m.onnx")
+    fig.doc["onnx_rel_err"] = ort_device.export(SPEC, path)
+    fig.state["bw"] = 20
+    fig.ort = ort_device.start(tb.host("dev1"), path, tmp_path / "ort.log")
+    try:
+        point = fig.measure(fig6.ORT, 3)
+    finally:
+        fig.ort.stdin.close()
+        fig.ort.wait(timeout=30)
+    s = point["summary"]
+    assert (s["ok"], s["n"], s["correct"], s["bytes_median"]) == (3, 3, True, 0)
+    assert s["latency_median_s"] > 0 and s["norm_variance_median"] == pytest.approx(1.0)
+    assert fig.doc["onnx_rel_err"] < 1e-3
+
+
 def test_decolla_survives_a_link_cut_mid_inference(bed):
     tb, agent = bed
     for i in (1, 2, 3):                # slow links: the inference lasts seconds

@@ -142,7 +142,7 @@ class Host:
         if self.tb.key_path:        # the nodes listen beyond loopback: they need the cluster key
             full_env.setdefault(keys.KEY_ENV, self.tb.key_path)
         if self.cpu_dilation:
-            full_env[emulation.ENV] = f"{self.cpu_dilation:.4f}"
+            full_env[emulation.ENV] = f"{self.dilation:.4f}"
         full_env.update(env or {})
         out = err = None
         if log is not None:
@@ -179,12 +179,21 @@ class Host:
                 pass
         return pids
 
+    @property
+    def dilation(self) -> float | None:
+        """The factor its processes are dilated by: `cpu_dilation` with the background load's
+        share of the slow CPU taken out (30 % load: the rest runs 1/0.7 times slower still,
+        as a fair scheduler slicing one slow core finely would give it)."""
+        if not self.cpu_dilation:
+            return None
+        return self.cpu_dilation / (1.0 - self.background_load)
+
     def emulated(self) -> dict:
         """What this host emulates."""
         return {"role": self.role, "address": self.address, "bandwidth_mbit": self.bandwidth_mbit,
                 "delay_ms": self.delay_ms, "loss_pct": self.loss_pct,
                 "cpu_quota_cores": self.cpu_quota, "cpu_period_us": self.cgroup.period_us,
-                "cpu_dilation": self.cpu_dilation,
+                "cpu_dilation": self.cpu_dilation, "cpu_dilation_with_load": self.dilation,
                 "cpus": sorted(self.cgroup.cpus) if self.cgroup.cpus else "any",
                 "background_load": self.background_load}
 
@@ -506,12 +515,24 @@ class Testbed:
 
         The load is a busy loop in the host's `bg` sub-group, capped at fraction × the host's
         quota (or × one core when unthrottled) and weighted above the host's own work, so it
-        takes its share first, as the other programs of a busy device would.
+        takes its share first, as the other programs of a busy device would. On a dilated
+        host a busy loop would take host CPU the dilated processes do not account for: there
+        the load raises the dilation factor of the processes it spawns (Host.dilation), so it
+        is fixed once they run.
         """
         if not 0.0 <= fraction < 1.0:
             raise ValueError("background load is a fraction in [0, 1)")
         with self._lock:
             h = self.host(name)
+            if h.cpu_dilation:
+                if any(p.poll() is None for p in h.procs):
+                    raise TestbedError(
+                        f"host {name!r} is dilated: its background load sets the dilation of "
+                        "the processes it spawns and cannot change while they run (use the "
+                        "quota emulation to vary the load)")
+                h.background_load = fraction
+                self._record("set_background_load", name, fraction=fraction)
+                return
             if h.loader is not None:
                 h.signal(signal.SIGKILL, h.loader)
                 h.loader.wait()
@@ -632,7 +653,8 @@ class Testbed:
                        "time dilation (DECOLLA_DILATE: after each kernel call and data-plane "
                        "send, sleep (f-1) x the process's CPU time since the last)",
                 "background_load": "busy loop in a sub-cgroup capped at that fraction of the host quota, "
-                                   "top weight (the device's CPU usage)",
+                                   "top weight (the device's CPU usage); on a dilated host the "
+                                   "dilation factor divided by (1 - load) instead",
             },
             "cpu_budget_cores": self.cpu_budget,
             "cpu_quota_sum_cores": sum(h.cpu_quota or 0 for h in self.hosts.values()),
