@@ -107,12 +107,14 @@ include "_pw_packed.pxi"
 
 
 def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const float[::1] b,
-                  float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, bint relu6,
+                  float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, int act,
                   const float[:, :, ::1] res=None, Py_ssize_t rr0=0, Py_ssize_t rc0=0,
                   int threads=1):
     """Same as `pwconv`, with the weight window w[:, c0:c0+n] pre-packed by `pack_pw`
-    as wpk (panels, K, PW_NR). Work is cut into (pixel chunk, panel) tasks that the
-    threads share."""
+    as wpk (panels, K, PW_NR); act: ACT_NONE, ACT_RELU6 (or a bool relu6) or, where
+    RELU_FUSED, ACT_RELU. Work is cut into (pixel chunk, panel) tasks that the threads
+    share."""
+    _check_act(act)
     cdef Py_ssize_t rows = out.shape[0], W = out.shape[1], n = out.shape[2]
     cdef Py_ssize_t K = x.shape[2], npan = wpk.shape[0], t
     if rows == 0 or W == 0 or n == 0:
@@ -130,10 +132,10 @@ def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const fl
     if threads <= 1 or ntask == 1:
         with nogil:
             for t in range(ntask):
-                _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
+                _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)
         return
     for t in prange(ntask, nogil=True, num_threads=threads, schedule="static"):
-        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
+        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)
 
 
 def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1] wpk):
@@ -149,6 +151,82 @@ def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1
 PACK_NR = PW_NR     # channels per packed weight panel in this build
 PACK_MR = PW_MR     # pixels per register block
 AVX512 = bool(PW_AVX512)   # the packed kernel is the AVX-512 one
+ACT_NONE, ACT_RELU6, ACT_RELU = PW_ACT_NONE, PW_ACT_RELU6, PW_ACT_RELU
+RELU_FUSED = bool(PW_AVX512)   # the packed kernels' epilogue has ReLU (ACT_RELU)
+
+
+cdef _check_act(int act):
+    if act not in (PW_ACT_NONE, PW_ACT_RELU6) and not (act == PW_ACT_RELU and PW_AVX512):
+        raise ValueError(f"activation code {act} is not one this build's packed kernel has")
+
+
+# Input floats per row chunk of conv_packed (1 MiB: half of this host's L2), read by
+# every weight panel in turn.
+cdef Py_ssize_t CONV_CHUNK_FLOATS = 262144
+
+
+def conv_packed(const float[:, :, ::1] xp, const float[:, :, ::1] wpk, const float[::1] b,
+                float[:, :, ::1] out, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, int act, int threads=1):
+    """A dense convolution read straight from its input (AVX-512 build only):
+    out[y, x, c] = act(b[c] + sum over i, j, ci of xp[y*sh + i*dh, x*sw + j*dw, ci] *
+    w[i, j, ci, c]), every row and column of xp inside the (padded) input window, w packed
+    by `pack_pw` from its (kh * kw * C, n) reshape. Tasks: (row chunk, weight panel)."""
+    cdef Py_ssize_t rows = out.shape[0], wo = out.shape[1], n = out.shape[2]
+    cdef Py_ssize_t Wp = xp.shape[1], C = xp.shape[2], npan = wpk.shape[0]
+    if not PW_AVX512:
+        raise ValueError("conv_packed needs the AVX-512 build")
+    _check_act(act)
+    if rows == 0 or wo == 0 or n == 0:
+        return
+    if wpk.shape[1] != kh * kw * C or wpk.shape[2] != PW_NR or npan * PW_NR < n or \
+            b.shape[0] < n:
+        raise ValueError(f"packed weight {tuple(wpk.shape)} / bias {b.shape[0]} do not fit a "
+                         f"{kh}x{kw} kernel over {C} channels into {n} outputs")
+    if min(kh, kw, sh, sw, dh, dw) < 1 or C < 1 or \
+            xp.shape[0] < (rows - 1) * sh + (kh - 1) * dh + 1 or \
+            Wp < (wo - 1) * sw + (kw - 1) * dw + 1:
+        raise ValueError(f"input window {tuple(xp.shape)} is too small for {rows}x{wo} "
+                         f"outputs of a {kh}x{kw} kernel, stride {sh}x{sw}, dilation {dh}x{dw}")
+    # Segments: one kernel row (kw taps, kw * C consecutive floats) when dw is 1, else one
+    # tap each.
+    cdef Py_ssize_t nseg = kh if dw == 1 else kh * kw, L = kw * C if dw == 1 else C, s
+    cdef Py_ssize_t* off = <Py_ssize_t*>calloc(nseg, sizeof(Py_ssize_t))
+    if off == NULL:
+        raise MemoryError()
+    for s in range(nseg):
+        off[s] = (s * dh * Wp) * C if dw == 1 else ((s // kw) * dh * Wp + (s % kw) * dw) * C
+    cdef Py_ssize_t span = (kh - 1) * dh + 1
+    cdef Py_ssize_t rc = (CONV_CHUNK_FLOATS // (Wp * C) - span) // sh + 1
+    rc = 1 if rc < 1 else (rows if rc > rows else rc)
+    cdef Py_ssize_t ntask = (rows + rc - 1) // rc * npan, t
+    cdef const float* xq = &xp[0, 0, 0]
+    cdef const float* wq = &wpk[0, 0, 0]
+    cdef float* oq = &out[0, 0, 0]
+    try:
+        if threads <= 1 or ntask == 1:
+            with nogil:
+                for t in range(ntask):
+                    _conv_task(t, npan, rc, xq, Wp, C, rows, wo, sh, sw, off, nseg, L, wq,
+                               &b[0], oq, n, act)
+        else:
+            for t in prange(ntask, nogil=True, num_threads=threads, schedule="static"):
+                _conv_task(t, npan, rc, xq, Wp, C, rows, wo, sh, sw, off, nseg, L, wq,
+                           &b[0], oq, n, act)
+    finally:
+        free(off)
+
+
+cdef inline void _conv_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t rc, const float* xp,
+                            Py_ssize_t Wp, Py_ssize_t C, Py_ssize_t rows, Py_ssize_t wo,
+                            Py_ssize_t sh, Py_ssize_t sw, const Py_ssize_t* off,
+                            Py_ssize_t nseg, Py_ssize_t L, const float* wp, const float* bp,
+                            float* op, Py_ssize_t n, int act) noexcept nogil:
+    cdef Py_ssize_t y0 = (t // npan) * rc, q = t % npan, q0 = q * PW_NR
+    cdef Py_ssize_t m = rows - y0 if rows - y0 < rc else rc
+    cdef Py_ssize_t nt = n - q0 if n - q0 < PW_NR else PW_NR
+    pw5_conv_panel(xp + y0 * sh * Wp * C, Wp, C, m, wo, sh, sw, off, nseg, L,
+                   wp + q * nseg * L * PW_NR, bp + q0, op + y0 * wo * n + q0, n, nt, act)
 NEON = bool(PW_NEON)       # the packed kernel is the NEON one (aarch64)
 
 

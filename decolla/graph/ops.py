@@ -6,7 +6,8 @@ reads outside the tensor itself, so a strip of rows computes exactly the rows of
 whole map. Convolutions run on DeColla's Cython kernels: pointwise through the gemm
 kernel, depthwise and dense 3x3 (pad 1, stride 1/2) through dwconv/conv, depthwise of
 any other size through `kernels.dwconvk`, and every other convolution (any kernel,
-stride, padding, dilation, groups) as im2col + the gemm kernel.
+stride, padding, dilation, groups) as im2col + the gemm kernel, except that the AVX-512
+build convolves dense ones (groups 1) straight from the input (`gemm.conv_packed`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from decolla.kernels import load
 
 _dwk = load("dwconvk")
 _act = load("act")
+_gemm = load("gemm")
+_pool = load("pool")
 IM2COL_BLOCK = 256   # output pixels per im2col block (packed-weight kernel, cache-sized)
 
 
@@ -124,37 +127,56 @@ def _taps(node: Node, xp: np.ndarray, rows: int, wo: int):
             yield i, j, xp[i * dh:i * dh + (rows - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
 
 
+def epilogue(act, fused_relu: bool) -> tuple[int, tuple | None]:
+    """(the kernel epilogue's activation code, the activation left to apply after it):
+    ReLU6 is in every kernel's epilogue, ReLU where `fused_relu` (the AVX-512 packed ones)."""
+    if act == RELU6:
+        return _gemm.ACT_RELU6, None
+    if act == ("relu",) and fused_relu:
+        return _gemm.ACT_RELU, None
+    return _gemm.ACT_NONE, act
+
+
 def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> np.ndarray:
     """Output rows [a, b) of a conv node (into `dst` when given)."""
     p = prepared(node)
     path, w, bias = p["path"], p["w"], p["b"]
     act = node.attrs["act"]
-    relu6 = act == RELU6
     wo, cout = node.shape[1], node.shape[2]
     out = np.empty((b - a, wo, cout), np.float32) if dst is None else dst
     if b == a:
         return out
     x = np.ascontiguousarray(x)
+    code, rest = epilogue(act, False)
     if path == "pw":
         _check_window(x, x0, H, a, b)
-        K.pwconv_kernel(x, w, bias, out, 0, a - x0, relu6, None, 0, 0, nt)
+        code, rest = epilogue(act, _gemm.RELU_FUSED and K.uses_packed((b - a) * wo, w.shape[0],
+                                                                      cout))
+        K.pwconv_kernel(x, w, bias, out, 0, a - x0, code, None, 0, 0, nt)
     elif path == "dw3":
         _check_window(x, x0, H, *window_rows(node, a, b))
-        K._dw.dwconv3x3(x, w, bias, out, node.attrs["stride"][0], 0, 0, a, x0, H, relu6, nt)
+        K._dw.dwconv3x3(x, w, bias, out, node.attrs["stride"][0], 0, 0, a, x0, H, code, nt)
     elif path == "dw":
         lo, hi = window_rows(node, a, b)
         _check_window(x, x0, H, lo, hi)
         (sh, sw), (dh, dw), pads = node.attrs["stride"], node.attrs["dilation"], node.attrs["pads"]
-        _dwk.dwconv(x, w, bias, out, a, x0, H, sh, sw, pads[0], pads[1], dh, dw, relu6, nt)
+        _dwk.dwconv(x, w, bias, out, a, x0, H, sh, sw, pads[0], pads[1], dh, dw, code, nt)
     else:
         lo, hi = window_rows(node, a, b)
         pads = node.attrs["pads"]
         xp = np.ascontiguousarray(padded(x, x0, H, lo, hi, pads[1], pads[3], 0.0))
-        _im2col_conv(node, xp, w, bias, out, relu6, nt)
-    return out if relu6 else apply_act(out, act, nt)
+        if node.attrs["groups"] == 1 and _gemm.AVX512:
+            code, rest = epilogue(act, True)
+            (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
+            dh, dw = node.attrs["dilation"]
+            _gemm.conv_packed(xp, K.packed_weight(w, 0, cout), bias, out, kh, kw, sh, sw, dh,
+                              dw, code, nt)
+        else:
+            _im2col_conv(node, xp, w, bias, out, code, nt)
+    return apply_act(out, rest, nt)
 
 
-def _im2col_conv(node: Node, xp, w, bias, out, relu6: bool, nt: int) -> None:
+def _im2col_conv(node: Node, xp, w, bias, out, code: int, nt: int) -> None:
     """Any convolution: per group, the patches as rows of a matrix times the weight."""
     kh, kw, cin_g, cout = node.arrays["weight"].shape
     g = node.attrs["groups"]
@@ -176,36 +198,38 @@ def _im2col_conv(node: Node, xp, w, bias, out, relu6: bool, nt: int) -> None:
             for i in range(kh):
                 blk[:, :, i] = np.lib.stride_tricks.as_strided(
                     xp[r * sh + i * dh:], (n, wo, kw, cin_g), (st[0] * sh, st[1] * sw, st[1], st[2]))
-            K.pwconv_kernel(blk.reshape(n, wo, K_), w, bias, out[r:r + n], 0, 0, relu6, None,
+            K.pwconv_kernel(blk.reshape(n, wo, K_), w, bias, out[r:r + n], 0, 0, code, None,
                             0, 0, nt)
         return
     for gi in range(g):
         for i, j, view in _taps(node, xp, rows, wo):
             cols[:, :, i, j, :] = view[..., gi * cin_g:(gi + 1) * cin_g]
         K.pwconv_kernel(cols.reshape(rows, wo, kh * kw * cin_g), w, bias, tmp, gi * cout_g, 0,
-                        relu6, None, 0, 0, nt)
+                        code, None, 0, 0, nt)
         if g > 1:
             out[..., gi * cout_g:(gi + 1) * cout_g] = tmp
 
 
-def pool(node: Node, x, x0: int, H: int, a: int, b: int) -> np.ndarray:
+def pool(node: Node, x, x0: int, H: int, a: int, b: int, nt: int = 1) -> np.ndarray:
     """Output rows [a, b) of a max or average pool."""
     rows, wo = b - a, node.shape[1]
     pads = node.attrs["pads"]
     lo, hi = window_rows(node, a, b)
-    is_max = node.op == "maxpool"
-    xp = padded(x, x0, H, lo, hi, pads[1], pads[3], -np.inf if is_max else 0.0)
+    (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
+    if node.op == "maxpool":
+        _check_window(x, x0, H, lo, hi)
+        out = np.empty((rows, wo, x.shape[2]), np.float32)
+        dh, dw = node.attrs.get("dilation", (1, 1))
+        _pool.maxpool(np.ascontiguousarray(x), out, a, x0, H, kh, kw, sh, sw, pads[0], pads[1],
+                      dh, dw, nt)
+        return out
+    xp = padded(x, x0, H, lo, hi, pads[1], pads[3], 0.0)
     out = None
     for _, _, view in _taps(node, xp, rows, wo):
         if out is None:
             out = np.array(view, np.float32)
-        elif is_max:
-            np.maximum(out, view, out=out)
         else:
             out += view
-    if is_max:
-        return out
-    kh, kw = node.attrs["kernel"]
     if node.attrs["count_pad"]:
         out *= np.float32(1.0 / (kh * kw))
         return out
@@ -240,7 +264,7 @@ def run(node: Node, ins: list, heights: list, a: int, b: int, nt: int,
     if op == "conv":
         return conv(node, x, x0, heights[0], a, b, nt, dst)
     if op in ("maxpool", "avgpool"):
-        return _into(dst, pool(node, x, x0, heights[0], a, b))
+        return _into(dst, pool(node, x, x0, heights[0], a, b, nt))
     if op in ("add", "mul"):
         y = (np.add if op == "add" else np.multiply)(rows_of(x, x0, a, b),
                                                      rows_of(*ins[1], a, b), out=dst)
