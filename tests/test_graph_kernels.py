@@ -91,16 +91,21 @@ def _row_strip(data, full, h, s, pt, span):
     return r0, r1, max(0, r0 * s - pt), min(h, (r1 - 1) * s - pt + span)
 
 
+@per_build
 @SETTINGS
 @given(h=st.integers(1, 30), w=st.integers(1, 30), c=st.integers(1, 40),
        n=st.integers(1, 70), k=st.sampled_from([(1, 1), (3, 3), (5, 5), (7, 7), (2, 3)]),
        s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), act=st.sampled_from([0, 1, 2]),
        data=st.data())
-def test_dense_conv_read_from_its_input_matches_numpy(h, w, c, n, k, s, d, act, data):
-    """gemm.conv_packed (AVX-512 build): any kernel, stride, padding, dilation, a strip of
-    output rows from its input window padded as decolla.graph.ops pads it, a window of
-    output channels, no activation, ReLU6 or ReLU, 1 or 2 threads."""
-    gemm = build("v4", "_v4", "gemm")
+def test_dense_conv_on_the_packed_kernel_matches_numpy(isa, suffix, h, w, c, n, k, s, d, act,
+                                                       data):
+    """gemm.conv_packed (read in place in the AVX-512 build, by patches elsewhere): any
+    kernel, stride, padding, dilation, a strip of output rows from its input window padded
+    as decolla.graph.ops pads it, a window of output channels, no activation, ReLU6 or
+    (where the build fuses it) ReLU, 1 or 2 threads."""
+    gemm = build(isa, suffix, "gemm")
+    if act == gemm.ACT_RELU and not gemm.RELU_FUSED:
+        act = gemm.ACT_NONE
     (kh, kw) = k
     pads = tuple(data.draw(st.integers(0, 3)) for _ in range(4))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
@@ -118,7 +123,8 @@ def test_dense_conv_read_from_its_input_matches_numpy(h, w, c, n, k, s, d, act, 
     xp = np.ascontiguousarray(padded(np.ascontiguousarray(x[lo:max(lo, hi)]), lo, h,
                                      r0 * s - pads[0], (r1 - 1) * s - pads[0] + (kh - 1) * d + 1,
                                      pads[1], pads[3], 0.0))
-    wpk = np.empty(((c1 - c0 + 31) // 32, kh * kw * c, 32), np.float32)
+    nr = gemm.PACK_NR
+    wpk = np.empty(((c1 - c0 + nr - 1) // nr, kh * kw * c, nr), np.float32)
     gemm.pack_pw(wt.reshape(-1, n), c0, c1, wpk)
     out = np.empty((r1 - r0, full.shape[1], c1 - c0), np.float32)
     gemm.conv_packed(xp, wpk, b[c0:c1].copy(), out, kh, kw, s, s, d, d, act,

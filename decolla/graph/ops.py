@@ -4,10 +4,11 @@ A window is (array, row0): rows [row0, row0 + len) of a tensor (the whole tensor
 row0 = 0 and it is complete). A windowed op (conv, pools) pads the rows and columns it
 reads outside the tensor itself, so a strip of rows computes exactly the rows of the
 whole map. Convolutions run on DeColla's Cython kernels: pointwise through the gemm
-kernel, depthwise and dense 3x3 (pad 1, stride 1/2) through dwconv/conv, depthwise of
-any other size through `kernels.dwconvk`, and every other convolution (any kernel,
-stride, padding, dilation, groups) as im2col + the gemm kernel, except that the AVX-512
-build convolves dense ones (groups 1) straight from the input (`gemm.conv_packed`).
+kernel, depthwise 3x3 (pad 1, stride 1/2) through dwconv, depthwise of any other size
+through `kernels.dwconvk`, dense ones (any kernel, stride, padding, dilation) through
+`gemm.conv_packed` in the builds with a packed-weight kernel (the AVX-512 build reads the
+input in place, the others copy patches by chunks of rows in C), and every other
+convolution (grouped; any dense one in the baseline build) as im2col + the gemm kernel.
 """
 from __future__ import annotations
 
@@ -165,8 +166,8 @@ def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> n
         lo, hi = window_rows(node, a, b)
         pads = node.attrs["pads"]
         xp = np.ascontiguousarray(padded(x, x0, H, lo, hi, pads[1], pads[3], 0.0))
-        if node.attrs["groups"] == 1 and _gemm.AVX512:
-            code, rest = epilogue(act, True)
+        if node.attrs["groups"] == 1 and K.PACKED_MAX_PIXELS:
+            code, rest = epilogue(act, _gemm.RELU_FUSED)
             (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
             dh, dw = node.attrs["dilation"]
             _gemm.conv_packed(xp, K.packed_weight(w, 0, cout), bias, out, kh, kw, sh, sw, dh,
