@@ -60,17 +60,17 @@ def ir_kind(node: Node) -> str | None:
 
 
 def conv_path(node: Node) -> str:
-    """Which kernel computes a conv node: 'pw' (gemm), 'dw3' (dwconv), 'dw' (dwconvk) or
-    'im2col'. Dense 3x3 convolutions take im2col too: measured as fast or faster than the
-    conv3x3 kernel on ResNet-18 and SqueezeNet (that kernel re-reads a wide layer's weight
-    every few rows)."""
+    """Which kernel computes a conv node: 'pw' (gemm), 'dw3' (dwconv), 'dw' (dwconvk),
+    'dense' (groups 1: gemm.conv_packed, im2col in the baseline build) or 'im2col'
+    (grouped). Dense 3x3 convolutions take 'dense' too: faster than the conv3x3 kernel,
+    which re-reads a wide layer's weight every few rows."""
     kind = ir_kind(node)
     if kind == "pwconv":
         return "pw"
     kh, kw, cin_g, cout = node.arrays["weight"].shape
     if cin_g == 1 and node.attrs["groups"] == cout and node.attrs["dilation"] == (1, 1):
         return "dw3" if kind == "dwconv3x3" else "dw"
-    return "im2col"
+    return "dense" if node.attrs["groups"] == 1 else "im2col"
 
 
 def prepared(node: Node) -> dict:
@@ -166,7 +166,7 @@ def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> n
         lo, hi = window_rows(node, a, b)
         pads = node.attrs["pads"]
         xp = np.ascontiguousarray(padded(x, x0, H, lo, hi, pads[1], pads[3], 0.0))
-        if node.attrs["groups"] == 1 and K.PACKED_MAX_PIXELS:
+        if path == "dense" and K.PACKED_MAX_PIXELS:
             code, rest = epilogue(act, _gemm.RELU_FUSED)
             (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
             dh, dw = node.attrs["dilation"]
