@@ -38,7 +38,10 @@ cdef extern from *:
         PW_ACT_NONE
         PW_ACT_RELU6
         PW_ACT_RELU
-    # act: PW_ACT_NONE, PW_ACT_RELU6 (what a true relu6 flag is) or PW_ACT_RELU
+        PW_ACT_HARDSWISH
+        PW_ACT_SILU
+    # act: PW_ACT_NONE, PW_ACT_RELU6 (what a true relu6 flag is), PW_ACT_RELU,
+    # PW_ACT_HARDSWISH or PW_ACT_SILU
     void pw5_panel(const float* a, Py_ssize_t M, Py_ssize_t K, const float* w,
                    const float* b, float* o, Py_ssize_t ldo, const float* r, Py_ssize_t rs,
                    Py_ssize_t nt, int act) noexcept nogil
@@ -195,7 +198,7 @@ cdef inline void _pw_packed_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t mc,
     cdef Py_ssize_t m = M - p0 if M - p0 < mc else mc
     cdef Py_ssize_t nt = n - q0 if n - q0 < PW_NR else PW_NR
     cdef const float* r = NULL if rp == NULL else rp + p0 * rs + q0
-    # Only the AVX-512 epilogue has ReLU (PW_ACT_RELU): the callers pass it there only.
+    # Only the AVX-512 epilogue has ReLU, hard-swish and SiLU: the callers pass them there only.
     cdef bint relu6 = act == PW_ACT_RELU6
     if PW_AVX512:
         pw5_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,

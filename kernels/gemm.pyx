@@ -114,7 +114,7 @@ def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const fl
                   int threads=1):
     """Same as `pwconv`, with the weight window w[:, c0:c0+n] pre-packed by `pack_pw`
     as wpk (panels, K, PW_NR); act: ACT_NONE, ACT_RELU6 (or a bool relu6) or, where
-    RELU_FUSED, ACT_RELU. Work is cut into (pixel chunk, panel) tasks that the threads
+    RELU_FUSED, ACT_RELU, ACT_HARDSWISH or ACT_SILU. Work is cut into (pixel chunk, panel) tasks that the threads
     share."""
     _check_act(act)
     cdef Py_ssize_t rows = out.shape[0], W = out.shape[1], n = out.shape[2]
@@ -154,11 +154,14 @@ PACK_NR = PW_NR     # channels per packed weight panel in this build
 PACK_MR = PW_MR     # pixels per register block
 AVX512 = bool(PW_AVX512)   # the packed kernel is the AVX-512 one
 ACT_NONE, ACT_RELU6, ACT_RELU = PW_ACT_NONE, PW_ACT_RELU6, PW_ACT_RELU
-RELU_FUSED = bool(PW_AVX512)   # the packed kernels' epilogue has ReLU (ACT_RELU)
+ACT_HARDSWISH, ACT_SILU = PW_ACT_HARDSWISH, PW_ACT_SILU
+# The packed kernels' epilogue has ReLU, hard-swish and SiLU (beside none and ReLU6).
+RELU_FUSED = bool(PW_AVX512)
 
 
 cdef _check_act(int act):
-    if act not in (PW_ACT_NONE, PW_ACT_RELU6) and not (act == PW_ACT_RELU and PW_AVX512):
+    if act not in (PW_ACT_NONE, PW_ACT_RELU6) and not (
+            PW_ACT_RELU <= act <= PW_ACT_SILU and PW_AVX512):
         raise ValueError(f"activation code {act} is not one this build's packed kernel has")
 
 

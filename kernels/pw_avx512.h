@@ -12,10 +12,13 @@
 #define DECOLLA_PW_AVX512_H
 #include <stddef.h>
 
-/* Activations of the epilogue: none, ReLU6 (what a true `relu6` flag passes), ReLU. */
+/* Activations of the epilogue: none, ReLU6 (what a true `relu6` flag passes), ReLU,
+   hard-swish, SiLU (the last three in the AVX-512 build only). */
 #define PW_ACT_NONE 0
 #define PW_ACT_RELU6 1
 #define PW_ACT_RELU 2
+#define PW_ACT_HARDSWISH 3
+#define PW_ACT_SILU 4
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -25,15 +28,42 @@
 #define PW5_INLINE static inline __attribute__((always_inline))
 #define PW5_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
+/* exp(x), 16 lanes: kernels/act.pyx's decolla_expf (Cephes' polynomial on a
+   range-reduced argument) step for step, so SiLU here matches act.apply's. */
+PW5_INLINE __m512 pw5_exp(__m512 x) {
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+    __m512 n = _mm512_sub_ps(t, magic);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                               _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t),
+                                                   _mm512_set1_epi32(127 - 0x4B400000)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
 /* o[0:16] = act(acc + bias) (+ r) on the channels of mask m: the epilogue of
    bias_act_rows, in registers. max/min keep its NaN and -0 results (s > 0 ? s : 0). */
 PW5_INLINE void pw5_out(float *o, const float *r, __m512 acc, __m512 bias, __mmask16 m,
                         int act) {
     __m512 s = _mm512_add_ps(acc, bias);
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
     if (act == PW_ACT_RELU6)
-        s = _mm512_min_ps(_mm512_max_ps(s, _mm512_setzero_ps()), _mm512_set1_ps(6.0f));
+        s = _mm512_min_ps(_mm512_max_ps(s, zero), _mm512_set1_ps(6.0f));
     else if (act == PW_ACT_RELU)
-        s = _mm512_max_ps(s, _mm512_setzero_ps());
+        s = _mm512_max_ps(s, zero);
+    else if (act == PW_ACT_HARDSWISH)   /* s * clamp(s / 6 + 1/2, 0, 1) */
+        s = _mm512_mul_ps(s, _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(
+                s, _mm512_set1_ps(1.0f / 6.0f), _mm512_set1_ps(0.5f)), zero), one));
+    else if (act == PW_ACT_SILU)        /* s / (1 + exp(-s)) */
+        s = _mm512_div_ps(s, _mm512_add_ps(one, pw5_exp(_mm512_sub_ps(zero, s))));
     if (r)
         s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, r));
     _mm512_mask_storeu_ps(o, m, s);

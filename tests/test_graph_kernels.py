@@ -95,16 +95,16 @@ def _row_strip(data, full, h, s, pt, span):
 @SETTINGS
 @given(h=st.integers(1, 30), w=st.integers(1, 30), c=st.integers(1, 40),
        n=st.integers(1, 70), k=st.sampled_from([(1, 1), (3, 3), (5, 5), (7, 7), (2, 3)]),
-       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), act=st.sampled_from([0, 1, 2]),
+       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), act=st.sampled_from([0, 1, 2, 3, 4]),
        data=st.data())
 def test_dense_conv_on_the_packed_kernel_matches_numpy(isa, suffix, h, w, c, n, k, s, d, act,
                                                        data):
     """gemm.conv_packed (read in place in the AVX-512 build, by patches elsewhere): any
     kernel, stride, padding, dilation, a strip of output rows from its input window padded
     as decolla.graph.ops pads it, a window of output channels, no activation, ReLU6 or
-    (where the build fuses it) ReLU, 1 or 2 threads."""
+    (where the build fuses them) ReLU, hard-swish, SiLU, 1 or 2 threads."""
     gemm = build(isa, suffix, "gemm")
-    if act == gemm.ACT_RELU and not gemm.RELU_FUSED:
+    if act > gemm.ACT_RELU6 and not gemm.RELU_FUSED:
         act = gemm.ACT_NONE
     (kh, kw) = k
     pads = tuple(data.draw(st.integers(0, 3)) for _ in range(4))
@@ -116,7 +116,8 @@ def test_dense_conv_on_the_packed_kernel_matches_numpy(isa, suffix, h, w, c, n, 
     if taps is None:
         return
     full = sum(v @ wt[i, j].astype(np.float64) for i, j, v in taps) + b
-    full = {0: full, 1: np.clip(full, 0, 6), 2: np.maximum(full, 0)}[act]
+    full = {0: full, 1: np.clip(full, 0, 6), 2: np.maximum(full, 0),
+            3: ACTS["HARDSWISH"](full, 0, 0), 4: ACTS["SILU"](full, 0, 0)}[act]
     c0 = data.draw(st.integers(0, n - 1))
     c1 = data.draw(st.integers(c0 + 1, n))
     r0, r1, lo, hi = _row_strip(data, full, h, s, pads[0], (kh - 1) * d + 1)
@@ -157,7 +158,8 @@ def test_maxpool_on_a_row_window_matches_numpy(isa, suffix, h, w, c, k, s, d, da
 
 @per_build
 def test_packed_pwconv_relu_epilogue_where_the_build_has_it(isa, suffix):
-    """ACT_RELU in the AVX-512 packed kernel's epilogue; the other builds refuse it."""
+    """ACT_RELU in the AVX-512 packed kernel's epilogue; the other builds refuse it (and
+    hard-swish and SiLU, which tests above check in the epilogue)."""
     gemm = build(isa, suffix, "gemm")
     rng = np.random.default_rng(3)
     x, wt = rng.standard_normal((5, 7, 19)).astype(np.float32), rng.standard_normal((19, 45)).astype(np.float32)

@@ -128,13 +128,18 @@ def _taps(node: Node, xp: np.ndarray, rows: int, wo: int):
             yield i, j, xp[i * dh:i * dh + (rows - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
 
 
-def epilogue(act, fused_relu: bool) -> tuple[int, tuple | None]:
+_FUSED = {("relu",): _gemm.ACT_RELU, ("hardswish",): _gemm.ACT_HARDSWISH,
+          ("silu",): _gemm.ACT_SILU}
+
+
+def epilogue(act, fused: bool) -> tuple[int, tuple | None]:
     """(the kernel epilogue's activation code, the activation left to apply after it):
-    ReLU6 is in every kernel's epilogue, ReLU where `fused_relu` (the AVX-512 packed ones)."""
+    ReLU6 is in every kernel's epilogue, ReLU, hard-swish and SiLU where `fused` (the
+    AVX-512 packed ones)."""
     if act == RELU6:
         return _gemm.ACT_RELU6, None
-    if act == ("relu",) and fused_relu:
-        return _gemm.ACT_RELU, None
+    if fused and act in _FUSED:
+        return _FUSED[act], None
     return _gemm.ACT_NONE, act
 
 
