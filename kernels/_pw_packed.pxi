@@ -5,7 +5,7 @@
 # every sgemm call, which dominates when there are only a few dozen pixels.
 #
 # Three micro-kernels, one per build: the AVX-512 build (x86-64-v4) multiplies 12 pixels
-# by a 32-channel panel in 24 zmm accumulators (pw5_*, C intrinsics below); the NEON
+# by a 32-channel panel in 24 zmm accumulators (pw5_*, kernels/pw_avx512.h); the NEON
 # build (aarch64) 8 pixels by an 8-channel panel in 16 q-register accumulators
 # (pwn_panel, kernels/pw_neon.h); every other build 6 pixels by a 16-channel panel in 12
 # ymm accumulators (_pw_block, GCC vector extensions). PW_NR / PW_MR are this build's
@@ -14,105 +14,18 @@ cdef extern from *:
     """
     #include <stddef.h>
     #include "pw_neon.h"
+    #include "pw_avx512.h"
     #define PW3_NR 16   /* channels per weight panel: two AVX2 vectors */
     #define PW3_MR 6    /* pixels per block: 6 x 16 accumulators = 12 ymm registers */
-    #if defined(__AVX512F__)
-    #include <immintrin.h>
-    #define PW_AVX512 1
-    #define PW_NR 32    /* two zmm vectors */
-    #define PW_MR 12    /* 12 x 32 accumulators = 24 of the 32 zmm registers */
+    #if PW_AVX512
+    #define PW_NR PW5_NR
+    #define PW_MR PW5_MR
     #elif PW_NEON
-    #define PW_AVX512 0
     #define PW_NR PWN_NR
     #define PW_MR PWN_MR
     #else
-    #define PW_AVX512 0
     #define PW_NR PW3_NR
     #define PW_MR PW3_MR
-    #endif
-
-    #if PW_AVX512
-    #define PW5_INLINE static inline __attribute__((always_inline))
-    #define PW5_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-
-    /* o[0:16] = act(acc + bias) (+ r) on the channels of mask m: the epilogue of
-       bias_act_rows, in registers. max/min keep its NaN and -0 results (s > 0 ? s : 0). */
-    PW5_INLINE void pw5_out(float *o, const float *r, __m512 acc, __m512 bias, __mmask16 m,
-                            int relu6) {
-        __m512 s = _mm512_add_ps(acc, bias);
-        if (relu6)
-            s = _mm512_min_ps(_mm512_max_ps(s, _mm512_setzero_ps()), _mm512_set1_ps(6.0f));
-        if (r)
-            s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, r));
-        _mm512_mask_storeu_ps(o, m, s);
-    }
-
-    /* mr (<= 12, a literal after inlining) pixels x nt (<= 32) channels from one
-       K x 32 weight panel; only its first 16 channels unless `wide`. */
-    PW5_INLINE void pw5_block(const float *__restrict__ a, ptrdiff_t K,
-                              const float *__restrict__ w, const float *__restrict__ b,
-                              float *o, ptrdiff_t ldo, const float *r, ptrdiff_t rs,
-                              ptrdiff_t nt, int relu6, const int mr, const int wide) {
-    #define PW5_DECL(i) __m512 c##i##a = _mm512_setzero_ps(), c##i##b = _mm512_setzero_ps();
-        PW5_ROWS(PW5_DECL)
-        /* One moving pointer into the pixels' rows and one into the panel: row i is at
-           ak[i * K], so the loop needs 11 offset registers and no spilled row pointer. */
-        const float *ak = a, *wk = w, *wend = w + K * 32;
-        if (wide) {
-            for (; wk != wend; wk += 32, ak++) {
-                __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
-    #define PW5_FMA2(i) if (mr > i) { __m512 x = _mm512_set1_ps(ak[i * K]); \
-                c##i##a = _mm512_fmadd_ps(x, w0, c##i##a); \
-                c##i##b = _mm512_fmadd_ps(x, w1, c##i##b); }
-                PW5_ROWS(PW5_FMA2)
-            }
-        } else {
-            for (; wk != wend; wk += 32, ak++) {
-                __m512 w0 = _mm512_loadu_ps(wk);
-    #define PW5_FMA1(i) if (mr > i) \
-                c##i##a = _mm512_fmadd_ps(_mm512_set1_ps(ak[i * K]), w0, c##i##a);
-                PW5_ROWS(PW5_FMA1)
-            }
-        }
-        __mmask16 m0 = nt >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nt) - 1u);
-        __mmask16 m1 = nt >= 32 ? (__mmask16)0xFFFF
-                     : nt <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nt - 16)) - 1u);
-        __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
-    #define PW5_OUT(i) if (mr > i) { \
-            pw5_out(o + i * ldo, r ? r + i * rs : NULL, c##i##a, b0, m0, relu6); \
-            if (wide) pw5_out(o + i * ldo + 16, r ? r + i * rs + 16 : NULL, c##i##b, b1, m1, \
-                              relu6); }
-        PW5_ROWS(PW5_OUT)
-    }
-
-    /* All M pixels against one panel, 12 at a time; each block height is a literal,
-       so every call is a specialised copy with its row loop unrolled. */
-    static void pw5_panel(const float *a, ptrdiff_t M, ptrdiff_t K, const float *w,
-                          const float *b, float *o, ptrdiff_t ldo, const float *r,
-                          ptrdiff_t rs, ptrdiff_t nt, int relu6) {
-        ptrdiff_t p = 0;
-        int wide = nt > 16;
-        while (p < M) {
-            ptrdiff_t mr = M - p < PW_MR ? M - p : PW_MR;
-            const float *ap = a + p * K, *rp = r ? r + p * rs : NULL;
-            float *op = o + p * ldo;
-            switch (mr) {
-    #define PW5_CASE(n) case n: if (wide) \
-                pw5_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 1); \
-                else pw5_block(ap, K, w, b, op, ldo, rp, rs, nt, relu6, n, 0); break;
-            PW5_CASE(12) PW5_CASE(11) PW5_CASE(10) PW5_CASE(9) PW5_CASE(8) PW5_CASE(7)
-            PW5_CASE(6) PW5_CASE(5) PW5_CASE(4) PW5_CASE(3) PW5_CASE(2) PW5_CASE(1)
-            }
-            p += mr;
-        }
-    }
-    #else
-    static void pw5_panel(const float *a, ptrdiff_t M, ptrdiff_t K, const float *w,
-                          const float *b, float *o, ptrdiff_t ldo, const float *r,
-                          ptrdiff_t rs, ptrdiff_t nt, int relu6) {
-        (void)a; (void)M; (void)K; (void)w; (void)b; (void)o; (void)ldo; (void)r;
-        (void)rs; (void)nt; (void)relu6;   /* never called: PW_AVX512 is 0 */
-    }
     #endif
     """
     enum:
@@ -122,9 +35,20 @@ cdef extern from *:
         PW_MR
         PW_AVX512
         PW_NEON
+        PW_ACT_NONE
+        PW_ACT_RELU6
+        PW_ACT_RELU
+        PW_ACT_HARDSWISH
+        PW_ACT_SILU
+    # act: PW_ACT_NONE, PW_ACT_RELU6 (what a true relu6 flag is), PW_ACT_RELU,
+    # PW_ACT_HARDSWISH or PW_ACT_SILU
     void pw5_panel(const float* a, Py_ssize_t M, Py_ssize_t K, const float* w,
                    const float* b, float* o, Py_ssize_t ldo, const float* r, Py_ssize_t rs,
-                   Py_ssize_t nt, bint relu6) noexcept nogil
+                   Py_ssize_t nt, int act) noexcept nogil
+    void pw5_conv_panel(const float* xp, Py_ssize_t Wp, Py_ssize_t C, Py_ssize_t rows,
+                        Py_ssize_t wo, Py_ssize_t sh, Py_ssize_t sw, const Py_ssize_t* off,
+                        Py_ssize_t nseg, Py_ssize_t L, const float* w, const float* b,
+                        float* o, Py_ssize_t ldo, Py_ssize_t nt, int act) noexcept nogil
     void pwn_panel(const float* a, Py_ssize_t M, Py_ssize_t K, const float* w,
                    const float* b, float* o, Py_ssize_t ldo, const float* r, Py_ssize_t rs,
                    Py_ssize_t nt, bint relu6) noexcept nogil
@@ -368,14 +292,16 @@ cdef Py_ssize_t PW_CHUNK_FLOATS = 32768
 cdef inline void _pw_packed_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t mc,
                                  const float* ap, Py_ssize_t M, Py_ssize_t K,
                                  const float* wp, const float* bp, float* op, Py_ssize_t n,
-                                 const float* rp, Py_ssize_t rs, bint relu6) noexcept nogil:
+                                 const float* rp, Py_ssize_t rs, int act) noexcept nogil:
     cdef Py_ssize_t p0 = (t // npan) * mc, q = t % npan, q0 = q * PW_NR
     cdef Py_ssize_t m = M - p0 if M - p0 < mc else mc
     cdef Py_ssize_t nt = n - q0 if n - q0 < PW_NR else PW_NR
     cdef const float* r = NULL if rp == NULL else rp + p0 * rs + q0
+    # Only the AVX-512 epilogue has ReLU, hard-swish and SiLU: the callers pass them there only.
+    cdef bint relu6 = act == PW_ACT_RELU6
     if PW_AVX512:
         pw5_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
-                  nt, relu6)
+                  nt, act)
     elif PW_NEON:
         pwn_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
                   nt, relu6)
@@ -396,12 +322,12 @@ cdef inline Py_ssize_t pw_chunk(Py_ssize_t K, Py_ssize_t M) noexcept nogil:
 
 cdef inline void pw_packed_serial(const float* ap, Py_ssize_t M, Py_ssize_t K,
                                   const float* wp, const float* bp, float* op, Py_ssize_t n,
-                                  const float* rp, Py_ssize_t rs, bint relu6) noexcept nogil:
+                                  const float* rp, Py_ssize_t rs, int act) noexcept nogil:
     """op[p, c] = act(ap[p] . w[:, c] + bp[c]) (+ rp[p * rs + c]) for M pixels (K inputs,
     n outputs, rows n floats apart) on one thread; wp packed by pack_pw for exactly n
-    channels."""
+    channels; act: PW_ACT_*."""
     cdef Py_ssize_t npan = (n + PW_NR - 1) // PW_NR, mc = pw_chunk(K, M), t
     if M <= 0 or n <= 0:
         return
     for t in range((M + mc - 1) // mc * npan):
-        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
+        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)

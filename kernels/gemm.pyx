@@ -5,6 +5,8 @@ for few pixels, a pointwise convolution on weights packed once (`pwconv_packed`)
 Low-level kernels: no validation here (decolla.ops validates). NHWC fp32.
 """
 from cython.parallel cimport prange
+from libc.stdlib cimport malloc
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, sgemv
 
 include "_common.pxi"
@@ -107,12 +109,14 @@ include "_pw_packed.pxi"
 
 
 def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const float[::1] b,
-                  float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, bint relu6,
+                  float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, int act,
                   const float[:, :, ::1] res=None, Py_ssize_t rr0=0, Py_ssize_t rc0=0,
                   int threads=1):
     """Same as `pwconv`, with the weight window w[:, c0:c0+n] pre-packed by `pack_pw`
-    as wpk (panels, K, PW_NR). Work is cut into (pixel chunk, panel) tasks that the
-    threads share."""
+    as wpk (panels, K, PW_NR); act: ACT_NONE, ACT_RELU6 (or a bool relu6) or, where
+    RELU_FUSED, ACT_RELU, ACT_HARDSWISH or ACT_SILU. Work is cut into (pixel chunk, panel) tasks that the threads
+    share."""
+    _check_act(act)
     cdef Py_ssize_t rows = out.shape[0], W = out.shape[1], n = out.shape[2]
     cdef Py_ssize_t K = x.shape[2], npan = wpk.shape[0], t
     if rows == 0 or W == 0 or n == 0:
@@ -130,10 +134,10 @@ def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const fl
     if threads <= 1 or ntask == 1:
         with nogil:
             for t in range(ntask):
-                _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
+                _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)
         return
     for t in prange(ntask, nogil=True, num_threads=threads, schedule="static"):
-        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, relu6)
+        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)
 
 
 def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1] wpk):
@@ -149,7 +153,108 @@ def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1
 PACK_NR = PW_NR     # channels per packed weight panel in this build
 PACK_MR = PW_MR     # pixels per register block
 AVX512 = bool(PW_AVX512)   # the packed kernel is the AVX-512 one
-NEON = bool(PW_NEON)       # the packed kernel is the NEON one (aarch64)
+ACT_NONE, ACT_RELU6, ACT_RELU = PW_ACT_NONE, PW_ACT_RELU6, PW_ACT_RELU
+ACT_HARDSWISH, ACT_SILU = PW_ACT_HARDSWISH, PW_ACT_SILU
+# The packed kernels' epilogue has ReLU, hard-swish and SiLU (beside none and ReLU6).
+RELU_FUSED = bool(PW_AVX512)
+
+
+cdef _check_act(int act):
+    if act not in (PW_ACT_NONE, PW_ACT_RELU6) and not (
+            PW_ACT_RELU <= act <= PW_ACT_SILU and PW_AVX512):
+        raise ValueError(f"activation code {act} is not one this build's packed kernel has")
+
+
+# Floats of input window (AVX-512) or patches (other builds) per row chunk of conv_packed
+# (1 MiB: half of this host's L2), read by every weight panel in turn.
+cdef Py_ssize_t CONV_CHUNK_FLOATS = 262144
+
+
+def conv_packed(const float[:, :, ::1] xp, const float[:, :, ::1] wpk, const float[::1] b,
+                float[:, :, ::1] out, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, int act, int threads=1):
+    """A dense convolution on the packed-weight kernel: out[y, x, c] = act(b[c] + sum over
+    i, j, ci of xp[y*sh + i*dh, x*sw + j*dw, ci] * w[i, j, ci, c]), every row and column of
+    xp inside the (padded) input window, w packed by `pack_pw` from its (kh * kw * C, n)
+    reshape. The AVX-512 build reads the input in place (tasks: row chunk, weight panel);
+    the others copy a chunk of rows' patches (im2col) and run every panel over it."""
+    cdef Py_ssize_t rows = out.shape[0], wo = out.shape[1], n = out.shape[2]
+    cdef Py_ssize_t Wp = xp.shape[1], C = xp.shape[2], npan = wpk.shape[0]
+    _check_act(act)
+    if rows == 0 or wo == 0 or n == 0:
+        return
+    if wpk.shape[1] != kh * kw * C or wpk.shape[2] != PW_NR or npan * PW_NR < n or \
+            b.shape[0] < n:
+        raise ValueError(f"packed weight {tuple(wpk.shape)} / bias {b.shape[0]} do not fit a "
+                         f"{kh}x{kw} kernel over {C} channels into {n} outputs")
+    if min(kh, kw, sh, sw, dh, dw) < 1 or C < 1 or \
+            xp.shape[0] < (rows - 1) * sh + (kh - 1) * dh + 1 or \
+            Wp < (wo - 1) * sw + (kw - 1) * dw + 1:
+        raise ValueError(f"input window {tuple(xp.shape)} is too small for {rows}x{wo} "
+                         f"outputs of a {kh}x{kw} kernel, stride {sh}x{sw}, dilation {dh}x{dw}")
+    # Segments: one kernel row (kw taps, kw * C consecutive floats) when dw is 1, else one
+    # tap each.
+    cdef Py_ssize_t nseg = kh if dw == 1 else kh * kw, L = kw * C if dw == 1 else C, s
+    cdef Py_ssize_t* off = <Py_ssize_t*>calloc(nseg, sizeof(Py_ssize_t))
+    if off == NULL:
+        raise MemoryError()
+    for s in range(nseg):
+        off[s] = (s * dh * Wp) * C if dw == 1 else ((s // kw) * dh * Wp + (s % kw) * dw) * C
+    cdef Py_ssize_t span = (kh - 1) * dh + 1, rc, ntask, t
+    if PW_AVX512:    # rows whose input window stays in L2 while every panel reads it
+        rc = (CONV_CHUNK_FLOATS // (Wp * C) - span) // sh + 1
+    else:            # rows whose patches stay in L2 while every panel reads them
+        rc = CONV_CHUNK_FLOATS // (wo * nseg * L)
+    rc = 1 if rc < 1 else (rows if rc > rows else rc)
+    ntask = (rows + rc - 1) // rc * (npan if PW_AVX512 else 1)
+    cdef const float* xq = &xp[0, 0, 0]
+    cdef const float* wq = &wpk[0, 0, 0]
+    cdef float* oq = &out[0, 0, 0]
+    cdef int failed = 0
+    try:
+        if threads <= 1 or ntask == 1:
+            with nogil:
+                for t in range(ntask):
+                    failed |= _conv_task(t, npan, rc, xq, Wp, C, rows, wo, sh, sw, off, nseg,
+                                         L, wq, &b[0], oq, n, act)
+        else:
+            for t in prange(ntask, nogil=True, num_threads=threads, schedule="static"):
+                failed |= _conv_task(t, npan, rc, xq, Wp, C, rows, wo, sh, sw, off, nseg, L,
+                                     wq, &b[0], oq, n, act)
+    finally:
+        free(off)
+    if failed:
+        raise MemoryError()
+
+
+cdef inline int _conv_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t rc, const float* xp,
+                           Py_ssize_t Wp, Py_ssize_t C, Py_ssize_t rows, Py_ssize_t wo,
+                           Py_ssize_t sh, Py_ssize_t sw, const Py_ssize_t* off,
+                           Py_ssize_t nseg, Py_ssize_t L, const float* wp, const float* bp,
+                           float* op, Py_ssize_t n, int act) noexcept nogil:
+    """One task of conv_packed; 1 when its patch buffer could not be allocated."""
+    cdef Py_ssize_t y0 = (t // npan if PW_AVX512 else t) * rc, q = t % npan, q0 = q * PW_NR
+    cdef Py_ssize_t m = rows - y0 if rows - y0 < rc else rc
+    cdef Py_ssize_t nt = n - q0 if n - q0 < PW_NR else PW_NR, K = nseg * L, y, x, s
+    cdef float* buf
+    cdef const float* src
+    if PW_AVX512:
+        pw5_conv_panel(xp + y0 * sh * Wp * C, Wp, C, m, wo, sh, sw, off, nseg, L,
+                       wp + q * K * PW_NR, bp + q0, op + y0 * wo * n + q0, n, nt, act)
+        return 0
+    buf = <float*>malloc(m * wo * K * sizeof(float))
+    if buf == NULL:
+        return 1
+    for y in range(m):
+        for x in range(wo):
+            src = xp + ((y0 + y) * sh * Wp + x * sw) * C
+            for s in range(nseg):
+                memcpy(buf + (y * wo + x) * K + s * L, src + off[s], L * sizeof(float))
+    for q in range(npan):
+        _pw_packed_task(q, npan, m * wo, buf, m * wo, K, wp, bp, op + y0 * wo * n, n, NULL, 0,
+                        act)
+    free(buf)
+    return 0
 
 
 def linear(const float[::1] x, const float[:, ::1] w, const float[::1] b, float[::1] out,

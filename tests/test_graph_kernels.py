@@ -1,12 +1,15 @@
-"""The imported graphs' kernels in every ISA build: activations (act.pyx) and depthwise
-convolution of any size, stride, padding and dilation on a row window (dwconvk.pyx),
-against numpy in float64."""
+"""The imported graphs' kernels in every ISA build: activations (act.pyx), depthwise
+convolution of any size, stride, padding and dilation on a row window (dwconvk.pyx), max
+pooling (pool.pyx) and, in the AVX-512 build, the dense convolution read straight from its
+input (gemm.conv_packed), against numpy in float64."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from decolla.graph.ops import padded
 from tests.test_kernels_isa import SETTINGS, close, per_build, build
 
 ACTS = {
@@ -33,20 +36,25 @@ def test_activations_match_numpy(isa, suffix, n, fn, scale, threads, seed):
     np.testing.assert_allclose(y, want, rtol=2e-6, atol=1e-30 + 2e-6 * float(np.abs(want).max(initial=0)))
 
 
-def _dw_reference(x, w, b, sh, sw, pads, dh, dw):
-    """Depthwise conv of the whole map x (H, W, C), float64."""
+def _windows(x, kh, kw, sh, sw, pads, dh, dw, fill=0.0):
+    """(i, j, the input pixels tap (i, j) of every output reads) over x (H, W, C) padded
+    with `fill`, float64; None when there is no output."""
     pt, pl, pb, pr = pads
-    xp = np.pad(x.astype(np.float64), ((pt, pb), (pl, pr), (0, 0)))
-    kh, kw, _ = w.shape
+    xp = np.pad(x.astype(np.float64), ((pt, pb), (pl, pr), (0, 0)), constant_values=fill)
     ho = (xp.shape[0] - (kh - 1) * dh - 1) // sh + 1
     wo = (xp.shape[1] - (kw - 1) * dw - 1) // sw + 1
     if ho < 1 or wo < 1:
+        return None
+    return [(i, j, xp[i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw])
+            for i in range(kh) for j in range(kw)]
+
+
+def _dw_reference(x, w, b, sh, sw, pads, dh, dw):
+    """Depthwise conv of the whole map x (H, W, C), float64."""
+    taps = _windows(x, w.shape[0], w.shape[1], sh, sw, pads, dh, dw)
+    if taps is None:
         return np.zeros((0, 0, x.shape[2]))
-    out = np.zeros((ho, wo, x.shape[2])) + b
-    for i in range(kh):
-        for j in range(kw):
-            out += xp[i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw] * w[i, j]
-    return out
+    return sum(v * w[i, j] for i, j, v in taps) + b
 
 
 @per_build
@@ -74,3 +82,95 @@ def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, 
     dwk.dwconv(window, wt, b, out, r0, lo, h, s, s, pads[0], pads[1], d, d, relu6,
                data.draw(st.sampled_from([1, 2])))
     close(out, full[r0:r1])
+
+
+def _row_strip(data, full, h, s, pt, span):
+    """A strip of output rows [r0, r1) of `full` and the input rows [lo, hi) it reads."""
+    r0 = data.draw(st.integers(0, full.shape[0] - 1))
+    r1 = data.draw(st.integers(r0 + 1, full.shape[0]))
+    return r0, r1, max(0, r0 * s - pt), min(h, (r1 - 1) * s - pt + span)
+
+
+@per_build
+@SETTINGS
+@given(h=st.integers(1, 30), w=st.integers(1, 30), c=st.integers(1, 40),
+       n=st.integers(1, 70), k=st.sampled_from([(1, 1), (3, 3), (5, 5), (7, 7), (2, 3)]),
+       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), act=st.sampled_from([0, 1, 2, 3, 4]),
+       data=st.data())
+def test_dense_conv_on_the_packed_kernel_matches_numpy(isa, suffix, h, w, c, n, k, s, d, act,
+                                                       data):
+    """gemm.conv_packed (read in place in the AVX-512 build, by patches elsewhere): any
+    kernel, stride, padding, dilation, a strip of output rows from its input window padded
+    as decolla.graph.ops pads it, a window of output channels, no activation, ReLU6 or
+    (where the build fuses them) ReLU, hard-swish, SiLU, 1 or 2 threads."""
+    gemm = build(isa, suffix, "gemm")
+    if act > gemm.ACT_RELU6 and not gemm.RELU_FUSED:
+        act = gemm.ACT_NONE
+    (kh, kw) = k
+    pads = tuple(data.draw(st.integers(0, 3)) for _ in range(4))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    x = rng.standard_normal((h, w, c)).astype(np.float32)
+    wt = rng.standard_normal((kh, kw, c, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    taps = _windows(x, kh, kw, s, s, pads, d, d)
+    if taps is None:
+        return
+    full = sum(v @ wt[i, j].astype(np.float64) for i, j, v in taps) + b
+    full = {0: full, 1: np.clip(full, 0, 6), 2: np.maximum(full, 0),
+            3: ACTS["HARDSWISH"](full, 0, 0), 4: ACTS["SILU"](full, 0, 0)}[act]
+    c0 = data.draw(st.integers(0, n - 1))
+    c1 = data.draw(st.integers(c0 + 1, n))
+    r0, r1, lo, hi = _row_strip(data, full, h, s, pads[0], (kh - 1) * d + 1)
+    xp = np.ascontiguousarray(padded(np.ascontiguousarray(x[lo:max(lo, hi)]), lo, h,
+                                     r0 * s - pads[0], (r1 - 1) * s - pads[0] + (kh - 1) * d + 1,
+                                     pads[1], pads[3], 0.0))
+    nr = gemm.PACK_NR
+    wpk = np.empty(((c1 - c0 + nr - 1) // nr, kh * kw * c, nr), np.float32)
+    gemm.pack_pw(wt.reshape(-1, n), c0, c1, wpk)
+    out = np.empty((r1 - r0, full.shape[1], c1 - c0), np.float32)
+    gemm.conv_packed(xp, wpk, b[c0:c1].copy(), out, kh, kw, s, s, d, d, act,
+                     data.draw(st.sampled_from([1, 2])))
+    close(out, full[r0:r1, :, c0:c1])
+
+
+@per_build
+@SETTINGS
+@given(h=st.integers(1, 14), w=st.integers(1, 14), c=st.integers(1, 40), k=st.sampled_from([1, 2, 3, 5]),
+       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), data=st.data())
+def test_maxpool_on_a_row_window_matches_numpy(isa, suffix, h, w, c, k, s, d, data):
+    """Padding (less than the kernel, as ONNX allows, plus ceil-mode's extra end rows and
+    columns), a strip of output rows from its input window, 1 or 2 threads."""
+    pool = build(isa, suffix, "pool")
+    pads = tuple(data.draw(st.integers(0, k - 1)) for _ in range(2)) + \
+        tuple(data.draw(st.integers(0, k)) for _ in range(2))
+    x = np.random.default_rng(data.draw(st.integers(0, 2**31))).standard_normal((h, w, c))
+    x = x.astype(np.float32)
+    taps = _windows(x, k, k, s, s, pads, d, d, fill=-np.inf)
+    if taps is None:
+        return
+    full = np.max([v for _, _, v in taps], axis=0)
+    r0, r1, lo, hi = _row_strip(data, full, h, s, pads[0], (k - 1) * d + 1)
+    out = np.empty((r1 - r0,) + full.shape[1:], np.float32)
+    pool.maxpool(np.ascontiguousarray(x[lo:max(lo, hi)]), out, r0, lo, h, k, k, s, s, pads[0],
+                 pads[1], d, d, data.draw(st.sampled_from([1, 2])))
+    assert np.array_equal(out, full[r0:r1])
+
+
+@per_build
+def test_packed_pwconv_relu_epilogue_where_the_build_has_it(isa, suffix):
+    """ACT_RELU in the AVX-512 packed kernel's epilogue; the other builds refuse it (and
+    hard-swish and SiLU, which tests above check in the epilogue)."""
+    gemm = build(isa, suffix, "gemm")
+    rng = np.random.default_rng(3)
+    x, wt = rng.standard_normal((5, 7, 19)).astype(np.float32), rng.standard_normal((19, 45)).astype(np.float32)
+    b = rng.standard_normal(45).astype(np.float32)
+    nr = gemm.PACK_NR
+    wpk = np.empty(((45 + nr - 1) // nr, 19, nr), np.float32)
+    gemm.pack_pw(wt, 0, 45, wpk)
+    out = np.empty((5, 7, 45), np.float32)
+    if not gemm.RELU_FUSED:
+        with pytest.raises(ValueError, match="activation code 2"):
+            gemm.pwconv_packed(x, wpk, b, out, 0, 0, gemm.ACT_RELU)
+        return
+    gemm.pwconv_packed(x, wpk, b, out, 0, 0, gemm.ACT_RELU)
+    close(out, np.maximum(x.astype(np.float64) @ wt + b, 0))

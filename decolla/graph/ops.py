@@ -4,9 +4,11 @@ A window is (array, row0): rows [row0, row0 + len) of a tensor (the whole tensor
 row0 = 0 and it is complete). A windowed op (conv, pools) pads the rows and columns it
 reads outside the tensor itself, so a strip of rows computes exactly the rows of the
 whole map. Convolutions run on DeColla's Cython kernels: pointwise through the gemm
-kernel, depthwise and dense 3x3 (pad 1, stride 1/2) through dwconv/conv, depthwise of
-any other size through `kernels.dwconvk`, and every other convolution (any kernel,
-stride, padding, dilation, groups) as im2col + the gemm kernel.
+kernel, depthwise 3x3 (pad 1, stride 1/2) through dwconv, depthwise of any other size
+through `kernels.dwconvk`, dense ones (any kernel, stride, padding, dilation) through
+`gemm.conv_packed` in the builds with a packed-weight kernel (the AVX-512 build reads the
+input in place, the others copy patches by chunks of rows in C), and every other
+convolution (grouped; any dense one in the baseline build) as im2col + the gemm kernel.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from decolla.kernels import load
 
 _dwk = load("dwconvk")
 _act = load("act")
+_gemm = load("gemm")
+_pool = load("pool")
 IM2COL_BLOCK = 256   # output pixels per im2col block (packed-weight kernel, cache-sized)
 
 
@@ -56,17 +60,17 @@ def ir_kind(node: Node) -> str | None:
 
 
 def conv_path(node: Node) -> str:
-    """Which kernel computes a conv node: 'pw' (gemm), 'dw3' (dwconv), 'dw' (dwconvk) or
-    'im2col'. Dense 3x3 convolutions take im2col too: measured as fast or faster than the
-    conv3x3 kernel on ResNet-18 and SqueezeNet (that kernel re-reads a wide layer's weight
-    every few rows)."""
+    """Which kernel computes a conv node: 'pw' (gemm), 'dw3' (dwconv), 'dw' (dwconvk),
+    'dense' (groups 1: gemm.conv_packed, im2col in the baseline build) or 'im2col'
+    (grouped). Dense 3x3 convolutions take 'dense' too: faster than the conv3x3 kernel,
+    which re-reads a wide layer's weight every few rows."""
     kind = ir_kind(node)
     if kind == "pwconv":
         return "pw"
     kh, kw, cin_g, cout = node.arrays["weight"].shape
     if cin_g == 1 and node.attrs["groups"] == cout and node.attrs["dilation"] == (1, 1):
         return "dw3" if kind == "dwconv3x3" else "dw"
-    return "im2col"
+    return "dense" if node.attrs["groups"] == 1 else "im2col"
 
 
 def prepared(node: Node) -> dict:
@@ -124,37 +128,61 @@ def _taps(node: Node, xp: np.ndarray, rows: int, wo: int):
             yield i, j, xp[i * dh:i * dh + (rows - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw]
 
 
+_FUSED = {("relu",): _gemm.ACT_RELU, ("hardswish",): _gemm.ACT_HARDSWISH,
+          ("silu",): _gemm.ACT_SILU}
+
+
+def epilogue(act, fused: bool) -> tuple[int, tuple | None]:
+    """(the kernel epilogue's activation code, the activation left to apply after it):
+    ReLU6 is in every kernel's epilogue, ReLU, hard-swish and SiLU where `fused` (the
+    AVX-512 packed ones)."""
+    if act == RELU6:
+        return _gemm.ACT_RELU6, None
+    if fused and act in _FUSED:
+        return _FUSED[act], None
+    return _gemm.ACT_NONE, act
+
+
 def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> np.ndarray:
     """Output rows [a, b) of a conv node (into `dst` when given)."""
     p = prepared(node)
     path, w, bias = p["path"], p["w"], p["b"]
     act = node.attrs["act"]
-    relu6 = act == RELU6
     wo, cout = node.shape[1], node.shape[2]
     out = np.empty((b - a, wo, cout), np.float32) if dst is None else dst
     if b == a:
         return out
     x = np.ascontiguousarray(x)
+    code, rest = epilogue(act, False)
     if path == "pw":
         _check_window(x, x0, H, a, b)
-        K.pwconv_kernel(x, w, bias, out, 0, a - x0, relu6, None, 0, 0, nt)
+        code, rest = epilogue(act, _gemm.RELU_FUSED and K.uses_packed((b - a) * wo, w.shape[0],
+                                                                      cout))
+        K.pwconv_kernel(x, w, bias, out, 0, a - x0, code, None, 0, 0, nt)
     elif path == "dw3":
         _check_window(x, x0, H, *window_rows(node, a, b))
-        K._dw.dwconv3x3(x, w, bias, out, node.attrs["stride"][0], 0, 0, a, x0, H, relu6, nt)
+        K._dw.dwconv3x3(x, w, bias, out, node.attrs["stride"][0], 0, 0, a, x0, H, code, nt)
     elif path == "dw":
         lo, hi = window_rows(node, a, b)
         _check_window(x, x0, H, lo, hi)
         (sh, sw), (dh, dw), pads = node.attrs["stride"], node.attrs["dilation"], node.attrs["pads"]
-        _dwk.dwconv(x, w, bias, out, a, x0, H, sh, sw, pads[0], pads[1], dh, dw, relu6, nt)
+        _dwk.dwconv(x, w, bias, out, a, x0, H, sh, sw, pads[0], pads[1], dh, dw, code, nt)
     else:
         lo, hi = window_rows(node, a, b)
         pads = node.attrs["pads"]
         xp = np.ascontiguousarray(padded(x, x0, H, lo, hi, pads[1], pads[3], 0.0))
-        _im2col_conv(node, xp, w, bias, out, relu6, nt)
-    return out if relu6 else apply_act(out, act, nt)
+        if path == "dense" and K.PACKED_MAX_PIXELS:
+            code, rest = epilogue(act, _gemm.RELU_FUSED)
+            (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
+            dh, dw = node.attrs["dilation"]
+            _gemm.conv_packed(xp, K.packed_weight(w, 0, cout), bias, out, kh, kw, sh, sw, dh,
+                              dw, code, nt)
+        else:
+            _im2col_conv(node, xp, w, bias, out, code, nt)
+    return apply_act(out, rest, nt)
 
 
-def _im2col_conv(node: Node, xp, w, bias, out, relu6: bool, nt: int) -> None:
+def _im2col_conv(node: Node, xp, w, bias, out, code: int, nt: int) -> None:
     """Any convolution: per group, the patches as rows of a matrix times the weight."""
     kh, kw, cin_g, cout = node.arrays["weight"].shape
     g = node.attrs["groups"]
@@ -176,36 +204,38 @@ def _im2col_conv(node: Node, xp, w, bias, out, relu6: bool, nt: int) -> None:
             for i in range(kh):
                 blk[:, :, i] = np.lib.stride_tricks.as_strided(
                     xp[r * sh + i * dh:], (n, wo, kw, cin_g), (st[0] * sh, st[1] * sw, st[1], st[2]))
-            K.pwconv_kernel(blk.reshape(n, wo, K_), w, bias, out[r:r + n], 0, 0, relu6, None,
+            K.pwconv_kernel(blk.reshape(n, wo, K_), w, bias, out[r:r + n], 0, 0, code, None,
                             0, 0, nt)
         return
     for gi in range(g):
         for i, j, view in _taps(node, xp, rows, wo):
             cols[:, :, i, j, :] = view[..., gi * cin_g:(gi + 1) * cin_g]
         K.pwconv_kernel(cols.reshape(rows, wo, kh * kw * cin_g), w, bias, tmp, gi * cout_g, 0,
-                        relu6, None, 0, 0, nt)
+                        code, None, 0, 0, nt)
         if g > 1:
             out[..., gi * cout_g:(gi + 1) * cout_g] = tmp
 
 
-def pool(node: Node, x, x0: int, H: int, a: int, b: int) -> np.ndarray:
+def pool(node: Node, x, x0: int, H: int, a: int, b: int, nt: int = 1) -> np.ndarray:
     """Output rows [a, b) of a max or average pool."""
     rows, wo = b - a, node.shape[1]
     pads = node.attrs["pads"]
     lo, hi = window_rows(node, a, b)
-    is_max = node.op == "maxpool"
-    xp = padded(x, x0, H, lo, hi, pads[1], pads[3], -np.inf if is_max else 0.0)
+    (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
+    if node.op == "maxpool":
+        _check_window(x, x0, H, lo, hi)
+        out = np.empty((rows, wo, x.shape[2]), np.float32)
+        dh, dw = node.attrs.get("dilation", (1, 1))
+        _pool.maxpool(np.ascontiguousarray(x), out, a, x0, H, kh, kw, sh, sw, pads[0], pads[1],
+                      dh, dw, nt)
+        return out
+    xp = padded(x, x0, H, lo, hi, pads[1], pads[3], 0.0)
     out = None
     for _, _, view in _taps(node, xp, rows, wo):
         if out is None:
             out = np.array(view, np.float32)
-        elif is_max:
-            np.maximum(out, view, out=out)
         else:
             out += view
-    if is_max:
-        return out
-    kh, kw = node.attrs["kernel"]
     if node.attrs["count_pad"]:
         out *= np.float32(1.0 / (kh * kw))
         return out
@@ -240,7 +270,7 @@ def run(node: Node, ins: list, heights: list, a: int, b: int, nt: int,
     if op == "conv":
         return conv(node, x, x0, heights[0], a, b, nt, dst)
     if op in ("maxpool", "avgpool"):
-        return _into(dst, pool(node, x, x0, heights[0], a, b))
+        return _into(dst, pool(node, x, x0, heights[0], a, b, nt))
     if op in ("add", "mul"):
         y = (np.add if op == "add" else np.multiply)(rows_of(x, x0, a, b),
                                                      rows_of(*ins[1], a, b), out=dst)
