@@ -4,6 +4,7 @@ against numpy in float64."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -74,3 +75,39 @@ def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, 
     dwk.dwconv(window, wt, b, out, r0, lo, h, s, s, pads[0], pads[1], d, d, relu6,
                data.draw(st.sampled_from([1, 2])))
     close(out, full[r0:r1])
+
+
+def _act64(fn, v, a, b):
+    return v if fn == "NONE" else ACTS[fn](v, a, b)
+
+
+@per_build
+@SETTINGS
+@given(h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 70), r=st.integers(1, 20),
+       fn1=st.sampled_from(["NONE", "RELU", "SILU", "HARDSWISH"]),
+       fn2=st.sampled_from(["NONE", "SIGMOID", "HARDSIGMOID"]), seed=st.integers(0, 2**31),
+       data=st.data())
+def test_squeeze_excitation_gate_and_scale_match_numpy(isa, suffix, h, w, c, r, fn1, fn2,
+                                                       seed, data):
+    se = build(isa, suffix, "se")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((h, w, c)).astype(np.float32)
+    w1, b1 = rng.standard_normal((c, r)).astype(np.float32), rng.standard_normal(r).astype(np.float32)
+    w2, b2 = rng.standard_normal((r, c)).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    p1, p2 = (0.0, 0.0), (1 / 6, 0.5)
+    code = lambda fn: se.NONE if fn == "NONE" else getattr(se, fn)  # noqa: E731
+    g = np.empty(c, np.float32)
+    se.gate(x, w1, b1, code(fn1), *p1, w2, b2, code(fn2), *p2, g, np.empty(c + r, np.float32))
+    x64 = x.astype(np.float64)
+    hid = _act64(fn1, x64.mean(axis=(0, 1)) @ w1 + b1, *p1)
+    want = _act64(fn2, hid @ w2 + b2, *p2)
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+    r0 = data.draw(st.integers(0, h - 1))
+    r1 = data.draw(st.integers(r0, h))
+    out = np.empty((r1 - r0, w, c), np.float32)
+    se.scale(x, r0, g, out)
+    close(out, x64[r0:r1] * g)
+    se.scale(out, 0, g, out)                      # in place
+    close(out, x64[r0:r1] * g.astype(np.float64) ** 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        se.scale(x, h - r1 + r0 + 1, g, np.empty((r1 - r0 + 1, w, c), np.float32))
