@@ -52,9 +52,11 @@ def _dw_reference(x, w, b, sh, sw, pads, dh, dw):
 
 @per_build
 @SETTINGS
-@given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 40), k=st.sampled_from([1, 2, 3, 5, 7]),
-       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), relu6=st.booleans(), data=st.data())
-def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, k, s, d, relu6, data):
+@given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 100), k=st.sampled_from([1, 2, 3, 5, 7]),
+       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), relu6=st.booleans(),
+       act=st.sampled_from([None, "HARDSWISH", "SILU", "HARDSIGMOID"]), data=st.data())
+def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, k, s, d, relu6,
+                                                          act, data):
     dwk = build(isa, suffix, "dwconvk")
     pads = tuple(data.draw(st.integers(0, k)) for _ in range(4))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
@@ -66,14 +68,17 @@ def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, 
         return
     if relu6:
         full = np.clip(full, 0, 6)
+    elif act:
+        full = ACTS[act](full, 1 / 6, 0.5)
     r0 = data.draw(st.integers(0, full.shape[0] - 1))
     r1 = data.draw(st.integers(r0 + 1, full.shape[0]))
     lo = max(0, r0 * s - pads[0])                          # the input rows the strip reads
     hi = min(h, (r1 - 1) * s - pads[0] + (k - 1) * d + 1)
     window = np.ascontiguousarray(x[lo:max(lo, hi)])
     out = np.empty((r1 - r0,) + full.shape[1:], np.float32)
+    code = -1 if relu6 or not act else getattr(build(isa, suffix, "act"), act)
     dwk.dwconv(window, wt, b, out, r0, lo, h, s, s, pads[0], pads[1], d, d, relu6,
-               data.draw(st.sampled_from([1, 2])))
+               data.draw(st.sampled_from([1, 2])), code, 1 / 6, 0.5)
     close(out, full[r0:r1])
 
 

@@ -240,9 +240,11 @@ class Program:
             (sh, sw), (dh, dw), pads = node.attrs["stride"], node.attrs["dilation"], \
                 node.attrs["pads"]
 
+            kcode, code = code, _se.NONE      # the kernel applies it, row by row
+
             def kern(x, x0, o, r, rs):
                 gops._dwk.dwconv(x, w, bias, o, a + r, x0, H, sh, sw, pads[0], pads[1], dh, dw,
-                                 relu6, nt)
+                                 relu6, nt, kcode, pa, pb)
         else:
             def make_other(out, is_last):
                 def step(x, x0, dst):
