@@ -118,7 +118,18 @@ class Program:
         for i, n in enumerate(nodes):
             if i in done:
                 continue
-            if i in se:
+            if i in se and self._folds_gate(se[i][3]):
+                g, c1, c2, m, xname = se[i]
+                add = self._fuses_add(m + 1)
+                out_node = nodes[m + 2] if add else nodes[m + 1]
+                other = None
+                if add:
+                    other = [t for t in out_node.inputs if t != nodes[m + 1].name][0]
+                self._emit(out_node, self._conv_step(nodes[m + 1], out_node, other,
+                                                     (nodes[c1], nodes[c2], xname)),
+                           also=(nodes[m].name, nodes[m + 1].name))
+                done.update(range(c1, m + 2 + add))
+            elif i in se:
                 g, c1, c2, m, xname = se[i]
                 self._emit(nodes[m], self._se_step(nodes[c1], nodes[c2], nodes[m], xname))
                 done.update((c1, c2, m))
@@ -194,6 +205,20 @@ class Program:
                 found[i] = (i, i + 1, i + 2, i + 3, g.inputs[0])
         return found
 
+    def _folds_gate(self, m: int) -> bool:
+        """The squeeze-excitation mul at m is read only by a pointwise conv over more pixels
+        than it has output channels: the gate scales the conv's weight rows instead of
+        the map (conv(x * g) = x conv(g W)), a pass over the map saved."""
+        mul = self.nodes[m]
+        if m + 1 >= len(self.nodes) or mul.attrs.get("act") is not None:
+            return False
+        n = self.nodes[m + 1]
+        if n.op != "conv" or n.inputs != (mul.name,) or self._readers.get(mul.name) != [m + 1] \
+                or gops.prepared(n)["path"] != "pw":
+            return False
+        a, b = self.need.get(n.name, (0, 0))
+        return self.need.get(mul.name) == (a, b) and (b - a) * n.shape[1] > n.shape[2]
+
     def _fuses_add(self, i: int) -> bool:
         """Node i is a pointwise conv (no activation or ReLU6) read only by the next node,
         an add without activation of two maps of one shape: the add is its residual."""
@@ -209,15 +234,18 @@ class Program:
 
     # ------------------------------------------------------------------ steps
 
-    def _conv_step(self, node: Node, out_node: Node, res: str | None):
+    def _conv_step(self, node: Node, out_node: Node, res: str | None, gate: tuple = None):
         """A conv node's rows, on its kernel (`res`: a tensor added after the activation,
-        for a fused add whose output tensor is `out_node`'s)."""
+        for a fused add whose output tensor is `out_node`'s; `gate`: (fc1, fc2, map) of a
+        squeeze-excitation whose gate scales the weight of this pointwise conv)."""
         a, b = self.need.get(out_node.name, (0, 0))
         H, nt = self.shapes[node.inputs[0]][0], self.nt
-        get = self._input(node.inputs[0])
+        get = self._input(node.inputs[0] if gate is None else gate[2])
         p = gops.prepared(node)
         path, w, bias, act = p["path"], p["w"], p["b"], node.attrs["act"]
         relu6 = act == gops.RELU6
+        pre = None if gate is None else \
+            self._gated_weight(w, bias, relu6, gate, (b - a) * node.shape[1])
         code, pa, pb = _act_args(None if relu6 else act)
         res_get = None if res is None else self._input(res)
 
@@ -226,7 +254,11 @@ class Program:
                 return max(1, out.shape[0])
             return max(1, CHUNK_BYTES // (4 * out.shape[1] * out.shape[2]))
 
-        if path == "pw":
+        if pre is not None:
+            def kern(x, x0, o, r, rs):
+                pre[1](x, o, a + r - x0, None if rs is None else rs[0],
+                       0 if rs is None else a + r - rs[1])
+        elif path == "pw":
             def kern(x, x0, o, r, rs):
                 K.pwconv_kernel(x, w, bias, o, 0, a + r - x0, relu6,
                                 None if rs is None else rs[0], 0 if rs is None else a + r - rs[1],
@@ -261,6 +293,8 @@ class Program:
                     return
                 src, s0 = get(x, x0)
                 rs = None if res_get is None else res_get(x, x0)
+                if pre is not None:
+                    pre[0](src, s0)
                 rb = rows_per_call(o)
                 for r in range(0, o.shape[0], rb):
                     part = o[r:r + rb]
@@ -270,17 +304,52 @@ class Program:
             return step
         return make
 
-    def _se_step(self, fc1: Node, fc2: Node, mul: Node, xname: str):
-        """Squeeze-excitation: the gate from the whole map, then rows of map * gate."""
-        a, b = self.need.get(mul.name, (0, 0))
-        get = self._input(xname)
+    def _gate(self, fc1: Node, fc2: Node, xname: str):
+        """(gate vector, fill(x, x0)): a squeeze-excitation's gate from its whole map."""
         w1, b1 = gops.prepared(fc1)["w"], gops.prepared(fc1)["b"]
         w2, b2 = gops.prepared(fc2)["w"], gops.prepared(fc2)["b"]
         f1, f2 = _act_args(fc1.attrs["act"]), _act_args(fc2.attrs["act"])
         gate = np.empty(w2.shape[1], np.float32)
         work = np.empty(w1.shape[0] + w1.shape[1], np.float32)
-        mact = mul.attrs.get("act")
         H = self.shapes[xname][0]
+
+        def fill(src, s0):
+            whole = src if (s0, src.shape[0]) == (0, H) else src[-s0:H - s0]
+            _se.gate(whole, w1, b1, *f1, w2, b2, *f2, gate, work)
+        return gate, fill
+
+    def _gated_weight(self, w: np.ndarray, bias: np.ndarray, relu6: bool, gate: tuple,
+                      pixels: int):
+        """(prepare(x, x0), conv(x, out, xr0, res, rr0)) of a pointwise conv whose weight rows
+        are scaled by a squeeze-excitation's gate on every call (packed for the packed
+        kernel when it would take this many pixels, as decolla.ops.pwconv_kernel)."""
+        g, fill = self._gate(*gate)
+        wg = np.empty_like(w)
+        cin, cout = w.shape
+        packed = K.uses_packed(pixels, cin, cout)
+        nr = K._gemm.PACK_NR
+        wpk = np.empty(((cout + nr - 1) // nr, cin, nr), np.float32) if packed else None
+        nt = self.nt
+
+        def prepare(src, s0):
+            fill(src, s0)
+            np.multiply(w, g[:, None], out=wg)
+            if packed:
+                K._gemm.pack_pw(wg, 0, cout, wpk)
+
+        def conv(x, out, xr0, res, rr0):
+            if packed:
+                K._gemm.pwconv_packed(x, wpk, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
+            else:
+                K._gemm.pwconv(x, wg, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
+        return prepare, conv
+
+    def _se_step(self, fc1: Node, fc2: Node, mul: Node, xname: str):
+        """Squeeze-excitation: the gate from the whole map, then rows of map * gate."""
+        a, b = self.need.get(mul.name, (0, 0))
+        get = self._input(xname)
+        gate, fill = self._gate(fc1, fc2, xname)
+        mact = mul.attrs.get("act")
 
         def make(out, is_last):
             def step(x, x0, dst):
@@ -288,8 +357,7 @@ class Program:
                 if b <= a:
                     return
                 src, s0 = get(x, x0)
-                whole = src if (s0, src.shape[0]) == (0, H) else src[-s0:H - s0]
-                _se.gate(whole, w1, b1, *f1, w2, b2, *f2, gate, work)
+                fill(src, s0)
                 _se.scale(src, a - s0, gate, o)
                 gops.apply_act(o, mact, self.nt)
             return step

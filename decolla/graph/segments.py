@@ -177,7 +177,12 @@ def to_model(graph: Graph, meta: dict | None = None) -> Model:
     for end in cut_points(graph):
         seg = graph.nodes[start:end]
         source = "input" if start == 0 else graph.nodes[start - 1].name
-        lowered = _as_ir_layers(seg, source, alias, shapes, readers, layers)
+        lowered = None
+        if _gates_next_conv(layers, seg):
+            prev = layers.pop()
+            seg, source = prev.nodes + seg, prev.source
+        else:
+            lowered = _as_ir_layers(seg, source, alias, shapes, readers, layers)
         if lowered is None:
             lowered = [GraphLayer(seg[-1].name, "graph", tuple(shapes[source]),
                                   tuple(seg[-1].shape), nodes=list(seg), source=source)]
@@ -195,6 +200,18 @@ def to_model(graph: Graph, meta: dict | None = None) -> Model:
                   dict(meta or {}, source="onnx", graph_digest=graph.digest()))
     validate(model)
     return model
+
+
+def _gates_next_conv(layers: list[Layer], seg: list[Node]) -> bool:
+    """`seg` is one pointwise conv reading the squeeze-excitation product that ends the
+    last layer: it joins that segment, where the gate scales its weight instead of the
+    map (graph.program); the segment computes whole either way."""
+    prev = layers[-1] if layers else None
+    if not isinstance(prev, GraphLayer) or prev.kind != "graph-global" or len(seg) != 1:
+        return False
+    n, last = seg[0], prev.nodes[-1]
+    return last.op == "mul" and any(m.op == "gap" for m in prev.nodes) and n.op == "conv" \
+        and n.inputs == (last.name,) and gops.ir_kind(n) == "pwconv"
 
 
 def _ir_conv(n: Node, in_shape) -> Layer | None:
