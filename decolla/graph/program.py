@@ -125,23 +125,23 @@ class Program:
                 other = None
                 if add:
                     other = [t for t in out_node.inputs if t != nodes[m + 1].name][0]
-                self._emit(out_node, self._conv_step(nodes[m + 1], out_node, other,
+                self._emit(out_node, _conv_step(self, nodes[m + 1], out_node, other,
                                                      (nodes[c1], nodes[c2], xname)),
                            also=(nodes[m].name, nodes[m + 1].name))
                 done.update(range(c1, m + 2 + add))
             elif i in se:
                 g, c1, c2, m, xname = se[i]
-                self._emit(nodes[m], self._se_step(nodes[c1], nodes[c2], nodes[m], xname))
+                self._emit(nodes[m], _se_step(self, nodes[c1], nodes[c2], nodes[m], xname))
                 done.update((c1, c2, m))
             elif self._fuses_add(i):
                 add = nodes[i + 1]
                 other = add.inputs[1] if add.inputs[0] == n.name else add.inputs[0]
-                self._emit(add, self._conv_step(n, add, other), also=(n.name,))
+                self._emit(add, _conv_step(self, n, add, other), also=(n.name,))
                 done.add(i + 1)
             elif n.op == "conv" and len(n.shape) == 3:
-                self._emit(n, self._conv_step(n, n, None))
+                self._emit(n, _conv_step(self, n, n, None))
             else:
-                self._emit(n, self._generic_step(n))
+                self._emit(n, _generic_step(self, n))
 
     def _emit(self, node: Node, make, also: tuple = ()) -> None:
         """Give `node` an output buffer, bind its step (`make(out, is_last)`), then free
@@ -232,170 +232,174 @@ class Program:
             self.shapes[add.inputs[0]] == self.shapes[add.inputs[1]] and \
             self.need.get(add.name) == self.need.get(n.name)
 
-    # ------------------------------------------------------------------ steps
 
-    def _conv_step(self, node: Node, out_node: Node, res: str | None, gate: tuple = None):
-        """A conv node's rows, on its kernel (`res`: a tensor added after the activation,
-        for a fused add whose output tensor is `out_node`'s; `gate`: (fc1, fc2, map) of a
-        squeeze-excitation whose gate scales the weight of this pointwise conv)."""
-        a, b = self.need.get(out_node.name, (0, 0))
-        H, nt = self.shapes[node.inputs[0]][0], self.nt
-        get = self._input(node.inputs[0] if gate is None else gate[2])
-        p = gops.prepared(node)
-        path, w, bias, act = p["path"], p["w"], p["b"], node.attrs["act"]
-        relu6 = act == gops.RELU6
-        pre = None if gate is None else \
-            self._gated_weight(w, bias, relu6, gate, (b - a) * node.shape[1])
-        code, pa, pb = _act_args(None if relu6 else act)
-        res_get = None if res is None else self._input(res)
+# ---------------------------------------------------------------------- steps
+# Each returns make(out, is_last) -> step(x, x0, dst): the node's kernel calls bound to its
+# windows and to `out` (or, for the last node, to `dst` when the caller passes one).
 
-        def rows_per_call(out):
-            if code == _se.NONE or out.shape[0] == 0:
-                return max(1, out.shape[0])
-            return max(1, CHUNK_BYTES // (4 * out.shape[1] * out.shape[2]))
 
-        if pre is not None:
-            def kern(x, x0, o, r, rs):
-                pre[1](x, o, a + r - x0, None if rs is None else rs[0],
-                       0 if rs is None else a + r - rs[1])
-        elif path == "pw":
-            def kern(x, x0, o, r, rs):
-                K.pwconv_kernel(x, w, bias, o, 0, a + r - x0, relu6,
-                                None if rs is None else rs[0], 0 if rs is None else a + r - rs[1],
-                                0, nt)
-        elif path == "dw3":
-            st = node.attrs["stride"][0]
+def _conv_step(prog: Program, node: Node, out_node: Node, res: str | None, gate: tuple = None):
+    """A conv node's rows, on its kernel (`res`: a tensor added after the activation,
+    for a fused add whose output tensor is `out_node`'s; `gate`: (fc1, fc2, map) of a
+    squeeze-excitation whose gate scales the weight of this pointwise conv)."""
+    a, b = prog.need.get(out_node.name, (0, 0))
+    H, nt = prog.shapes[node.inputs[0]][0], prog.nt
+    get = prog._input(node.inputs[0] if gate is None else gate[2])
+    p = gops.prepared(node)
+    path, w, bias, act = p["path"], p["w"], p["b"], node.attrs["act"]
+    relu6 = act == gops.RELU6
+    pre = None if gate is None else \
+        _gated_weight(prog, w, bias, relu6, gate, (b - a) * node.shape[1])
+    code, pa, pb = _act_args(None if relu6 else act)
+    res_get = None if res is None else prog._input(res)
 
-            def kern(x, x0, o, r, rs):
-                K._dw.dwconv3x3(x, w, bias, o, st, 0, 0, a + r, x0, H, relu6, nt)
-        elif path == "dw":
-            (sh, sw), (dh, dw), pads = node.attrs["stride"], node.attrs["dilation"], \
-                node.attrs["pads"]
+    def rows_per_call(out):
+        if code == _se.NONE or out.shape[0] == 0:
+            return max(1, out.shape[0])
+        return max(1, CHUNK_BYTES // (4 * out.shape[1] * out.shape[2]))
 
-            kcode, code = code, _se.NONE      # the kernel applies it, row by row
+    if pre is not None:
+        def kern(x, x0, o, r, rs):
+            pre[1](x, o, a + r - x0, None if rs is None else rs[0],
+                   0 if rs is None else a + r - rs[1])
+    elif path == "pw":
+        def kern(x, x0, o, r, rs):
+            K.pwconv_kernel(x, w, bias, o, 0, a + r - x0, relu6,
+                            None if rs is None else rs[0], 0 if rs is None else a + r - rs[1],
+                            0, nt)
+    elif path == "dw3":
+        st = node.attrs["stride"][0]
 
-            def kern(x, x0, o, r, rs):
-                gops._dwk.dwconv(x, w, bias, o, a + r, x0, H, sh, sw, pads[0], pads[1], dh, dw,
-                                 relu6, nt, kcode, pa, pb)
+        def kern(x, x0, o, r, rs):
+            K._dw.dwconv3x3(x, w, bias, o, st, 0, 0, a + r, x0, H, relu6, nt)
+    elif path == "dw":
+        (sh, sw), (dh, dw), pads = node.attrs["stride"], node.attrs["dilation"], \
+            node.attrs["pads"]
+
+        kcode, code = code, _se.NONE      # the kernel applies it, row by row
+
+        def kern(x, x0, o, r, rs):
+            gops._dwk.dwconv(x, w, bias, o, a + r, x0, H, sh, sw, pads[0], pads[1], dh, dw,
+                             relu6, nt, kcode, pa, pb)
+    else:
+        def make_other(out, is_last):
+            def step(x, x0, dst):
+                o = dst if is_last and dst is not None else out
+                src, s0 = get(x, x0)
+                gops.conv(node, src, s0, H, a, b, nt, o)
+            return step
+        return make_other
+
+    def make(out, is_last):
+        def step(x, x0, dst):
+            o = dst if is_last and dst is not None else out
+            if o.shape[0] == 0:
+                return
+            src, s0 = get(x, x0)
+            rs = None if res_get is None else res_get(x, x0)
+            if pre is not None:
+                pre[0](src, s0)
+            rb = rows_per_call(o)
+            for r in range(0, o.shape[0], rb):
+                part = o[r:r + rb]
+                kern(src, s0, part, r, rs)
+                if code != _se.NONE:
+                    gops._act.apply(part.reshape(-1), code, pa, pb, nt)
+        return step
+    return make
+
+def _gate(prog: Program, fc1: Node, fc2: Node, xname: str):
+    """(gate vector, fill(x, x0)): a squeeze-excitation's gate from its whole map."""
+    w1, b1 = gops.prepared(fc1)["w"], gops.prepared(fc1)["b"]
+    w2, b2 = gops.prepared(fc2)["w"], gops.prepared(fc2)["b"]
+    f1, f2 = _act_args(fc1.attrs["act"]), _act_args(fc2.attrs["act"])
+    gate = np.empty(w2.shape[1], np.float32)
+    work = np.empty(w1.shape[0] + w1.shape[1], np.float32)
+    H = prog.shapes[xname][0]
+
+    def fill(src, s0):
+        whole = src if (s0, src.shape[0]) == (0, H) else src[-s0:H - s0]
+        _se.gate(whole, w1, b1, *f1, w2, b2, *f2, gate, work)
+    return gate, fill
+
+def _gated_weight(prog: Program, w: np.ndarray, bias: np.ndarray, relu6: bool, gate: tuple,
+                  pixels: int):
+    """(prepare(x, x0), conv(x, out, xr0, res, rr0)) of a pointwise conv whose weight rows
+    are scaled by a squeeze-excitation's gate on every call (packed for the packed
+    kernel when it would take this many pixels, as decolla.ops.pwconv_kernel)."""
+    g, fill = _gate(prog, *gate)
+    wg = np.empty_like(w)
+    cin, cout = w.shape
+    packed = K.uses_packed(pixels, cin, cout)
+    nr = K._gemm.PACK_NR
+    wpk = np.empty(((cout + nr - 1) // nr, cin, nr), np.float32) if packed else None
+    nt = prog.nt
+
+    def prepare(src, s0):
+        fill(src, s0)
+        np.multiply(w, g[:, None], out=wg)
+        if packed:
+            K._gemm.pack_pw(wg, 0, cout, wpk)
+
+    def conv(x, out, xr0, res, rr0):
+        if packed:
+            K._gemm.pwconv_packed(x, wpk, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
         else:
-            def make_other(out, is_last):
-                def step(x, x0, dst):
-                    o = dst if is_last and dst is not None else out
-                    src, s0 = get(x, x0)
-                    gops.conv(node, src, s0, H, a, b, nt, o)
-                return step
-            return make_other
+            K._gemm.pwconv(x, wg, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
+    return prepare, conv
 
-        def make(out, is_last):
-            def step(x, x0, dst):
-                o = dst if is_last and dst is not None else out
-                if o.shape[0] == 0:
-                    return
-                src, s0 = get(x, x0)
-                rs = None if res_get is None else res_get(x, x0)
-                if pre is not None:
-                    pre[0](src, s0)
-                rb = rows_per_call(o)
-                for r in range(0, o.shape[0], rb):
-                    part = o[r:r + rb]
-                    kern(src, s0, part, r, rs)
-                    if code != _se.NONE:
-                        gops._act.apply(part.reshape(-1), code, pa, pb, nt)
-            return step
-        return make
+def _se_step(prog: Program, fc1: Node, fc2: Node, mul: Node, xname: str):
+    """Squeeze-excitation: the gate from the whole map, then rows of map * gate."""
+    a, b = prog.need.get(mul.name, (0, 0))
+    get = prog._input(xname)
+    gate, fill = _gate(prog, fc1, fc2, xname)
+    mact = mul.attrs.get("act")
 
-    def _gate(self, fc1: Node, fc2: Node, xname: str):
-        """(gate vector, fill(x, x0)): a squeeze-excitation's gate from its whole map."""
-        w1, b1 = gops.prepared(fc1)["w"], gops.prepared(fc1)["b"]
-        w2, b2 = gops.prepared(fc2)["w"], gops.prepared(fc2)["b"]
-        f1, f2 = _act_args(fc1.attrs["act"]), _act_args(fc2.attrs["act"])
-        gate = np.empty(w2.shape[1], np.float32)
-        work = np.empty(w1.shape[0] + w1.shape[1], np.float32)
-        H = self.shapes[xname][0]
-
-        def fill(src, s0):
-            whole = src if (s0, src.shape[0]) == (0, H) else src[-s0:H - s0]
-            _se.gate(whole, w1, b1, *f1, w2, b2, *f2, gate, work)
-        return gate, fill
-
-    def _gated_weight(self, w: np.ndarray, bias: np.ndarray, relu6: bool, gate: tuple,
-                      pixels: int):
-        """(prepare(x, x0), conv(x, out, xr0, res, rr0)) of a pointwise conv whose weight rows
-        are scaled by a squeeze-excitation's gate on every call (packed for the packed
-        kernel when it would take this many pixels, as decolla.ops.pwconv_kernel)."""
-        g, fill = self._gate(*gate)
-        wg = np.empty_like(w)
-        cin, cout = w.shape
-        packed = K.uses_packed(pixels, cin, cout)
-        nr = K._gemm.PACK_NR
-        wpk = np.empty(((cout + nr - 1) // nr, cin, nr), np.float32) if packed else None
-        nt = self.nt
-
-        def prepare(src, s0):
+    def make(out, is_last):
+        def step(x, x0, dst):
+            o = dst if is_last and dst is not None else out
+            if b <= a:
+                return
+            src, s0 = get(x, x0)
             fill(src, s0)
-            np.multiply(w, g[:, None], out=wg)
-            if packed:
-                K._gemm.pack_pw(wg, 0, cout, wpk)
+            _se.scale(src, a - s0, gate, o)
+            gops.apply_act(o, mact, prog.nt)
+        return step
+    return make
 
-        def conv(x, out, xr0, res, rr0):
-            if packed:
-                K._gemm.pwconv_packed(x, wpk, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
-            else:
-                K._gemm.pwconv(x, wg, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
-        return prepare, conv
-
-    def _se_step(self, fc1: Node, fc2: Node, mul: Node, xname: str):
-        """Squeeze-excitation: the gate from the whole map, then rows of map * gate."""
-        a, b = self.need.get(mul.name, (0, 0))
-        get = self._input(xname)
-        gate, fill = self._gate(fc1, fc2, xname)
-        mact = mul.attrs.get("act")
+def _generic_step(prog: Program, node: Node):
+    """Any other node through graph.ops.run on its windows."""
+    a, b = prog.need.get(node.name, (0, 0))
+    empty = len(node.shape) == 3 and a >= b
+    gets = [prog._input(t) for t in node.inputs]
+    heights = [prog.shapes[t][0] for t in node.inputs]
+    nt = prog.nt
+    if node.op == "gap":
+        get = gets[0]
 
         def make(out, is_last):
             def step(x, x0, dst):
                 o = dst if is_last and dst is not None else out
-                if b <= a:
-                    return
-                src, s0 = get(x, x0)
-                fill(src, s0)
-                _se.scale(src, a - s0, gate, o)
-                gops.apply_act(o, mact, self.nt)
+                K._gemm.gap(get(x, x0)[0], o.reshape(-1), 0)
             return step
         return make
-
-    def _generic_step(self, node: Node):
-        """Any other node through graph.ops.run on its windows."""
-        a, b = self.need.get(node.name, (0, 0))
-        empty = len(node.shape) == 3 and a >= b
-        gets = [self._input(t) for t in node.inputs]
-        heights = [self.shapes[t][0] for t in node.inputs]
-        nt = self.nt
-        if node.op == "gap":
-            get = gets[0]
-
-            def make(out, is_last):
-                def step(x, x0, dst):
-                    o = dst if is_last and dst is not None else out
-                    K._gemm.gap(get(x, x0)[0], o.reshape(-1), 0)
-                return step
-            return make
-        if node.op in ("add", "mul") and not empty:
-            fa, fb = self._window(node.inputs[0], a, b), self._window(node.inputs[1], a, b)
-            fn, act = (np.add if node.op == "add" else np.multiply), node.attrs.get("act")
-
-            def make(out, is_last):
-                def step(x, x0, dst):
-                    o = dst if is_last and dst is not None else out
-                    fn(fa(x, x0), fb(x, x0), out=o)
-                    gops.apply_act(o, act, nt)
-                return step
-            return make
+    if node.op in ("add", "mul") and not empty:
+        fa, fb = prog._window(node.inputs[0], a, b), prog._window(node.inputs[1], a, b)
+        fn, act = (np.add if node.op == "add" else np.multiply), node.attrs.get("act")
 
         def make(out, is_last):
             def step(x, x0, dst):
-                if empty:
-                    return
                 o = dst if is_last and dst is not None else out
-                gops.run(node, [g(x, x0) for g in gets], heights, a, b, nt, o)
+                fn(fa(x, x0), fb(x, x0), out=o)
+                gops.apply_act(o, act, nt)
             return step
         return make
+
+    def make(out, is_last):
+        def step(x, x0, dst):
+            if empty:
+                return
+            o = dst if is_last and dst is not None else out
+            gops.run(node, [g(x, x0) for g in gets], heights, a, b, nt, o)
+        return step
+    return make
