@@ -141,7 +141,7 @@ def _run(layer, w, b, x, res, out, nt):
     elif k in ("graph", "graph-global"):
         prog = w.get(nt)
         if prog is None:
-            prog = w[nt] = layer.compile(nt)
+            prog = w[nt] = layer.compile(nt, into_dst=True)
         prog(x, 0, out)
     else:
         raise ModelError(f"layer {layer.name}: unknown kind {k!r}")

@@ -16,7 +16,7 @@ from decolla.graph import GraphError, load_onnx_model, program
 from decolla.graph.segments import GraphLayer, run_nodes
 
 pytest.importorskip("onnx")
-from tests.onnx_graphs import networks  # noqa: E402
+from tests.onnx_graphs import Net, networks  # noqa: E402
 
 
 def _layers_with_inputs(model, image):
@@ -62,8 +62,8 @@ def test_programs_equal_the_node_by_node_interpreter(tmp_path_factory, net, data
 
 
 def test_a_program_reads_the_rows_it_is_given(tmp_path):
-    """A strip's program run on a window that lacks rows it needs is a clear error."""
-    from tests.onnx_graphs import Net
+    """A strip's program run on a window that lacks rows it needs is a clear error; a
+    program compiled to write into the caller's buffer needs one."""
     net = Net(np.random.default_rng(0), 3, 12, 12)
     net.x, net.shape = net.act(net.conv(net.x, 3, 4, 5, 1, 2), "hardswish"), (4, 12, 12)
     path = tmp_path / "net.onnx"
@@ -73,3 +73,9 @@ def test_a_program_reads_the_rows_it_is_given(tmp_path):
     x = np.random.default_rng(1).standard_normal(layer.in_shape).astype(np.float32)
     with pytest.raises(GraphError, match=r"need input rows \[2, 10\) but x holds \[5, 7\)"):
         layer.run(x[5:7], r0=4, r1=8, in_row0=5)
+    prog = layer.compile(1, into_dst=True)              # the single-device forward's kind
+    dst = np.empty(layer.out_shape, np.float32)
+    assert prog(x, 0, dst) is dst
+    np.testing.assert_array_equal(dst, layer.run(x))
+    with pytest.raises(ValueError, match="only into a given dst"):
+        prog(x, 0)

@@ -82,8 +82,9 @@ class Program:
     """Output rows [r0, r1) of the last of `nodes` from rows of tensor `source`."""
 
     def __init__(self, nodes: list[Node], source: str, shapes: dict, r0: int, r1: int,
-                 nt: int):
+                 nt: int, into_dst: bool = False):
         self.nodes, self.source, self.shapes, self.nt = nodes, source, shapes, nt
+        self.into_dst = into_dst      # every call passes dst: no buffer of its own for the output
         self.need = needed_rows(nodes, shapes, r0, r1)
         self.last = nodes[-1].name
         self._readers: dict[str, list[int]] = {}
@@ -105,6 +106,8 @@ class Program:
         if len(self.shapes[self.source]) == 3 and lo < hi and (lo < x0 or hi > x0 + x.shape[0]):
             raise GraphError(f"segment {self.last}: output rows need input rows [{lo}, {hi}) "
                              f"but x holds [{x0}, {x0 + x.shape[0]})")
+        if dst is None and self.into_dst:
+            raise ValueError(f"segment {self.last}: this program writes only into a given dst")
         x = np.ascontiguousarray(x, np.float32)
         for step in self.steps:
             step(x, x0, dst)
@@ -148,8 +151,10 @@ class Program:
         the buffers of tensors whose last reader this was."""
         a, b = self.need.get(node.name, (0, 0))
         shape = ((b - a,) + tuple(node.shape[1:])) if len(node.shape) == 3 else tuple(node.shape)
-        out, self._owner[node.name] = self._alloc(shape)
         is_last = node.name == self.last
+        out = None
+        if not (is_last and self.into_dst):
+            out, self._owner[node.name] = self._alloc(shape)
         self.steps.append(make(out, is_last))
         self._win[node.name] = (out, a)
         if is_last:

@@ -90,12 +90,14 @@ class GraphLayer(Layer):
             prog = self._programs[key] = self.compile(nt, r0, r1)
         return prog
 
-    def compile(self, nt: int, r0: int = 0, r1: int | None = None) -> Program:
+    def compile(self, nt: int, r0: int = 0, r1: int | None = None,
+                into_dst: bool = False) -> Program:
         """A new program for output rows [r0, r1) (all by default) on nt threads, with its
-        own buffers (the single-device forward keeps one per Forward)."""
+        own buffers (the single-device forward keeps one per Forward, and passes the
+        output buffer on every call: `into_dst`)."""
         if r1 is None:
             r1 = self.out_shape[0] if len(self.out_shape) == 3 else 1
-        return Program(self.nodes, self.source, self._shapes, r0, r1, nt)
+        return Program(self.nodes, self.source, self._shapes, r0, r1, nt, into_dst)
 
 
 def node_plan(nodes: list[Node], shapes: dict, r0: int, r1: int) -> tuple[dict, dict]:
