@@ -94,6 +94,8 @@ class Forward:
             if isinstance(op, Layer):
                 w = None if op.weight is None else np.ascontiguousarray(op.weight)
                 b = None if op.bias is None else np.ascontiguousarray(op.bias)
+            if getattr(op, "kind", None) in ("graph", "graph-global"):
+                w = {}      # threads -> the segment's program, this Forward's own buffers
             plan.append((op, w, b, tensors[src], tensors[res] if res else None, out))
             tensors[layer.name] = out
             owner[layer.name] = buf
@@ -137,7 +139,10 @@ def _run(layer, w, b, x, res, out, nt):
         if res is not None:
             out += res
     elif k in ("graph", "graph-global"):
-        layer.run(x, out=out, threads=nt)
+        prog = w.get(nt)
+        if prog is None:
+            prog = w[nt] = layer.compile(nt, into_dst=True)
+        prog(x, 0, out)
     else:
         raise ModelError(f"layer {layer.name}: unknown kind {k!r}")
 

@@ -120,6 +120,9 @@ def networks(draw, max_blocks: int = 4) -> tuple[bytes, tuple[int, int, int]]:
             sq = net.act(net.conv(sq, c, max(1, c // 2), 1), "relu")
             sq = net.act(net.conv(sq, max(1, c // 2), c, 1), draw(st.sampled_from(["sigmoid", "hardsigmoid"])))
             net.x = net.node("Mul", [net.x, sq] if draw(st.booleans()) else [sq, net.x])
+            if draw(st.booleans()):     # a projection, as in MobileNetV3 and EfficientNet
+                cout = draw(st.integers(1, 12))
+                net.x, net.shape = net.bn(net.conv(net.x, c, cout, 1, bias=False), cout), (cout, h, w)
         elif kind == "concat":
             a = net.act(net.conv(net.x, c, 3, 1), "relu")
             b = net.act(net.conv(net.x, c, 5, 3, 1, 1), "relu")

@@ -59,9 +59,11 @@ def _dw_reference(x, w, b, sh, sw, pads, dh, dw):
 
 @per_build
 @SETTINGS
-@given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 40), k=st.sampled_from([1, 2, 3, 5, 7]),
-       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), relu6=st.booleans(), data=st.data())
-def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, k, s, d, relu6, data):
+@given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 100), k=st.sampled_from([1, 2, 3, 5, 7]),
+       s=st.sampled_from([1, 2, 3]), d=st.sampled_from([1, 2]), relu6=st.booleans(),
+       act=st.sampled_from([None, "HARDSWISH", "SILU", "HARDSIGMOID"]), data=st.data())
+def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, k, s, d, relu6,
+                                                          act, data):
     dwk = build(isa, suffix, "dwconvk")
     pads = tuple(data.draw(st.integers(0, k)) for _ in range(4))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
@@ -73,14 +75,17 @@ def test_depthwise_any_size_on_a_row_window_matches_numpy(isa, suffix, h, w, c, 
         return
     if relu6:
         full = np.clip(full, 0, 6)
+    elif act:
+        full = ACTS[act](full, 1 / 6, 0.5)
     r0 = data.draw(st.integers(0, full.shape[0] - 1))
     r1 = data.draw(st.integers(r0 + 1, full.shape[0]))
     lo = max(0, r0 * s - pads[0])                          # the input rows the strip reads
     hi = min(h, (r1 - 1) * s - pads[0] + (k - 1) * d + 1)
     window = np.ascontiguousarray(x[lo:max(lo, hi)])
     out = np.empty((r1 - r0,) + full.shape[1:], np.float32)
+    code = -1 if relu6 or not act else getattr(build(isa, suffix, "act"), act)
     dwk.dwconv(window, wt, b, out, r0, lo, h, s, s, pads[0], pads[1], d, d, relu6,
-               data.draw(st.sampled_from([1, 2])))
+               data.draw(st.sampled_from([1, 2])), code, 1 / 6, 0.5)
     close(out, full[r0:r1])
 
 
@@ -174,3 +179,39 @@ def test_packed_pwconv_relu_epilogue_where_the_build_has_it(isa, suffix):
         return
     gemm.pwconv_packed(x, wpk, b, out, 0, 0, gemm.ACT_RELU)
     close(out, np.maximum(x.astype(np.float64) @ wt + b, 0))
+
+
+def _act64(fn, v, a, b):
+    return v if fn == "NONE" else ACTS[fn](v, a, b)
+
+
+@per_build
+@SETTINGS
+@given(h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 70), r=st.integers(1, 20),
+       fn1=st.sampled_from(["NONE", "RELU", "SILU", "HARDSWISH"]),
+       fn2=st.sampled_from(["NONE", "SIGMOID", "HARDSIGMOID"]), seed=st.integers(0, 2**31),
+       data=st.data())
+def test_squeeze_excitation_gate_and_scale_match_numpy(isa, suffix, h, w, c, r, fn1, fn2,
+                                                       seed, data):
+    se = build(isa, suffix, "se")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((h, w, c)).astype(np.float32)
+    w1, b1 = rng.standard_normal((c, r)).astype(np.float32), rng.standard_normal(r).astype(np.float32)
+    w2, b2 = rng.standard_normal((r, c)).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    p1, p2 = (0.0, 0.0), (1 / 6, 0.5)
+    code = lambda fn: se.NONE if fn == "NONE" else getattr(se, fn)  # noqa: E731
+    g = np.empty(c, np.float32)
+    se.gate(x, w1, b1, code(fn1), *p1, w2, b2, code(fn2), *p2, g, np.empty(c + r, np.float32))
+    x64 = x.astype(np.float64)
+    hid = _act64(fn1, x64.mean(axis=(0, 1)) @ w1 + b1, *p1)
+    want = _act64(fn2, hid @ w2 + b2, *p2)
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+    r0 = data.draw(st.integers(0, h - 1))
+    r1 = data.draw(st.integers(r0, h))
+    out = np.empty((r1 - r0, w, c), np.float32)
+    se.scale(x, r0, g, out)
+    close(out, x64[r0:r1] * g)
+    se.scale(out, 0, g, out)                      # in place
+    close(out, x64[r0:r1] * g.astype(np.float64) ** 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        se.scale(x, h - r1 + r0 + 1, g, np.empty((r1 - r0 + 1, w, c), np.float32))

@@ -143,6 +143,12 @@ def epilogue(act, fused: bool) -> tuple[int, tuple | None]:
     return _gemm.ACT_NONE, act
 
 
+def pw_epilogue(act, pixels: int, cin: int, cout: int) -> tuple[int, tuple | None]:
+    """`epilogue` of a pointwise conv over `pixels` pixels: fused where the packed kernel
+    that takes them has the activation."""
+    return epilogue(act, _gemm.RELU_FUSED and K.uses_packed(pixels, cin, cout))
+
+
 def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> np.ndarray:
     """Output rows [a, b) of a conv node (into `dst` when given)."""
     p = prepared(node)
@@ -156,8 +162,7 @@ def conv(node: Node, x, x0: int, H: int, a: int, b: int, nt: int, dst=None) -> n
     code, rest = epilogue(act, False)
     if path == "pw":
         _check_window(x, x0, H, a, b)
-        code, rest = epilogue(act, _gemm.RELU_FUSED and K.uses_packed((b - a) * wo, w.shape[0],
-                                                                      cout))
+        code, rest = pw_epilogue(act, (b - a) * wo, w.shape[0], cout)
         K.pwconv_kernel(x, w, bias, out, 0, a - x0, code, None, 0, 0, nt)
     elif path == "dw3":
         _check_window(x, x0, H, *window_rows(node, a, b))

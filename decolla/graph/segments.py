@@ -12,6 +12,7 @@ squeeze-excitation) as a layer computed whole.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +20,11 @@ import numpy as np
 from decolla import ops
 from decolla.graph import ops as gops
 from decolla.graph.ir import WINDOWED, Graph, GraphError, Node
+from decolla.graph.program import Program, needed_rows
 from decolla.model import Layer, Model, validate
 
 GRAPH_KINDS = ("graph", "graph-global")
+MAX_PROGRAMS = 16   # compiled row ranges kept per segment (each holds its buffers)
 
 
 @dataclass(eq=False)
@@ -35,7 +38,7 @@ class GraphLayer(Layer):
     def __post_init__(self):
         self._shapes = {self.source: tuple(self.in_shape)} | {n.name: tuple(n.shape)
                                                                for n in self.nodes}
-        self._plans: dict = {}     # (r0, r1) -> (rows each tensor needs, last readers)
+        self._programs: dict = {}  # (r0, r1, threads, Python thread) -> Program
 
     @property
     def macs(self) -> int:
@@ -67,48 +70,34 @@ class GraphLayer(Layer):
         direct = out is not None and whole and out.flags.c_contiguous and \
             out.shape == (r1 - r0,) * rank3 + tuple(self.out_shape[rank3:]) and \
             not np.may_share_memory(out, x)
-        plan = self._plans.get((r0, r1))
-        if plan is None:
-            plan = self._plans[(r0, r1)] = node_plan(self.nodes, self._shapes, r0, r1)
-        y = run_nodes(self.nodes, self.source, x, in_row0, self._shapes, r0, r1, nt,
-                      out if direct else None, plan)
+        y = self.program(r0, r1, nt)(x, in_row0, out if direct else None)
         if not whole:
             y = y[..., c0:c1]
         if out is None:
-            return np.ascontiguousarray(y, np.float32)
+            return np.array(y, np.float32)     # a copy: the program reuses its buffers
         if y is not out:
             np.copyto(out, y)
         return out
 
+    def program(self, r0: int, r1: int, nt: int) -> Program:
+        """The segment compiled for output rows [r0, r1) on nt threads, for this Python
+        thread (a program's buffers are reused by its next call)."""
+        key = (r0, r1, nt, threading.get_ident())
+        prog = self._programs.get(key)
+        if prog is None:
+            if len(self._programs) >= MAX_PROGRAMS:
+                self._programs.pop(next(iter(self._programs)), None)
+            prog = self._programs[key] = self.compile(nt, r0, r1)
+        return prog
 
-def needed_rows(nodes: list[Node], shapes: dict, r0: int, r1: int) -> dict:
-    """Rows [lo, hi) of every tensor that output rows [r0, r1) of the last node read
-    (clipped to each tensor; a vector's entry is (0, 1))."""
-    need = {nodes[-1].name: (r0, r1)}
-    for n in reversed(nodes):
-        a, b = need.get(n.name, (0, 0))
-        for t in n.inputs:
-            s = shapes[t]
-            if len(s) != 3:
-                lo, hi = 0, 1
-            elif n.op in WINDOWED:
-                lo, hi = gops.window_rows(n, a, b)
-                lo, hi = max(0, lo), min(s[0], hi)
-            elif n.op in ("gap", "flatten"):
-                lo, hi = 0, s[0]
-            elif s[0] == 1 and n.shape[0] != 1:
-                lo, hi = 0, 1
-            else:
-                lo, hi = a, b
-            if a >= b:
-                lo = hi = 0
-            if t in need and need[t][0] < need[t][1]:
-                if lo < hi:
-                    lo, hi = min(lo, need[t][0]), max(hi, need[t][1])
-                else:
-                    lo, hi = need[t]
-            need[t] = (lo, hi)
-    return need
+    def compile(self, nt: int, r0: int = 0, r1: int | None = None,
+                into_dst: bool = False) -> Program:
+        """A new program for output rows [r0, r1) (all by default) on nt threads, with its
+        own buffers (the single-device forward keeps one per Forward, and passes the
+        output buffer on every call: `into_dst`)."""
+        if r1 is None:
+            r1 = self.out_shape[0] if len(self.out_shape) == 3 else 1
+        return Program(self.nodes, self.source, self._shapes, r0, r1, nt, into_dst)
 
 
 def node_plan(nodes: list[Node], shapes: dict, r0: int, r1: int) -> tuple[dict, dict]:
@@ -122,7 +111,9 @@ def run_nodes(nodes: list[Node], source: str, x: np.ndarray, x0: int, shapes: di
               r0: int, r1: int, nt: int, dst: np.ndarray | None = None,
               plan: tuple | None = None) -> np.ndarray:
     """Output rows [r0, r1) of the last of `nodes` from rows [x0, x0 + len(x)) of `source`
-    (the last node writes into `dst` when given; `plan`: `node_plan`'s, made if None)."""
+    (the last node writes into `dst` when given; `plan`: `node_plan`'s, made if None),
+    node by node on graph.ops: the plain interpreter the compiled `Program` is checked
+    against."""
     need, last_use = plan or node_plan(nodes, shapes, r0, r1)
     lo, hi = need.get(source, (0, 0))
     if len(shapes[source]) == 3 and lo < hi and (lo < x0 or hi > x0 + x.shape[0]):
@@ -194,7 +185,12 @@ def to_model(graph: Graph, meta: dict | None = None) -> Model:
     for end in cut_points(graph):
         seg = graph.nodes[start:end]
         source = "input" if start == 0 else graph.nodes[start - 1].name
-        lowered = _as_ir_layers(seg, source, alias, shapes, readers, layers)
+        lowered = None
+        if _gates_next_conv(layers, seg):
+            prev = layers.pop()
+            seg, source = prev.nodes + seg, prev.source
+        else:
+            lowered = _as_ir_layers(seg, source, alias, shapes, readers, layers)
         if lowered is None:
             lowered = [GraphLayer(seg[-1].name, "graph", tuple(shapes[source]),
                                   tuple(seg[-1].shape), nodes=list(seg), source=source)]
@@ -212,6 +208,18 @@ def to_model(graph: Graph, meta: dict | None = None) -> Model:
                   dict(meta or {}, source="onnx", graph_digest=graph.digest()))
     validate(model)
     return model
+
+
+def _gates_next_conv(layers: list[Layer], seg: list[Node]) -> bool:
+    """`seg` is one pointwise conv reading the squeeze-excitation product that ends the
+    last layer: it joins that segment, where the gate scales its weight instead of the
+    map (graph.program); the segment computes whole either way."""
+    prev = layers[-1] if layers else None
+    if not isinstance(prev, GraphLayer) or prev.kind != "graph-global" or len(seg) != 1:
+        return False
+    n, last = seg[0], prev.nodes[-1]
+    return last.op == "mul" and any(m.op == "gap" for m in prev.nodes) and n.op == "conv" \
+        and n.inputs == (last.name,) and gops.ir_kind(n) == "pwconv"
 
 
 def _ir_conv(n: Node, in_shape) -> Layer | None:

@@ -1,0 +1,81 @@
+"""The compiled graph programs (decolla.graph.program) against the plain node-by-node
+interpreter (segments.run_nodes) on random small networks: every segment, the whole map
+and random strips of rows, fused squeeze-excitation and residual adds included; and a
+program's buffers are not handed out to callers."""
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from decolla import ops
+from decolla.graph import GraphError, load_onnx_model, program
+from decolla.graph.segments import GraphLayer, run_nodes
+
+pytest.importorskip("onnx")
+from tests.onnx_graphs import Net, networks  # noqa: E402
+
+
+def _layers_with_inputs(model, image):
+    """(layer, its input) for every layer, run with the plain interpreter."""
+    x, tensors = image, {"input": image}
+    for layer in model.layers:
+        res = tensors[layer.residual] if layer.residual else None
+        if isinstance(layer, GraphLayer):
+            rows = layer.out_shape[0] if len(layer.out_shape) == 3 else 1
+            y = run_nodes(layer.nodes, layer.source, x, 0, layer._shapes, 0, rows, 1)
+        else:
+            y = ops.run_layer(layer, x, res)
+        yield layer, x
+        x = tensors[layer.name] = np.ascontiguousarray(y, np.float32)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(networks(max_blocks=5), st.data())
+def test_programs_equal_the_node_by_node_interpreter(tmp_path_factory, net, data):
+    blob, shape = net
+    path = tmp_path_factory.mktemp("prog") / "net.onnx"
+    path.write_bytes(blob)
+    model = load_onnx_model(str(path))
+    image = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    for layer, x in _layers_with_inputs(model, image):
+        if not isinstance(layer, GraphLayer):
+            continue
+        rows = layer.out_shape[0] if len(layer.out_shape) == 3 else 1
+        r0, r1 = 0, rows
+        if layer.kind == "graph":
+            r0 = data.draw(st.integers(0, rows - 1))
+            r1 = data.draw(st.integers(r0 + 1, rows))
+        want = run_nodes(layer.nodes, layer.source, x, 0, layer._shapes, r0, r1, 1)
+        scale = max(1.0, float(np.abs(want).max(initial=0)))
+        chunk = data.draw(st.sampled_from([64, 1024, program.CHUNK_BYTES]))
+        for threads in (1, 2):
+            with mock.patch.object(program, "CHUNK_BYTES", chunk):   # conv strips + activation
+                got = layer.run(x, r0=r0, r1=r1, threads=threads)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+            again = layer.run(x, r0=r0, r1=r1, threads=threads)     # buffers reused
+            np.testing.assert_array_equal(again, got)
+            assert not np.shares_memory(again, got)
+
+
+def test_a_program_reads_the_rows_it_is_given(tmp_path):
+    """A strip's program run on a window that lacks rows it needs is a clear error; a
+    program compiled to write into the caller's buffer needs one."""
+    net = Net(np.random.default_rng(0), 3, 12, 12)
+    net.x, net.shape = net.act(net.conv(net.x, 3, 4, 5, 1, 2), "hardswish"), (4, 12, 12)
+    path = tmp_path / "net.onnx"
+    path.write_bytes(net.model(5))
+    model = load_onnx_model(str(path))
+    layer = next(l for l in model.layers if isinstance(l, GraphLayer) and l.kind == "graph")
+    x = np.random.default_rng(1).standard_normal(layer.in_shape).astype(np.float32)
+    with pytest.raises(GraphError, match=r"need input rows \[2, 10\) but x holds \[5, 7\)"):
+        layer.run(x[5:7], r0=4, r1=8, in_row0=5)
+    prog = layer.compile(1, into_dst=True)              # the single-device forward's kind
+    dst = np.empty(layer.out_shape, np.float32)
+    assert prog(x, 0, dst) is dst
+    np.testing.assert_array_equal(dst, layer.run(x))
+    with pytest.raises(ValueError, match="only into a given dst"):
+        prog(x, 0)
