@@ -8,12 +8,14 @@ is read from /proc/<pid>/task/<tid>/schedstat (ns) before and after, and reporte
 request a device served, beside the compute the workers traced (wall time inside
 `compute_chunk`): the compute thread's excess over it is its wake-up, encode and send; the
 reader thread's whole share is receive, authenticate, decode and queueing. `--py-spy`
-also samples one worker (raw collapsed stacks, native frames) for attribution.
+also samples one worker (raw collapsed stacks, native frames) for attribution; its stops
+distort that run's CPU numbers, so take them from a run without it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import subprocess
 import time
 
@@ -57,14 +59,15 @@ def main(argv=None) -> int:
     n = args.requests
     with LocalCluster(devices=DEVICES, model="mobilenet_v2:seed=0", plan="single",
                       wire_dtype="float16", data_plane=True) as c:
-        for _ in range(5):
-            c.infer(image)
         pids = [p for name, ps in procs.by_node(procs.tagged(mark)).items()
                 if name.startswith("dev") for p in ps]
+        warm = {p: sum(v[0] for v in _threads(p).values()) for p in pids}
+        for _ in range(5):
+            c.infer(image)
         spy = None
-        if args.py_spy:
-            busy = max(pids, key=lambda p: sum(v[0] for v in _threads(p).values()))
-            spy = subprocess.Popen([os.path.join(os.path.dirname(os.sys.executable), "py-spy"),
+        if args.py_spy:       # a worker: the process that computed during the warm-up
+            busy = max(pids, key=lambda p: sum(v[0] for v in _threads(p).values()) - warm[p])
+            spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"),
                                     "record", "-p", str(busy), "-r", "500", "-f", "raw",
                                     "-o", args.py_spy, "--threads", "-n"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
