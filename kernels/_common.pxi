@@ -44,3 +44,9 @@ cdef inline void _bias_act(float_rp o, cfloat_rp r, cfloat_rp b, Py_ssize_t n,
         else:
             for c in range(n):
                 o[c] = o[c] + b[c] + r[c]
+
+
+cdef inline void _fill(float_rp o, float v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(n):
+        o[c] = v

@@ -293,12 +293,6 @@ def gap(const float[:, :, ::1] x, float[::1] out, Py_ssize_t c0):
         _scale(op, scale, n)
 
 
-cdef inline void _fill(float_rp o, float v, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(n):
-        o[c] = v
-
-
 cdef inline void _accumulate(float_rp o, cfloat_rp x, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t c
     for c in range(n):

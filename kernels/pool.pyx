@@ -44,12 +44,6 @@ cdef void _row(float* o, const float* x, Py_ssize_t r, Py_ssize_t x0, Py_ssize_t
                     _max_into(o + ox * C, x + ((iy - x0) * W + ix) * C, C)
 
 
-cdef inline void _fill(float_rp o, float v, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(n):
-        o[c] = v
-
-
 cdef inline void _max_into(float_rp o, cfloat_rp x, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t c
     for c in range(n):
