@@ -20,7 +20,8 @@ HOST_PKGS="qemu-user-static binfmt-support debootstrap rsync"
 # Build and test dependencies inside the chroot (Python 3.11 is bookworm's).
 CHROOT_PKGS="python3 python3-venv python3-dev gcc libc6-dev libgomp1 binutils"
 TESTS="tests/test_kernels.py tests/test_kernels_isa.py tests/test_kernels_fused.py
-       tests/test_fusion.py tests/test_forward.py tests/test_runtime_wire.py"
+       tests/test_graph_kernels.py tests/test_fusion.py tests/test_forward.py
+       tests/test_runtime_wire.py"
 T0=$(date +%s)
 
 say() { printf '[test-arm %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
