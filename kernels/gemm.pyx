@@ -153,6 +153,7 @@ def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1
 PACK_NR = PW_NR     # channels per packed weight panel in this build
 PACK_MR = PW_MR     # pixels per register block
 AVX512 = bool(PW_AVX512)   # the packed kernel is the AVX-512 one
+NEON = bool(PW_NEON)       # the packed kernel is the NEON one (aarch64)
 ACT_NONE, ACT_RELU6, ACT_RELU = PW_ACT_NONE, PW_ACT_RELU6, PW_ACT_RELU
 ACT_HARDSWISH, ACT_SILU = PW_ACT_HARDSWISH, PW_ACT_SILU
 # The packed kernels' epilogue has ReLU, hard-swish and SiLU (beside none and ReLU6).
