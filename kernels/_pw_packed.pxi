@@ -292,7 +292,9 @@ cdef Py_ssize_t PW_CHUNK_FLOATS = 32768
 cdef inline void _pw_packed_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t mc,
                                  const float* ap, Py_ssize_t M, Py_ssize_t K,
                                  const float* wp, const float* bp, float* op, Py_ssize_t n,
-                                 const float* rp, Py_ssize_t rs, int act) noexcept nogil:
+                                 Py_ssize_t ldo, const float* rp, Py_ssize_t rs,
+                                 int act) noexcept nogil:
+    # n output channels per pixel, pixels ldo floats apart
     cdef Py_ssize_t p0 = (t // npan) * mc, q = t % npan, q0 = q * PW_NR
     cdef Py_ssize_t m = M - p0 if M - p0 < mc else mc
     cdef Py_ssize_t nt = n - q0 if n - q0 < PW_NR else PW_NR
@@ -300,17 +302,17 @@ cdef inline void _pw_packed_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t mc,
     # Only the AVX-512 epilogue has ReLU, hard-swish and SiLU: the callers pass them there only.
     cdef bint relu6 = act == PW_ACT_RELU6
     if PW_AVX512:
-        pw5_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+        pw5_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * ldo + q0, ldo, r, rs,
                   nt, act)
     elif PW_NEON:
-        pwn_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+        pwn_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * ldo + q0, ldo, r, rs,
                   nt, relu6)
     # A last panel of at most 8 channels (e.g. 24 outputs) skips its zero half.
     elif nt > PW_NR // 2:
-        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * ldo + q0, ldo, r, rs,
                   nt, relu6, True)
     else:
-        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * n + q0, n, r, rs,
+        _pw_panel(ap + p0 * K, m, K, wp + q * K * PW_NR, bp + q0, op + p0 * ldo + q0, ldo, r, rs,
                   nt, relu6, False)
 
 
@@ -330,4 +332,4 @@ cdef inline void pw_packed_serial(const float* ap, Py_ssize_t M, Py_ssize_t K,
     if M <= 0 or n <= 0:
         return
     for t in range((M + mc - 1) // mc * npan):
-        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)
+        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, n, rp, rs, act)

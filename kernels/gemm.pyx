@@ -58,11 +58,24 @@ cdef inline const float* _residual_start(const float[:, :, ::1] res, Py_ssize_t 
     return &res[0, 0, 0] + rr0 * W * res.shape[2] + rc0
 
 
+cdef Py_ssize_t _out_ld(float[:, :, :] out) except -1:
+    """Floats between an output's pixels: `out` is a C-contiguous (rows, W, n) tensor or a
+    channel window of a wider one (a branch written straight into its concatenation)."""
+    cdef Py_ssize_t rows = out.shape[0], W = out.shape[1], n = out.shape[2], f = sizeof(float)
+    cdef Py_ssize_t ld = out.strides[1] if W > 1 else (out.strides[0] if rows > 1 else n * f)
+    if (n > 1 and out.strides[2] != f) or ld % f or ld < n * f or \
+            (rows > 1 and W > 1 and out.strides[0] != W * ld):
+        raise ValueError(f"out (strides {tuple(out.strides)[:3]}) is neither C-contiguous nor "
+                         f"a channel window of a C-contiguous tensor")
+    return ld // f
+
+
 def pwconv(const float[:, :, ::1] x, const float[:, ::1] w, const float[::1] b,
-           float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, bint relu6,
+           float[:, :, :] out, Py_ssize_t c0, Py_ssize_t xr0, bint relu6,
            const float[:, :, ::1] res=None, Py_ssize_t rr0=0, Py_ssize_t rc0=0,
            int threads=1, Py_ssize_t block=0):
-    """out = act(x[xr0:xr0+rows] @ w[:, c0:c0+n] + b[c0:c0+n]) (+ res[rr0:, :, rc0:]).
+    """out = act(x[xr0:xr0+rows] @ w[:, c0:c0+n] + b[c0:c0+n]) (+ res[rr0:, :, rc0:]);
+    out may be a channel window of a wider C-contiguous tensor.
 
     Work is cut into tiles of `block` pixels (0: automatic) and, when there are
     fewer pixel tiles than threads, into channel slices too; OpenMP threads share
@@ -72,7 +85,7 @@ def pwconv(const float[:, :, ::1] x, const float[:, ::1] w, const float[::1] b,
     cdef Py_ssize_t K = x.shape[2], cout = w.shape[1]
     if rows == 0 or W == 0 or n == 0:
         return
-    cdef Py_ssize_t M = rows * W
+    cdef Py_ssize_t M = rows * W, ldo = _out_ld(out)
     cdef const float* ap = &x[0, 0, 0] + xr0 * W * K
     cdef const float* wp = &w[0, 0] + c0 if K > 0 else NULL
     cdef const float* bp = &b[0] + c0
@@ -88,28 +101,29 @@ def pwconv(const float[:, :, ::1] x, const float[:, ::1] w, const float[::1] b,
     if threads <= 1 or tm * tn == 1:
         with nogil:
             for t in range(tm * tn):
-                _pw_task(t, tn, mb, nb, M, n, K, cout, ap, wp, bp, op, rp, rs, relu6)
+                _pw_task(t, tn, mb, nb, M, n, ldo, K, cout, ap, wp, bp, op, rp, rs, relu6)
         return
     for t in prange(tm * tn, nogil=True, num_threads=threads, schedule="static"):
-        _pw_task(t, tn, mb, nb, M, n, K, cout, ap, wp, bp, op, rp, rs, relu6)
+        _pw_task(t, tn, mb, nb, M, n, ldo, K, cout, ap, wp, bp, op, rp, rs, relu6)
 
 
 cdef void _pw_task(Py_ssize_t t, Py_ssize_t tn, Py_ssize_t mb, Py_ssize_t nb, Py_ssize_t M,
-                   Py_ssize_t n, Py_ssize_t K, Py_ssize_t cout, const float* ap,
+                   Py_ssize_t n, Py_ssize_t ldo, Py_ssize_t K, Py_ssize_t cout,
+                   const float* ap,
                    const float* wp, const float* bp, float* op, const float* rp,
                    Py_ssize_t rs, bint relu6) noexcept nogil:
     cdef Py_ssize_t p0 = (t // tn) * mb, q0 = (t % tn) * nb
     cdef Py_ssize_t m = M - p0 if M - p0 < mb else mb
     cdef Py_ssize_t nt = n - q0 if n - q0 < nb else nb
-    _tile(ap + p0 * K, K, NULL if wp == NULL else wp + q0, cout, bp + q0, op + p0 * n + q0, n,
-          NULL if rp == NULL else rp + p0 * rs + q0, rs, m, nt, relu6)
+    _tile(ap + p0 * K, K, NULL if wp == NULL else wp + q0, cout, bp + q0, op + p0 * ldo + q0,
+          ldo, NULL if rp == NULL else rp + p0 * rs + q0, rs, m, nt, relu6)
 
 
 include "_pw_packed.pxi"
 
 
 def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const float[::1] b,
-                  float[:, :, ::1] out, Py_ssize_t c0, Py_ssize_t xr0, int act,
+                  float[:, :, :] out, Py_ssize_t c0, Py_ssize_t xr0, int act,
                   const float[:, :, ::1] res=None, Py_ssize_t rr0=0, Py_ssize_t rc0=0,
                   int threads=1):
     """Same as `pwconv`, with the weight window w[:, c0:c0+n] pre-packed by `pack_pw`
@@ -121,7 +135,7 @@ def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const fl
     cdef Py_ssize_t K = x.shape[2], npan = wpk.shape[0], t
     if rows == 0 or W == 0 or n == 0:
         return
-    cdef Py_ssize_t M = rows * W
+    cdef Py_ssize_t M = rows * W, ldo = _out_ld(out)
     cdef const float* ap = &x[0, 0, 0] + xr0 * W * K
     cdef const float* wp = &wpk[0, 0, 0]
     cdef const float* bp = &b[0] + c0
@@ -134,10 +148,10 @@ def pwconv_packed(const float[:, :, ::1] x, const float[:, :, ::1] wpk, const fl
     if threads <= 1 or ntask == 1:
         with nogil:
             for t in range(ntask):
-                _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)
+                _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, ldo, rp, rs, act)
         return
     for t in prange(ntask, nogil=True, num_threads=threads, schedule="static"):
-        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, rp, rs, act)
+        _pw_packed_task(t, npan, mc, ap, M, K, wp, bp, op, n, ldo, rp, rs, act)
 
 
 def pack_pw(const float[:, ::1] w, Py_ssize_t c0, Py_ssize_t c1, float[:, :, ::1] wpk):
@@ -172,18 +186,20 @@ cdef Py_ssize_t CONV_CHUNK_FLOATS = 262144
 
 
 def conv_packed(const float[:, :, ::1] xp, const float[:, :, ::1] wpk, const float[::1] b,
-                float[:, :, ::1] out, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                float[:, :, :] out, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
                 Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, int act, int threads=1):
     """A dense convolution on the packed-weight kernel: out[y, x, c] = act(b[c] + sum over
     i, j, ci of xp[y*sh + i*dh, x*sw + j*dw, ci] * w[i, j, ci, c]), every row and column of
     xp inside the (padded) input window, w packed by `pack_pw` from its (kh * kw * C, n)
     reshape. The AVX-512 build reads the input in place (tasks: row chunk, weight panel);
-    the others copy a chunk of rows' patches (im2col) and run every panel over it."""
+    the others copy a chunk of rows' patches (im2col) and run every panel over it. out may
+    be a channel window of a wider C-contiguous tensor."""
     cdef Py_ssize_t rows = out.shape[0], wo = out.shape[1], n = out.shape[2]
     cdef Py_ssize_t Wp = xp.shape[1], C = xp.shape[2], npan = wpk.shape[0]
     _check_act(act)
     if rows == 0 or wo == 0 or n == 0:
         return
+    cdef Py_ssize_t ldo = _out_ld(out)
     if wpk.shape[1] != kh * kw * C or wpk.shape[2] != PW_NR or npan * PW_NR < n or \
             b.shape[0] < n:
         raise ValueError(f"packed weight {tuple(wpk.shape)} / bias {b.shape[0]} do not fit a "
@@ -217,11 +233,11 @@ def conv_packed(const float[:, :, ::1] xp, const float[:, :, ::1] wpk, const flo
             with nogil:
                 for t in range(ntask):
                     failed |= _conv_task(t, npan, rc, xq, Wp, C, rows, wo, sh, sw, off, nseg,
-                                         L, wq, &b[0], oq, n, act)
+                                         L, wq, &b[0], oq, n, ldo, act)
         else:
             for t in prange(ntask, nogil=True, num_threads=threads, schedule="static"):
                 failed |= _conv_task(t, npan, rc, xq, Wp, C, rows, wo, sh, sw, off, nseg, L,
-                                     wq, &b[0], oq, n, act)
+                                     wq, &b[0], oq, n, ldo, act)
     finally:
         free(off)
     if failed:
@@ -232,7 +248,7 @@ cdef inline int _conv_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t rc, const f
                            Py_ssize_t Wp, Py_ssize_t C, Py_ssize_t rows, Py_ssize_t wo,
                            Py_ssize_t sh, Py_ssize_t sw, const Py_ssize_t* off,
                            Py_ssize_t nseg, Py_ssize_t L, const float* wp, const float* bp,
-                           float* op, Py_ssize_t n, int act) noexcept nogil:
+                           float* op, Py_ssize_t n, Py_ssize_t ldo, int act) noexcept nogil:
     """One task of conv_packed; 1 when its patch buffer could not be allocated."""
     cdef Py_ssize_t y0 = (t // npan if PW_AVX512 else t) * rc, q = t % npan, q0 = q * PW_NR
     cdef Py_ssize_t m = rows - y0 if rows - y0 < rc else rc
@@ -241,7 +257,8 @@ cdef inline int _conv_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t rc, const f
     cdef const float* src
     if PW_AVX512:
         pw5_conv_panel(xp + y0 * sh * Wp * C, Wp, C, m, wo, sh, sw, off, nseg, L,
-                       wp + q * K * PW_NR, bp + q0, op + y0 * wo * n + q0, n, nt, act)
+                       wp + q * K * PW_NR, bp + q0, op + y0 * wo * ldo + q0, ldo, nt,
+                       act)
         return 0
     buf = <float*>malloc(m * wo * K * sizeof(float))
     if buf == NULL:
@@ -252,8 +269,8 @@ cdef inline int _conv_task(Py_ssize_t t, Py_ssize_t npan, Py_ssize_t rc, const f
             for s in range(nseg):
                 memcpy(buf + (y * wo + x) * K + s * L, src + off[s], L * sizeof(float))
     for q in range(npan):
-        _pw_packed_task(q, npan, m * wo, buf, m * wo, K, wp, bp, op + y0 * wo * n, n, NULL, 0,
-                        act)
+        _pw_packed_task(q, npan, m * wo, buf, m * wo, K, wp, bp, op + y0 * wo * ldo, n, ldo,
+                        NULL, 0, act)
     free(buf)
     return 0
 

@@ -215,3 +215,41 @@ def test_squeeze_excitation_gate_and_scale_match_numpy(isa, suffix, h, w, c, r, 
     close(out, x64[r0:r1] * g.astype(np.float64) ** 2)
     with pytest.raises(ValueError, match="do not fit"):
         se.scale(x, h - r1 + r0 + 1, g, np.empty((r1 - r0 + 1, w, c), np.float32))
+
+
+@per_build
+@SETTINGS
+@given(h=st.integers(1, 9), w=st.integers(1, 30), c=st.integers(1, 40), n=st.integers(1, 70),
+       left=st.integers(0, 9), right=st.integers(0, 9), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**31))
+def test_convs_write_a_channel_window_of_a_wider_tensor(isa, suffix, h, w, c, n, left, right,
+                                                        threads, seed):
+    """pwconv (BLAS), pwconv_packed and conv_packed into out[:, :, left:left+n] of a
+    (h, w, left + n + right) tensor (a concat's branch): its channels as into a tensor of
+    their own, the others untouched; rows that are not W pixels apart are refused."""
+    gemm = build(isa, suffix, "gemm")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((h, w, c)).astype(np.float32)
+    wt = rng.standard_normal((c, n)).astype(np.float32)
+    w3 = rng.standard_normal((3, 3, c, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    nr = gemm.PACK_NR
+    wpk = np.empty(((n + nr - 1) // nr, c, nr), np.float32)
+    wpk3 = np.empty(((n + nr - 1) // nr, 9 * c, nr), np.float32)
+    gemm.pack_pw(wt, 0, n, wpk)
+    gemm.pack_pw(w3.reshape(-1, n), 0, n, wpk3)
+    xp = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    calls = [lambda o: gemm.pwconv(x, wt, b, o, 0, 0, True, None, 0, 0, threads),
+             lambda o: gemm.pwconv_packed(x, wpk, b, o, 0, 0, True, None, 0, 0, threads),
+             lambda o: gemm.conv_packed(xp, wpk3, b, o, 3, 3, 1, 1, 1, 1, gemm.ACT_RELU6,
+                                        threads)]
+    for call in calls:
+        alone = np.empty((h, w, n), np.float32)
+        call(alone)
+        wide = np.full((h, w, left + n + right), 7.0, np.float32)
+        call(wide[:, :, left:left + n])
+        assert np.array_equal(wide[:, :, left:left + n], alone)
+        assert (wide[:, :, :left] == 7).all() and (wide[:, :, left + n:] == 7).all()
+        if h > 1 and w > 1:
+            with pytest.raises(ValueError, match="neither C-contiguous nor a channel window"):
+                call(np.empty((2 * h, w, n), np.float32)[::2])

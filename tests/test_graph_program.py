@@ -79,3 +79,43 @@ def test_a_program_reads_the_rows_it_is_given(tmp_path):
     np.testing.assert_array_equal(dst, layer.run(x))
     with pytest.raises(ValueError, match="only into a given dst"):
         prog(x, 0)
+
+
+def _fire(net, c, squeeze, e1, e3):
+    """A SqueezeNet fire module on net.x: 1x1 squeeze, then 1x1 and 3x3 expands concatenated."""
+    s = net.act(net.conv(net.x, c, squeeze, 1), "relu")
+    a = net.act(net.conv(s, squeeze, e1, 1), "relu")
+    b = net.act(net.conv(s, squeeze, e3, 3, 1, 1), "relu")
+    return net.node("Concat", [a, b], axis=1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_concat_branches_write_into_its_output(tmp_path, threads):
+    """Fire modules whose expand convs write their channels of the concat's buffer: one
+    inside a residual (the concat is not the segment's output), one whose concat is the
+    output (into the caller's dst too), equal to the node-by-node interpreter on the whole
+    map and on strips of rows."""
+    net = Net(np.random.default_rng(4), 3, 13, 11)
+    net.x = x0 = net.act(net.conv(net.x, 3, 12, 3, 1, 1), "relu")
+    net.x = net.node("Add", [x0, _fire(net, 12, 4, 5, 7)])
+    net.x, net.shape = _fire(net, 12, 3, 6, 10), (16, 13, 11)
+    path = tmp_path / "net.onnx"
+    path.write_bytes(net.model(3))
+    model = load_onnx_model(str(path))
+    image = np.random.default_rng(5).standard_normal(net.image).astype(np.float32)
+    fused = 0
+    for layer, x in _layers_with_inputs(model, image):
+        if not isinstance(layer, GraphLayer) or layer.kind != "graph":
+            continue
+        rows = layer.out_shape[0]
+        for r0, r1 in ((0, rows), (0, 5), (4, 9), (rows - 1, rows)):
+            want = run_nodes(layer.nodes, layer.source, x, 0, layer._shapes, r0, r1, 1)
+            prog = layer.compile(threads, r0, r1)
+            fused += len(prog._branch)
+            tol = 1e-6 * max(1.0, float(np.abs(want).max()))
+            np.testing.assert_allclose(prog(x, 0), want, rtol=0, atol=tol)
+            dst = np.full(want.shape, np.nan, np.float32)
+            into = layer.compile(threads, r0, r1, into_dst=True)
+            assert into(x, 0, dst) is dst
+            np.testing.assert_allclose(dst, want, rtol=0, atol=tol)
+    assert fused >= 4 * 4      # both fire modules, every strip, both branches

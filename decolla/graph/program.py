@@ -8,8 +8,10 @@ windows and output buffer are resolved (buffers reused after their last reader),
 kernel and weights bound, and a few node patterns run as one call:
 
 - squeeze-excitation, gap -> 1x1 conv -> 1x1 conv -> mul by the map, as `kernels.se`'s
-  gate and scale (two calls instead of six passes and dispatches);
+  gate and scale (two calls instead of six passes and dispatches; `graph.se_steps`);
 - a pointwise conv whose only reader is an add: the add is the conv kernel's residual;
+- the branches of a concat (convs whose only reader it is, as in SqueezeNet's fire
+  modules) write their channels of its output buffer: no copies into it;
 - an activation the conv kernel's epilogue lacks (in builds without the fused ones, or
   on the BLAS path) is applied strip by strip of `CHUNK_BYTES` of output right after the
   kernel wrote it, while it is in cache.
@@ -25,9 +27,8 @@ import numpy as np
 from decolla import ops as K
 from decolla.graph import ops as gops
 from decolla.graph.ir import WINDOWED, GraphError, Node
-from decolla.kernels import load
+from decolla.graph.se_steps import NONE, act_args, gated_weight, se_step
 
-_se = load("se")
 CHUNK_BYTES = 256 * 1024   # output of a conv per kernel call when an activation pass follows
 
 
@@ -59,17 +60,6 @@ def needed_rows(nodes: list[Node], shapes: dict, r0: int, r1: int) -> dict:
                     lo, hi = need[t]
             need[t] = (lo, hi)
     return need
-
-
-def _act_args(act) -> tuple[int, float, float]:
-    """(code, a, b) of an activation for kernels.act / kernels.se (NONE for None)."""
-    if act is None:
-        return _se.NONE, 0.0, 0.0
-    code = gops._ACT_CODES.get(act[0])
-    if code is None:
-        raise GraphError(f"unknown activation {act[0]!r}")
-    params = tuple(act[1:3]) + (0.0,) * (2 - len(act[1:3]))
-    return code, float(params[0]), float(params[1])
 
 
 def _is_fc(n: Node) -> bool:
@@ -119,8 +109,13 @@ class Program:
     def _compile(self) -> None:
         nodes, done = self.nodes, set()
         se = self._se_blocks()
+        self._branch = self._concat_branches({v[3] + 1 for v in se.values()})
+        self._outs: dict[str, np.ndarray | None] = {}
         for i, n in enumerate(nodes):
             if i in done:
+                continue
+            if n.op == "concat" and n.inputs[0] in self._branch:
+                self._emit(n, lambda out, is_last: lambda x, x0, dst: None)   # written
                 continue
             if i in se and self._folds_gate(se[i][3]):
                 g, c1, c2, m, xname = se[i]
@@ -135,7 +130,7 @@ class Program:
                 done.update(range(c1, m + 2 + add))
             elif i in se:
                 g, c1, c2, m, xname = se[i]
-                self._emit(nodes[m], _se_step(self, nodes[c1], nodes[c2], nodes[m], xname))
+                self._emit(nodes[m], se_step(self, nodes[c1], nodes[c2], nodes[m], xname))
                 done.update((c1, c2, m))
             elif self._fuses_add(i):
                 add = nodes[i + 1]
@@ -148,15 +143,19 @@ class Program:
                 self._emit(n, _generic_step(self, n))
 
     def _emit(self, node: Node, make, also: tuple = ()) -> None:
-        """Give `node` an output buffer, bind its step (`make(out, is_last)`), then free
-        the buffers of tensors whose last reader this was."""
+        """Give `node` an output buffer (a concat's branch: its channels of the concat's),
+        bind its step (`make(out, is_last)`), then free the buffers of tensors whose last
+        reader this was."""
         a, b = self.need.get(node.name, (0, 0))
-        shape = ((b - a,) + tuple(node.shape[1:])) if len(node.shape) == 3 else tuple(node.shape)
         is_last = node.name == self.last
-        out = None
-        if not (is_last and self.into_dst):
-            out, self._owner[node.name] = self._alloc(shape)
-        self.steps.append(make(out, is_last))
+        if node.name in self._branch:
+            cat, c0, c1 = self._branch[node.name]
+            whole = self._out_of(self._node(cat))
+            out = None if whole is None else whole[:, :, c0:c1]
+            self.steps.append(make(out, cat == self.last, slice(c0, c1)))
+        else:
+            out = self._out_of(node)
+            self.steps.append(make(out, is_last))
         self._win[node.name] = (out, a)
         if is_last:
             self._out = out
@@ -165,7 +164,20 @@ class Program:
             if t in self._win and t != self.source and t != self.last and \
                     max(self._readers.get(t, [-1])) <= idx:
                 del self._win[t]
-                self._free.append(self._owner.pop(t))
+                if t in self._owner:      # (a concat's branch has no buffer of its own)
+                    self._free.append(self._owner.pop(t))
+
+    def _out_of(self, node: Node) -> np.ndarray | None:
+        """The output buffer of `node`, allocated on first ask (None: the caller's dst)."""
+        if node.name not in self._outs:
+            a, b = self.need.get(node.name, (0, 0))
+            shape = tuple(node.shape) if len(node.shape) != 3 else \
+                (b - a,) + tuple(node.shape[1:])
+            out = None
+            if not (node.name == self.last and self.into_dst):
+                out, self._owner[node.name] = self._alloc(shape)
+            self._outs[node.name] = out
+        return self._outs[node.name]
 
     def _node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -225,6 +237,29 @@ class Program:
         a, b = self.need.get(n.name, (0, 0))
         return self.need.get(mul.name) == (a, b) and (b - a) * n.shape[1] > n.shape[2]
 
+    def _concat_branches(self, gated: set) -> dict:
+        """{tensor: (concat, c0, c1)} for the inputs of every concat whose inputs are all
+        convs of this program read by it alone, none of them with a squeeze-excitation
+        gate folded in (`gated`), on a kernel that writes a channel window of a wider
+        tensor with the whole activation in its epilogue."""
+        index, found = {n.name: i for i, n in enumerate(self.nodes)}, {}
+        for j, cat in enumerate(self.nodes):
+            a, b = self.need.get(cat.name, (0, 0))
+            if cat.op != "concat" or len(cat.shape) != 3 or a >= b or \
+                    len(set(cat.inputs)) != len(cat.inputs):
+                continue
+            part, c0 = {}, 0
+            for t in cat.inputs:
+                i = index.get(t, -1)
+                if i < 0 or i in gated or self._readers.get(t) != [j] or \
+                        self.need.get(t) != (a, b) or not _writes_window(self.nodes[i], b - a):
+                    break
+                part[t] = (cat.name, c0, c0 + self.shapes[t][2])
+                c0 += self.shapes[t][2]
+            else:
+                found.update(part)
+        return found
+
     def _fuses_add(self, i: int) -> bool:
         """Node i is a pointwise conv (no activation or ReLU6) read only by the next node,
         an add without activation of two maps of one shape: the add is its residual."""
@@ -239,9 +274,32 @@ class Program:
             self.need.get(add.name) == self.need.get(n.name)
 
 
+def _writes_window(n: Node, rows: int) -> bool:
+    """A conv whose kernel can write `rows` rows into a channel window of a wider tensor,
+    activation included (pwconv, pwconv_packed, conv_packed)."""
+    if n.op != "conv" or len(n.shape) != 3:
+        return False
+    p, act = gops.prepared(n), n.attrs["act"]
+    if p["path"] == "pw":
+        return gops.pw_epilogue(act, rows * n.shape[1], *p["w"].shape)[1] is None
+    return p["path"] == "dense" and bool(K.PACKED_MAX_PIXELS) and \
+        gops.epilogue(act, K._gemm.RELU_FUSED)[1] is None
+
+
+def _target(out, is_last: bool, chans: slice | None):
+    """dst -> the array a step writes: `out`, or for the last node the caller's dst when
+    given (its channels `chans` for a branch of the last node, a concat)."""
+    if not is_last:
+        return lambda dst: out
+    if chans is None:
+        return lambda dst: out if dst is None else dst
+    return lambda dst: out if dst is None else dst[:, :, chans]
+
+
 # ---------------------------------------------------------------------- steps
 # Each returns make(out, is_last) -> step(x, x0, dst): the node's kernel calls bound to its
-# windows and to `out` (or, for the last node, to `dst` when the caller passes one).
+# windows and to `out` (or, for the last node, to `dst` when the caller passes one). A
+# conv's make takes a third argument: the channels of a concat's branch (`_target`).
 
 
 def _conv_step(prog: Program, node: Node, out_node: Node, res: str | None, gate: tuple = None):
@@ -255,12 +313,12 @@ def _conv_step(prog: Program, node: Node, out_node: Node, res: str | None, gate:
     path, w, bias, act = p["path"], p["w"], p["b"], node.attrs["act"]
     relu6 = act == gops.RELU6
     pre = None if gate is None else \
-        _gated_weight(prog, w, bias, relu6, gate, (b - a) * node.shape[1])
-    code, pa, pb = _act_args(None if relu6 else act)
+        gated_weight(prog, w, bias, relu6, gate, (b - a) * node.shape[1])
+    code, pa, pb = act_args(None if relu6 else act)
     res_get = None if res is None else prog._input(res)
 
     def rows_per_call(out):
-        if code == _se.NONE or out.shape[0] == 0:
+        if code == NONE or out.shape[0] == 0:
             return max(1, out.shape[0])
         return max(1, CHUNK_BYTES // (4 * out.shape[1] * out.shape[2]))
 
@@ -271,7 +329,7 @@ def _conv_step(prog: Program, node: Node, out_node: Node, res: str | None, gate:
     elif path == "pw":
         kact, rest = gops.pw_epilogue(act, (b - a) * node.shape[1], *w.shape)
         if rest is None:
-            code = _se.NONE      # the kernel's epilogue applies it
+            code = NONE      # the kernel's epilogue applies it
 
         def kern(x, x0, o, r, rs):
             K.pwconv_kernel(x, w, bias, o, 0, a + r - x0, kact,
@@ -286,23 +344,27 @@ def _conv_step(prog: Program, node: Node, out_node: Node, res: str | None, gate:
         (sh, sw), (dh, dw), pads = node.attrs["stride"], node.attrs["dilation"], \
             node.attrs["pads"]
 
-        kcode, code = code, _se.NONE      # the kernel applies it, row by row
+        kcode, code = code, NONE      # the kernel applies it, row by row
 
         def kern(x, x0, o, r, rs):
             gops._dwk.dwconv(x, w, bias, o, a + r, x0, H, sh, sw, pads[0], pads[1], dh, dw,
                              relu6, nt, kcode, pa, pb)
     else:
-        def make_other(out, is_last):
+        def make_other(out, is_last, chans=None):
+            pick = _target(out, is_last, chans)
+
             def step(x, x0, dst):
-                o = dst if is_last and dst is not None else out
+                o = pick(dst)
                 src, s0 = get(x, x0)
                 gops.conv(node, src, s0, H, a, b, nt, o)
             return step
         return make_other
 
-    def make(out, is_last):
+    def make(out, is_last, chans=None):
+        pick = _target(out, is_last, chans)
+
         def step(x, x0, dst):
-            o = dst if is_last and dst is not None else out
+            o = pick(dst)
             if o.shape[0] == 0:
                 return
             src, s0 = get(x, x0)
@@ -313,67 +375,8 @@ def _conv_step(prog: Program, node: Node, out_node: Node, res: str | None, gate:
             for r in range(0, o.shape[0], rb):
                 part = o[r:r + rb]
                 kern(src, s0, part, r, rs)
-                if code != _se.NONE:
+                if code != NONE:
                     gops._act.apply(part.reshape(-1), code, pa, pb, nt)
-        return step
-    return make
-
-def _gate(prog: Program, fc1: Node, fc2: Node, xname: str):
-    """(gate vector, fill(x, x0)): a squeeze-excitation's gate from its whole map."""
-    w1, b1 = gops.prepared(fc1)["w"], gops.prepared(fc1)["b"]
-    w2, b2 = gops.prepared(fc2)["w"], gops.prepared(fc2)["b"]
-    f1, f2 = _act_args(fc1.attrs["act"]), _act_args(fc2.attrs["act"])
-    gate = np.empty(w2.shape[1], np.float32)
-    work = np.empty(w1.shape[0] + w1.shape[1], np.float32)
-    H = prog.shapes[xname][0]
-
-    def fill(src, s0):
-        whole = src if (s0, src.shape[0]) == (0, H) else src[-s0:H - s0]
-        _se.gate(whole, w1, b1, *f1, w2, b2, *f2, gate, work)
-    return gate, fill
-
-def _gated_weight(prog: Program, w: np.ndarray, bias: np.ndarray, relu6: bool, gate: tuple,
-                  pixels: int):
-    """(prepare(x, x0), conv(x, out, xr0, res, rr0)) of a pointwise conv whose weight rows
-    are scaled by a squeeze-excitation's gate on every call (packed for the packed
-    kernel when it would take this many pixels, as decolla.ops.pwconv_kernel)."""
-    g, fill = _gate(prog, *gate)
-    wg = np.empty_like(w)
-    cin, cout = w.shape
-    packed = K.uses_packed(pixels, cin, cout)
-    nr = K._gemm.PACK_NR
-    wpk = np.empty(((cout + nr - 1) // nr, cin, nr), np.float32) if packed else None
-    nt = prog.nt
-
-    def prepare(src, s0):
-        fill(src, s0)
-        np.multiply(w, g[:, None], out=wg)
-        if packed:
-            K._gemm.pack_pw(wg, 0, cout, wpk)
-
-    def conv(x, out, xr0, res, rr0):
-        if packed:
-            K._gemm.pwconv_packed(x, wpk, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
-        else:
-            K._gemm.pwconv(x, wg, bias, out, 0, xr0, relu6, res, rr0, 0, nt)
-    return prepare, conv
-
-def _se_step(prog: Program, fc1: Node, fc2: Node, mul: Node, xname: str):
-    """Squeeze-excitation: the gate from the whole map, then rows of map * gate."""
-    a, b = prog.need.get(mul.name, (0, 0))
-    get = prog._input(xname)
-    gate, fill = _gate(prog, fc1, fc2, xname)
-    mact = mul.attrs.get("act")
-
-    def make(out, is_last):
-        def step(x, x0, dst):
-            o = dst if is_last and dst is not None else out
-            if b <= a:
-                return
-            src, s0 = get(x, x0)
-            fill(src, s0)
-            _se.scale(src, a - s0, gate, o)
-            gops.apply_act(o, mact, prog.nt)
         return step
     return make
 
