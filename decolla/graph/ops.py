@@ -33,11 +33,16 @@ def apply_act(y: np.ndarray, act, threads: int = 1) -> np.ndarray:
     """The activation `act` (None or (fn, *params)) applied to y (C-contiguous) in place."""
     if act is None or y.size == 0:
         return y
+    _act.apply(y.reshape(-1), act_code(act), *act[1:3], threads)
+    return y
+
+
+def act_code(act) -> int:
+    """The kernels.act code of an activation (fn, *params); GraphError if there is none."""
     code = _ACT_CODES.get(act[0])
     if code is None:
         raise GraphError(f"unknown activation {act[0]!r}")
-    _act.apply(y.reshape(-1), code, *act[1:3], threads)
-    return y
+    return code
 
 
 RELU6 = ("clip", 0.0, 6.0)

@@ -7,7 +7,7 @@ import numpy as np
 
 from decolla import ops as K
 from decolla.graph import ops as gops
-from decolla.graph.ir import GraphError, Node
+from decolla.graph.ir import Node
 from decolla.kernels import load
 
 _se = load("se")
@@ -18,9 +18,7 @@ def act_args(act) -> tuple[int, float, float]:
     """(code, a, b) of an activation for kernels.act / kernels.se (NONE for None)."""
     if act is None:
         return _se.NONE, 0.0, 0.0
-    code = gops._ACT_CODES.get(act[0])
-    if code is None:
-        raise GraphError(f"unknown activation {act[0]!r}")
+    code = gops.act_code(act)
     params = tuple(act[1:3]) + (0.0,) * (2 - len(act[1:3]))
     return code, float(params[0]), float(params[1])
 
