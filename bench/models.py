@@ -24,10 +24,9 @@ import time
 import numpy as np
 
 from bench import zoo
+from bench.plans_testbed import predicted
 from decolla.forward import Forward
 from decolla.loader import load_model
-from decolla.plans import build_plan
-from decolla.plans.auto import Profile, stage_seconds
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -45,13 +44,8 @@ def _session(path: str):
 def _predicted_speedup(model) -> float:
     """The auto planner's predicted speed-up on 3 devices at 100 Mbit/s over the whole
     network on one device with the image sent there (as `decolla plan --explain` prints)."""
-    specs = model.layer_specs()
-    prof = Profile.from_options({"bandwidth_mbit": 100}, 3)
-    by_name = {s["name"]: s for s in specs}
-    seconds = [sum(stage_seconds(st, by_name, prof) for st in
-                   build_plan(specs, k, plan, model.input_shape).stages)
-               for k, plan in ((3, "auto:bandwidth_mbit=100"), (1, "single"))]
-    return seconds[1] / seconds[0]
+    told = "auto:bandwidth_mbit=100"
+    return predicted(model, "single", told)["seconds"] / predicted(model, "auto", told)["seconds"]
 
 
 def bench_model(name: str, size: int, repeats: int, workdir: str) -> dict:

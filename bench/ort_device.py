@@ -1,9 +1,9 @@
 """onnxruntime on one emulated device: the "best single device" bar of the testbed benches.
 
-The same weights as DeColla's model, exported to ONNX (bench.kernels' torch network,
-TorchScript exporter), run by onnxruntime on one thread. `export` writes the file (needs
-torch and onnx: the `bench` and `train` extras) and checks its logits against
-decolla.forward. `--agent` runs inside a device host of the testbed, under the same
+The same weights as DeColla's model, run by onnxruntime on one thread: a model spec is
+exported to ONNX (bench.kernels' torch network, TorchScript exporter; needs torch and
+onnx: the `bench` and `train` extras), an imported model's own `.onnx` file is used as it
+is (copied). `export` writes the file and checks its logits against decolla.forward. `--agent` runs inside a device host of the testbed, under the same
 emulation as the devices: the host's CPU quota, or time dilation (DECOLLA_DILATE: each
 `run` call is followed by a sleep of (f − 1) × the CPU time it took, decolla.emulation).
 It answers one JSON command per stdin line:
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,21 +30,38 @@ from decolla import emulation
 
 
 def export(model_spec: str, path: str) -> float:
-    """Write `model_spec`'s network as ONNX to `path`; returns the relative error of its
-    logits against decolla.forward on a seeded image (a bad export is an error)."""
-    from bench.kernels import _ort_session, export_onnx, torch_model
+    """Write `model_spec`'s network as ONNX to `path` (an `.onnx` spec: that file, copied);
+    returns the relative error of onnxruntime's logits on it against decolla.forward on a
+    seeded image (a bad export is an error)."""
+    from bench.kernels import _ort_session
     from decolla.forward import forward
     from decolla.loader import load_model
     model = load_model(model_spec)
     x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
-    export_onnx(torch_model(model), x, path)
-    got = _ort_session(path).run(None, {"image": _nchw(x)})[0].reshape(-1)
-    ref = forward(model, x)
+    if is_onnx(model_spec):
+        if not (os.path.exists(path) and os.path.samefile(model_spec, path)):
+            shutil.copyfile(model_spec, path)
+    else:
+        from bench.kernels import export_onnx, torch_model
+        export_onnx(torch_model(model), x, path)
+    sess = _ort_session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: _nchw(x)})[0].reshape(-1)
+    ref = forward(model, x).reshape(-1)
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
     if not err < 1e-3:
-        raise RuntimeError(f"the ONNX export of {model_spec} differs from decolla.forward "
-                           f"(relative error {err:.2e})")
+        raise RuntimeError(f"onnxruntime's answer on the ONNX file of {model_spec} differs "
+                           f"from decolla.forward (relative error {err:.2e})")
     return err
+
+
+def is_onnx(model_spec: str) -> bool:
+    """Whether a model spec names an ONNX file (load_model's rule: by its extension)."""
+    return str(model_spec).endswith(".onnx")
+
+
+def feed_shape(shape) -> tuple[int, ...]:
+    """An ONNX input's shape with symbolic or unknown dimensions (a batch axis) as 1."""
+    return tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
 
 
 def _nchw(x: np.ndarray) -> np.ndarray:
@@ -54,8 +72,9 @@ def agent(args) -> int:
     """The device side: one onnxruntime session, timed `run` calls on request."""
     from bench.kernels import _ort_session
     sess = _ort_session(args.onnx)
-    shape = sess.get_inputs()[0].shape
-    feed = {"image": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    inp = sess.get_inputs()[0]
+    feed = {inp.name: np.random.default_rng(1).standard_normal(feed_shape(inp.shape))
+            .astype(np.float32)}
     run = emulation.wrap(sess.run)       # dilated like a kernel call when DECOLLA_DILATE is set
     for _ in range(2):
         run(None, feed)                  # warm-up

@@ -4,7 +4,8 @@
         [--emulation dilation|quota]
 
 3 emulated devices (network namespace, tc tbf on each device link, CPU slowed so the
-whole MobileNetV2-224 forward runs k≈8x slower than on one host core: a Pi-class device,
+model's whole forward (`--model`, MobileNetV2-224 by default; an `.onnx` file works too)
+runs k≈8x slower than on one host core: a Pi-class device,
 by `--emulation`: time dilation in the device processes, continuously slow, or a cgroup
 CFS quota, see bench.plans_cluster), no background load, an edge host running the leader,
 and an unshaped, unthrottled requester host running this module with --agent. Two
@@ -43,9 +44,11 @@ RESULTS = REPO / "bench" / "results"
 ORT = "onnxruntime"
 
 
-def _predicted(model: str, plan: str, told: str) -> float | None:
-    """The cost model's seconds for `plan` (k = 3; `single`: 1) under the options `told`
-    (the told `auto`'s profile); None where the plan cannot be built here."""
+def predicted(model, plan: str, told: str = "") -> dict | None:
+    """The cost model on `plan` (k = 3; `single`: 1) for `model` (a Model or a spec) under
+    the options of `told` (the told `auto`'s profile; the plan's own options win):
+    {"seconds": predicted wall time, "stages": one 'split xk (n layers)' per stage}; None
+    where the plan cannot be built here."""
     from decolla.loader import load_model
     from decolla.plans import build_plan, parse_plan_name
     from decolla.plans.auto import Profile, stage_seconds
@@ -54,14 +57,18 @@ def _predicted(model: str, plan: str, told: str) -> float | None:
         return None
     opts = {**parse_plan_name(told)[1], **opts}
     k = 1 if name == "single" else 3
-    specs = load_model(model).layer_specs()
+    model = load_model(model) if isinstance(model, str) else model
+    specs = model.layer_specs()
     try:
-        built = build_plan(specs, k, name, **opts)
+        built = build_plan(specs, k, name, model.input_shape, **opts)
     except Exception:
         return None
     prof = Profile.from_options(opts, k)
     by_name = {sp["name"]: sp for sp in specs}
-    return float(sum(stage_seconds(st, by_name, prof) for st in built.stages))
+    return {"seconds": float(sum(stage_seconds(st, by_name, prof) for st in built.stages)),
+            "stages": [f"{'exchange' if st.exchange else st.split}"
+                       f"{'+sum' if st.reduce == 'sum' else ''} x{len(st.chunks)} "
+                       f"({len(st.layers)} layers)" for st in built.stages]}
 
 
 def _delivery(trace) -> float:
@@ -167,7 +174,7 @@ def drive(args) -> int:
                 if args.min_gain is not None:   # the told auto, splitting at a lower bar
                     plans.append(f"auto:bandwidth_mbit={bw:g},shared_link=0,"
                                  f"min_gain={args.min_gain:g},{told}")
-                if bw >= 100:
+                if bw >= 100 and args.spatial:
                     plans.append("spatial")
                 plans += [p for p in args.plans.split(",") if p]
                 if ort is not None:
@@ -200,7 +207,9 @@ def drive(args) -> int:
                             point["error"] = rep.get("error")
                 for plan in plans:
                     point = points[plan]
-                    point["predicted_s"] = _predicted(args.model, plan, plans[1])
+                    pred = predicted(args.model, plan, plans[1])
+                    point["predicted_s"] = pred and pred["seconds"]
+                    point["predicted_stages"] = pred and pred["stages"]
                     if "error" in point:
                         point.pop("rows")
                     else:
@@ -217,7 +226,7 @@ def drive(args) -> int:
             if ort is not None:
                 ort.stdin.close()
                 ort.wait(timeout=30)
-    doc["loadavg_end"] = os.getloadavg()
+    doc["loadavg_end"], doc["finished"] = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S")
     _save(doc, args.out)
     return 0
 
@@ -234,7 +243,7 @@ def _ort_rows(ort, n: int, cap_s: float, rel_err: float) -> dict:
     return rep
 
 
-def _planned(rows: list) -> str:
+def planned_links(rows: list) -> str:
     """The links the requester planned for ('-' for plans that are not auto)."""
     seen = sorted({(r["planned_mbit"], r.get("planned_shared")) for r in rows
                    if r.get("planned_mbit") is not None})
@@ -245,8 +254,8 @@ def _save(doc: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = doc.get("name") or f"plans_testbed_{doc['emulation']}"
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
-    lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)", "",
-             f"Emulation {doc.get('emulation_line', doc['emulation'])}; {doc['repeats']} "
+    lines = [f"# Plans on the testbed ({Path(doc['model']).name}, 3 emulated Pi-class devices, "
+             "fp16 wire)", "", f"Emulation {doc.get('emulation_line', doc['emulation'])}; {doc['repeats']} "
              f"repeats per point; started {doc.get('started', '?')}; `{doc.get('command', '')}`.",
              "", *_table(doc)]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -279,7 +288,7 @@ def _table(doc: dict, emulation_column: bool = False) -> list[str]:
                      f"{'-' if pred is None else f'{pred * 1e3:.0f}'} | {ratios[0]} | {ratios[1]} | "
                      f"{int(np.median([r['stages'] for r in p['rows']]))} | {mb:.3f} | "
                      f"{ok}/{len(p['rows'])} | {sum(drops.values()) if drops else '-'} | "
-                     f"{p['loadavg'][0]:.2f} | {_planned(p['rows'])} |")
+                     f"{p['loadavg'][0]:.2f} | {planned_links(p['rows'])} |")
     return lines
 
 
@@ -356,7 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--agent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--leader")
     p.add_argument("--bind")
-    p.add_argument("--model", default="mobilenet_v2:seed=0")
+    p.add_argument("--model", default="mobilenet_v2:seed=0",
+                   help="a model spec or file (.onnx: onnxruntime runs that file)")
     p.add_argument("--bandwidths", default="1,10,100,1000")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("-k", type=float, default=8.0, help="device slowdown vs one host core")
@@ -373,6 +383,8 @@ def main(argv=None) -> int:
                         "kernel allows for the quota, a smoother slow CPU)")
     p.add_argument("--plans", default="exchange",
                    help="more plans to run at every bandwidth (comma-separated)")
+    p.add_argument("--no-spatial", dest="spatial", action="store_false",
+                   help="leave out the `spatial` plan (run by default at 100 Mb/s and above)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed inferences before each plan's block (3: one per device)")
     p.add_argument("--min-gain", type=float, default=None,
