@@ -9,7 +9,9 @@ intra-op and one inter-op thread and all graph optimisations. Both on the same i
 interleaved (ours, onnxruntime, ours, ...) after warm-up runs; the medians and their
 ratio (ours / onnxruntime; the target is at most 1.3x) are reported, with the answers'
 agreement (max |diff| / max |logit|). Also the `auto` planner's predicted speed-up on 3
-devices at 100 Mbit/s over one device (the cost model's prediction, not a measurement).
+devices at 100 Mbit/s over one device (the cost model's prediction, not a measurement;
+the measured testbed speed-up is bench.models_testbed's, whose table models.md includes
+when its results are in the output directory).
 Writes bench/results/models.json and bench/results/models.md.
 """
 from __future__ import annotations
@@ -20,10 +22,11 @@ import os
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bench import zoo
+from bench import models_testbed, zoo
 from bench.plans_testbed import predicted
 from decolla.forward import Forward
 from decolla.loader import load_model
@@ -112,9 +115,11 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "models.json"), "w") as fh:
         json.dump({"meta": meta, "models": rows}, fh, indent=1)
+    text = report(rows, meta) + "".join(line + "\n" for line in
+                                        models_testbed.section(Path(args.out)))
     with open(os.path.join(args.out, "models.md"), "w") as fh:
-        fh.write(report(rows, meta))
-    print(report(rows, meta))
+        fh.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

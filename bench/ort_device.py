@@ -54,6 +54,27 @@ def export(model_spec: str, path: str) -> float:
     return err
 
 
+def host_seconds(path: str, repeats: int = 15) -> float:
+    """Median seconds of onnxruntime's `run` on `path` in this process (a host core, no
+    emulation), after two warm-up runs."""
+    sess, feed = _session_and_feed(path)
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
+def _session_and_feed(path: str):
+    """A one-thread onnxruntime session on `path` and a seeded input for it."""
+    from bench.kernels import _ort_session
+    sess = _ort_session(path)
+    inp = sess.get_inputs()[0]
+    return sess, {inp.name: np.random.default_rng(1).standard_normal(feed_shape(inp.shape))
+                  .astype(np.float32)}
+
+
 def is_onnx(model_spec: str) -> bool:
     """Whether a model spec names an ONNX file (load_model's rule: by its extension)."""
     return str(model_spec).endswith(".onnx")
@@ -70,11 +91,7 @@ def _nchw(x: np.ndarray) -> np.ndarray:
 
 def agent(args) -> int:
     """The device side: one onnxruntime session, timed `run` calls on request."""
-    from bench.kernels import _ort_session
-    sess = _ort_session(args.onnx)
-    inp = sess.get_inputs()[0]
-    feed = {inp.name: np.random.default_rng(1).standard_normal(feed_shape(inp.shape))
-            .astype(np.float32)}
+    sess, feed = _session_and_feed(args.onnx)
     run = emulation.wrap(sess.run)       # dilated like a kernel call when DECOLLA_DILATE is set
     for _ in range(2):
         run(None, feed)                  # warm-up

@@ -152,6 +152,8 @@ def drive(args) -> int:
     logs.mkdir(exist_ok=True)
     onnx_path = str(logs / "model.onnx")
     doc["onnx_rel_err"] = ort_device.export(args.model, onnx_path) if args.ort else None
+    # onnxruntime on an unthrottled host core: its slowdown on the emulated device beside k
+    doc["onnx_host_ms"] = ort_device.host_seconds(onnx_path) * 1e3 if args.ort else None
     with plans_cluster("dcpl", args.model, args.k, bws[0], "bench.plans_testbed", [],
                        emulation=args.emulation) as pc:
         tb, proc = pc.tb, pc.agent
@@ -174,6 +176,9 @@ def drive(args) -> int:
                 if args.min_gain is not None:   # the told auto, splitting at a lower bar
                     plans.append(f"auto:bandwidth_mbit={bw:g},shared_link=0,"
                                  f"min_gain={args.min_gain:g},{told}")
+                if args.also_told:   # the told auto with more options (max_mb=0, ...)
+                    plans.append(f"auto:bandwidth_mbit={bw:g},shared_link=0,{args.also_told},"
+                                 f"{told}")
                 if bw >= 100 and args.spatial:
                     plans.append("spatial")
                 plans += [p for p in args.plans.split(",") if p]
@@ -390,6 +395,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-gain", type=float, default=None,
                    help="also run the told auto with this min_gain (the predicted speed-up a "
                         "split must reach; the planner's default 1.1): what its split would give")
+    p.add_argument("--also-told", default="", metavar="OPTS",
+                   help="also run the told auto with these plan options (e.g. max_mb=0)")
     p.add_argument("--emulation", choices=EMULATIONS, default="dilation",
                    help="how devices are slowed: time dilation (continuous) or a CFS quota")
     p.add_argument("--no-ort", dest="ort", action="store_false",
