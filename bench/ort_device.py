@@ -3,8 +3,8 @@
 The same weights as DeColla's model, run by onnxruntime on one thread: a model spec is
 exported to ONNX (bench.kernels' torch network, TorchScript exporter; needs torch and
 onnx: the `bench` and `train` extras), an imported model's own `.onnx` file is used as it
-is (copied). `export` writes the file and checks its logits against decolla.forward. `--agent` runs inside a device host of the testbed, under the same
-emulation as the devices: the host's CPU quota, or time dilation (DECOLLA_DILATE: each
+is (copied). `export` writes the file and checks its logits against decolla.forward.
+`--agent` runs inside a device host of the testbed, under the same emulation as the devices: the host's CPU quota, or time dilation (DECOLLA_DILATE: each
 `run` call is followed by a sleep of (f − 1) × the CPU time it took, decolla.emulation).
 It answers one JSON command per stdin line:
 
@@ -59,7 +59,7 @@ def host_seconds(path: str, repeats: int = 15) -> float:
     emulation), after two warm-up runs."""
     sess, feed = _session_and_feed(path)
     times = []
-    for i in range(repeats + 2):
+    for _ in range(repeats + 2):
         t0 = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - t0)
