@@ -4,8 +4,9 @@ The same weights as DeColla's model, run by onnxruntime on one thread: a model s
 exported to ONNX (bench.kernels' torch network, TorchScript exporter; needs torch and
 onnx: the `bench` and `train` extras), an imported model's own `.onnx` file is used as it
 is (copied). `export` writes the file and checks its logits against decolla.forward.
-`--agent` runs inside a device host of the testbed, under the same emulation as the devices: the host's CPU quota, or time dilation (DECOLLA_DILATE: each
-`run` call is followed by a sleep of (f − 1) × the CPU time it took, decolla.emulation).
+`--agent` runs inside a device host of the testbed, under the same emulation as the
+devices: the host's CPU quota, or time dilation (DECOLLA_DILATE: each `run` call is
+followed by a sleep of (f − 1) × the CPU time it took, decolla.emulation).
 It answers one JSON command per stdin line:
 
     {"cmd": "run", "repeats": 4}  ->  {"ok": true, "result": [{"latency_s":..., "cpu_s":...}]}
