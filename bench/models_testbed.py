@@ -86,7 +86,8 @@ def summarize(doc: dict) -> list[dict]:
             p = pts.get(k)
             if p is None or k not in ms:
                 continue
-            row[k] = {"options": _options(p["plan"]), "vs_single": ms[SINGLE] / ms[k] if SINGLE in ms else None,
+            row[k] = {"options": _options(p["plan"]),
+                      "vs_single": ms[SINGLE] / ms[k] if SINGLE in ms else None,
                       "vs_ort": ms[ORT] / ms[k] if ORT in ms else None,
                       "mb": float(np.median([r["bytes"] for r in p["rows"]])) / 1e6,
                       "chunks": chunks_per_stage(p["rows"]),

@@ -260,7 +260,8 @@ def _save(doc: dict, out: Path) -> None:
     name = doc.get("name") or f"plans_testbed_{doc['emulation']}"
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
     lines = [f"# Plans on the testbed ({Path(doc['model']).name}, 3 emulated Pi-class devices, "
-             "fp16 wire)", "", f"Emulation {doc.get('emulation_line', doc['emulation'])}; {doc['repeats']} "
+             "fp16 wire)", "",
+             f"Emulation {doc.get('emulation_line', doc['emulation'])}; {doc['repeats']} "
              f"repeats per point; started {doc.get('started', '?')}; `{doc.get('command', '')}`.",
              "", *_table(doc)]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
