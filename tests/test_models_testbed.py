@@ -146,3 +146,17 @@ def test_report_writes_the_table_bench_models_includes(tmp_path):
     assert models_testbed.report(tmp_path) == 0
     md = (tmp_path / "models_testbed.md").read_text()
     assert md.count("| squeezenet1_1 |") == 3 and "| models_testbed_squeezenet1_1_gain0 |" in md
+
+
+def test_predicted_takes_a_model_or_its_spec_and_the_plans_own_options_win():
+    from bench.plans_testbed import predicted
+    from decolla.loader import load_model
+    spec = "mobilenet_v2:seed=0,width=0.35,input_size=64"
+    told = "auto:bandwidth_mbit=1,shared_link=0,gmacs=2"
+    one = predicted(spec, "single", told)
+    assert one == predicted(load_model(spec), "single", told)
+    assert one["stages"] == [f"spatial x1 ({len(load_model(spec).layers)} layers)"]
+    # the image alone (64 x 64 x 3 fp16) takes 0.2 s at 1 Mb/s, 0.2 ms at 1000
+    fast = predicted(spec, "single:bandwidth_mbit=1000", told)
+    assert one["seconds"] - fast["seconds"] > 0.19
+    assert predicted(spec, "onnxruntime", told) is None
