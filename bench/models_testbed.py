@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -43,18 +43,18 @@ def run(models: list[str], bandwidths: str, repeats: int, out: Path, also_told: 
         suffix: str = "", size: int = 224) -> int:
     """bench.plans_testbed on each network's ONNX file in turn (needs root and torch);
     `also_told`: options of a second told `auto` to run beside the first (e.g. max_mb=0)."""
-    work = Path("/tmp") / f"dcmt-{os.getpid()}"   # readable from the testbed's namespaces
-    work.mkdir(exist_ok=True)
-    for name in models:
-        path = work / f"{name}.onnx"
-        zoo.export(name, str(path), size)
-        rc = plans_testbed.main(["--model", str(path), "--emulation", "dilation",
-                                 "--bandwidths", bandwidths, "--repeats", str(repeats),
-                                 "--plans", "", "--no-spatial", "--out", str(out),
-                                 "--name", PREFIX + name + suffix]
-                                + (["--also-told", also_told] if also_told else []))
-        if rc:
-            return rc
+    # under /tmp: the testbed's namespaces (root, the same mounts) read it by this path
+    with tempfile.TemporaryDirectory(prefix="dcmt-", dir="/tmp") as work:
+        for name in models:
+            path = Path(work) / f"{name}.onnx"
+            zoo.export(name, str(path), size)
+            rc = plans_testbed.main(["--model", str(path), "--emulation", "dilation",
+                                     "--bandwidths", bandwidths, "--repeats", str(repeats),
+                                     "--plans", "", "--no-spatial", "--out", str(out),
+                                     "--name", PREFIX + name + suffix]
+                                    + (["--also-told", also_told] if also_told else []))
+            if rc:
+                return rc
     return 0
 
 
