@@ -150,7 +150,8 @@ def drive(args) -> int:
            "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     logs = Path("/tmp") / f"dcpl-ort-{os.getpid()}"
     logs.mkdir(exist_ok=True)
-    onnx_path = str(logs / "model.onnx")
+    # an imported model's own file serves onnxruntime as it is (export only checks it)
+    onnx_path = args.model if ort_device.is_onnx(args.model) else str(logs / "model.onnx")
     doc["onnx_rel_err"] = ort_device.export(args.model, onnx_path) if args.ort else None
     # onnxruntime on an unthrottled host core: its slowdown on the emulated device beside k
     doc["onnx_host_ms"] = ort_device.host_seconds(onnx_path) * 1e3 if args.ort else None
