@@ -1,19 +1,22 @@
 """The testbed `auto` speed-up of each imported network over one device (issue 18).
 
-    sudo .venv/bin/python -m bench.models_testbed run --models squeezenet1_1 [--bandwidths 100,1000]
-        [--repeats 12]
+    sudo .venv/bin/python -m bench.models_testbed run --models squeezenet1_1 [--repeats 24]
+        [--bandwidths 100,1000] [--also-told max_mb=0,min_gain=0] [--suffix _again]
     python -m bench.models_testbed report      # models_testbed.{md,json} from the run files
 
 `run` exports each zoo network (bench.zoo: seeded random weights, 224 px) to ONNX and runs
 bench.plans_testbed on that file: 3 emulated Pi-class devices slowed by time dilation
 calibrated on that network's whole forward (k = 8x slower than a host core), tc tbf links,
 plans `single` (mobile-only, our runtime), `auto` told the links and speed, plain `auto`
-(links measured by the requester) and onnxruntime on the same file on one emulated device.
-One result file per network, models_testbed_<network>.{json,md}, with every request's
+(links measured by the requester), with `--also-told` a second told `auto` with more
+options (`max_mb=0,min_gain=0`: the cost model's cheapest plan, no safety margins), and
+onnxruntime on the same file on one emulated device.
+One result file per network, models_testbed_<network><suffix>.{json,md}, with every request's
 timeline and its error against the single-process forward. `report` reads them: per network
 and bandwidth the measured latencies and speed-ups, bytes on the wire, the plan (chunks per
 stage as run; the cost model's split of the told plan), the cost model's predicted speed-up
-beside the measured one, and the largest error against the single-process forward.
+beside the measured one, the largest error against the single-process forward, each
+runtime's slowdown on the device; the second told `auto`s in a table of their own.
 `python -m bench.models` adds the same table to its report when models_testbed.json exists.
 """
 from __future__ import annotations
