@@ -84,8 +84,18 @@ def calibrate_devices(tb, model: str, k: float, emulation: str,
     return cal, forward_s
 
 
+def fixed_dilation(f: float, k: float):
+    """A Calibration standing for dilation by `f`, set rather than measured."""
+    from bench.testbed.calibrate import Calibration
+    return Calibration(quota=None, k=k, host_cpu_seconds=0.0, device_seconds=0.0,
+                       achieved_slowdown=float("nan"), rounds=0, probe="fixed",
+                       mode="dilation", dilation=f)
+
+
 def describe_emulation(tb, cal, forward_s: float) -> str:
     """One line saying how `tb`'s devices were slowed (calibration `cal`), for result files."""
+    if cal.probe == "fixed":
+        return f"dilation: time dilation f={cal.dilation:.3f} (DECOLLA_DILATE), set, not calibrated"
     how = (f"CFS quota {cal.quota:.3f} cores per {tb.hosts['dev1'].cgroup.period_us / 1e3:g}"
            f" ms period" if cal.mode == "quota" else
            f"time dilation f={cal.dilation:.3f} (DECOLLA_DILATE)")
@@ -95,8 +105,9 @@ def describe_emulation(tb, cal, forward_s: float) -> str:
 
 @contextmanager
 def plans_cluster(prefix: str, model: str, k: float, bandwidth_mbit: float, agent_module: str,
-                  agent_args: list[str], emulation: str = "quota"):
-    """Bring the cluster up (devices slowed by `emulation`, one of EMULATIONS), start
+                  agent_args: list[str], emulation: str = "quota", dilation: float | None = None):
+    """Bring the cluster up (devices slowed by `emulation`, one of EMULATIONS, or by the
+    fixed dilation factor `dilation` without calibrating: runs of two trees compare at one f), start
     `python -m agent_module --agent --leader ... --bind ... --model model *agent_args` on
     the requester host, yield a PlansCluster; on exit ask the agent to quit and take
     everything down."""
@@ -106,7 +117,10 @@ def plans_cluster(prefix: str, model: str, k: float, bandwidth_mbit: float, agen
     logs = Path("/tmp") / f"{prefix}-{os.getpid()}"
     logs.mkdir(exist_ok=True)
     with Testbed(prefix=prefix) as tb:
-        cal, forward_s = calibrate_devices(tb, model, k, emulation)
+        if dilation is None:
+            cal, forward_s = calibrate_devices(tb, model, k, emulation)
+        else:
+            cal, forward_s = fixed_dilation(dilation, k), 0.0
         for i in (1, 2, 3):
             tb.add_host(f"dev{i}", bandwidth_mbit=bandwidth_mbit, cpu_quota=cal.quota,
                         cpu_dilation=cal.dilation)
@@ -126,7 +140,8 @@ def plans_cluster(prefix: str, model: str, k: float, bandwidth_mbit: float, agen
             hello = json.loads(proc.stdout.readline())
             if not hello.get("ready"):
                 raise RuntimeError(f"agent did not start: {hello}")
-            yield PlansCluster(tb, cal, forward_s, device_gmacs(model, forward_s), proc, hello,
+            gmacs = device_gmacs(model, forward_s) if forward_s else float("nan")
+            yield PlansCluster(tb, cal, forward_s, gmacs, proc, hello,
                                emulation)
         finally:
             try:

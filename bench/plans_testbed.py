@@ -299,12 +299,15 @@ def _table(doc: dict, emulation_column: bool = False) -> list[str]:
     return lines
 
 
-def headline(out: Path) -> int:
-    """plans_testbed_both.md: both emulations' tables, one after the other, from their files."""
-    docs = [json.loads((out / f"plans_testbed_{e}.json").read_text()) for e in EMULATIONS
-            if (out / f"plans_testbed_{e}.json").exists()]
-    if not docs:
-        print(f"no plans_testbed_<emulation>.json in {out}", file=sys.stderr)
+def headline(out: Path, names: list[str] | None = None) -> int:
+    """plans_testbed_both.md: both emulations' tables, one after the other, from their files
+    (plans_testbed_<emulation>.json); with `names`, from those result files (stems, e.g. one
+    per emulation and bandwidth) into <first name>_both.md."""
+    stems = names or [f"plans_testbed_{e}" for e in EMULATIONS]
+    docs = [json.loads((out / f"{n}.json").read_text()) for n in stems
+            if (out / f"{n}.json").exists()]
+    if not docs or (names and len(docs) < len(names)):
+        print(f"missing result files in {out}: {', '.join(stems)}", file=sys.stderr)
         return 2
     lines = ["# Plans on the testbed (MobileNetV2-224, 3 emulated Pi-class devices, fp16 wire)",
              "", "Emulations:"]
@@ -313,7 +316,8 @@ def headline(out: Path) -> int:
     lines.append("")
     for i, d in enumerate(docs):
         lines += _table(d, emulation_column=True)[(0 if i == 0 else 2):]
-    (out / "plans_testbed_both.md").write_text("\n".join(lines) + "\n")
+    (out / (f"{names[0]}_both.md" if names else "plans_testbed_both.md")).write_text(
+        "\n".join(lines) + "\n")
     return 0
 
 
@@ -403,8 +407,10 @@ def main(argv=None) -> int:
                    help="how devices are slowed: time dilation (continuous) or a CFS quota")
     p.add_argument("--no-ort", dest="ort", action="store_false",
                    help="leave out the onnxruntime baseline (it needs torch and onnxruntime)")
-    p.add_argument("--headline", action="store_true",
-                   help="only write plans_testbed_both.md from both emulations' result files")
+    p.add_argument("--headline", nargs="?", const="", default=None, metavar="NAMES",
+                   help="only write plans_testbed_both.md from both emulations' result files "
+                        "(plans_testbed_<emulation>.json), or <first>_both.md from the result "
+                        "files NAMES (comma-separated stems)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default=None,
                    help="result file stem (default plans_testbed_<emulation>, which --headline "
@@ -413,8 +419,8 @@ def main(argv=None) -> int:
                    help="only write <first>_vs_best.md from the result files NAMES "
                         "(comma-separated stems): each auto against the better single device")
     args = p.parse_args(argv)
-    if args.headline:
-        return headline(args.out)
+    if args.headline is not None:
+        return headline(args.out, [n for n in args.headline.split(",") if n])
     if args.against_best:
         return against_best(args.out, args.against_best.split(","))
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -13,8 +13,8 @@ reader thread) is charged at the next one. Settle points: every compiled kernel 
 the fp16 wire conversion), each data-plane send (a message leaves when the slow device
 would send it) and each wait for a halo; and every SETTLE_PERIOD_S a background thread
 settles while no kernel runs, so work done while idle (heartbeats, the actor loop) is
-slept off when it happens rather than charged to the next request. Between those, debts
-below LAZY_NS wait for the next settle point: nothing outside sees the device meanwhile,
+slept off when it happens, however small, rather than charged to the next request.
+After a kernel, debts below LAZY_NS wait for the next settle point: nothing outside sees the device meanwhile,
 and fewer sleeps cost less CPU and fewer cold caches. One lock makes the process one
 core: while a thread sleeps off the process's debt, other threads reaching a settle
 point wait, and no wrapped call starts while the background settle sleeps; CPU other
@@ -41,7 +41,9 @@ MIN_SLEEP_NS = 20_000      # shorter debts wait for the next settle point (sleep
 # process sees the device between its sends, and every sleep costs CPU and cold caches.
 LAZY_NS = 2_000_000
 # the background settle of work outside kernels: its wake-ups cost CPU too (at 5 ms, about
-# 1 ms of a 5 ms forward)
+# 1 ms of a 5 ms forward). It sleeps off every debt, not only LAZY_NS ones: idle-time work
+# (heartbeats, the actor loop) left owing would be slept at the next request's first
+# settle, up to LAZY_NS later than a slow device would have been free.
 SETTLE_PERIOD_S = 0.05
 _PR_SET_TIMERSLACK = 29
 
@@ -134,7 +136,7 @@ class Dilation:
             # a long kernel came out up to 4x too fast)
             with self._count_lock:
                 if not self._in_kernels:
-                    self.settle(LAZY_NS)
+                    self.settle()
 
     def wrap(self, fn: Callable) -> Callable:
         """`fn`, settling after every call (also when it raises)."""

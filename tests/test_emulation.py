@@ -193,6 +193,24 @@ def test_idle_work_is_settled_in_the_background_but_never_mid_kernel():
         d._settler_pid = -1                   # stops the background thread
 
 
+def test_small_idle_debts_are_slept_off_in_the_background_not_by_the_next_request():
+    """Idle-time work owing less than LAZY_NS is slept off while idle too: left owing, it
+    would delay the next request's first kernel, when a slow device would be free."""
+    import time
+    clock = FakeClock()
+    d = emulation.Dilation(4.0, cpu_ns=lambda: clock.cpu, wall_ns=lambda: clock.wall,
+                           sleep=clock.sleep, thread_cpu_ns=lambda: 0)
+    try:
+        d.settle()                            # starts the background thread
+        clock.cpu += 100_000                  # 0.3 ms of debt: below LAZY_NS
+        deadline = time.monotonic() + 5
+        while not clock.asked and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert clock.asked == pytest.approx([0.3e-3])
+    finally:
+        d._settler_pid = -1                   # stops the background thread
+
+
 def test_after_a_kernel_small_debts_wait_for_the_next_send():
     clock = FakeClock()
     d = clock.dilation(5.0)

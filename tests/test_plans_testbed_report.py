@@ -38,3 +38,27 @@ def test_against_best_credits_onnxruntime_with_and_without_the_delivery(tmp_path
     assert auto100[-1] == "missed / met |"                  # 0.65x there, 0.96x delivered
     auto1000 = by["| 1000", "auto:bandwidth_mbit=1000,shared_link=0"]   # gmacs dropped
     assert auto1000[-1] == "met / met |" and auto1000[9] == "0.97x"
+
+
+def _doc(emulation: str, bw: float, single_s: float) -> dict:
+    return {"emulation": emulation, "emulation_line": f"{emulation}: test", "repeats": 3,
+            "points": [{**_point(bw, "single", single_s, single_s), "loadavg": [0.5],
+                        "median_without_input_s": single_s,
+                        "packets_dropped_by_shaping": {"up": 0, "down": 0}}]}
+
+
+def test_headline_combines_the_named_result_files(tmp_path):
+    for name, emu, bw, s in (("a_dil_100", "dilation", 100, 0.067),
+                             ("a_dil_1000", "dilation", 1000, 0.059),
+                             ("a_quota_1000", "quota", 1000, 0.045)):
+        doc = _doc(emu, bw, s)
+        for r in doc["points"][0]["rows"]:
+            r.update(bytes=300_000, top1_ok=True, planned_mbit=None)
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    assert plans_testbed.headline(tmp_path, ["a_dil_100", "a_dil_1000", "a_quota_1000"]) == 0
+    rows = [line for line in (tmp_path / "a_dil_100_both.md").read_text().splitlines()
+            if line.startswith("| dilation") or line.startswith("| quota")]
+    assert [r.split(" | ")[1:4] for r in rows] == [["100", "single", "67"],
+                                                  ["1000", "single", "59"],
+                                                  ["1000", "single", "45"]]
+    assert plans_testbed.headline(tmp_path, ["a_dil_100", "missing"]) == 2
