@@ -6,9 +6,10 @@ memory as whole tensors). `decolla.forward` and `decolla.plans.compute` use it.
 A block is fused only where the result is bit for bit that of its separate layers, so
 fusing never changes an answer: where `ops` multiplies both pointwise layers by packed
 weights as the fused kernel does (not the baseline build, whose BLAS path differs in the
-last bits), on whole maps (the kernel pads the top and bottom rows itself, so a strip of
-rows cannot use it) and on one thread (the kernel has none). DECOLLA_FUSE=0, or
-`set_enabled(False)`, turns it off (A/B runs).
+last bits), and on one thread (the kernel has none). The kernel takes whole maps and pads
+their top and bottom rows itself; a strip of rows of a stride-1 block runs it on a window
+one row wider on each side (`Block.rows`). DECOLLA_FUSE=0, or `set_enabled(False)`, turns
+it off (A/B runs).
 """
 from __future__ import annotations
 
@@ -68,6 +69,33 @@ class Block:
             out = np.empty(self.out_shape, np.float32)
         _fused.inverted_residual(x, self.wexp, self.bexp, self.wdw, self.bdw, self.wproj,
                                  self.bproj, out, self.stride, self.residual)
+        return out
+
+    def window(self, a: int, b: int) -> tuple[int, int] | None:
+        """The input rows [w0, w1) from which `rows` computes output rows [a, b) of a
+        stride-1 block: one row more on each side, except at the map's edges. None for a
+        stride-2 block (its windows would not keep the map's row parity)."""
+        if self.stride != 1:
+            return None
+        return max(a - 1, 0), min(b + 1, self.in_shape[0])
+
+    def rows(self, x: np.ndarray, x0: int, a: int, b: int,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Output rows `window(a, b)` of a stride-1 block, from input `x` whose first row
+        is row `x0` of the map: the kernel takes the window as a whole map. Its zero
+        padding is right at the map's own edges; the window's other edge rows, which it
+        pads wrongly, lie outside [a, b), and every other row gets the separate layers'
+        bits (each output row reads only its 3 input rows). `out` (w1 - w0, W, Cout)."""
+        w0, w1 = self.window(a, b)
+        if x.shape[1:] != self.in_shape[1:] or x0 > w0 or x0 + x.shape[0] < w1:
+            raise ValueError(f"fused block {'+'.join(self.names)}: input rows "
+                             f"[{x0}, {x0 + x.shape[0]}) of shape {x.shape} do not cover "
+                             f"rows [{w0}, {w1}) of a {self.in_shape} map")
+        x = x[w0 - x0:w1 - x0]
+        if out is None:
+            out = np.empty((w1 - w0,) + tuple(self.out_shape[1:]), np.float32)
+        _fused.inverted_residual(x, self.wexp, self.bexp, self.wdw, self.bdw, self.wproj,
+                                 self.bproj, out, 1, self.residual)
         return out
 
 

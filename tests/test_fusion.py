@@ -3,6 +3,7 @@ layers' bits (same build), fuse only where they can (packed builds, one thread, 
 maps, intermediate tensors nobody else reads), and can be turned off."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -129,9 +130,9 @@ def test_chunks_fused_equal_separate_layers(calls, arch, kind, k):
     want, _ = run_plan(m, p, img, wire_dtype=None, cache={})
     np.testing.assert_array_equal(got, want)
     assert calls[0] == fused
-    # whole-map stages of MobileNetV2 and the partial sums of `block` stages fuse, row
-    # strips and single layers do not (MobileNetV1's project has a ReLU6: only its
-    # partial sums fuse, the ReLU6 follows the sum)
+    # whole-map stages of MobileNetV2 and the partial sums of `block` stages fuse, single
+    # layers do not (MobileNetV1's project has a ReLU6: only its partial sums fuse, the
+    # ReLU6 follows the sum); row strips fuse their stride-1 blocks
     expect = {("mobilenet_v2", "single"): 17, ("mobilenet_v2", "block"): 16 * k,
               ("mobilenet_v1", "block"): 12 * k, ("mobilenet_v2", "spatial"): 17,
               ("mobilenet_v1", "single"): 0, ("mobilenet_v2", "layer"): 0,
@@ -170,3 +171,26 @@ def test_a_chunk_input_of_the_wrong_shape_is_refused_fused_or_not(monkeypatch, f
               for n in c.needs}
     with pytest.raises(ValueError, match="shape|rows"):
         compute_chunk(layers, stage, c, inputs)
+
+
+@pytest.mark.skipif(not PACKED, reason="the baseline build fuses nothing")
+@pytest.mark.parametrize("rows", [(0, 3), (2, 5), (5, 8), (0, 8), (7, 8), (3, 4)])
+@pytest.mark.parametrize("name", ["b1.dw", "b3.expand"])    # without and with expansion
+def test_a_strip_of_a_stride_1_block_gets_the_whole_maps_bits(rows, name):
+    m = M.mobilenet_v2(width=0.5, input_size=64, num_classes=10, seed=4)
+    found = fusion.find(m.layers, "input")
+    i = next(i for i, b in found.items() if b.names[0] == name)
+    blk = found[i]
+    assert blk.stride == 1
+    x = np.random.default_rng(5).standard_normal((8,) + blk.in_shape[1:]).astype(np.float32)
+    blk = dataclasses.replace(blk, in_shape=x.shape, out_shape=(8,) + blk.out_shape[1:])
+    whole = blk(x)
+    a, b = rows
+    w0, w1 = blk.window(a, b)
+    for x0 in sorted({w0, 0}):         # the window alone, or more rows than it needs
+        y = blk.rows(x[x0:], x0, a, b)
+        assert y.shape[0] == w1 - w0
+        np.testing.assert_array_equal(y[a - w0:b - w0], whole[a:b])
+    with pytest.raises(ValueError, match="do not cover"):
+        blk.rows(x[w0 + 1:], w0 + 1, a, b)
+

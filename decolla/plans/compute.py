@@ -228,12 +228,13 @@ def _compute_strip(layers, stage: Stage, chunk: Chunk, inputs, run_layer, cache=
             continue
         x, x0 = have[src]
         blk = blocks.get(j)
-        if blk is not None and _whole(blk, layers, chunk.layer_rows[j:j + len(blk.names)], x, x0):
+        ran = None if blk is None else _run_block(
+            blk, layers, chunk.layer_rows[j:j + len(blk.names)], x, x0,
+            outs[j + len(blk.names) - 1], j + len(blk.names) == len(stage.layers), cache)
+        if ran is not None:
             skip = j + len(blk.names)
-            out = outs[skip - 1]
-            y = blk(x, None if out is None or np.may_share_memory(out, x) else out)
             src = stage.layers[skip - 1]
-            have[src] = (y, 0)
+            y, have[src] = ran[0], ran
             continue
         layer = layers[name]
         res = None
@@ -255,6 +256,25 @@ def _stage_blocks(layers, stage: Stage, src: str, cache) -> dict:
         if cache is not None:
             cache[key] = found
     return found
+
+
+def _run_block(blk, layers, rows, x, x0: int, out, last: bool, cache):
+    """A fused block's rows of a strip as (output, its first row), or None where it does
+    not fuse (a strip of a stride-2 block, an input short of the rows it needs). A strip
+    of a stride-1 block computes one row more on each side (`fusion.Block.rows`); the
+    stage's last layer hands out only its own rows."""
+    if _whole(blk, layers, rows, x, x0):
+        return blk(x, None if out is None or np.may_share_memory(out, x) else out), 0
+    a, b = rows[-1]
+    window = blk.window(a, b)
+    if window is None or x0 > window[0] or x0 + x.shape[0] < window[1]:
+        return None
+    key = ("fused-rows", blk.names, window)
+    buf = None if last or cache is None else cache.get(key)
+    y = blk.rows(x, x0, a, b, buf)
+    if not last and cache is not None:
+        cache[key] = y
+    return (y[a - window[0]:b - window[0]], a) if last else (y, window[0])
 
 
 def _whole(blk, layers, rows, x, x0: int) -> bool:
