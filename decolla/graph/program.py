@@ -86,6 +86,7 @@ class Program:
         self._win: dict[str, tuple] = {source: None}     # tensor -> (buffer, row0); None: x
         self._owner: dict[str, np.ndarray] = {}          # tensor -> its flat buffer
         self.steps: list = []
+        self.step_nodes: list[str] = []   # the node whose output each step writes (profiling)
         self._compile()
 
     # ------------------------------------------------------------------ running
@@ -156,6 +157,7 @@ class Program:
         else:
             out = self._out_of(node)
             self.steps.append(make(out, is_last))
+        self.step_nodes.append(node.name)
         self._win[node.name] = (out, a)
         if is_last:
             self._out = out
