@@ -16,6 +16,8 @@ include "_pw_packed.pxi"
 
 include "_dw_rows.pxi"
 
+include "_act.pxi"
+
 cdef extern from "<stdlib.h>" nogil:
     void* malloc(size_t n)
 
@@ -23,15 +25,19 @@ cdef extern from "<stdlib.h>" nogil:
 def inverted_residual(const float[:, :, ::1] x, const float[:, :, ::1] wexp,
                       const float[::1] bexp, const float[:, :, ::1] wdw, const float[::1] bdw,
                       const float[:, :, ::1] wproj, const float[::1] bproj,
-                      float[:, :, ::1] out, int stride, bint residual, Py_ssize_t tile=0):
+                      float[:, :, ::1] out, int stride, bint residual, Py_ssize_t tile=0,
+                      acts=None):
     """out = project(dw(expand(x))) (+ x if residual), all of it.
 
     x (H, W, Cin); wexp: the expand weight (Cin, Ce) packed by gemm.pack_pw of this
     build, or None for a block without expansion (Ce = Cin); wdw (3, 3, Ce); wproj the
     project weight (Ce, Cout) packed; out (Ho, Wo, Cout) with Ho = (H - 1) // stride + 1.
-    Expand and depthwise apply ReLU6, project does not. `tile` output rows are computed
-    at a time (0: enough rows for TILE_PIXELS output pixels, so that small images still
-    give the pointwise kernel long runs of pixels).
+    Expand and depthwise apply ReLU6, or `acts`: ((code, a, b) of expand, of depthwise),
+    act.pyx's codes (-1: none), as the imported graphs' blocks have them (ReLU,
+    hard-swish); each is the pointwise kernel's epilogue where it has it, else a pass
+    over the rows just computed, in cache. Project applies none. `tile` output rows are
+    computed at a time (0: enough rows for TILE_PIXELS output pixels, so that small
+    images still give the pointwise kernel long runs of pixels).
     """
     cdef Py_ssize_t H = x.shape[0], W = x.shape[1], cin = x.shape[2]
     cdef Py_ssize_t ce = wdw.shape[2], Ho = out.shape[0], Wo = out.shape[1]
@@ -63,6 +69,14 @@ def inverted_residual(const float[:, :, ::1] x, const float[:, :, ::1] wexp,
     cdef const float* bpj = &bproj[0]
     cdef float* op = &out[0, 0, 0]
     cdef bint expand = wexp is not None
+    cdef int fe = _RELU6, fd = _RELU6, pe = PW_ACT_RELU6
+    cdef float ea = 0, eb = 0, da = 0, db = 0
+    if acts is not None:
+        (fe, ea, eb), (fd, da, db) = acts
+        fe, fd = _as_relu6(fe, ea, eb), _as_relu6(fd, da, db)
+        pe = _pw_act(fe)
+        if pe != PW_ACT_NONE:
+            fe = -1            # in the kernel's epilogue
     if tile <= 0:
         tile = (TILE_PIXELS + Wo - 1) // Wo
     if tile > Ho:
@@ -95,7 +109,9 @@ def inverted_residual(const float[:, :, ::1] x, const float[:, :, ::1] wexp,
                     if nxt % P + cnt > P:
                         cnt = P - nxt % P
                     pw_packed_serial(xp + nxt * W * cin, cnt * W, cin, we, be,
-                                     ring + (nxt % P) * W * ce, ce, NULL, 0, True)
+                                     ring + (nxt % P) * W * ce, ce, NULL, 0, pe)
+                    if fe >= 0:
+                        _run(ring + (nxt % P) * W * ce, cnt * W * ce, fe, ea, eb)
                     nxt += cnt
                 for oy in range(oy0, oy0 + nt):
                     for dy in range(3):
@@ -107,7 +123,9 @@ def inverted_residual(const float[:, :, ::1] x, const float[:, :, ::1] wexp,
                         else:
                             rows[dy] = xp + iy * W * cin
                     row_from(dwrows + (oy - oy0) * Wo * ce, rows, zero, stride, W, Wo, ce,
-                             wd, ce, bd, ce, True, True)
+                             wd, ce, bd, ce, fd == _RELU6, True)
+                if fd >= 0 and fd != _RELU6:
+                    _run(dwrows, nt * Wo * ce, fd, da, db)
                 pw_packed_serial(dwrows, nt * Wo, ce, wpj, bpj, op + oy0 * Wo * cout, cout,
                                  xp + oy0 * W * cin if residual else NULL, cin, False)
                 oy0 += nt
@@ -117,3 +135,23 @@ def inverted_residual(const float[:, :, ::1] x, const float[:, :, ::1] wexp,
 
 # Output pixels per tile when the caller does not say (see inverted_residual).
 TILE_PIXELS = 64
+
+cdef enum:
+    _RELU6 = 1000      # beside act.pyx's codes: ReLU6, the epilogue of every build
+
+
+cdef int _as_relu6(int fn, float a, float b):
+    return _RELU6 if fn == _CLIP and a == 0 and b == 6 else fn
+
+
+cdef int _pw_act(int fn):
+    """The packed kernel's epilogue code for an activation, PW_ACT_NONE where it has none."""
+    if fn == _RELU6:
+        return PW_ACT_RELU6
+    if PW_AVX512 and fn == _RELU:
+        return PW_ACT_RELU
+    if PW_AVX512 and fn == _HARDSWISH:
+        return PW_ACT_HARDSWISH
+    if PW_AVX512 and fn == _SILU:
+        return PW_ACT_SILU
+    return PW_ACT_NONE

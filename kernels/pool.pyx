@@ -12,6 +12,48 @@ include "_common.pxi"
 cdef extern from "<math.h>" nogil:
     float INFINITY
 
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <stddef.h>
+    typedef float mp_v16 __attribute__((vector_size(64)));
+    typedef float mp_v16u __attribute__((vector_size(64), aligned(4), may_alias));
+    typedef int mp_i16 __attribute__((vector_size(64)));
+    /* o > x ? o : x lane by lane (as _max_into: a NaN in o gives x) */
+    static inline mp_v16 mp_max(mp_v16 o, mp_v16 x) {
+        mp_i16 m = o > x;
+        return (mp_v16)(((mp_i16)o & m) | ((mp_i16)x & ~m));
+    }
+    /* Channels [0, C - C % 16) of one output row, 16 at a time: the running max of each
+       block of one pixel stays in a register over its taps (not stored and re-read per
+       tap), and a block goes over the whole row before the next (its input columns
+       stay in L1). Returns C - C % 16; _row does the rest. */
+    static ptrdiff_t mp_row16(float* o, const float* x, ptrdiff_t r, ptrdiff_t x0,
+                              ptrdiff_t H, ptrdiff_t W, ptrdiff_t Wo, ptrdiff_t C, int kh,
+                              int kw, int sh, int sw, int pt, int pl, int dh, int dw) {
+        const ptrdiff_t cend = C - C % 16;
+        for (ptrdiff_t ox = 0; ox < Wo; ox++)
+            for (ptrdiff_t c0 = 0; c0 < cend; c0 += 16) {
+                mp_v16 acc = (mp_v16){0} - INFINITY;
+                for (ptrdiff_t i = 0; i < kh; i++) {
+                    ptrdiff_t iy = r * sh - pt + i * dh;
+                    if (iy < 0 || iy >= H) continue;
+                    const float* xr = x + (iy - x0) * W * C + c0;
+                    for (ptrdiff_t j = 0; j < kw; j++) {
+                        ptrdiff_t ix = ox * sw - pl + j * dw;
+                        if (ix >= 0 && ix < W)
+                            acc = mp_max(acc, *(const mp_v16u*)(xr + ix * C));
+                    }
+                }
+                *(mp_v16u*)(o + ox * C + c0) = acc;
+            }
+        return cend;
+    }
+    """
+    Py_ssize_t mp_row16(float* o, const float* x, Py_ssize_t r, Py_ssize_t x0, Py_ssize_t H,
+                        Py_ssize_t W, Py_ssize_t Wo, Py_ssize_t C, int kh, int kw, int sh,
+                        int sw, int pt, int pl, int dh, int dw) nogil
+
 
 def maxpool(const float[:, :, ::1] x, float[:, :, ::1] out, Py_ssize_t r0, Py_ssize_t x0,
             Py_ssize_t H, int kh, int kw, int sh, int sw, int pt, int pl, int dh, int dw,
@@ -32,8 +74,11 @@ cdef void _row(float* o, const float* x, Py_ssize_t r, Py_ssize_t x0, Py_ssize_t
                Py_ssize_t W, Py_ssize_t Wo, Py_ssize_t C, int kh, int kw, int sh, int sw,
                int pt, int pl, int dh, int dw) noexcept nogil:
     cdef Py_ssize_t ox, i, j, iy, ix
+    cdef Py_ssize_t c0 = mp_row16(o, x, r, x0, H, W, Wo, C, kh, kw, sh, sw, pt, pl, dh, dw)
+    if c0 == C:
+        return
     for ox in range(Wo):
-        _fill(o + ox * C, -INFINITY, C)
+        _fill(o + ox * C + c0, -INFINITY, C - c0)
         for i in range(kh):
             iy = r * sh - pt + i * dh
             if iy < 0 or iy >= H:
@@ -41,7 +86,7 @@ cdef void _row(float* o, const float* x, Py_ssize_t r, Py_ssize_t x0, Py_ssize_t
             for j in range(kw):
                 ix = ox * sw - pl + j * dw
                 if 0 <= ix < W:
-                    _max_into(o + ox * C, x + ((iy - x0) * W + ix) * C, C)
+                    _max_into(o + ox * C + c0, x + ((iy - x0) * W + ix) * C + c0, C - c0)
 
 
 cdef inline void _max_into(float_rp o, cfloat_rp x, Py_ssize_t n) noexcept nogil:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decolla import ops
-from decolla.graph import GraphError, load_onnx_model, program
+from decolla import fusion, ops
+from decolla.graph import GraphError, fused_steps, load_onnx_model, program
 from decolla.graph.segments import GraphLayer, run_nodes
 
 pytest.importorskip("onnx")
@@ -119,3 +119,42 @@ def test_concat_branches_write_into_its_output(tmp_path, threads):
             assert into(x, 0, dst) is dst
             np.testing.assert_allclose(dst, want, rtol=0, atol=tol)
     assert fused >= 4 * 4      # both fire modules, every strip, both branches
+
+
+def _inverted_residual(net, c, ce, cout, s, act):
+    """expand 1x1 (act) -> depthwise 3x3 / s (act) -> project 1x1, + the input when it fits."""
+    x = net.x
+    y = net.act(net.conv(x, c, ce, 1), act)
+    y = net.act(net.conv(y, ce, ce, 3, s, 1, g=ce), act)
+    y = net.conv(y, ce, cout, 1)
+    return net.node("Add", [x, y]) if s == 1 and c == cout else y
+
+
+@pytest.mark.parametrize("act", ["relu", "hardswish", "silu"])
+def test_inverted_residual_blocks_run_fused(tmp_path, act):
+    """Blocks with an activation other than ReLU6 (with ReLU6 they are the layer IR's), with and without their residual, stride 1 and 2: on the
+    whole map and one thread a program computes each on kernels.fused (the stride-2 one
+    joined into one segment), equal to the node-by-node interpreter, and on strips and two
+    threads by its separate steps."""
+    net = Net(np.random.default_rng(6), 8, 14, 13)
+    net.x = _inverted_residual(net, 8, 24, 8, 1, act)
+    net.x = _inverted_residual(net, 8, 32, 16, 2, act)
+    net.shape = (16, 7, 7)
+    path = tmp_path / "net.onnx"
+    path.write_bytes(net.model(3))
+    model = load_onnx_model(str(path))
+    image = np.random.default_rng(7).standard_normal(net.image).astype(np.float32)
+    fused = []
+    for layer, x in _layers_with_inputs(model, image):
+        if not isinstance(layer, GraphLayer):
+            continue
+        rows = layer.out_shape[0]
+        for threads, r0, r1 in ((1, 0, rows), (2, 0, rows), (1, 1, rows - 1)):
+            want = run_nodes(layer.nodes, layer.source, x, 0, layer._shapes, r0, r1, 1)
+            prog = layer.compile(threads, r0, r1)
+            if (threads, r0, r1) == (1, 0, rows):
+                fused.append(len(fused_steps.find(prog)))
+            tol = 1e-5 * max(1.0, float(np.abs(want).max()))
+            np.testing.assert_allclose(prog(x, 0), want, rtol=0, atol=tol)
+    if ops.PACKED_MAX_PIXELS and fusion.active(1):
+        assert sum(fused) == 2

@@ -9,6 +9,8 @@ kernel and weights bound, and a few node patterns run as one call:
 
 - squeeze-excitation, gap -> 1x1 conv -> 1x1 conv -> mul by the map, as `kernels.se`'s
   gate and scale (two calls instead of six passes and dispatches; `graph.se_steps`);
+- an inverted-residual block (1x1, depthwise 3x3, 1x1, maybe an add) on the whole map
+  and one thread, as `kernels.fused` by tiles of rows (`graph.fused_steps`);
 - a pointwise conv whose only reader is an add: the add is the conv kernel's residual;
 - the branches of a concat (convs whose only reader it is, as in SqueezeNet's fire
   modules) write their channels of its output buffer: no copies into it;
@@ -25,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from decolla import ops as K
+from decolla.graph import fused_steps
 from decolla.graph import ops as gops
 from decolla.graph.ir import WINDOWED, GraphError, Node
 from decolla.graph.se_steps import NONE, act_args, gated_weight, se_step
@@ -86,6 +89,7 @@ class Program:
         self._win: dict[str, tuple] = {source: None}     # tensor -> (buffer, row0); None: x
         self._owner: dict[str, np.ndarray] = {}          # tensor -> its flat buffer
         self.steps: list = []
+        self.step_nodes: list[str] = []   # the node whose output each step writes (profiling)
         self._compile()
 
     # ------------------------------------------------------------------ running
@@ -111,8 +115,16 @@ class Program:
         se = self._se_blocks()
         self._branch = self._concat_branches({v[3] + 1 for v in se.values()})
         self._outs: dict[str, np.ndarray | None] = {}
+        blocks = fused_steps.find(self)
         for i, n in enumerate(nodes):
             if i in done:
+                continue
+            if i in blocks:
+                parts = [None if k is None else nodes[k] for k in blocks[i]]
+                last = parts[3] or parts[2]
+                self._emit(last, fused_steps.fused_step(self, *parts),
+                           also=tuple(m.name for m in parts[:3] if m is not None and m is not last))
+                done.update(k for k in blocks[i] if k is not None)
                 continue
             if n.op == "concat" and n.inputs[0] in self._branch:
                 self._emit(n, lambda out, is_last: lambda x, x0, dst: None)   # written
@@ -156,6 +168,7 @@ class Program:
         else:
             out = self._out_of(node)
             self.steps.append(make(out, is_last))
+        self.step_nodes.append(node.name)
         self._win[node.name] = (out, a)
         if is_last:
             self._out = out

@@ -186,7 +186,7 @@ def to_model(graph: Graph, meta: dict | None = None) -> Model:
         seg = graph.nodes[start:end]
         source = "input" if start == 0 else graph.nodes[start - 1].name
         lowered = None
-        if _gates_next_conv(layers, seg):
+        if _gates_next_conv(layers, seg) or _extends_block(layers, seg):
             prev = layers.pop()
             seg, source = prev.nodes + seg, prev.source
         else:
@@ -220,6 +220,23 @@ def _gates_next_conv(layers: list[Layer], seg: list[Node]) -> bool:
     n, last = seg[0], prev.nodes[-1]
     return last.op == "mul" and any(m.op == "gap" for m in prev.nodes) and n.op == "conv" \
         and n.inputs == (last.name,) and gops.ir_kind(n) == "pwconv"
+
+
+def _extends_block(layers: list[Layer], seg: list[Node]) -> bool:
+    """`seg` is one conv that continues an inverted-residual block the last layer (a
+    row-wise segment) began: a depthwise 3x3 after its pointwise expand, or the pointwise
+    projection after expand and depthwise. It joins that segment, whose program computes
+    the block on `kernels.fused` (graph.fused_steps) instead of sending the expanded map
+    to memory and back; the segment stays row-wise, split by rows like each part."""
+    prev = layers[-1] if layers else None
+    if not isinstance(prev, GraphLayer) or prev.kind != "graph" or len(seg) != 1 or \
+            seg[0].op != "conv" or seg[0].inputs != (prev.nodes[-1].name,):
+        return False
+    kinds = [gops.conv_path(n) if n.op == "conv" else None for n in prev.nodes[-2:]]
+    if gops.conv_path(seg[0]) == "dw3":
+        return kinds[-1:] == ["pw"] and len(prev.nodes) == 1
+    return kinds == ["pw", "dw3"] and gops.conv_path(seg[0]) == "pw" and \
+        seg[0].attrs["act"] is None
 
 
 def _ir_conv(n: Node, in_shape) -> Layer | None:
