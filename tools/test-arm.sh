@@ -20,7 +20,7 @@ HOST_PKGS="qemu-user-static binfmt-support debootstrap rsync"
 # Build and test dependencies inside the chroot (Python 3.11 is bookworm's).
 CHROOT_PKGS="python3 python3-venv python3-dev gcc libc6-dev libgomp1 binutils"
 TESTS="tests/test_kernels.py tests/test_kernels_isa.py tests/test_kernels_fused.py
-       tests/test_graph_kernels.py tests/test_fusion.py tests/test_forward.py
+       tests/test_graph_kernels.py tests/test_graph_program.py tests/test_fusion.py tests/test_forward.py
        tests/test_runtime_wire.py"
 T0=$(date +%s)
 
@@ -98,14 +98,15 @@ mkdir -p "$ROOT/opt/decolla"
 # Ignored files (the last arm64 build: *.so, kernels/*.c, build/) stay on the receiving side.
 rsync -a --delete --exclude=/.git --exclude=/.venv --filter=':- .gitignore' "$SRC/" "$ROOT/opt/decolla/"
 
-# The virtualenv: the project's runtime and build requirements (pyproject.toml) and the
-# test tools; reinstalled only when that list changes.
+# The virtualenv: the project's runtime and build requirements (pyproject.toml), the
+# `onnx` extra and the test tools; reinstalled only when that list changes.
 REQS=$(IN 'python3 -c "
 import tomllib
 p = tomllib.load(open(\"pyproject.toml\", \"rb\"))
 dev = [r for r in p[\"project\"][\"optional-dependencies\"][\"dev\"]
        if r.split(\">\")[0].split(\"=\")[0] in (\"pytest\", \"pytest-timeout\", \"hypothesis\")]
-print(\" \".join(sorted(set(p[\"build-system\"][\"requires\"] + p[\"project\"][\"dependencies\"] + dev))))
+onnx = p[\"project\"][\"optional-dependencies\"][\"onnx\"]
+print(\" \".join(sorted(set(p[\"build-system\"][\"requires\"] + p[\"project\"][\"dependencies\"] + dev + onnx))))
 "')
 if [ "$(cat "$ROOT/opt/.decolla-venv" 2>/dev/null)" != "$REQS" ]; then
     say "virtualenv: $REQS"
