@@ -71,6 +71,13 @@ def predicted(model, plan: str, told: str = "") -> dict | None:
                        f"({len(st.layers)} layers)" for st in built.stages]}
 
 
+def _more_told(args) -> list[str]:
+    """The option strings of the extra told `auto` runs: `--min-gain G` is `--also-told
+    min_gain=G`, and both may be given."""
+    return ([f"min_gain={args.min_gain:g}"] if args.min_gain is not None else []) + \
+        ([args.also_told] if args.also_told else [])
+
+
 def _delivery(trace) -> float:
     """Seconds until the first stage's inputs had reached their devices."""
     recs = [r for r in trace.records if r.attempt == 0 and r.received is not None]
@@ -174,12 +181,9 @@ def drive(args) -> int:
                          # what a user gets: links measured by the requester, speed
                          # from the devices' start-up calibration
                          "auto"]
-                if args.min_gain is not None:   # the told auto, splitting at a lower bar
-                    plans.append(f"auto:bandwidth_mbit={bw:g},shared_link=0,"
-                                 f"min_gain={args.min_gain:g},{told}")
-                if args.also_told:   # the told auto with more options (max_mb=0, ...)
-                    plans.append(f"auto:bandwidth_mbit={bw:g},shared_link=0,{args.also_told},"
-                                 f"{told}")
+                # the told auto again with more options (min_gain=1, max_mb=0, ...)
+                plans += [f"auto:bandwidth_mbit={bw:g},shared_link=0,{opts},{told}"
+                          for opts in _more_told(args)]
                 if bw >= 100 and args.spatial:
                     plans.append("spatial")
                 plans += [p for p in args.plans.split(",") if p]
