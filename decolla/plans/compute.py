@@ -279,7 +279,7 @@ def _run_block(blk, layers, rows, x, x0: int, out, last: bool, cache):
 
 def _whole(blk, layers, rows, x, x0: int) -> bool:
     """Whether a strip computes all rows of every layer of `blk` from all rows of its input
-    (the fused kernel takes whole maps only)."""
+    (then the block runs as on a whole map, into the strip's pooled buffer)."""
     return x0 == 0 and x.shape[0] == blk.in_shape[0] and all(
         r == (0, layers[n].out_shape[0]) for n, r in zip(blk.names, rows))
 
